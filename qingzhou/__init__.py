@@ -1,0 +1,42 @@
+"""轻舟 qingzhou: take an LLM through pretraining, adaptation, compression and evaluation.
+
+The public Python API. Names are imported lazily so that `import qingzhou` (and recipe
+validation) stays fast and does not import torch until a function that needs it is called.
+
+    import qingzhou as qz
+    model, tok = qz.load_model("smollm2")
+    print(qz.perplexity(model, tok, qz.load_text("builtin:corpus"), seq_len=512).ppl)
+    qz.run_recipe("quickstart", out_dir="runs/qs")
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from qingzhou._version import __version__
+
+_API = {
+    "load_model": "qingzhou.llm",
+    "save_model": "qingzhou.llm",
+    "generate": "qingzhou.llm",
+    "describe_model": "qingzhou.llm",
+    "env_info": "qingzhou.llm.devices",
+    "resolve_device": "qingzhou.llm.devices",
+    "perplexity": "qingzhou.eval.perplexity",
+    "load_text": "qingzhou.data.corpus",
+    "run_recipe": "qingzhou.recipes.runner",
+    "load_recipe": "qingzhou.recipes.schema",
+    "QingzhouError": "qingzhou.errors",
+    "RecipeError": "qingzhou.errors",
+    "DataError": "qingzhou.errors",
+    "ModelLoadError": "qingzhou.errors",
+    "DeviceError": "qingzhou.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'qingzhou' has no attribute {name!r}")

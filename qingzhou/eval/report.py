@@ -1,0 +1,76 @@
+"""Run reports: a table a person reads (markdown) and the same numbers as JSON.
+
+Rows come from the stage history of a run: every stage that measured something (perplexity,
+task scores, speed) becomes one row, labelled with the stage and the model it measured, so a
+quickstart that evaluates before and after tuning/quantizing shows both side by side.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qingzhou.io import atomic_write_json, atomic_write_text
+
+
+def _model_name(entry: dict[str, Any]) -> str:
+    ref = entry.get("model_in") or entry.get("model_out") or {}
+    src = str(ref.get("source", "?"))
+    return Path(src).name if "/" in src and not src.count("/") == 1 else src
+
+
+def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") -> dict[str, Any]:
+    """Collect comparable rows (one per measuring stage), model facts and generation samples."""
+    rows: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    for entry in history:
+        m = entry.get("metrics") or {}
+        if entry["kind"] == "load":
+            models.append({"stage": entry["label"], "model": _model_name({"model_in": entry.get("model_out")}), **m})
+        row: dict[str, Any] = {}
+        if "perplexity" in m:
+            p = m["perplexity"]
+            row.update({"ppl": round(p["ppl"], 3), "ppl_data": p["data"], "seq_len": p["seq_len"], "tokens": p["tokens"]})
+        for task, score in (m.get("tasks") or {}).items():
+            if isinstance(score, dict):
+                key = next((k for k in ("acc_norm", "acc", "exact_match", "score") if k in score), None)
+                if key:
+                    row[f"{task}/{key}"] = round(100 * score[key], 2) if score[key] <= 1 else score[key]
+        if row:
+            rows.append({"stage": entry["label"], "model": _model_name(entry), **row, "seconds": entry.get("seconds")})
+        for s in m.get("samples") or []:
+            samples.append({"stage": entry["label"], **s})
+    timings = [{"stage": e["label"], "kind": e["kind"], "seconds": e.get("seconds"), "resumed": bool(e.get("resumed"))} for e in history]
+    return {"title": title, "models": models, "rows": rows, "samples": samples, "timings": timings}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_nothing measured_\n"
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    fmt = lambda v: "" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    parts = [f"# {report['title']}\n"]
+    if report["models"]:
+        parts += ["## Model\n", markdown_table(report["models"])]
+    parts += ["## Quality\n", markdown_table(report["rows"])]
+    if report["samples"]:
+        parts.append("## Samples\n")
+        for s in report["samples"]:
+            parts.append(f"**{s['stage']}** — _{s['prompt']}_\n\n> " + s["text"].strip().replace("\n", "\n> ") + "\n")
+    parts += ["## Timings (s)\n", markdown_table(report["timings"])]
+    return "\n".join(parts)
+
+
+def write_report(report: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    folder = Path(folder)
+    md = atomic_write_text(folder / "report.md", render_markdown(report))
+    js = atomic_write_json(folder / "report.json", report)
+    return md, js

@@ -1,0 +1,214 @@
+"""The device layer: which accelerator to use, and what it can do.
+
+Detection goes through accelerate's `is_*_available` helpers, so Ascend (npu), Cambricon (mlu),
+Intel (xpu), Moore Threads (musa), Apple (mps) and CUDA-compatible devices (NVIDIA, Hygon DCU via
+ROCm) are found the same way accelerate finds them for training. The capability table decides the
+default dtype and turns unsupported combinations (bf16 on a device without it, bitsandbytes on an
+NPU) into a clear `DeviceError` before any work starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from qingzhou.errors import DeviceError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a device type supports. `bf16`/`fp16`: usable as model dtypes. `bitsandbytes`: the
+    bnb kernels run there (4-bit/8-bit loading, 8-bit optimizers). `flash_attention`: the
+    flash-attn package's kernels (`attn_implementation="flash_attention_2"`)."""
+
+    bf16: bool
+    fp16: bool
+    bitsandbytes: bool
+    flash_attention: bool
+    vendor: str
+
+
+# Static table: what each device type supports at best. `capabilities()` refines it at run time
+# (a pre-Ampere CUDA GPU has no bf16, flash-attn must be installed, ...).
+CAPABILITIES: dict[str, Capabilities] = {
+    "cuda": Capabilities(bf16=True, fp16=True, bitsandbytes=True, flash_attention=True, vendor="NVIDIA / CUDA-compatible (Hygon DCU via ROCm)"),
+    "npu": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Huawei Ascend (torch_npu)"),
+    "mlu": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Cambricon (torch_mlu)"),
+    "musa": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Moore Threads (torch_musa)"),
+    "xpu": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Intel XPU"),
+    "mps": Capabilities(bf16=False, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Apple Metal"),
+    "cpu": Capabilities(bf16=True, fp16=False, bitsandbytes=False, flash_attention=False, vendor="CPU"),
+}
+
+# Detection order: the first available wins for `device="auto"`.
+DETECTION_ORDER = ("cuda", "npu", "mlu", "musa", "xpu", "mps", "cpu")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def is_available(device_type: str) -> bool:
+    """Whether a device type is usable here, asked the way accelerate asks."""
+    import accelerate.utils as au
+    import torch
+
+    checks = {
+        "cuda": torch.cuda.is_available,
+        "npu": au.is_npu_available,
+        "mlu": au.is_mlu_available,
+        "musa": au.is_musa_available,
+        "xpu": au.is_xpu_available,
+        "mps": au.is_mps_available,
+        "cpu": lambda: True,
+    }
+    return bool(checks[device_type]())
+
+
+def available_devices() -> list[str]:
+    return [d for d in DETECTION_ORDER if is_available(d)]
+
+
+def resolve_device(requested: str = "auto") -> str:
+    """Turn 'auto' / 'cuda:1' / 'npu' into a concrete torch device string, or raise DeviceError."""
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return next(d for d in DETECTION_ORDER if is_available(d))
+    dtype_part, _, index = requested.partition(":")
+    if dtype_part not in CAPABILITIES:
+        raise DeviceError(f"unknown device '{requested}'.", hint=did_you_mean(dtype_part, [*CAPABILITIES, "auto"]))
+    if index and not index.isdigit():
+        raise DeviceError(f"bad device index in '{requested}': expected e.g. '{dtype_part}:0'.")
+    if not is_available(dtype_part):
+        raise DeviceError(
+            f"device '{requested}' was requested but is not available on this machine.",
+            hint=f"Available here: {', '.join(available_devices())}. Use device: auto to pick the best one.",
+        )
+    return requested
+
+
+def capabilities(device: str) -> Capabilities:
+    """The capability row for a device string, refined by what this machine really has."""
+    device_type = device.split(":")[0]
+    caps = CAPABILITIES[device_type]
+    if device_type == "cuda" and is_available("cuda"):
+        import torch
+
+        has_bf16 = torch.cuda.is_bf16_supported()
+        has_flash = importlib.util.find_spec("flash_attn") is not None and torch.version.hip is None
+        caps = replace(caps, bf16=has_bf16, flash_attention=has_flash and torch.cuda.get_device_capability()[0] >= 8)
+    if caps.bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
+        caps = replace(caps, bitsandbytes=False)
+    return caps
+
+
+def resolve_dtype(dtype: str, device: str):
+    """'auto' picks bf16, then fp16, on accelerators and float32 on CPU (CPU half math is slow
+    and loses accuracy); an explicit dtype the device cannot run raises DeviceError."""
+    import torch
+
+    dtype = (dtype or "auto").strip().lower()
+    caps = capabilities(device)
+    if dtype == "auto":
+        if device.startswith("cpu"):
+            return torch.float32
+        return torch.bfloat16 if caps.bf16 else torch.float16 if caps.fp16 else torch.float32
+    if dtype not in DTYPES:
+        raise DeviceError(f"unknown dtype '{dtype}'.", hint=did_you_mean(dtype, [*DTYPES, "auto"]))
+    name = DTYPES[dtype]
+    if name == "bfloat16" and not caps.bf16:
+        raise DeviceError(f"dtype bfloat16 is not supported on device '{device}'.", hint="Use float16 or float32.")
+    if name == "float16" and not caps.fp16:
+        raise DeviceError(f"dtype float16 is not supported on device '{device}'.", hint="Use bfloat16 or float32.")
+    return getattr(torch, name)
+
+
+def require(feature: str, device: str) -> None:
+    """Raise DeviceError unless `feature` (a Capabilities field) is supported on `device`."""
+    caps = capabilities(device)
+    if not hasattr(caps, feature):
+        raise ValueError(f"unknown capability {feature!r}")
+    if not getattr(caps, feature):
+        supported = [d for d, c in CAPABILITIES.items() if getattr(c, feature)]
+        hint = f"Supported on: {', '.join(supported)}." if supported else ""
+        if feature == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+            hint += " bitsandbytes is not installed (pip install 'qingzhou[bnb]')."
+        raise DeviceError(f"{feature.replace('_', ' ')} is not supported on device '{device}'.", hint=hint.strip())
+
+
+def memory_info(device: str) -> dict[str, float | None]:
+    """Total and free memory of a device, in GiB (host RAM for the CPU)."""
+    import torch
+
+    gib = 1024**3
+    device_type = device.split(":")[0]
+    module = getattr(torch, device_type, None)
+    if device_type != "cpu" and module is not None and hasattr(module, "mem_get_info"):
+        try:
+            free, total = module.mem_get_info()
+            return {"total_gib": round(total / gib, 2), "free_gib": round(free / gib, 2)}
+        except Exception:  # some backends expose mem_get_info but fail without a context
+            pass
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"total_gib": round(vm.total / gib, 2), "free_gib": round(vm.available / gib, 2)}
+    except ImportError:
+        return {"total_gib": None, "free_gib": None}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    device_type = device.split(":")[0]
+    module = getattr(torch, device_type, None)
+    if device_type != "cpu" and module is not None and hasattr(module, "get_device_name"):
+        try:
+            return str(module.get_device_name())
+        except Exception:
+            pass
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "datasets", "bitsandbytes", "gguf", "pydantic", "typer")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("qingzhou", *PACKAGES):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def env_info(device: str = "auto") -> dict[str, Any]:
+    """Everything a bug report or a run.json needs about where the work ran."""
+    import torch
+
+    resolved = resolve_device(device)
+    info: dict[str, Any] = {
+        "device": resolved,
+        "device_name": device_name(resolved),
+        "available_devices": available_devices(),
+        "memory": memory_info(resolved),
+        "capabilities": asdict(capabilities(resolved)),
+        "default_dtype": str(resolve_dtype("auto", resolved)).replace("torch.", ""),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "versions": package_versions(),
+    }
+    if resolved.startswith("cuda"):
+        info["cuda_runtime"] = torch.version.cuda or f"hip {torch.version.hip}"
+    return info

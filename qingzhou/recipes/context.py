@@ -1,0 +1,100 @@
+"""What a running stage sees: its folder, the seed, and the current model as an artifact reference.
+
+Stages pass models as *references* (a path or alias plus load options), not as live objects, so a
+resumed run can rebuild the state from disk alone. The runner keeps the last loaded model in memory
+so consecutive stages on the same model do not reload it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where the current model lives and how to load it (all `qingzhou.load_model` arguments)."""
+
+    source: str
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelRef:
+        return cls(**d)
+
+
+@dataclass
+class ModelCache:
+    """Holds at most one live (model, tokenizer) pair, keyed by its ModelRef."""
+
+    ref: ModelRef | None = None
+    model: Any = None
+    tokenizer: Any = None
+
+    def get(self, ref: ModelRef):
+        if self.ref != ref or self.model is None:
+            from qingzhou.llm import load_model
+
+            self.clear()
+            self.model, self.tokenizer = load_model(
+                ref.source,
+                dtype=ref.dtype,
+                device=ref.device,
+                trust_remote_code=ref.trust_remote_code,
+                allow_pickle=ref.allow_pickle,
+            )
+            self.ref = ref
+        return self.model, self.tokenizer
+
+    def put(self, ref: ModelRef, model: Any, tokenizer: Any) -> None:
+        self.ref, self.model, self.tokenizer = ref, model, tokenizer
+
+    def clear(self) -> None:
+        self.ref = self.model = self.tokenizer = None
+
+
+@dataclass
+class StageContext:
+    """Passed to every stage function.
+
+    `work_dir` is a temp folder that becomes `final_dir` only once the stage has finished, so
+    stages write artifacts into `work_dir` and refer to them by their `final_dir` path.
+    """
+
+    run_dir: Path
+    work_dir: Path
+    final_dir: Path
+    index: int
+    seed: int
+    model_ref: ModelRef | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    cache: ModelCache = field(default_factory=ModelCache)
+    new_model_ref: ModelRef | None = None
+
+    def get_model(self):
+        """The current (model, tokenizer), loaded or taken from memory."""
+        from qingzhou.errors import RecipeError
+
+        if self.model_ref is None:
+            raise RecipeError(
+                "this stage needs a model but none is loaded yet.",
+                where=f"stages.{self.index}",
+                hint="Add a `kind: load` stage before it.",
+            )
+        return self.cache.get(self.model_ref)
+
+    def set_model(self, ref: ModelRef, model: Any = None, tokenizer: Any = None) -> None:
+        """Declare the model this stage produced; later stages start from it."""
+        self.new_model_ref = ref
+        if model is not None:
+            self.cache.put(ref, model, tokenizer)
+
+    def artifact_path(self, name: str) -> str:
+        """Final path of an artifact written at `work_dir / name`."""
+        return str(self.final_dir / name)

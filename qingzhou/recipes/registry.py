@@ -1,0 +1,87 @@
+"""The stage registry: one entry per stage kind, mapping a config model to one function.
+
+Stage files live in `qingzhou/recipes/stages/` and are discovered automatically, so a new stage is
+one file with one `@register_stage(...)` line. Stage files must not import torch at module level:
+recipes are validated before torch is imported (a typo should fail in milliseconds, not after a
+10-second import). The heavy public API (`qingzhou.llm`, `qingzhou.eval`, ...) is imported inside
+the stage function.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qingzhou.recipes.context import StageContext
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, `name` labels the stage in reports."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    kind: str
+    name: str | None = None
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back to the runner: numbers for run.json and the report.
+
+    A stage that produces a new model (finetune, quantize, prune ...) calls
+    `ctx.set_model(...)` instead of returning it, so the runner can record the artifact.
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_hashes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: type[StageConfig]
+    run: Callable[[Any, StageContext], StageResult]
+    doc: str
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(kind: str, config: type[StageConfig]):
+    """Decorator: register `fn(cfg, ctx) -> StageResult` as the runner of stage `kind`."""
+
+    def decorate(fn):
+        if kind in STAGES and STAGES[kind].run is not fn:
+            raise RuntimeError(f"stage kind {kind!r} registered twice")
+        STAGES[kind] = StageSpec(kind, config, fn, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return decorate
+
+
+_loaded = False
+
+
+def load_stages() -> dict[str, StageSpec]:
+    """Import every module in qingzhou/recipes/stages (cheap: they do not import torch)."""
+    global _loaded
+    if not _loaded:
+        pkg = importlib.import_module("qingzhou.recipes.stages")
+        for info in pkgutil.iter_modules(pkg.__path__, prefix="qingzhou.recipes.stages."):
+            importlib.import_module(info.name)
+        _loaded = True
+    return STAGES
+
+
+def stage_dir_name(index: int, kind: str) -> str:
+    return f"{index:02d}-{kind}"
+
+
+def builtin_recipe_dir() -> Path:
+    return Path(__file__).parent / "builtin"
