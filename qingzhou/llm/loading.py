@@ -111,6 +111,7 @@ def load_model(
     `.gguf` file (dequantised by transformers' GGUF support) or a hub id. A GGUF-loaded model has its
     GGUF quantizer state dropped, so it behaves (and saves) as a plain dense model.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from qingzhou.llm.devices import resolve_device, resolve_dtype
@@ -134,7 +135,7 @@ def load_model(
         )
     except ModelLoadError:
         raise
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # corrupt/missing files, bad config
         raise ModelLoadError(f"could not load the model: {_first_line(e)}", where=f"{source} ({src.path})") from e
     if src.kind == "gguf":
         drop_quantizer_state(model)

@@ -127,7 +127,23 @@ def apply_override(data: dict[str, Any], text: str) -> None:
 # ----------------------------------------------------------------------------------- validation
 
 
-def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple, fields: list[str]) -> RecipeError:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the (possibly nested) config model that `loc` points into."""
+    import typing
+
+    for key in loc[:-1]:
+        field_info = model.model_fields.get(str(key)) if isinstance(key, str) else None
+        if field_info is None:
+            break
+        candidates = [field_info.annotation, *typing.get_args(field_info.annotation)]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return list(model.model_fields)
+
+
+def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple, model: type[BaseModel]) -> RecipeError:
     problems = []
     first_where = None
     for e in err.errors():
@@ -136,6 +152,7 @@ def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tup
         first_where = first_where or where
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
+            fields = _fields_at(model, tuple(e["loc"]))
             match = closest(key, fields)
             msg = f"unknown key '{key}'" + (f"; did you mean '{match}'?" if match else f"; valid keys: {', '.join(fields)}")
         elif e["type"] == "missing":
@@ -155,7 +172,7 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
     try:
         header = RecipeHeader.model_validate(data)
     except ValidationError as e:
-        raise _pydantic_to_recipe_error(e, source, lines, (), list(RecipeHeader.model_fields)) from None
+        raise _pydantic_to_recipe_error(e, source, lines, (), RecipeHeader) from None
     stages = load_stages()
     configs: list[StageConfig] = []
     for i, raw in enumerate(header.stages):
@@ -171,7 +188,7 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
         try:
             configs.append(spec.config.model_validate(raw))
         except ValidationError as e:
-            raise _pydantic_to_recipe_error(e, source, lines, path, list(spec.config.model_fields)) from None
+            raise _pydantic_to_recipe_error(e, source, lines, path, spec.config) from None
     return Recipe(header.name, header.description, header.seed, configs, source, list(overrides or []))
 
 

@@ -1,0 +1,3 @@
+from qingzhou.cli.main import main
+
+main()

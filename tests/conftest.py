@@ -1,0 +1,48 @@
+"""Shared fixtures: offline mode, few threads, tiny random models saved as HF folders, SmolLM2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random Llama and Qwen2 models with a byte tokenizer (chat template included), saved
+    as plain HF folders with qingzhou's own save_model."""
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+    from qingzhou.llm import save_model
+
+    out = {}
+    for arch in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        save_model(tiny_model(arch), byte_tokenizer(), folder / "model")
+        out[arch] = folder / "model"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_dirs) -> Path:
+    return tiny_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF), loaded once per test session in fp32 on CPU."""
+    from qingzhou.llm import load_model
+
+    return load_model("smollm2", dtype="float32", device="cpu")

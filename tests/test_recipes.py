@@ -1,0 +1,89 @@
+"""Recipe parsing and validation: shipped recipes, typos, bad YAML, overrides, torch-free checks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qingzhou.errors import RecipeError
+from qingzhou.recipes.schema import builtin_recipes, load_recipe
+
+
+def write(tmp_path, text: str, name: str = "r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+GOOD = """
+name: t
+stages:
+  - kind: load
+    model: smollm2
+  - kind: eval
+    perplexity:
+      data: builtin:corpus
+      seq_len: 128
+"""
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.stages and recipe.stages[0].kind == "load"
+
+
+def test_typo_key_names_file_line_path_and_closest_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("seq_len: 128", "seq_lenn: 128"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert f"{path}:8" in msg and "stages.1.perplexity.seq_lenn" in msg and "did you mean 'seq_len'" in msg
+
+
+def test_typo_stage_key_and_kind(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml:4: stages.0.modle.*did you mean 'model'"):
+        load_recipe(write(tmp_path, GOOD.replace("model: smollm2", "modle: smollm2")))
+    with pytest.raises(RecipeError, match=r"r.yaml:5: stages.1.kind.*unknown stage kind 'evl'.*Did you mean 'eval'"):
+        load_recipe(write(tmp_path, GOOD.replace("kind: eval", "kind: evl")))
+    with pytest.raises(RecipeError, match=r"stages.1.perplexity.seq_len.*greater than 1"):
+        load_recipe(write(tmp_path, GOOD.replace("seq_len: 128", "seq_len: 0")))
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, GOOD.replace("    model: smollm2", "    model: [smollm2"))
+    with pytest.raises(RecipeError, match=r"r.yaml:\d+:\d+: malformed YAML"):
+        load_recipe(path)
+
+
+def test_missing_recipe_file_and_unknown_builtin(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="Did you mean 'quickstart'"):
+        load_recipe("quikstart")
+
+
+def test_overrides_set_values_and_unknown_keys_fail(tmp_path):
+    path = write(tmp_path, GOOD)
+    r = load_recipe(path, ["stages.1.perplexity.seq_len=64", "seed=3", "stages.0.dtype=float32"])
+    assert r.stages[1].perplexity.seq_len == 64 and r.seed == 3 and r.stages[0].dtype == "float32"
+    with pytest.raises(RecipeError, match="stages.1.perplexity.seqlen.*did you mean 'seq_len'"):
+        load_recipe(path, ["stages.1.perplexity.seqlen=64"])
+    with pytest.raises(RecipeError, match="not an index"):
+        load_recipe(path, ["stages.5.seq_len=1"])
+    with pytest.raises(RecipeError, match="Expected KEY.PATH=VALUE"):
+        load_recipe(path, ["seed"])
+
+
+def test_validation_does_not_import_torch():
+    code = "import sys; from qingzhou.recipes.schema import load_recipe; load_recipe('quickstart'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe("quickstart")
+    again = load_recipe(write(tmp_path, r.to_yaml()))
+    assert again.to_dict() == r.to_dict()
