@@ -5,6 +5,7 @@ the caller asks, since both run arbitrary code from the model's author.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,10 @@ from typing import Any
 
 from qingzhou.errors import ModelLoadError
 from qingzhou.llm.aliases import ALIASES, resolve_alias
+
+# Quantized checkpoints qingzhou loads itself (pure-torch kernels that run on every device) instead
+# of handing them to transformers' optional GPU-only backends. quant_method -> "module:function".
+QUANTIZED_LOADERS = {"gptq": "qingzhou.compress.quantize.formats.gptq_layout:load_quantized"}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -124,15 +129,22 @@ def load_model(
         common["gguf_file"] = src.gguf_file
     if revision:
         common["revision"] = revision
+    config: dict[str, Any] = {}
     try:
         if src.kind == "folder":
-            _check_remote_code(json.loads((Path(src.path) / "config.json").read_text()), source, trust_remote_code)
+            config = json.loads((Path(src.path) / "config.json").read_text())
+            _check_remote_code(config, source, trust_remote_code)
         elif src.kind == "hub":
             _check_remote_code(AutoConfig.from_pretrained(src.path, trust_remote_code=False, **({"revision": revision} if revision else {})).to_dict(), source, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.folder, dtype=torch_dtype, use_safetensors=None if (allow_pickle or src.kind == "gguf") else True, **common
-        )
+        quant_method = (config.get("quantization_config") or {}).get("quant_method")
+        if quant_method in QUANTIZED_LOADERS:
+            module, _, fn = QUANTIZED_LOADERS[quant_method].partition(":")
+            model = getattr(importlib.import_module(module), fn)(src.path, dtype=torch_dtype, device=dev)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                src.folder, dtype=torch_dtype, use_safetensors=None if (allow_pickle or src.kind == "gguf") else True, **common
+            )
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # corrupt/missing files, bad config

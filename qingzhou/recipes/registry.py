@@ -29,6 +29,12 @@ class StageConfig(BaseModel):
     kind: str
     name: str | None = None
 
+    @classmethod
+    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+        """Keys a recipe may write in this stage, for 'did you mean' hints. Stages that take a
+        method's settings flat (quantize, prune) add that method's keys."""
+        return list(cls.model_fields)
+
 
 @dataclass
 class StageResult:

@@ -127,10 +127,12 @@ def apply_override(data: dict[str, Any], text: str) -> None:
 # ----------------------------------------------------------------------------------- validation
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+def _fields_at(model: type[BaseModel], loc: tuple, raw: Any = None) -> list[str]:
     """Valid keys of the (possibly nested) config model that `loc` points into."""
     import typing
 
+    if len(loc) == 1 and isinstance(raw, dict) and hasattr(model, "recipe_keys"):
+        return model.recipe_keys(raw)
     for key in loc[:-1]:
         field_info = model.model_fields.get(str(key)) if isinstance(key, str) else None
         if field_info is None:
@@ -143,7 +145,7 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple, model: type[BaseModel]) -> RecipeError:
+def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple, model: type[BaseModel], raw: Any = None) -> RecipeError:
     problems = []
     first_where = None
     for e in err.errors():
@@ -152,7 +154,7 @@ def _pydantic_to_recipe_error(err: ValidationError, source: str, lines: dict[tup
         first_where = first_where or where
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
-            fields = _fields_at(model, tuple(e["loc"]))
+            fields = _fields_at(model, tuple(e["loc"]), raw)
             match = closest(key, fields)
             msg = f"unknown key '{key}'" + (f"; did you mean '{match}'?" if match else f"; valid keys: {', '.join(fields)}")
         elif e["type"] == "missing":
@@ -188,7 +190,7 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
         try:
             configs.append(spec.config.model_validate(raw))
         except ValidationError as e:
-            raise _pydantic_to_recipe_error(e, source, lines, path, spec.config) from None
+            raise _pydantic_to_recipe_error(e, source, lines, path, spec.config, raw) from None
     return Recipe(header.name, header.description, header.seed, configs, source, list(overrides or []))
 
 

@@ -1,0 +1,88 @@
+"""Quantization quality on SmolLM2-135M: WikiText-2 test perplexity for FP, RTN and GPTQ settings.
+
+Protocol (the issue's): `"\\n\\n".join(rows)` of wiki.test.raw, 2048-token windows, first 40 windows;
+calibration = the rows of llamafactory/c4_demo.jsonl with >= 512 tokens, truncated to 512, fp32 on
+CPU. Each setting starts from a freshly loaded model. Peer numbers measured by the issue author
+with the same protocol are printed alongside for reference (not re-run here).
+
+    python bench/quantize_quality.py                       # default settings
+    python bench/quantize_quality.py --settings fp,rtn-asym-4,gptq-asym-4 --out /tmp/q.json
+Setting names: fp | {rtn,gptq}-{sym,asym}-{bits}[-g{group}] (group default 64).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
+    "4-bit g64": {"llmc GPTQ sym": 27.18, "llmc GPTQ asym": 24.27, "llmc AWQ asym": 24.72,
+                  "RTN asym (issue)": 26.98, "bnb NF4": 25.92},
+    "3-bit g64": {"llmc GPTQ sym": 80.34, "llmc GPTQ asym": 43.36, "RTN asym (issue)": 72.51},
+    "fp": {"dense fp32 (issue)": 20.36},
+}
+
+
+def parse_setting(name: str) -> dict | None:
+    if name == "fp":
+        return None
+    parts = name.split("-")
+    method, grid, bits = parts[0], parts[1], int(parts[2])
+    group = int(parts[3][1:]) if len(parts) > 3 else 64
+    cfg = {"method": method, "bits": bits, "group_size": group, "sym": grid == "sym"}
+    if method == "gptq":
+        cfg["calibration"] = {"source": str(SHARED / "llamafactory" / "c4_demo.jsonl"), "mode": "rows",
+                              "seq_len": 512, "num_samples": 100000}
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", default="fp,rtn-asym-4,gptq-asym-4,rtn-asym-3,gptq-asym-3")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.data.corpus import load_text
+    from qingzhou.eval.perplexity import perplexity
+    from qingzhou.llm import load_model
+
+    text = load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    rows = []
+    for name in args.settings.split(","):
+        cfg = parse_setting(name)
+        model, tok = load_model("smollm2", dtype="float32", device="cpu")
+        row = {"setting": name}
+        if cfg is not None:
+            t0 = time.perf_counter()
+            report = quantize(model, cfg, tokenizer=tok)
+            row["quantize_s"] = round(time.perf_counter() - t0, 1)
+            row.update({k: v for k, v in report.summary().items() if k in ("linear_mb_before", "linear_mb_after",
+                                                                             "warnings", "peak_memory_mb")})
+            row["calib_tokens"] = report.calibration.get("tokens")
+        res = perplexity(model, tok, text, seq_len=2048, max_windows=args.windows, progress=False)
+        row["ppl"] = round(res.ppl, 3)
+        row["ppl_s"] = round(res.seconds, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"rows": rows, "peers": PEERS}, indent=2))
+    print("\nsetting               ppl      quantize s")
+    for r in rows:
+        print(f"{r['setting']:<20} {r['ppl']:>8.3f}  {r.get('quantize_s', '-')!s:>8}")
+    print("\npeers (issue, same protocol):")
+    for width, peers in PEERS.items():
+        print(f"  {width}: " + ", ".join(f"{k} {v}" for k, v in peers.items()))
+
+
+if __name__ == "__main__":
+    main()

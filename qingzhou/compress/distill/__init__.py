@@ -1,0 +1,23 @@
+"""Knowledge distillation: losses that plug into the fine-tuning loop (teacher -> student), and a
+disk cache of the teacher's top-k logits. Heavy names resolve lazily (configs import without torch)."""
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "DistillLoss": "qingzhou.compress.distill.losses",
+    "divergence": "qingzhou.compress.distill.losses",
+    "topk_divergence": "qingzhou.compress.distill.losses",
+    "DistillLossConfig": "qingzhou.compress.distill.config",
+    "HiddenMatchConfig": "qingzhou.compress.distill.config",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

@@ -1,0 +1,141 @@
+"""`prune(model, cfg, calib)`: the one public entry point the recipe stage and the CLI call."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from qingzhou.compress.calibrate import find_decoder_layers
+from qingzhou.compress.prune.config import CalibratedPruneConfig, PruneConfig
+from qingzhou.compress.prune.masks import Target
+from qingzhou.compress.prune.plan import build_plan, layer_index
+from qingzhou.compress.prune.registry import load_pruners, parse_config
+
+
+@dataclass
+class PruneReport:
+    method: str
+    config: dict[str, Any]
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per pruned linear
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per decoder layer
+    skipped: list[str] = field(default_factory=list)
+    unfed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    owl: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    sparsity: float = 0.0  # zeros / weights over the pruned linears
+    model_sparsity: float = 0.0  # zeros / parameters over the whole model
+    parameters: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers (what a metrics.json or a CLI table shows)."""
+        return {
+            "method": self.method, "target": self.config.get("nm") or self.config.get("sparsity"),
+            "pruned_linears": len(self.modules), "skipped_linears": len(self.skipped),
+            "sparsity": round(self.sparsity, 4), "model_sparsity": round(self.model_sparsity, 4),
+            "nonzero_parameters": self.parameters - round(self.model_sparsity * self.parameters),
+            "warnings": len(self.warnings), "seconds": round(self.seconds, 2),
+            "peak_memory_mb": round(self.calibration.get("peak_memory_mb", 0.0), 1),
+        }
+
+
+def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
+          tokenizer: Any = None) -> PruneReport:
+    """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
+
+    `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
+    a [N, T] tensor, a list of strings (needs `tokenizer`), or None to load `cfg.calibration`
+    (needs `tokenizer`). Pruned weights are exact zeros in the same dense tensors, so the model
+    saves and loads like any other (`qingzhou.llm.save_model`).
+    """
+    cfg = parse_config(cfg)
+    spec = load_pruners()[cfg.method]
+    plan, skipped = build_plan(model, cfg)
+    needs_data = spec.needs_calibration or cfg.owl is not None
+    samples = calibration_samples(calib, cfg, tokenizer) if needs_data else None
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        owl = _apply_owl(model, cfg, plan, samples) if cfg.owl is not None else {}
+        result = spec.run(model, cfg, plan, samples)
+    for w in caught:  # re-emit for the caller, keep the text for the report
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    report = PruneReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=skipped,
+                         warnings=[str(w.message) for w in caught], owl=owl,
+                         calibration=result.get("calibration", {}))
+    report.unfed = list(report.calibration.get("unfed", []))
+    report.seconds = time.perf_counter() - t0
+    _fill_sparsity(report, model, plan, result.get("modules", {}))
+    return report
+
+
+def _apply_owl(model: nn.Module, cfg: PruneConfig, plan: dict[str, Target], samples: Any) -> dict[str, Any]:
+    """Replace the global sparsity of every non-overridden linear by its layer's OWL sparsity."""
+    from qingzhou.compress.prune.owl import outlier_ratios, owl_sparsities
+
+    assert isinstance(cfg, CalibratedPruneConfig) and cfg.owl is not None
+    ratios = outlier_ratios(model, plan, samples, cfg, cfg.owl)
+    per_layer = owl_sparsities(ratios, cfg.sparsity, cfg.owl.spread)
+    for name, target in plan.items():
+        i = layer_index(name)
+        if target.nm is None and target.sparsity == cfg.sparsity and i in per_layer:
+            plan[name] = replace(target, sparsity=per_layer[i])
+    return {"outlier_ratio": ratios, "layer_sparsity": per_layer}
+
+
+@torch.no_grad()
+def _fill_sparsity(report: PruneReport, model: nn.Module, plan: dict[str, Target],
+                   results: dict[str, dict[str, Any]]) -> None:
+    """Measure the zeros actually present (not what was asked for), per linear and per layer."""
+    modules = dict(model.named_modules())
+    layers, _ = find_decoder_layers(model)
+    per_layer = {i: [0, 0] for i in range(len(layers))}
+    zeros_total = weights_total = 0
+    for name, target in plan.items():
+        w = modules[name].weight
+        zeros, numel = int((w == 0).sum()), w.numel()
+        entry = {"target": target.describe(), "sparsity": zeros / numel, "shape": list(w.shape)}
+        entry.update(results.get(name, {}))
+        report.modules[name] = entry
+        i = layer_index(name)
+        per_layer[i][0] += zeros
+        per_layer[i][1] += numel
+        zeros_total += zeros
+        weights_total += numel
+    report.layers = [{"layer": i, "sparsity": z / n if n else 0.0, "weights": n}
+                     for i, (z, n) in per_layer.items()]
+    report.sparsity = zeros_total / weights_total if weights_total else 0.0
+    params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
+    report.parameters = sum(p.numel() for p in params)
+    report.model_sparsity = sum(int((p == 0).sum()) for p in params) / max(report.parameters, 1)
+
+
+def calibration_samples(calib: Any, cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
+    """Calibration token tensors from whatever the caller passed (same rules as `quantize`)."""
+    from qingzhou.data.calibration import load_calibration, samples_from_texts
+    from qingzhou.errors import DataError
+
+    ccfg = getattr(cfg, "calibration", None)
+    if calib is None:
+        if tokenizer is None:
+            raise DataError(f"{cfg.method} needs calibration data.", where="prune",
+                            hint="Pass calib=[token tensors] or tokenizer= to load cfg.calibration.")
+        return load_calibration(tokenizer, ccfg)
+    if isinstance(calib, torch.Tensor):
+        return list(calib.reshape(-1, calib.shape[-1]).long())
+    calib = list(calib)
+    if calib and all(isinstance(c, str) for c in calib):
+        if tokenizer is None:
+            raise DataError("text calibration samples need a tokenizer.", where="prune")
+        return samples_from_texts(tokenizer, calib, ccfg)
+    if not calib or not all(isinstance(c, torch.Tensor) for c in calib):
+        raise DataError("calibration must be token tensors or strings, and not empty.", where="prune")
+    return [c.reshape(-1).long() for c in calib]

@@ -1,0 +1,34 @@
+"""Weight quantization: RTN, GPTQ (+ registry for more), packed layers and checkpoint formats.
+
+Import cost matters (recipes validate before torch loads), so the heavy names are resolved lazily:
+`from qingzhou.compress.quantize import quantize` imports torch, `...quantize.config` does not.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "quantize": "qingzhou.compress.quantize.api",
+    "QuantizeReport": "qingzhou.compress.quantize.api",
+    "QuantLinear": "qingzhou.compress.quantize.qlinear",
+    "save_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
+    "load_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
+    "QuantScheme": "qingzhou.compress.quantize.grid",
+    "QuantizedWeight": "qingzhou.compress.quantize.grid",
+    "register_quantizer": "qingzhou.compress.quantize.registry",
+    "load_quantizers": "qingzhou.compress.quantize.registry",
+    "parse_config": "qingzhou.compress.quantize.registry",
+    "QUANTIZERS": "qingzhou.compress.quantize.registry",
+    "RTNConfig": "qingzhou.compress.quantize.rtn",
+    "GPTQConfig": "qingzhou.compress.quantize.gptq",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)

@@ -1,0 +1,96 @@
+"""Settings shared by every weight quantizer (torch-free so recipes validate before torch loads).
+
+Each method's own config subclasses `QuantizeConfig` in the method's file and adds a
+`method: Literal[...]` discriminator plus its knobs.
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qingzhou.data.calibration import CalibrationConfig
+
+
+class ModuleOverride(BaseModel):
+    """Per-module settings: the first override whose `pattern` matches (re.search on the module's
+    full name, e.g. `model.layers.3.mlp.down_proj`) wins; unset fields keep the global value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    bits: int | None = Field(None, ge=2, le=8)
+    group_size: int | None = None
+    sym: bool | None = None
+    skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {v!r}: {e}") from e
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        return _check_group_size(v) if v is not None else v
+
+
+def _check_group_size(v: int) -> int:
+    if v != -1 and v < 1:
+        raise ValueError("group_size must be -1 (one group per output channel) or a positive integer")
+    return v
+
+
+class QuantizeConfig(BaseModel):
+    """Common weight-only settings. Only `nn.Linear` modules inside the decoder layers are
+    quantised: `lm_head` and the embeddings are never touched (tied embeddings make them one
+    tensor, and they are the most sensitive weights)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    method: str
+    bits: int = Field(4, ge=2, le=8, description="bits per weight (2, 3, 4, 8 load in every GPTQ runtime)")
+    group_size: int = Field(128, description="input columns sharing a scale/zero; -1 = per output channel")
+    sym: bool = Field(False, description="symmetric grid (zero fixed at 2**(bits-1)); asymmetric is far "
+                                         "better on small models")
+    clip_search: bool = Field(True, description="search a shrunken range per group that minimises rounding error")
+    skip: list[str] = Field(default_factory=list, description="regexes of module names left in full precision")
+    overrides: list[ModuleOverride] = Field(default_factory=list)
+    on_indivisible_group: Literal["error", "per_channel", "ragged"] = Field(
+        "error",
+        description="when group_size does not divide a layer's input width: raise (default), use one "
+                    "group per output channel for that layer, or keep a shorter last group (loads in "
+                    "qingzhou and torch kernels, not in exllama/marlin/vLLM)",
+    )
+    pack: bool = Field(True, description="replace linears by packed QuantLinear layers (False: keep dense "
+                                         "fake-quantised weights, for analysis)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        return _check_group_size(v)
+
+    @field_validator("skip")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {p!r}: {e}") from e
+        return v
+
+
+class CalibratedConfig(QuantizeConfig):
+    """Settings of methods that walk the decoder layers with calibration data."""
+
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    device: str | None = Field(None, description="where each layer is calibrated; default cuda if available")
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
+    offload_inputs: bool = Field(False, description="keep cached layer inputs on CPU between passes "
+                                                    "(least accelerator memory)")

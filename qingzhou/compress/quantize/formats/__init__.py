@@ -1,0 +1,1 @@
+"""Writers/readers of quantised checkpoints (one module per format)."""

@@ -1,0 +1,104 @@
+"""The GPTQ checkpoint layout: what transformers (via gptqmodel/optimum), GPTQModel and vLLM load.
+
+Per quantised linear `<name>`: `<name>.qweight` int32 [in*bits/32, out] (codes packed along the
+input dim), `<name>.qzeros` int32 [groups, out*bits/32] (zero points packed along the output dim,
+stored as `zero - 1`: the v1 "gptq" checkpoint_format), `<name>.scales` float16 [groups, out],
+`<name>.g_idx` int32 [in], and `<name>.bias` if any. Everything else is saved as in a dense model,
+and config.json gains `quantization_config` (see `api.quantization_config`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qingzhou.compress.quantize.api import QUANT_ATTR
+from qingzhou.compress.quantize.qlinear import QuantLinear
+from qingzhou.errors import ModelLoadError
+from qingzhou.io import atomic_dir, atomic_write_json
+
+WEIGHTS = "model.safetensors"
+
+
+def save_quantized(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Write `model` (with `QuantLinear` modules from `quantize`) as a GPTQ-layout folder, atomically."""
+    qc = getattr(model, QUANT_ATTR, None)
+    if qc is None or not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ModelLoadError("model has no packed quantised layers.", where=str(folder),
+                             hint="Run quantize(model, cfg) with pack=True first.")
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        state = _dedupe_tied(model, model.state_dict())
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "quantizer": "qingzhou"})
+        config = model.config.to_dict()
+        config["quantization_config"] = qc
+        atomic_write_json(tmp / "config.json", config)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _dedupe_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the second name of tied tensors (lm_head.weight == embed_tokens.weight): safetensors
+    refuses shared storage and loaders re-tie them from config.tie_word_embeddings."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = v.data_ptr() if v.numel() else id(v)
+        if key in seen and v.numel():
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch)
+    with `QuantLinear` modules; bits per module come from the tensor shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / "config.json", folder / WEIGHTS
+    if not cfg_path.exists() or not w_path.exists():
+        raise ModelLoadError("not a quantised checkpoint folder (config.json + model.safetensors).",
+                             where=str(folder))
+    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    qc = raw.pop("quantization_config", None)
+    if not qc or qc.get("quant_method") != "gptq":
+        raise ModelLoadError("config.json has no GPTQ quantization_config.", where=str(cfg_path))
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise ModelLoadError(f"checkpoint_format {qc.get('checkpoint_format')!r} is not supported.",
+                             where=str(cfg_path), hint="Only v1 'gptq' checkpoints load here.")
+    config = AutoConfig.for_model(**raw)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_file(str(w_path))
+    for prefix in sorted({k[: -len(".qweight")] for k in state if k.endswith(".qweight")}):
+        g_idx = state[f"{prefix}.g_idx"]
+        qweight = state[f"{prefix}.qweight"]
+        in_f, out_f = g_idx.shape[0], qweight.shape[1]
+        bits = qweight.shape[0] // -(-in_f // 32)  # rows = ceil(in/32) * bits
+        bias = state.get(f"{prefix}.bias")
+        layer = QuantLinear(in_f, out_f, bits, qc.get("group_size", -1), bias=bias is not None,
+                            n_groups=state[f"{prefix}.scales"].shape[0])
+        if bias is not None:
+            layer.bias = torch.empty_like(bias)
+        model.set_submodule(prefix, layer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tie = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tie and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match the architecture: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}.", where=str(w_path))
+    if tie:
+        model.tie_weights()
+    setattr(model, QUANT_ATTR, qc)
+    return model.to(device).eval()

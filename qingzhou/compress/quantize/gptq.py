@@ -1,0 +1,39 @@
+"""GPTQ: Hessian-aware rounding, one decoder layer at a time (the solver is in `gptq_solver.py`)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from qingzhou.compress.quantize.config import CalibratedConfig
+from qingzhou.compress.quantize.registry import register_quantizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from qingzhou.compress.quantize.grid import QuantScheme
+
+
+class GPTQConfig(CalibratedConfig):
+    method: Literal["gptq"] = "gptq"
+    damp_percent: float = Field(0.01, ge=0, le=1, description="damping as a fraction of mean(diag H); "
+                                                              "raised x10 automatically on Cholesky failure")
+    block_size: int = Field(128, ge=1, description="columns per lazy-update block")
+    act_order: bool = Field(True, description="quantise columns in decreasing Hessian diagonal (desc_act)")
+    static_groups: bool = Field(False, description="fix group parameters before act-order (trivial g_idx)")
+    true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
+                                                    "within each layer, each seeing the quantised inputs")
+
+
+@register_quantizer("gptq", GPTQConfig)
+def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], calib: Any) -> dict[str, Any]:
+    """Calibrate layer by layer with GPTQ; weights are rewritten in place (fake-quant)."""
+    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.quantize.gptq_solver import GPTQCollector
+
+    collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
+                              act_order=cfg.act_order, static_groups=cfg.static_groups)
+    report = run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
+                           true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
+                           offload_inputs=cfg.offload_inputs)
+    return {"modules": collector.results, "calibration": report.to_dict()}
