@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from qingzhou.errors import DataError
+from qingzhou.llm.modes import eval_mode
 
 
 @dataclass
@@ -63,7 +64,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()
-    with _progress(progress, len(windows), "perplexity") as advance, torch.inference_mode():
+    with _progress(progress, len(windows), "perplexity") as advance, torch.inference_mode(), eval_mode(model):
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits

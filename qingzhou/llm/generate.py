@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from qingzhou.llm.modes import eval_mode
+
 
 @dataclass
 class GenerationResult:
@@ -72,7 +74,7 @@ def generate(
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     set_seed(seed)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(model):
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -25,7 +25,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass
 class ModelSource:
-    """A resolved model location. kind: 'folder' | 'gguf' | 'hub'."""
+    """A resolved model location. kind: 'folder' | 'gguf' | 'hub' | 'adapter' (a peft folder)."""
 
     kind: str
     path: str
@@ -47,7 +47,7 @@ class ModelSource:
 
         if self.kind == "gguf":
             return {self.path: sha256_file(self.path)}
-        if self.kind == "folder":
+        if self.kind in ("folder", "adapter"):
             stats = [f"{w}:{Path(w).stat().st_size}:{int(Path(w).stat().st_mtime)}" for w in self.weights]
             return {self.path: "stat:" + sha256_text("\n".join(stats))}
         return {self.path: "hub"}
@@ -64,6 +64,8 @@ def resolve_source(source: str, *, allow_pickle: bool = False) -> ModelSource:
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}", where=requested)
         return ModelSource("gguf", str(path.resolve()), requested, [str(path.resolve())])
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return ModelSource("adapter", str(path.resolve()), requested, sorted(str(p) for p in path.glob("adapter_model.safetensors")))
     if path.is_dir():
         return _check_folder(path.resolve(), requested, allow_pickle)
     if path.exists():
@@ -122,6 +124,8 @@ def load_model(
     from qingzhou.llm.devices import resolve_device, resolve_dtype
 
     src = resolve_source(source, allow_pickle=allow_pickle)
+    if src.kind == "adapter":
+        return _load_adapter(src, dtype, device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -156,6 +160,25 @@ def load_model(
     model.to(dev)
     model.eval()
     model.qingzhou_source = src.path  # where it came from, for reports
+    return model, tokenizer
+
+
+def _load_adapter(src: ModelSource, dtype: str, device: str, **kw):
+    """A peft adapter folder: load its base (recorded in adapter_config.json), then the adapter."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((Path(src.path) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError("adapter_config.json does not say which base model it adapts (base_model_name_or_path).", where=src.path)
+    if not src.weights:
+        raise ModelLoadError("adapter folder has no adapter_model.safetensors.", where=src.path)
+    model, tokenizer = load_model(base, dtype, device, **kw)
+    model = PeftModel.from_pretrained(model, src.path, is_trainable=False)
+    if any(Path(src.path).glob("tokenizer*.json")):
+        tokenizer = AutoTokenizer.from_pretrained(src.path)
+    model.eval()
     return model, tokenizer
 
 

@@ -74,4 +74,4 @@ def run_finetune(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
     ref = ModelRef(source=ctx.artifact_path(result.artifact), dtype=ctx.model_ref.dtype if ctx.model_ref else "auto",
                    device=ctx.model_ref.device if ctx.model_ref else "auto")
     ctx.set_model(ref, result.model, tokenizer)
-    return StageResult(metrics=metrics, data_hashes={"data": result.data.get("cache_path", "")})
+    return StageResult(metrics=metrics, data_hashes={str(data.source): result.data["fingerprint"]})

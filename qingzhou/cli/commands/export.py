@@ -1,0 +1,31 @@
+"""`qingzhou export merge`: fold a LoRA/DoRA/IA3 adapter into its base model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qingzhou.cli.common import guarded, kv_table, out, print_json
+
+
+def register(app: typer.Typer) -> None:
+    export_app = typer.Typer(help="Export fine-tuned artifacts.", no_args_is_help=True)
+    app.add_typer(export_app, name="export")
+
+    @export_app.command("merge")
+    @guarded
+    def merge_cmd(
+        adapter: Path = typer.Argument(..., help="peft adapter folder (e.g. runs/finetune/adapter)"),
+        out_dir: Path = typer.Argument(..., help="where to write the merged model"),
+        base: Optional[str] = typer.Option(None, "--base", help="base model (default: the one recorded in the adapter)"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Merge an adapter into its base and save a plain transformers model (prompt adapters are copied)."""
+        from qingzhou.finetune import export_merged
+
+        result = export_merged(adapter, out_dir, base_model=base)
+        if as_json:
+            print_json(result.to_dict())
+        else:
+            out.print(kv_table("export merge", result.to_dict()))

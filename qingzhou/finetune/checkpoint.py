@@ -1,0 +1,100 @@
+"""Resumable checkpoints: trainable weights, optimizer state, RNG state and loop counters.
+
+Everything is safetensors + JSON (no pickle, so a checkpoint from elsewhere cannot run code), and
+each checkpoint folder appears atomically, so "the latest folder" is always a complete one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qingzhou.io import atomic_dir, atomic_write_json
+
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    tensors, scalars = {}, {}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model: Any, optimizer: Any, loop_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(output_dir)
+    path = root / f"{PREFIX}{step:07d}"
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", opt_meta)
+        atomic_write_json(tmp / "state.json", {**loop_state, "step": step})
+    for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, model: Any, optimizer: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from `path` into live objects; returns the loop state."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} has weights the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text()))
+    optimizer.load_state_dict(opt)
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    return json.loads((path / "state.json").read_text())

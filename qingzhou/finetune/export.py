@@ -1,0 +1,87 @@
+"""`export_merged`: fold a LoRA/DoRA/rsLoRA/IA3 adapter into its base and save a plain model.
+
+Prompt-based adapters (prompt tuning, prefix tuning, P-tuning v2) add virtual tokens / per-layer
+key-value prefixes to the *input*, not a delta to any weight, so there is nothing to fold in; they
+are copied unchanged in peft format and the result says why.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from qingzhou.errors import ModelLoadError
+from qingzhou.io import atomic_dir
+
+MERGEABLE = {"LORA", "IA3", "ADALORA", "LOHA", "LOKR"}
+PROMPT_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}
+WHY_NOT = (
+    "{kind} adapters learn virtual tokens (or per-layer key/value prefixes) that are fed in with every "
+    "input; they are not a change to any weight matrix, so they cannot be merged into the base model. "
+    "The adapter was copied unchanged in peft format: load it with peft.PeftModel.from_pretrained(base, path)."
+)
+
+
+@dataclass
+class ExportResult:
+    out_dir: str
+    merged: bool
+    peft_type: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _load_base(source: str) -> Any:
+    try:
+        from qingzhou.llm import load_model  # the project's loader (aliases, GGUF, safetensors only)
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        model, _ = load_model(source)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any = None) -> ExportResult:
+    """Merge the peft adapter at `adapter_dir` into its base and save the merged model to `out_dir`.
+
+    `base_model` is a loaded model (it is modified in place) or a path/alias; by default the
+    adapter's recorded `base_model_name_or_path`.
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.is_file():
+        if (adapter_dir / "config.json").is_file():
+            raise ModelLoadError("this is a full model, not an adapter: there is nothing to merge.", where=str(adapter_dir),
+                                 hint="Use the folder directly as the model.")
+        raise ModelLoadError("no adapter_config.json here.", where=str(adapter_dir), hint="Point at a peft adapter folder.")
+    adapter_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    peft_type = str(adapter_cfg.get("peft_type", "")).upper()
+    if peft_type in PROMPT_TYPES or peft_type not in MERGEABLE:
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        kind = peft_type.lower().replace("_", " ") or "these"
+        return ExportResult(str(out_dir), False, peft_type, WHY_NOT.format(kind=kind))
+
+    if base_model is None or isinstance(base_model, (str, Path)):
+        source = str(base_model or adapter_cfg.get("base_model_name_or_path") or "")
+        if not source:
+            raise ModelLoadError("the adapter does not record its base model.", where=str(cfg_file), hint="Pass base_model.")
+        base_model = _load_base(source)
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if (adapter_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(tmp)
+    variant = "DoRA" if adapter_cfg.get("use_dora") else ("rsLoRA" if adapter_cfg.get("use_rslora") else peft_type)
+    return ExportResult(str(out_dir), True, peft_type, f"merged {variant} adapter into the base model")

@@ -1,0 +1,354 @@
+"""The one training loop (accelerate) behind SFT, continued pretraining and every adapter method.
+
+Design choices that matter for correctness:
+* Loss is the sum of token losses over the whole optimizer step (all micro-batches, all processes)
+  divided by the step's target-token count, so packing, padding, grad_accum and world size do not
+  change what is optimised (HF averages per micro-batch unless given num_items_in_batch).
+* Data order is a pure function of (seed, step): resuming at step k replays exactly the batches
+  an uninterrupted run would have seen; together with optimizer + RNG state in the checkpoint this
+  makes a resumed run match an uninterrupted one.
+* The scheduler is stepped by us once per optimizer step (accelerate's prepared scheduler would
+  step once per process).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qingzhou.data.packing import Example, collate
+from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
+from qingzhou.data.templates import IGNORE_INDEX
+from qingzhou.errors import RecipeError
+from qingzhou.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qingzhou.finetune.config import FinetuneConfig, parse_finetune_config
+from qingzhou.finetune.methods import METHODS, build_method, require_bitsandbytes
+from qingzhou.io import atomic_dir, atomic_write_json
+
+PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` returns (and writes to `<output_dir>/metrics.json`)."""
+
+    method: str
+    output_dir: str
+    artifact_dir: str
+    artifact: str  # "adapter" (peft folder) or "model" (full fine-tune)
+    steps: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    tokens_per_s: float = 0.0
+    train_tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    resumed_from: int | None = None
+    mixed_precision: str = "no"
+    data: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)  # the trained (peft) model, in memory
+
+    def to_dict(self) -> dict[str, Any]:
+        # not dataclasses.asdict: it would deep-copy the model
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+
+
+def resolve_mixed_precision(choice: str, device_type: str) -> str:
+    """'auto' picks bf16 on GPUs that support it, fp16 on older GPUs, no elsewhere (CPU bf16 is slow)."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device_type in {"npu", "xpu", "mlu", "musa"}:
+        return "bf16"
+    return "no"
+
+
+def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """Summed next-token cross-entropy over labelled tokens, and how many there were."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual-token logits
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+class BatchPlan:
+    """Which rows form micro-batch m on process `rank`: a pure function of (seed, m)."""
+
+    def __init__(self, n_rows: int, batch_size: int, world: int, rank: int, seed: int):
+        self.n, self.bs, self.world, self.rank, self.seed = n_rows, batch_size, world, rank, seed
+        self.global_bs = batch_size * world
+        self.per_epoch = max(1, n_rows // self.global_bs)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def rows(self, m: int) -> list[int]:
+        epoch, idx = divmod(m, self.per_epoch)
+        perm = self._permutation(epoch)
+        start = idx * self.global_bs + self.rank * self.bs
+        return [perm[(start + j) % self.n] for j in range(self.bs)]
+
+
+def _peak_memory_mb(device_type: str) -> float:
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _make_optimizer(params: list[tuple[str, Any]], cfg: FinetuneConfig) -> Any:
+    import torch
+
+    decay = [p for n, p in params if p.ndim >= 2 and cfg.weight_decay > 0]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and cfg.weight_decay > 0)]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
+    if cfg.optimizer in {"adamw_8bit", "paged_adamw_8bit"}:
+        bnb = require_bitsandbytes(f"optimizer '{cfg.optimizer}'")
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+
+
+def _make_scheduler(optimizer: Any, cfg: FinetuneConfig) -> Any:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps), num_training_steps=cfg.max_steps)
+
+
+def evaluate_loss(model: Any, rows: list[Example], pad_id: int, batch_size: int, accelerator: Any, max_batches: int | None = None) -> float | None:
+    """Token-weighted mean loss over held-out rows (sharded over processes)."""
+    import torch
+
+    if not rows:
+        return None
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for b, i in enumerate(range(0, len(mine), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_id, packed=False).items()}
+            with accelerator.autocast():
+                loss, n = token_loss_sum(model, batch)
+            total += torch.tensor([float(loss), n], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  {task.fields[mem]} MB"),
+        disable=not enabled, transient=False,
+    )
+
+
+def finetune(
+    model: Any,
+    tokenizer: Any,
+    data: DataConfig | PreparedData | str | list[dict],
+    cfg: FinetuneConfig | dict[str, Any],
+    *,
+    output_dir: str | Path,
+    resume: bool = True,
+    callbacks: list[Callable[[int, dict[str, Any]], None]] | None = None,
+    base_source: str | None = None,
+) -> FinetuneResult:
+    """Fine-tune `model` (full, LoRA family, QLoRA, IA3 or prompt-based) and save the result.
+
+    `data` is a DataConfig, a source string, in-memory rows or already prepared data. The adapter
+    (peft format) or full model is written to `<output_dir>/adapter` or `<output_dir>/model`;
+    checkpoints go to `<output_dir>/checkpoints` and a rerun with resume=True continues from the
+    newest. `callbacks(step, metrics)` run after every optimizer step (an exception there stops the
+    run, as a crash would). `base_source` (alias/path of the base model) is recorded in the adapter
+    config so `export_merged` can find the base later.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    cfg = parse_finetune_config(cfg)
+    output_dir = Path(output_dir)
+    if isinstance(data, PreparedData):
+        prepared = data
+    elif isinstance(data, list):
+        prepared = prepare_data(DataConfig(source="<records>", seed=cfg.seed), tokenizer, records=data)
+    else:
+        prepared = prepare_data(data if isinstance(data, DataConfig) else DataConfig(source=data, seed=cfg.seed), tokenizer)
+    if prepared.packed and cfg.method in PROMPT_METHODS:
+        raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
+                          where="packing", hint="Set packing: false for prompt-based methods.")
+    if not prepared.train:
+        raise RecipeError("no training rows.", where="data")
+    data_fp = prepared.fingerprint
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mixed = resolve_mixed_precision(cfg.mixed_precision, device_type)
+    # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU)
+    on_cpu = device_type == "cpu" and next(model.parameters()).device.type == "cpu"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
+    torch.manual_seed(cfg.seed)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+
+    model = build_method(model, cfg)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing needs no input-grad hooks, so it works for frozen-base adapters too
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = sum(p.numel() for _, p in named)
+    total = sum(p.numel() for p in model.parameters())
+    optimizer = _make_optimizer(named, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = _make_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, cfg)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state: dict[str, Any] = {"train_loss": [], "eval_loss": [], "eval_loss_before": None, "tokens": 0, "seconds": 0.0}
+    start_step, resumed_from = 0, None
+    ckpt = latest_checkpoint(output_dir) if resume else None
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, unwrapped, optimizer)
+        if loaded.get("data_fingerprint") != data_fp or loaded.get("method") != cfg.method:
+            raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
+                              hint="Use a new output folder, or resume=False to start over.")
+        start_step = resumed_from = loaded["step"]
+        state.update({k: loaded[k] for k in state if k in loaded})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(start_step):
+                scheduler.step()
+
+    plan = BatchPlan(len(prepared.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    if state["eval_loss_before"] is None:
+        state["eval_loss_before"] = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
+    model.train()
+    t0, tokens0 = time.perf_counter(), state["tokens"]
+    progress = _progress(cfg.progress and accelerator.is_main_process)
+    with progress:
+        task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-", mem="-")
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            micro = [[prepared.train[i] for i in plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
+            batches = [{k: v.to(accelerator.device) for k, v in collate(rows, pad_id, packed=prepared.packed).items()} for rows in micro]
+            local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            counts = accelerator.reduce(torch.tensor([local_targets], device=accelerator.device), reduction="sum")
+            step_targets = max(1, int(counts.item()))
+            loss_sum = 0.0
+            for a, batch in enumerate(batches):
+                sync = a == len(batches) - 1
+                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+                with ctx:
+                    with accelerator.autocast():
+                        loss, _ = token_loss_sum(model, batch)
+                    # DDP averages gradients over processes, so scale by world size to get sum / step_targets
+                    accelerator.backward(loss * accelerator.num_processes / step_targets)
+                loss_sum += float(loss.detach())
+                state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = float(accelerator.reduce(torch.tensor([loss_sum], device=accelerator.device), reduction="sum").item()) / step_targets
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"training loss became {step_loss} at step {step}; lower learning_rate or use bf16/fp32.")
+            elapsed = state["seconds"] + time.perf_counter() - t0
+            tps = (state["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                state["train_loss"].append((step, step_loss))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+                ev = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
+                state["eval_loss"].append((step, ev))
+                metrics["eval_loss"] = ev
+            progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{_peak_memory_mb(device_type):,.0f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(output_dir, step, unwrapped, optimizer,
+                                    {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": data_fp},
+                                    keep=cfg.keep_checkpoints)
+                    atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+            elif step % 10 == 0 and accelerator.is_main_process:  # early metrics for dashboards / the runner
+                atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+            for cb in callbacks or []:
+                cb(step, metrics)
+
+    seconds = state["seconds"] + time.perf_counter() - t0
+    eval_after = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
+    if eval_after is not None:
+        state["eval_loss"].append((cfg.max_steps, eval_after))
+    artifact = "model" if cfg.method == "full" else "adapter"
+    artifact_dir = output_dir / artifact
+    accelerator.wait_for_everyone()
+    if base_source and hasattr(unwrapped, "peft_config"):
+        for pc in unwrapped.peft_config.values():
+            pc.base_model_name_or_path = base_source
+    if accelerator.is_main_process:
+        with atomic_dir(artifact_dir) as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    result = FinetuneResult(
+        method=cfg.method, output_dir=str(output_dir), artifact_dir=str(artifact_dir), artifact=artifact,
+        steps=cfg.max_steps, train_loss=state["train_loss"], eval_loss=state["eval_loss"],
+        eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
+        tokens_per_s=(state["tokens"] - tokens0) / max(seconds - state["seconds"], 1e-9),
+        train_tokens=state["tokens"], seconds=seconds, peak_memory_mb=_peak_memory_mb(device_type),
+        trainable_params=trainable, total_params=total, resumed_from=resumed_from, mixed_precision=mixed,
+        data={**prepared.stats, "fingerprint": data_fp}, model=unwrapped,
+    )
+    if accelerator.is_main_process:
+        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "config": cfg.model_dump()})
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["FinetuneResult", "finetune", "evaluate_loss", "METHODS"]
