@@ -13,9 +13,13 @@ from qingzhou.io import atomic_write_json, atomic_write_text
 
 
 def _model_name(entry: dict[str, Any]) -> str:
+    """A short name for the model a stage measured: the alias, or `03-export/model` for artifacts."""
     ref = entry.get("model_in") or entry.get("model_out") or {}
     src = str(ref.get("source", "?"))
-    return Path(src).name if "/" in src and not src.count("/") == 1 else src
+    path = Path(src)
+    if not path.is_absolute():
+        return src
+    return f"{path.parent.name}/{path.name}" if path.name in ("model", "adapter") else path.name
 
 
 def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") -> dict[str, Any]:
@@ -28,6 +32,8 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
         if entry["kind"] == "load":
             models.append({"stage": entry["label"], "model": _model_name({"model_in": entry.get("model_out")}), **m})
         row: dict[str, Any] = {}
+        if "size" in m:
+            row.update({"params": m["size"]["parameters"], "memory_mb": m["size"]["memory_mb"], "disk_mb": m["size"]["disk_mb"]})
         if "perplexity" in m:
             p = m["perplexity"]
             row.update({"ppl": round(p["ppl"], 3), "ppl_data": p["data"], "seq_len": p["seq_len"], "tokens": p["tokens"]})
@@ -36,6 +42,13 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
                 key = next((k for k in ("acc_norm", "acc", "exact_match", "score") if k in score), None)
                 if key:
                     row[f"{task}/{key}"] = round(100 * score[key], 2) if score[key] <= 1 else score[key]
+        for a in m.get("answers") or []:
+            samples.append({"stage": f"{entry['label']} (before)", "prompt": a["prompt"], "text": a["before"]})
+            samples.append({"stage": f"{entry['label']} (after)", "prompt": a["prompt"], "text": a["after"]})
+        if "train_loss" in m or "eval_loss_before" in m:
+            row_ft = {k: m[k] for k in ("eval_loss_before", "eval_loss_after", "steps", "tokens_per_s") if k in m}
+            if row_ft:
+                rows.append({"stage": entry["label"], "model": _model_name(entry), **row_ft, "seconds": entry.get("seconds")})
         if row:
             rows.append({"stage": entry["label"], "model": _model_name(entry), **row, "seconds": entry.get("seconds")})
         for s in m.get("samples") or []:

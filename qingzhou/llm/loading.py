@@ -224,3 +224,15 @@ def describe_model(model) -> dict[str, Any]:
         "dtype": str(p0.dtype).replace("torch.", ""),
         "device": str(p0.device),
     }
+
+
+def model_size(model, source: str | None = None) -> dict[str, Any]:
+    """Parameters, bytes in memory and, for a local source, bytes on disk of the weight files."""
+    info = describe_model(model)
+    out = {"parameters": info["parameters"], "memory_mb": round(info["memory_bytes"] / 2**20, 2), "disk_mb": None}
+    if source:
+        path = Path(resolve_alias(source) or source)
+        files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.gguf")] if path.is_dir() else []
+        if files:
+            out["disk_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 2)
+    return out

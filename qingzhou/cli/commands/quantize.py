@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def quantize_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the quantised model"),
-        method: str = typer.Option("gptq", "--method", help="rtn | gptq"),
+        method: str = typer.Option("gptq", "--method", help="rtn | gptq | awq | smoothquant | none (with --gguf-type)"),
         bits: int = typer.Option(4, "--bits"),
         group_size: int = typer.Option(128, "--group-size", help="-1 = per output channel"),
         sym: bool = typer.Option(False, "--sym/--asym"),
@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         skip: list[str] = typer.Option([], "--skip", help="regex of module names to keep in full precision"),
         on_indivisible_group: str = typer.Option("error", "--on-indivisible-group", help="error | per_channel | ragged"),
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
+        gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
+                                                "instead of a GPTQ folder; --method none = export only"),
         device: Optional[str] = typer.Option(None, "--device"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
@@ -38,6 +40,14 @@ def register(app: typer.Typer) -> None:
             cfg.update(device=device, calibration={"source": calibration, "num_samples": num_samples,
                                                    "seq_len": seq_len})
         m, tok = load_model(model, dtype="float32", device="cpu")
+        if gguf_type is not None:
+            from qingzhou.compress.quantize.formats.gguf import export_gguf
+
+            summary = {} if method == "none" else quantize(m, cfg, tokenizer=tok).summary()
+            info = export_gguf(m, tok, out_dir / "model.gguf", gguf_type)  # type: ignore[arg-type]
+            summary.update(gguf_type=gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3), out=info["path"])
+            print_json(summary) if as_json else out.print(kv_table(f"quantize {method} -> gguf", summary))
+            return
         report = quantize(m, cfg, tokenizer=tok)
         if dense:
             from qingzhou.llm import save_model

@@ -1,4 +1,4 @@
-"""Weight quantization: RTN, GPTQ (+ registry for more), packed layers and checkpoint formats.
+"""Weight quantization: RTN, GPTQ, AWQ, SmoothQuant W8A8, bitsandbytes; packed layers; GPTQ and GGUF formats.
 
 Import cost matters (recipes validate before torch loads), so the heavy names are resolved lazily:
 `from qingzhou.compress.quantize import quantize` imports torch, `...quantize.config` does not.
@@ -21,6 +21,14 @@ _LAZY = {
     "QUANTIZERS": "qingzhou.compress.quantize.registry",
     "RTNConfig": "qingzhou.compress.quantize.rtn",
     "GPTQConfig": "qingzhou.compress.quantize.gptq",
+    "AWQConfig": "qingzhou.compress.quantize.awq",
+    "awq_scale": "qingzhou.compress.quantize.awq",
+    "SmoothQuantConfig": "qingzhou.compress.quantize.smoothquant",
+    "smooth": "qingzhou.compress.quantize.smoothquant",
+    "W8A8Linear": "qingzhou.compress.quantize.smoothquant",
+    "BnbConfig": "qingzhou.compress.quantize.bnb",
+    "load_bnb": "qingzhou.compress.quantize.bnb",
+    "export_gguf": "qingzhou.compress.quantize.formats.gguf",
 }
 
 __all__ = sorted(_LAZY)

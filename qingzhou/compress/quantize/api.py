@@ -61,6 +61,12 @@ def quantize(
     cfg = parse_config(cfg)
     spec = load_quantizers()[cfg.method]
     plan, skipped = build_plan(model, cfg)
+    if not plan:
+        from qingzhou.errors import RecipeError
+
+        raise RecipeError("no full-precision nn.Linear left to quantise in the decoder layers "
+                          f"({len(skipped)} skipped).", where="quantize",
+                          hint="The model may already be quantised, or `skip` matches every linear.")
     samples = _calibration_samples(calib, cfg, tokenizer) if spec.needs_calibration else None
     modules = dict(model.named_modules())
     before = sum(_linear_bytes(modules[n]) for n in plan)

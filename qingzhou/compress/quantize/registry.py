@@ -10,7 +10,7 @@ from typing import Any
 from qingzhou.compress.quantize.config import QuantizeConfig
 
 # One line per method file (these modules import torch only inside their functions).
-_METHOD_MODULES = ("rtn", "gptq")
+_METHOD_MODULES = ("rtn", "gptq", "awq", "smoothquant", "bnb")
 
 
 @dataclass(frozen=True)

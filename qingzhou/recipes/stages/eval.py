@@ -30,8 +30,10 @@ def run_eval(cfg: EvalStage, ctx: StageContext) -> StageResult:
     from qingzhou.eval.perplexity import perplexity
     from qingzhou.io import atomic_write_json, sha256_text
 
+    from qingzhou.llm import model_size
+
     model, tokenizer = ctx.get_model()
-    metrics: dict = {}
+    metrics: dict = {"size": model_size(model, ctx.model_ref.source if ctx.model_ref else None)}
     hashes: dict = {}
     if cfg.perplexity is not None:
         spec = cfg.perplexity

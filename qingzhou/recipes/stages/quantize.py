@@ -12,19 +12,24 @@ from pydantic import Field, model_validator
 from qingzhou.recipes.context import ModelRef, StageContext
 from qingzhou.recipes.registry import StageConfig, StageResult, register_stage
 
-_STAGE_KEYS = {"kind", "name", "save_format", "settings"}
+_STAGE_KEYS = {"kind", "name", "save_format", "gguf_type", "settings"}
 
 
 class QuantizeStage(StageConfig):
     kind: Literal["quantize"] = "quantize"
-    save_format: Literal["gptq", "dense"] = Field(
-        "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised fp weights")
+    save_format: Literal["gptq", "dense", "gguf"] = Field(
+        "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised "
+                            "fp weights; gguf: one llama.cpp file (model/model.gguf)")
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = Field(
+        "q8_0", description="GGUF tensor type with save_format: gguf (method: none = export only)")
     settings: dict[str, Any] = Field(default_factory=dict, description="the method config (filled from the flat keys)")
 
     @classmethod
     def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
         from qingzhou.compress.quantize.registry import load_quantizers
 
+        if raw.get("method") == "none":
+            return sorted(_STAGE_KEYS - {"settings"} | {"method"})
         spec = load_quantizers().get(raw.get("method", "gptq"))
         return sorted((_STAGE_KEYS - {"settings"}) | set(spec.config.model_fields if spec else ()))
 
@@ -38,22 +43,36 @@ class QuantizeStage(StageConfig):
 
         stage = {k: v for k, v in data.items() if k in _STAGE_KEYS}
         method = {k: v for k, v in data.items() if k not in _STAGE_KEYS}
+        if not method and isinstance(stage.get("settings"), dict):  # a resolved recipe read back
+            method = dict(stage["settings"])
         method.setdefault("method", "gptq")
+        if method["method"] == "none":  # no weight quantizer: save (e.g. GGUF's own q8_0/q4_0) only
+            if stage.get("save_format") != "gguf" or set(method) != {"method"}:
+                raise ValueError("method: none takes no method settings and needs save_format: gguf")
+            stage["settings"] = method
+            return stage
         if stage.get("save_format") == "dense":
             method["pack"] = False
         stage["settings"] = parse_config(method).model_dump(mode="json")
+        if not stage["settings"].get("pack", True) and stage.get("save_format", "gptq") == "gptq":
+            raise ValueError(f"{method['method']} keeps unpacked layers; use save_format: dense or gguf")
         return stage
 
 
 @register_stage("quantize", QuantizeStage)
 def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
-    """Quantise the current model's decoder linears and save it (GPTQ layout or dense)."""
+    """Quantise the current model's decoder linears and save it (GPTQ layout, dense or GGUF)."""
     from qingzhou.compress.quantize import quantize, save_quantized
     from qingzhou.io import atomic_write_json
 
+    if cfg.settings.get("method") == "bnb":
+        return _load_bnb(cfg, ctx)
     model, tokenizer = ctx.get_model()
-    report = quantize(model, cfg.settings, tokenizer=tokenizer)
     out = ctx.work_dir / "model"
+    ref = ctx.model_ref
+    if cfg.save_format == "gguf":
+        return _save_gguf(cfg, ctx, model, tokenizer)
+    report = quantize(model, cfg.settings, tokenizer=tokenizer)
     if cfg.save_format == "gptq":
         save_quantized(model, out, tokenizer)
     else:
@@ -63,7 +82,54 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
-    ref = ctx.model_ref
     ctx.set_model(ModelRef(source=ctx.artifact_path("model"), dtype=ref.dtype if ref else "auto",
                            device=ref.device if ref else "auto"), model, tokenizer)
+    return StageResult(metrics=metrics)
+
+
+def _save_gguf(cfg: QuantizeStage, ctx: StageContext, model: Any, tokenizer: Any) -> StageResult:
+    """Optionally quantise, write model/model.gguf, and continue from the file as written (later
+    stages then measure exactly what llama.cpp/transformers will load)."""
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.compress.quantize.formats.gguf import export_gguf
+    from qingzhou.io import atomic_write_json
+    from qingzhou.llm import load_model
+
+    metrics: dict[str, Any] = {}
+    if cfg.settings.get("method") != "none":
+        report = quantize(model, cfg.settings, tokenizer=tokenizer)
+        metrics.update(report.summary())
+        atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
+    info = export_gguf(model, tokenizer, ctx.work_dir / "model" / "model.gguf", cfg.gguf_type)
+    metrics.update(gguf_type=cfg.gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3))
+    atomic_write_json(ctx.work_dir / "metrics.json", metrics)
+    ref = ctx.model_ref
+    dtype, device = (ref.dtype, ref.device) if ref else ("auto", "auto")
+    new_model, new_tok = load_model(str(ctx.work_dir / "model" / "model.gguf"), dtype=dtype, device=device)
+    ctx.set_model(ModelRef(source=ctx.artifact_path("model/model.gguf"), dtype=dtype, device=device),
+                  new_model, new_tok)
+    return StageResult(metrics=metrics)
+
+
+def _load_bnb(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
+    """bitsandbytes quantises at load time: re-load the current model's source through it and save
+    with transformers' bnb serialisation (save_format is not used)."""
+    from qingzhou.compress.quantize.bnb import BnbConfig, load_bnb, require_bnb, save_bnb
+    from qingzhou.io import atomic_write_json
+
+    bcfg = BnbConfig.model_validate(cfg.settings)
+    require_bnb(bcfg.device)
+    ref = ctx.model_ref
+    if ref is None:
+        from qingzhou.errors import RecipeError
+
+        raise RecipeError("method: bnb needs a loaded model.", where=f"stages.{ctx.index}",
+                          hint="Add a `kind: load` stage before it.")
+    model, tokenizer = load_bnb(ref.source, bcfg, trust_remote_code=ref.trust_remote_code)
+    save_bnb(model, tokenizer, ctx.work_dir / "model")
+    metrics = {"method": "bnb", "quant_type": bcfg.quant_type, "bits": bcfg.bits,
+               "memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
+    atomic_write_json(ctx.work_dir / "metrics.json", metrics)
+    ctx.set_model(ModelRef(source=ctx.artifact_path("model"), dtype=ref.dtype, device=bcfg.device,
+                           trust_remote_code=ref.trust_remote_code), model, tokenizer)
     return StageResult(metrics=metrics)

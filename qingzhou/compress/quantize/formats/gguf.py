@@ -1,0 +1,229 @@
+"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, Q8_0, Q4_0).
+
+What llama.cpp and transformers' GGUF loader need, and why each detail matters:
+* llama.cpp tensor names (`token_embd`, `blk.N.attn_q`, ...). q/k weights are stored in llama.cpp's
+  rotary layout: `convert_hf_to_gguf.py` permutes their rows per head (HF keeps the two rotary
+  halves apart, llama.cpp interleaves them) and transformers' loader undoes that permutation, so
+  we apply the same permutation here or every attention score would be wrong after loading;
+* `llama.*` hyper-parameters (context, width, heads, kv heads, rms eps, rope base/dims, vocab);
+* the tokenizer as `tokenizer.ggml.*` (BPE tokens, token types, merges, special ids, chat
+  template), read from the fast tokenizer's own JSON so nothing is re-derived;
+* Q8_0/Q4_0 blocks are 32 wide along each row: a tensor whose row length is not a multiple of 32
+  stays F16, norms stay F32, as llama.cpp's converter does. With `q4_0` the embeddings and output
+  head use Q8_0 (llama.cpp also keeps them at higher precision; they are the most sensitive).
+
+The quantisation itself is `gguf.quants.quantize` (the reference numpy port of ggml's kernels), so
+files are bit-compatible with what llama.cpp's tools write.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from qingzhou.errors import ModelLoadError
+
+GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
+SUPPORTED = ("llama", "mistral")  # model_type values written as general.architecture=llama
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFType = "q8_0",
+                *, pre: str | None = None) -> dict[str, Any]:
+    """Write `model` (dense, or with qingzhou `QuantLinear` layers, dequantised) to `path`.
+
+    `pre` is llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, e.g. "smollm", "llama-bpe",
+    "qwen2"): it picks the regex llama.cpp splits text with before BPE. By default it is "gpt-2"
+    when the tokenizer splits with plain byte-level GPT-2 rules (what transformers applies), else
+    "default"; pass the model family's name when you know it.
+    Returns a small summary (path, bytes, tensor types). Raises `ModelLoadError` for architectures
+    other than Llama/Mistral, naming the supported ones.
+    """
+    import gguf
+
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        raise ModelLoadError(f"GGUF export supports {', '.join(SUPPORTED)} models, not {cfg.model_type!r}.",
+                             where="export_gguf", hint="Save in the GPTQ layout (save_format: gguf -> gptq).")
+    if qtype not in ("f32", "f16", "q8_0", "q4_0"):
+        raise ModelLoadError(f"unknown GGUF type {qtype!r}.", where="gguf_type", hint="Use f32, f16, q8_0 or q4_0.")
+    rope = _rope(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    types: dict[str, int] = {}
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        _write_hparams(w, cfg, rope, qtype)
+        _write_tokenizer(w, tokenizer, cfg.vocab_size, pre)
+        for name, tensor in _llama_tensors(model):
+            t = _tensor_type(name, tensor, qtype)
+            types[t.name] = types.get(t.name, 0) + 1
+            data = tensor.detach().float().cpu().numpy()
+            if t == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, data.astype(np.float32))
+            elif t == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(name, data.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return {"path": str(path), "bytes": path.stat().st_size, "gguf_type": qtype, "tensor_types": types}
+
+
+def _rope(cfg: Any) -> dict[str, Any]:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", None):
+        raise ModelLoadError(f"rope_type {kind!r} is not exported to GGUF yet.", where="export_gguf",
+                             hint="Only default RoPE is supported.")
+    return {"theta": float(theta)}
+
+
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
+    import gguf
+
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    name = getattr(cfg, "_name_or_path", "") or "qingzhou-model"
+    w.add_name(Path(str(name)).name or "qingzhou-model")
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(cfg.num_attention_heads))
+    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_freq_base(rope["theta"])
+    w.add_rope_dimension_count(_head_dim(cfg))
+    if _head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(_head_dim(cfg))
+        w.add_value_length(_head_dim(cfg))
+    w.add_vocab_size(int(cfg.vocab_size))
+    w.add_file_type(ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -> None:
+    """BPE vocabulary, merges and special ids from a fast tokenizer (`tokenizer.ggml.model = gpt2`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError("GGUF export needs a fast (tokenizers) tokenizer.", where="export_gguf")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ModelLoadError(f"GGUF export supports byte-level BPE tokenizers, not {model.get('type')!r}.",
+                             where="export_gguf")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
+    for content, (idx, _) in added.items():
+        vocab[content] = idx
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [_TOKEN_UNUSED] * n
+    for tok, idx in vocab.items():
+        tokens[idx] = tok
+        types[idx] = _TOKEN_NORMAL
+    for content, (idx, special) in added.items():
+        types[idx] = _TOKEN_CONTROL if special else _TOKEN_USER
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre or _guess_pre(spec.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges:
+        w.add_token_merges(merges)
+    else:  # readers drop an empty array; scores let transformers derive the (empty) merge list
+        w.add_token_scores([0.0] * n)
+    for key, adder in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                       ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+        idx = getattr(tokenizer, key, None)
+        if idx is not None:
+            adder(int(idx))
+    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        w.add_chat_template(template)
+
+
+def _guess_pre(pre_tokenizer: dict[str, Any] | None) -> str:
+    """"gpt-2" for a bare byte-level pre-tokenizer with GPT-2's regex, else llama.cpp's "default"."""
+    if pre_tokenizer and pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True):
+        return "gpt-2"
+    return "default"
+
+
+def _permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (`convert_hf_to_gguf.LlamaModel.permute`)."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    deq = getattr(module, "dequantize_weight", None)  # qingzhou QuantLinear
+    return deq() if callable(deq) else module.weight
+
+
+def _llama_tensors(model: nn.Module):
+    """(llama.cpp name, float tensor) pairs, q/k permuted, tied output head omitted."""
+    cfg = model.config
+    base = model.model
+    n_head = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+    yield "token_embd.weight", base.embed_tokens.weight
+    for i, layer in enumerate(base.layers):
+        modules = dict(layer.named_modules())
+        for hf, ll in _LAYER_NAMES.items():
+            m = modules[hf]
+            t = _weight(m)
+            if hf == "self_attn.q_proj":
+                t = _permute_rotary(t, n_head)
+            elif hf == "self_attn.k_proj":
+                t = _permute_rotary(t, n_kv)
+            yield f"blk.{i}.{ll}.weight", t
+            if getattr(m, "bias", None) is not None:
+                raise ModelLoadError(f"{hf} of layer {i} has a bias, which llama-architecture GGUF has no "
+                                     "tensor for.", where="export_gguf")
+    yield "output_norm.weight", base.norm.weight
+    if not getattr(cfg, "tie_word_embeddings", False):
+        yield "output.weight", model.lm_head.weight
+
+
+def _tensor_type(name: str, tensor: torch.Tensor, qtype: str):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if tensor.dim() < 2 or qtype == "f32":
+        return T.F32
+    if qtype == "f16" or tensor.shape[-1] % 32:
+        return T.F16
+    if qtype == "q4_0" and name in ("token_embd.weight", "output.weight"):
+        return T.Q8_0
+    return T.Q8_0 if qtype == "q8_0" else T.Q4_0
