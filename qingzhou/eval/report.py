@@ -38,10 +38,9 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
             p = m["perplexity"]
             row.update({"ppl": round(p["ppl"], 3), "ppl_data": p["data"], "seq_len": p["seq_len"], "tokens": p["tokens"]})
         for task, score in (m.get("tasks") or {}).items():
-            if isinstance(score, dict):
-                key = next((k for k in ("acc_norm", "acc", "exact_match", "score") if k in score), None)
-                if key:
-                    row[f"{task}/{key}"] = round(100 * score[key], 2) if score[key] <= 1 else score[key]
+            if isinstance(score, dict) and score.get("score") is not None:
+                value = score["score"]
+                row[f"{task}/{score.get('metric', 'score')}"] = round(100 * value, 2) if score.get("metric", "").startswith("acc") else round(value, 3)
         for a in m.get("answers") or []:
             samples.append({"stage": f"{entry['label']} (before)", "prompt": a["prompt"], "text": a["before"]})
             samples.append({"stage": f"{entry['label']} (after)", "prompt": a["prompt"], "text": a["after"]})

@@ -9,6 +9,8 @@ _LAZY = {
     "divergence": "qingzhou.compress.distill.losses",
     "topk_divergence": "qingzhou.compress.distill.losses",
     "DistillLossConfig": "qingzhou.compress.distill.config",
+    "cache_teacher_topk": "qingzhou.compress.distill.teacher_cache",
+    "TeacherCache": "qingzhou.compress.distill.teacher_cache",
     "HiddenMatchConfig": "qingzhou.compress.distill.config",
 }
 

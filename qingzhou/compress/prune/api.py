@@ -48,16 +48,19 @@ class PruneReport:
 
 
 def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None) -> PruneReport:
+          tokenizer: Any = None) -> Any:
     """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
 
     `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
     a [N, T] tensor, a list of strings (needs `tokenizer`), or None to load `cfg.calibration`
     (needs `tokenizer`). Pruned weights are exact zeros in the same dense tensors, so the model
-    saves and loads like any other (`qingzhou.llm.save_model`).
+    saves and loads like any other (`qingzhou.llm.save_model`). Returns a `PruneReport`; with
+    `method: structured` the model gets smaller instead and a `StructuredReport` comes back.
     """
     cfg = parse_config(cfg)
     spec = load_pruners()[cfg.method]
+    if spec.reshapes:
+        return spec.run(model, cfg, calib, tokenizer=tokenizer)
     plan, skipped = build_plan(model, cfg)
     needs_data = spec.needs_calibration or cfg.owl is not None
     samples = calibration_samples(calib, cfg, tokenizer) if needs_data else None

@@ -38,12 +38,17 @@ def _lowest(score: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return mask
 
 
+def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly the k lowest entries of the whole matrix."""
+    return _lowest(score.reshape(-1), k, dim=0).view(score.shape)
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float, *, per_row: bool) -> torch.Tensor:
     """Remove the `sparsity` fraction of lowest scores, per output row or over the whole matrix."""
     rows, cols = score.shape
     if per_row:
         return _lowest(score, int(cols * sparsity), dim=1)
-    return _lowest(score.reshape(-1), int(score.numel() * sparsity), dim=0).view(rows, cols)
+    return lowest_k_mask(score, int(score.numel() * sparsity))
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

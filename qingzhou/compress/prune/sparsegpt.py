@@ -91,7 +91,7 @@ def sparsegpt_prune_weight(
             Hinv1 = Hinv[i1:i2, i1:i2]
             d1 = torch.diag(Hinv1)
             if nm is None:
-                mask1 = _block_mask(W1, d1, target.sparsity, rows * cols, i1, cols)
+                mask1 = _block_mask(W1, d1, target.sparsity, i1)
             else:
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
             for i in range(i2 - i1):
@@ -121,20 +121,16 @@ def sparsegpt_prune_weight(
         return SparseGPTResult(W, mask, float(losses.sum()), inv.damp_percent, inv.retries)
 
 
-def _block_mask(W1: torch.Tensor, d1: torch.Tensor, sparsity: float, total: int, i1: int, cols: int) -> torch.Tensor:
-    """Adaptive mask for one column block: the lowest OBS saliencies over the whole block.
-
-    The count per block is the running difference of round(sparsity * columns-so-far * rows), so
-    the matrix ends up with exactly int(sparsity * numel) zeros whatever the block widths.
+def _block_mask(W1: torch.Tensor, d1: torch.Tensor, sparsity: float, i1: int) -> torch.Tensor:
+    """Adaptive mask for one column block: the lowest OBS saliencies w^2 / [H^-1]_jj^2 over the
+    whole block. The count per block is the running difference of int(sparsity * rows * columns
+    so far), so the matrix ends with exactly int(sparsity * numel) zeros whatever the block widths.
     """
-    from qingzhou.compress.prune.masks import unstructured_mask
+    from qingzhou.compress.prune.masks import lowest_k_mask
 
     rows, width = W1.shape
     want = int(sparsity * rows * (i1 + width) + 1e-9) - int(sparsity * rows * i1 + 1e-9)
-    if i1 + width == cols:
-        want = int(sparsity * total + 1e-9) - int(sparsity * rows * i1 + 1e-9)
-    sal = W1**2 / d1[None, :] ** 2
-    return unstructured_mask(sal, want / sal.numel(), per_row=False) if want else sal.new_zeros(sal.shape, dtype=bool)
+    return lowest_k_mask(W1**2 / d1[None, :] ** 2, want)
 
 
 def _group_params(W1: torch.Tensor, W: torch.Tensor, i: int, i2: int, gs: int, quant: QuantScheme):

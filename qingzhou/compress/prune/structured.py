@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qingzhou.compress.prune.registry import register_pruner
 from qingzhou.data.calibration import CalibrationConfig
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -227,6 +228,7 @@ def _layers_path(model: Any) -> str:
     return find_decoder_layers(model)[1]
 
 
+@register_pruner("structured", StructuredConfig, reshapes=True)
 def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: Any = None, *,
                      tokenizer: Any = None) -> StructuredReport:
     """Remove KV groups, MLP channels and whole layers from `model` in place (new, smaller

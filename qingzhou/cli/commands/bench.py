@@ -1,0 +1,51 @@
+"""`qingzhou bench`: prefill/decode speed, latency and memory of a model on this machine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    @guarded
+    def bench_cmd(
+        model: str = typer.Option("smollm2", "--model", "-m", help="alias, local HF folder, .gguf file or hub id"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] | npu | mlu | xpu | musa | mps"),
+        dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+        batch_sizes: list[int] = typer.Option([1, 8], "--batch-size", "-b", help="repeat for several"),
+        prompt_tokens: int = typer.Option(128, "--prompt-tokens"),
+        new_tokens: int = typer.Option(32, "--new-tokens"),
+        warmup: int = typer.Option(1, "--warmup"),
+        repeats: int = typer.Option(3, "--repeats"),
+        out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
+        as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Measure prefill and decode tokens/s, TTFT, TPOT and memory (mean ± std over repeats)."""
+        from qingzhou.eval.bench import bench
+        from qingzhou.io import atomic_write_json
+        from qingzhou.llm import load_model
+
+        mdl, tok = load_model(model, dtype=dtype, device=device)
+        result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                       warmup=warmup, repeats=repeats, progress=progress)
+        result["config"]["model"] = model
+        if out_file:
+            atomic_write_json(out_file, result)
+        if as_json:
+            print_json(result)
+            return
+
+        def fmt(s):
+            return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["std"] is not None else "")
+
+        rows = [{"batch": r["batch_size"], "prefill tok/s": fmt(r["prefill_tokens_per_s"]),
+                 "decode tok/s": fmt(r["decode_tokens_per_s"]), "TTFT ms": fmt(r["ttft_ms"]),
+                 "TPOT ms": fmt(r["tpot_ms"])} for r in result["results"]]
+        env = result["env"]
+        out.print(table(f"{model} on {env['device']} ({env['device_name']}), {result['config']['dtype']}", rows))
+        out.print(kv_table("memory / roofline", {**result["memory"], **result.get("roofline", {})}))
