@@ -13,9 +13,9 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:  # pragma: no cover
     from qingzhou.recipes.context import StageContext
@@ -34,6 +34,64 @@ class StageConfig(BaseModel):
         """Keys a recipe may write in this stage, for 'did you mean' hints. Stages that take a
         method's settings flat (quantize, prune) add that method's keys."""
         return list(cls.model_fields)
+
+    def to_recipe(self) -> dict[str, Any]:
+        """This stage as recipe YAML would write it (resolved_recipe.yaml, config hashes)."""
+        return self.model_dump(mode="json")
+
+
+class MethodStage(StageConfig):
+    """A stage whose method settings sit flat beside `kind` (`method: gptq`, `bits: 4`, ...).
+
+    The flat keys that are not the stage's own fields are validated by the chosen method's
+    pydantic config (so a typo is reported at its own key path, with the closest valid key) and
+    kept in `settings`; `to_recipe()` flattens them back, so a resolved recipe reads like the one
+    the user wrote. Subclasses set `default_method` and implement `method_configs()` (and may
+    override `parse_method` for stage-specific rules).
+    """
+
+    settings: dict[str, Any] = Field(default_factory=dict, description="the method config (filled from the flat keys)")
+    default_method: ClassVar[str] = ""
+
+    @classmethod
+    def method_configs(cls) -> dict[str, type[BaseModel]]:
+        raise NotImplementedError
+
+    @classmethod
+    def stage_keys(cls) -> set[str]:
+        return set(cls.model_fields) - {"settings"}
+
+    @classmethod
+    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+        config = cls.method_configs().get(raw.get("method", cls.default_method))
+        return sorted(cls.stage_keys() | {"method"} | set(config.model_fields if config else ()))
+
+    @classmethod
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+        from qingzhou.errors import did_you_mean
+
+        configs = cls.method_configs()
+        name = method["method"]
+        if name not in configs:
+            raise ValueError(f"unknown method '{name}'. {did_you_mean(str(name), configs)}")
+        return configs[name].model_validate(method).model_dump(mode="json")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        keys = cls.stage_keys()
+        stage = {k: v for k, v in data.items() if k in keys}
+        method = {k: v for k, v in data.items() if k not in keys and k != "settings"}
+        if set(method) <= {"method"} and isinstance(data.get("settings"), dict):  # resolved recipe read back
+            method = {**data["settings"], **method}
+        method.setdefault("method", cls.default_method)
+        stage["settings"] = cls.parse_method(method, stage)
+        return stage
+
+    def to_recipe(self) -> dict[str, Any]:
+        return {**self.model_dump(mode="json", exclude={"settings"}), **self.settings}
 
 
 @dataclass

@@ -45,7 +45,7 @@ class RunResult:
 
 
 def config_hash(cfg: StageConfig) -> str:
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    blob = json.dumps(cfg.to_recipe(), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,7 +165,7 @@ def _run_stage(fn, cfg: StageConfig, index: int, chash: str, run_dir: Path, fina
             "label": label,
             "dir": final_dir.name,
             "status": "complete",
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.to_recipe(),
             "config_hash": chash,
             "seconds": round(seconds, 3),
             "finished_at": _now(),

@@ -42,7 +42,7 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "seed": self.seed,
-            "stages": [s.model_dump(mode="json", exclude_none=False) for s in self.stages],
+            "stages": [s.to_recipe() for s in self.stages],
         }
 
     def to_yaml(self) -> str:

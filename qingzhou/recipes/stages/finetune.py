@@ -24,6 +24,13 @@ class FinetuneStage(StageConfig):
     show_prompts: list[str] = Field(default_factory=list, description="prompts answered before and after training")
     max_new_tokens: int = Field(48, gt=0)
 
+    @classmethod
+    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+        from qingzhou.finetune.methods import METHODS
+
+        spec = METHODS.get(raw.get("method", "lora"))
+        return sorted(set(cls.model_fields) | set(spec.config.model_fields if spec else ()))
+
     @model_validator(mode="after")
     def _method_fields(self) -> FinetuneStage:
         self.method_config()  # raises ValueError -> pydantic ValidationError -> RecipeError with the YAML line

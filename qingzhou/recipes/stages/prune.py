@@ -7,40 +7,20 @@ dense model. Either way the saved folder loads with plain transformers.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from typing import Any, ClassVar, Literal
 
 from qingzhou.recipes.context import ModelRef, StageContext
-from qingzhou.recipes.registry import StageConfig, StageResult, register_stage
+from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
 
-_STAGE_KEYS = {"kind", "name", "settings"}
-
-
-class PruneStage(StageConfig):
+class PruneStage(MethodStage):
     kind: Literal["prune"] = "prune"
-    settings: dict[str, Any] = Field(default_factory=dict, description="the method config (filled from the flat keys)")
+    default_method: ClassVar[str] = "wanda"
 
     @classmethod
-    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+    def method_configs(cls) -> dict[str, Any]:
         from qingzhou.compress.prune.registry import load_pruners
 
-        spec = load_pruners().get(raw.get("method", "wanda"))
-        return sorted((_STAGE_KEYS - {"settings"}) | set(spec.config.model_fields if spec else ()))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split(cls, data: Any) -> Any:
-        """Move the method's keys into `settings` and validate them with the method's config."""
-        if not isinstance(data, dict):
-            return data
-        from qingzhou.compress.prune.registry import parse_config
-
-        stage = {k: v for k, v in data.items() if k in _STAGE_KEYS}
-        method = {k: v for k, v in data.items() if k not in _STAGE_KEYS}
-        method.setdefault("method", "wanda")
-        stage["settings"] = parse_config(method).model_dump(mode="json")
-        return stage
+        return {name: spec.config for name, spec in load_pruners().items()}
 
 
 @register_stage("prune", PruneStage)

@@ -5,58 +5,40 @@ The method's own settings sit flat in the stage (`method: gptq`, `bits: 4`, `gro
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from qingzhou.recipes.context import ModelRef, StageContext
-from qingzhou.recipes.registry import StageConfig, StageResult, register_stage
+from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
 
-_STAGE_KEYS = {"kind", "name", "save_format", "gguf_type", "settings"}
-
-
-class QuantizeStage(StageConfig):
+class QuantizeStage(MethodStage):
     kind: Literal["quantize"] = "quantize"
     save_format: Literal["gptq", "dense", "gguf"] = Field(
         "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised "
                             "fp weights; gguf: one llama.cpp file (model/model.gguf)")
     gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = Field(
         "q8_0", description="GGUF tensor type with save_format: gguf (method: none = export only)")
-    settings: dict[str, Any] = Field(default_factory=dict, description="the method config (filled from the flat keys)")
+    default_method: ClassVar[str] = "gptq"
 
     @classmethod
-    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+    def method_configs(cls) -> dict[str, Any]:
         from qingzhou.compress.quantize.registry import load_quantizers
 
-        if raw.get("method") == "none":
-            return sorted(_STAGE_KEYS - {"settings"} | {"method"})
-        spec = load_quantizers().get(raw.get("method", "gptq"))
-        return sorted((_STAGE_KEYS - {"settings"}) | set(spec.config.model_fields if spec else ()))
+        return {name: spec.config for name, spec in load_quantizers().items()}
 
-    @model_validator(mode="before")
     @classmethod
-    def _split(cls, data: Any) -> Any:
-        """Move the method's keys into `settings` and validate them with the method's config."""
-        if not isinstance(data, dict):
-            return data
-        from qingzhou.compress.quantize.registry import parse_config
-
-        stage = {k: v for k, v in data.items() if k in _STAGE_KEYS}
-        method = {k: v for k, v in data.items() if k not in _STAGE_KEYS}
-        if not method and isinstance(stage.get("settings"), dict):  # a resolved recipe read back
-            method = dict(stage["settings"])
-        method.setdefault("method", "gptq")
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
         if method["method"] == "none":  # no weight quantizer: save (e.g. GGUF's own q8_0/q4_0) only
             if stage.get("save_format") != "gguf" or set(method) != {"method"}:
                 raise ValueError("method: none takes no method settings and needs save_format: gguf")
-            stage["settings"] = method
-            return stage
+            return method
         if stage.get("save_format") == "dense":
             method["pack"] = False
-        stage["settings"] = parse_config(method).model_dump(mode="json")
-        if not stage["settings"].get("pack", True) and stage.get("save_format", "gptq") == "gptq":
+        settings = super().parse_method(method, stage)
+        if not settings.get("pack", True) and stage.get("save_format", "gptq") == "gptq":
             raise ValueError(f"{method['method']} keeps unpacked layers; use save_format: dense or gguf")
-        return stage
+        return settings
 
 
 @register_stage("quantize", QuantizeStage)
