@@ -83,7 +83,18 @@ def test_validation_does_not_import_torch():
     assert out.strip() == "False"
 
 
-def test_resolved_recipe_round_trips(tmp_path):
-    r = load_recipe("quickstart")
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_resolved_recipe_round_trips(tmp_path, name):
+    r = load_recipe(name)
     again = load_recipe(write(tmp_path, r.to_yaml()))
     assert again.to_dict() == r.to_dict()
+
+
+def test_method_settings_survive_the_resolved_recipe(tmp_path):
+    text = GOOD + "  - kind: prune\n    method: sparsegpt\n    nm: '2:4'\n  - kind: quantize\n    method: rtn\n    bits: 3\n"
+    r = load_recipe(write(tmp_path, text))
+    again = load_recipe(write(tmp_path, r.to_yaml(), "resolved.yaml"))
+    prune, quant = again.stages[2], again.stages[3]
+    assert prune.settings["method"] == "sparsegpt" and prune.settings["nm"] == "2:4"
+    assert quant.settings["method"] == "rtn" and quant.settings["bits"] == 3
+    assert "settings" not in r.to_dict()["stages"][2]
