@@ -120,3 +120,25 @@ def samples_from_texts(tokenizer: Any, texts: list[str], cfg: CalibrationConfig)
         start = rng.randint(0, len(ids) - cfg.seq_len)
         out.append(torch.tensor(ids[start : start + cfg.seq_len], dtype=torch.long))
     return out
+
+
+def calibration_samples(calib: Any, cfg: CalibrationConfig | None, tokenizer: Any, *, method: str, where: str) -> list[torch.Tensor]:
+    """Calibration token tensors from whatever a compression call was given: None (load `cfg`
+    with the tokenizer), an [N, T] tensor, a list of token tensors, or a list of strings."""
+    import torch
+
+    if calib is None:
+        if tokenizer is None:
+            raise DataError(f"{method} needs calibration data.", where=where,
+                            hint="Pass calib=[token tensors] or tokenizer= to load cfg.calibration.")
+        return load_calibration(tokenizer, cfg)
+    if isinstance(calib, torch.Tensor):
+        return list(calib.reshape(-1, calib.shape[-1]).long())
+    calib = list(calib)
+    if calib and all(isinstance(c, str) for c in calib):
+        if tokenizer is None:
+            raise DataError("text calibration samples need a tokenizer.", where=where)
+        return samples_from_texts(tokenizer, calib, cfg)
+    if not calib or not all(isinstance(c, torch.Tensor) for c in calib):
+        raise DataError("calibration must be token tensors or strings, and not empty.", where=where)
+    return [c.reshape(-1).long() for c in calib]

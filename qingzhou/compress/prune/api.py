@@ -123,22 +123,6 @@ def _fill_sparsity(report: PruneReport, model: nn.Module, plan: dict[str, Target
 
 def calibration_samples(calib: Any, cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
     """Calibration token tensors from whatever the caller passed (same rules as `quantize`)."""
-    from qingzhou.data.calibration import load_calibration, samples_from_texts
-    from qingzhou.errors import DataError
+    from qingzhou.data.calibration import calibration_samples as samples
 
-    ccfg = getattr(cfg, "calibration", None)
-    if calib is None:
-        if tokenizer is None:
-            raise DataError(f"{cfg.method} needs calibration data.", where="prune",
-                            hint="Pass calib=[token tensors] or tokenizer= to load cfg.calibration.")
-        return load_calibration(tokenizer, ccfg)
-    if isinstance(calib, torch.Tensor):
-        return list(calib.reshape(-1, calib.shape[-1]).long())
-    calib = list(calib)
-    if calib and all(isinstance(c, str) for c in calib):
-        if tokenizer is None:
-            raise DataError("text calibration samples need a tokenizer.", where="prune")
-        return samples_from_texts(tokenizer, calib, ccfg)
-    if not calib or not all(isinstance(c, torch.Tensor) for c in calib):
-        raise DataError("calibration must be token tensors or strings, and not empty.", where="prune")
-    return [c.reshape(-1).long() for c in calib]
+    return samples(calib, getattr(cfg, "calibration", None), tokenizer, method=cfg.method, where="prune")

@@ -13,7 +13,6 @@ from qingzhou.compress.quantize.config import CalibratedConfig, QuantizeConfig
 from qingzhou.compress.quantize.plan import build_plan
 from qingzhou.compress.quantize.qlinear import QuantLinear
 from qingzhou.compress.quantize.registry import load_quantizers, parse_config
-from qingzhou.errors import DataError
 
 QUANT_ATTR = "qingzhou_quantization"  # model attribute holding the quantization_config to save
 
@@ -105,24 +104,10 @@ def _linear_bytes(m: nn.Module) -> int:
 
 
 def _calibration_samples(calib: Any, cfg: QuantizeConfig, tokenizer: Any) -> list[torch.Tensor]:
-    from qingzhou.data.calibration import load_calibration, samples_from_texts
+    from qingzhou.data.calibration import calibration_samples
 
     ccfg = cfg.calibration if isinstance(cfg, CalibratedConfig) else None
-    if calib is None:
-        if tokenizer is None:
-            raise DataError(f"{cfg.method} needs calibration data.", where="quantize",
-                            hint="Pass calib=[token tensors] or tokenizer= to load cfg.calibration.")
-        return load_calibration(tokenizer, ccfg)
-    if isinstance(calib, torch.Tensor):
-        return list(calib.reshape(-1, calib.shape[-1]).long())
-    calib = list(calib)
-    if calib and all(isinstance(c, str) for c in calib):
-        if tokenizer is None:
-            raise DataError("text calibration samples need a tokenizer.", where="quantize")
-        return samples_from_texts(tokenizer, calib, ccfg)
-    if not calib or not all(isinstance(c, torch.Tensor) for c in calib):
-        raise DataError("calibration must be token tensors or strings, and not empty.", where="quantize")
-    return [c.reshape(-1).long() for c in calib]
+    return calibration_samples(calib, ccfg, tokenizer, method=cfg.method, where="quantize")
 
 
 def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
