@@ -17,9 +17,9 @@ def _model_name(entry: dict[str, Any]) -> str:
     ref = entry.get("model_in") or entry.get("model_out") or {}
     src = str(ref.get("source", "?"))
     path = Path(src)
-    if not path.is_absolute():
-        return src
-    return f"{path.parent.name}/{path.name}" if path.name in ("model", "adapter") else path.name
+    if path.name in ("model", "adapter", "model.gguf") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name if path.is_absolute() else src
 
 
 def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") -> dict[str, Any]:
@@ -33,7 +33,7 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
             models.append({"stage": entry["label"], "model": _model_name({"model_in": entry.get("model_out")}), **m})
         row: dict[str, Any] = {}
         if "size" in m:
-            row.update({"params": m["size"]["parameters"], "memory_mb": m["size"]["memory_mb"], "disk_mb": m["size"]["disk_mb"]})
+            row.update({"memory_mb": m["size"]["memory_mb"], "disk_mb": m["size"]["disk_mb"]})
         if "perplexity" in m:
             p = m["perplexity"]
             row.update({"ppl": round(p["ppl"], 3), "ppl_data": p["data"], "seq_len": p["seq_len"], "tokens": p["tokens"]})
