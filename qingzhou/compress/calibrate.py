@@ -210,11 +210,13 @@ def sequential_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: La
     [q,k,v], [o], [gate,up], [down] without a per-architecture table. Linears never called in the
     probe (e.g. MoE experts no token was routed to) form a last group.
     """
-    order: list[tuple[str, int]] = []
+    # Keep the input tensors themselves (not id()s): a freed tensor's id can be reused by the next
+    # one, which would merge o_proj with gate/up.
+    order: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name, m in linears.items():
         def hook(mod, args, name=name):
-            order.append((name, id(args[0])))
+            order.append((name, args[0]))
         handles.append(m.register_forward_pre_hook(hook))
     try:
         probe = LayerBatch(batch.hidden[:1], _slice_batch(batch.kwargs, batch.hidden.shape[0]))
@@ -223,13 +225,13 @@ def sequential_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: La
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    keys: list[int] = []
+    keys: list[torch.Tensor] = []
     seen: set[str] = set()
     for name, key in order:
         if name in seen:
             continue
         seen.add(name)
-        if keys and keys[-1] == key:
+        if keys and keys[-1] is key:
             groups[-1].append(name)
         else:
             groups.append([name])
