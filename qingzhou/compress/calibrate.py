@@ -85,6 +85,33 @@ class LayerwiseReport:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def select_linears(model: nn.Module, skip: Sequence[str], overrides: Sequence[Any]) -> tuple[list[tuple[str, nn.Linear, Any]], list[str]]:
+    """The decoder layers' linears a method should touch, for building its per-module plan.
+
+    Returns `[(full name, module, first matching override or None)]` and the skipped names:
+    those a `skip` regex matches or whose matching override says `skip`. Overrides are objects
+    with a `pattern` regex (and whatever settings the method reads from them).
+    """
+    import re
+
+    layers, prefix = find_decoder_layers(model)
+    skip_res = [re.compile(p) for p in skip]
+    rules = [(re.compile(o.pattern), o) for o in overrides]
+    chosen: list[tuple[str, nn.Linear, Any]] = []
+    skipped: list[str] = []
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            full = f"{prefix}.{i}.{name}"
+            match = next((o for p, o in rules if p.search(full)), None)
+            if any(p.search(full) for p in skip_res) or (match is not None and getattr(match, "skip", False)):
+                skipped.append(full)
+            else:
+                chosen.append((full, module, match))
+    return chosen, skipped
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     """The decoder layer list and its dotted path (e.g. `model.layers`), or a clear error."""
     for path in LAYER_PATHS:

@@ -5,11 +5,10 @@ seconds with the module name instead of after calibration.
 """
 from __future__ import annotations
 
-import re
 
 from torch import nn
 
-from qingzhou.compress.calibrate import find_decoder_layers
+from qingzhou.compress.calibrate import select_linears
 from qingzhou.compress.prune.config import PruneConfig, parse_nm
 from qingzhou.compress.prune.masks import Target
 from qingzhou.errors import RecipeError
@@ -17,33 +16,22 @@ from qingzhou.errors import RecipeError
 
 def build_plan(model: nn.Module, cfg: PruneConfig) -> tuple[dict[str, Target], list[str]]:
     """(target per pruned linear, skipped linears) for the decoder layers of `model`."""
-    layers, prefix = find_decoder_layers(model)
+    chosen, skipped = select_linears(model, cfg.skip, cfg.overrides)
     plan: dict[str, Target] = {}
-    skipped: list[str] = []
-    skip = [re.compile(p) for p in cfg.skip]
-    overrides = [(re.compile(o.pattern), o) for o in cfg.overrides]
-    for i, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            full = f"{prefix}.{i}.{name}"
-            match = next((o for p, o in overrides if p.search(full)), None)
-            if any(p.search(full) for p in skip) or (match is not None and match.skip):
-                skipped.append(full)
-                continue
-            sparsity, nm = cfg.sparsity, cfg.nm
-            if match is not None:
-                if match.nm is not None:
-                    nm = match.nm
-                elif match.sparsity is not None:
-                    sparsity, nm = match.sparsity, None
-            target = Target(sparsity=sparsity, nm=parse_nm(nm))
-            if target.nm and module.in_features % target.nm[1]:
-                raise RecipeError(
-                    f"N:M pattern {nm} needs the input width of {full} ({module.in_features}) "
-                    f"to be divisible by {target.nm[1]}.", where="nm",
-                    hint="Skip that module (skip: [regex]) or choose another M.")
-            plan[full] = target
+    for full, module, match in chosen:
+        sparsity, nm = cfg.sparsity, cfg.nm
+        if match is not None:
+            if match.nm is not None:
+                nm = match.nm
+            elif match.sparsity is not None:
+                sparsity, nm = match.sparsity, None
+        target = Target(sparsity=sparsity, nm=parse_nm(nm))
+        if target.nm and module.in_features % target.nm[1]:
+            raise RecipeError(
+                f"N:M pattern {nm} needs the input width of {full} ({module.in_features}) "
+                f"to be divisible by {target.nm[1]}.", where="nm",
+                hint="Skip that module (skip: [regex]) or choose another M.")
+        plan[full] = target
     return plan, skipped
 
 

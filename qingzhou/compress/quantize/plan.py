@@ -5,11 +5,10 @@ name in the message instead of after an hour of calibration.
 """
 from __future__ import annotations
 
-import re
 
 from torch import nn
 
-from qingzhou.compress.calibrate import find_decoder_layers
+from qingzhou.compress.calibrate import select_linears
 from qingzhou.compress.quantize.config import QuantizeConfig
 from qingzhou.compress.quantize.grid import QuantScheme
 from qingzhou.errors import RecipeError
@@ -17,30 +16,16 @@ from qingzhou.errors import RecipeError
 
 def build_plan(model: nn.Module, cfg: QuantizeConfig) -> tuple[dict[str, QuantScheme], list[str]]:
     """(scheme per quantised linear, skipped linears) for the decoder layers of `model`."""
-    layers, prefix = find_decoder_layers(model)
+    chosen, skipped = select_linears(model, cfg.skip, cfg.overrides)
     plan: dict[str, QuantScheme] = {}
-    skipped: list[str] = []
-    skip = [re.compile(p) for p in cfg.skip]
-    overrides = [(re.compile(o.pattern), o) for o in cfg.overrides]
-    for i, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            full = f"{prefix}.{i}.{name}"
-            if any(p.search(full) for p in skip):
-                skipped.append(full)
-                continue
-            bits, gs, sym = cfg.bits, cfg.group_size, cfg.sym
-            match = next((o for p, o in overrides if p.search(full)), None)
-            if match is not None:
-                if match.skip:
-                    skipped.append(full)
-                    continue
-                bits = match.bits if match.bits is not None else bits
-                gs = match.group_size if match.group_size is not None else gs
-                sym = match.sym if match.sym is not None else sym
-            gs = _check_divisible(full, module.in_features, gs, cfg.on_indivisible_group)
-            plan[full] = QuantScheme(bits=bits, group_size=gs, sym=sym, clip_search=cfg.clip_search)
+    for full, module, match in chosen:
+        bits, gs, sym = cfg.bits, cfg.group_size, cfg.sym
+        if match is not None:
+            bits = match.bits if match.bits is not None else bits
+            gs = match.group_size if match.group_size is not None else gs
+            sym = match.sym if match.sym is not None else sym
+        gs = _check_divisible(full, module.in_features, gs, cfg.on_indivisible_group)
+        plan[full] = QuantScheme(bits=bits, group_size=gs, sym=sym, clip_search=cfg.clip_search)
     return plan, skipped
 
 
