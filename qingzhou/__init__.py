@@ -10,8 +10,7 @@ validation) stays fast and does not import torch until a function that needs it 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from qingzhou._lazy import lazy_getattr
 
 from qingzhou._version import __version__
 
@@ -43,7 +42,4 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'qingzhou' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _API)

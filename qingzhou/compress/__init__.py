@@ -2,7 +2,7 @@
 engine (`compress.calibrate`) that pruning methods reuse. Names resolve lazily (no torch at import)."""
 from __future__ import annotations
 
-from typing import Any
+from qingzhou._lazy import lazy_getattr
 
 _LAZY = {
     "quantize": "qingzhou.compress.quantize.api",
@@ -14,9 +14,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

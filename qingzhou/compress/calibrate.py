@@ -409,6 +409,14 @@ class HessianAccumulator:
         self.H.addmm_(x.T, x)
 
 
+def accumulate_hessian(hessians: dict[str, HessianAccumulator], name: str, module: nn.Linear, x: torch.Tensor) -> None:
+    """The `add_batch` of every Hessian-based callback (GPTQ, SparseGPT): one accumulator per linear."""
+    acc = hessians.get(name)
+    if acc is None:
+        acc = hessians[name] = HessianAccumulator(module.in_features, x.device)
+    acc.add(x)
+
+
 @dataclass
 class InverseHessian:
     """Upper Cholesky factor of H^-1 (what GPTQ/SparseGPT's column loop needs) and how it was damped."""

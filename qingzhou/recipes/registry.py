@@ -40,6 +40,17 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def validate_method_config(data: dict[str, Any], specs: dict[str, Any], what: str) -> BaseModel:
+    """Validate a plain dict (YAML/CLI) with the config of its `method` in a method registry
+    (`specs[name].config`); an unknown method names the closest registered one."""
+    from qingzhou.errors import RecipeError, did_you_mean
+
+    method = data.get("method")
+    if method not in specs:
+        raise RecipeError(f"unknown {what} method {method!r}.", where="method", hint=did_you_mean(str(method), specs))
+    return specs[method].config.model_validate(data)
+
+
 class MethodStage(StageConfig):
     """A stage whose method settings sit flat beside `kind` (`method: gptq`, `bits: 4`, ...).
 

@@ -2,7 +2,7 @@
 disk cache of the teacher's top-k logits. Heavy names resolve lazily (configs import without torch)."""
 from __future__ import annotations
 
-from typing import Any
+from qingzhou._lazy import lazy_getattr
 
 _LAZY = {
     "DistillLoss": "qingzhou.compress.distill.losses",
@@ -17,9 +17,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

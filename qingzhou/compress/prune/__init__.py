@@ -3,7 +3,7 @@ structured pruning that makes a smaller dense model. Heavy names resolve lazily 
 without torch)."""
 from __future__ import annotations
 
-from typing import Any
+from qingzhou._lazy import lazy_getattr
 
 _LAZY = {
     "prune": "qingzhou.compress.prune.api",
@@ -26,9 +26,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

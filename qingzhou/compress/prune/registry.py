@@ -52,13 +52,8 @@ def load_pruners() -> dict[str, PrunerSpec]:
 
 def parse_config(data: dict[str, Any] | BaseModel) -> Any:
     """Validate a plain dict (from YAML/CLI) into the config of its `method`."""
-    from qingzhou.errors import RecipeError, did_you_mean
+    from qingzhou.recipes.registry import validate_method_config
 
     if isinstance(data, BaseModel):
         return data
-    specs = load_pruners()
-    method = data.get("method")
-    if method not in specs:
-        raise RecipeError(f"unknown pruning method {method!r}.", where="method",
-                          hint=did_you_mean(str(method), specs))
-    return specs[method].config.model_validate(data)
+    return validate_method_config(data, load_pruners(), "pruning")

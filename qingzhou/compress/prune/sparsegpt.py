@@ -162,12 +162,9 @@ class SparseGPTCollector:
         self.results: dict[str, dict[str, Any]] = {}
 
     def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        from qingzhou.compress.calibrate import HessianAccumulator
+        from qingzhou.compress.calibrate import accumulate_hessian
 
-        acc = self.hessians.get(name)
-        if acc is None:
-            acc = self.hessians[name] = HessianAccumulator(module.in_features, x.device)
-        acc.add(x)
+        accumulate_hessian(self.hessians, name, module, x)
 
     def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
         import torch

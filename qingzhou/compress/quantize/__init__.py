@@ -5,7 +5,7 @@ Import cost matters (recipes validate before torch loads), so the heavy names ar
 """
 from __future__ import annotations
 
-from typing import Any
+from qingzhou._lazy import lazy_getattr
 
 _LAZY = {
     "quantize": "qingzhou.compress.quantize.api",
@@ -34,9 +34,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

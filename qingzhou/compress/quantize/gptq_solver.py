@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import HessianAccumulator, damped_inverse_cholesky
+from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian, damped_inverse_cholesky
 from qingzhou.compress.quantize.grid import (
     QuantizedWeight,
     QuantScheme,
@@ -133,10 +133,7 @@ class GPTQCollector:
         self.results: dict[str, dict[str, Any]] = {}
 
     def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        acc = self.hessians.get(name)
-        if acc is None:
-            acc = self.hessians[name] = HessianAccumulator(module.in_features, x.device)
-        acc.add(x)
+        accumulate_hessian(self.hessians, name, module, x)
 
     @torch.no_grad()
     def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:

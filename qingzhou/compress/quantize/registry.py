@@ -44,13 +44,8 @@ def load_quantizers() -> dict[str, QuantizerSpec]:
 
 def parse_config(data: dict[str, Any] | QuantizeConfig) -> QuantizeConfig:
     """Validate a plain dict (from YAML/CLI) into the config of its `method`."""
-    from qingzhou.errors import RecipeError, did_you_mean
+    from qingzhou.recipes.registry import validate_method_config
 
     if isinstance(data, QuantizeConfig):
         return data
-    specs = load_quantizers()
-    method = data.get("method")
-    if method not in specs:
-        raise RecipeError(f"unknown quantization method {method!r}.", where="method",
-                          hint=did_you_mean(str(method), specs))
-    return specs[method].config.model_validate(data)
+    return validate_method_config(data, load_quantizers(), "quantization")
