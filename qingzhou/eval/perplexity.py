@@ -14,6 +14,7 @@ from typing import Any
 
 from qingzhou.errors import DataError
 from qingzhou.llm.modes import eval_mode
+from qingzhou.progress import progress_bar
 
 
 @dataclass
@@ -64,7 +65,7 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()
-    with _progress(progress, len(windows), "perplexity") as advance, torch.inference_mode(), eval_mode(model):
+    with progress_bar(len(windows), "perplexity", enabled=progress) as advance, torch.inference_mode(), eval_mode(model):
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
@@ -75,10 +76,3 @@ def perplexity(
     seconds = time.perf_counter() - start
     mean = total_nll / total_tokens
     return PerplexityResult(math.exp(mean), mean, total_tokens, len(windows), seq_len, seconds, windows.numel() / max(seconds, 1e-9))
-
-
-def _progress(enabled: bool, total: int, label: str):
-    """A rich progress bar context yielding `advance(n, status)`; a no-op when disabled."""
-    from qingzhou.progress import progress_bar
-
-    return progress_bar(total, label, enabled=enabled)

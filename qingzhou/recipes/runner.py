@@ -146,7 +146,7 @@ def run_recipe(
 
 
 def _all_cpu(recipe: Recipe) -> bool:
-    return all(getattr(s, "device", "cpu") in ("cpu",) for s in recipe.stages if s.kind == "load")
+    return all(s.device == "cpu" for s in recipe.stages if s.kind == "load")
 
 
 def _run_stage(fn, cfg: StageConfig, index: int, chash: str, run_dir: Path, final_dir: Path, seed: int, model_ref, history, cache) -> dict[str, Any]:
