@@ -28,13 +28,21 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 
 
 def parse_setting(name: str) -> dict | None:
+    """`fp` -> None; `bnb-nf4`/`bnb-int8`; `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}]`.
+
+    `awqgptq` is AWQ's scale search followed by GPTQ rounding on the scaled weights.
+    """
     if name == "fp":
         return None
     parts = name.split("-")
+    if parts[0] == "bnb":
+        return {"method": "bnb", "quant_type": parts[1], "device": "cpu", "compute_dtype": "float32"}
     method, grid, bits = parts[0], parts[1], int(parts[2])
     group = int(parts[3][1:]) if len(parts) > 3 else 64
-    cfg = {"method": method, "bits": bits, "group_size": group, "sym": grid == "sym"}
-    if method == "gptq":
+    cfg: dict = {"method": method, "bits": bits, "group_size": group, "sym": grid == "sym"}
+    if method == "awqgptq":
+        cfg.update(method="awq", solver="gptq")
+    if cfg["method"] in ("gptq", "awq"):
         cfg["calibration"] = {"source": str(SHARED / "llamafactory" / "c4_demo.jsonl"), "mode": "rows",
                               "seq_len": 512, "num_samples": 100000}
     return cfg

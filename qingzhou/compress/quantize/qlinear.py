@@ -4,6 +4,10 @@ It runs on every device torch runs on (CPU, CUDA, NPU, MPS ...) because it only 
 and a matmul: each forward unpacks `qweight`/`qzeros`, rebuilds the [out, in] weight and calls
 `F.linear`. `cache_dequantized=True` keeps the rebuilt weight (faster decoding, but the memory
 saving is gone); the buffers stay the single source of truth for saving.
+
+4-bit layers also have a fused path (`int4_kernel.py`: torch's int4 packed matmul, CUDA and CPU,
+bf16 activations), chosen by `kernel`: "auto" uses it where it is the fast choice and falls back
+otherwise, "int4pack" forces it wherever it runs, "dequant" never uses it.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qingzhou.compress.quantize.grid import QuantizedWeight, dequantize_codes
+from qingzhou.compress.quantize.int4_kernel import Int4Pack
 from qingzhou.compress.quantize.pack import (
     pack_qweight,
     pack_qzeros,
@@ -43,6 +48,8 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.cache_dequantized = False
         self._cached: torch.Tensor | None = None
+        self.kernel = "auto"  # "auto" | "int4pack" | "dequant"
+        self._fast: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -64,13 +71,39 @@ class QuantLinear(nn.Module):
         zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
         return dequantize_codes(codes, self.scales, zeros, self.g_idx)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # new buffers: packed copies are stale
+        self._fast.clear()
+        self._cached = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def fast_kernel(self, device: torch.device, dtype: torch.dtype) -> Int4Pack | None:
+        """The fused int4 layout for (device, dtype), built once; None where the kernel does not apply."""
+        if self.kernel == "dequant" or self.bits != 4:
+            return None
+        key = (device, dtype)
+        if key not in self._fast:
+            codes = unpack_qweight(self.qweight, self.bits, self.in_features)
+            zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+            self._fast[key] = Int4Pack.build(
+                codes, self.scales, zeros, self.g_idx, self.group_size, device, dtype,
+                reference=lambda x: F.linear(x, self.dequantize_weight().to(x.device, x.dtype)),
+                force=self.kernel == "int4pack")
+        return self._fast[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        # The fused kernels have no backward: training through this layer (LoRA on a quantised
+        # base, distillation) takes the dequantising path.
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        fast = None if needs_grad else self.fast_kernel(x.device, x.dtype)
+        if fast is not None:
+            y = fast(x)
+            return y + bias if bias is not None else y
         if self._cached is not None and self._cached.device == x.device and self._cached.dtype == x.dtype:
             weight = self._cached
         else:
             weight = self.dequantize_weight().to(x.dtype)
             self._cached = weight if self.cache_dequantized else None
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
