@@ -8,6 +8,10 @@ figure. Every number is a mean with its sample standard deviation over the repet
 device memory (CUDA-like backends) or the process's peak resident set (CPU), weights in memory and on
 disk. The decode roofline fraction compares bytes of weights read per step / time per step with a
 measured device copy bandwidth.
+
+Generation runs through `qingzhou.llm.generate.decode`, so `fast="auto"` benchmarks the static-cache +
+compiled decode path on CUDA (what `generate` uses there) and `fast=False` plain eager `generate`; the
+path that actually ran is recorded in `config.decode_path`. The warm-up runs absorb the compile.
 """
 from __future__ import annotations
 
@@ -113,11 +117,12 @@ def _prompt_ids(tokenizer: Any, batch: int, length: int, seed: int):
 def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), prompt_tokens: int = 128,
           new_tokens: int = 32, warmup: int = 1, repeats: int = 3, model_path: str | Path | None = None,
           measure_bandwidth: bool = True, bandwidth_mib: int = 256, seed: int = 0,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, fast: Any = "auto") -> dict[str, Any]:
     """Speed and memory of `model` on its current device; see the module docstring for the method."""
     import torch
 
     from qingzhou.llm.devices import env_info
+    from qingzhou.llm.generate import decode, fast_status
     from qingzhou.progress import progress_bar
 
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or warmup < 0:
@@ -135,8 +140,8 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
         return time.perf_counter() - start
 
     def generate(ids, n: int):
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+        return decode(model, ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id,
+                      fast=fast)
 
     results = []
     _peak_memory_reset(device)
@@ -170,7 +175,8 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
         memory["disk_gib"] = round(size / 2**30, 4)
     out: dict[str, Any] = {
         "config": {"batch_sizes": list(batch_sizes), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                   "warmup": warmup, "repeats": repeats, "dtype": str(next(model.parameters()).dtype)},
+                   "warmup": warmup, "repeats": repeats, "dtype": str(next(model.parameters()).dtype),
+                   "decode_path": fast_status(model, fast)},
         "results": results,
         "memory": memory,
         "env": env_info(device),

@@ -2,24 +2,23 @@
 
 Rows come from the stage history of a run: every stage that measured something (perplexity,
 task scores, speed) becomes one row, labelled with the stage and the model it measured, so a
-quickstart that evaluates before and after tuning/quantizing shows both side by side.
+quickstart that evaluates before and after tuning/quantizing shows both side by side. When the run
+has eval stages, the report stage adds `qingzhou compare`'s table of them (deltas against the first)
+and its quality-versus-size plot.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from qingzhou.eval.compare import model_label, task_columns
 from qingzhou.io import atomic_write_json, atomic_write_text
 
 
 def _model_name(entry: dict[str, Any]) -> str:
     """A short name for the model a stage measured: the alias, or `03-export/model` for artifacts."""
     ref = entry.get("model_in") or entry.get("model_out") or {}
-    src = str(ref.get("source", "?"))
-    path = Path(src)
-    if path.name in ("model", "adapter", "model.gguf") and path.parent.name:
-        return f"{path.parent.name}/{path.name}"
-    return path.name if path.is_absolute() else src
+    return model_label(str(ref.get("source", "?")))
 
 
 def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") -> dict[str, Any]:
@@ -37,10 +36,7 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
         if "perplexity" in m:
             p = m["perplexity"]
             row.update({"ppl": round(p["ppl"], 3), "ppl_data": p["data"], "seq_len": p["seq_len"], "tokens": p["tokens"]})
-        for task, score in (m.get("tasks") or {}).items():
-            if isinstance(score, dict) and score.get("score") is not None:
-                value = score["score"]
-                row[f"{task}/{score.get('metric', 'score')}"] = round(100 * value, 2) if score.get("metric", "").startswith("acc") else round(value, 3)
+        row.update(task_columns(m))
         for a in m.get("answers") or []:
             samples.append({"stage": f"{entry['label']} (before)", "prompt": a["prompt"], "text": a["before"]})
             samples.append({"stage": f"{entry['label']} (after)", "prompt": a["prompt"], "text": a["after"]})
@@ -73,6 +69,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["models"]:
         parts += ["## Model\n", markdown_table(report["models"])]
     parts += ["## Quality\n", markdown_table(report["rows"])]
+    comparison = report.get("comparison")
+    if comparison:
+        parts += ["## Comparison with the first evaluation\n",
+                  "Numbers in parentheses: difference from the first eval stage (task scores in %).\n",
+                  markdown_table(comparison["table"])]
+        parts += [f"![{Path(p).stem}]({p})\n" for p in comparison.get("plots", [])]
     if report["samples"]:
         parts.append("## Samples\n")
         for s in report["samples"]:

@@ -21,18 +21,24 @@ def register(app: typer.Typer) -> None:
         new_tokens: int = typer.Option(32, "--new-tokens"),
         warmup: int = typer.Option(1, "--warmup"),
         repeats: int = typer.Option(3, "--repeats"),
+        fast: str = typer.Option("auto", "--fast", help="static-cache + compiled decode: auto (CUDA only) | on | off"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Measure prefill and decode tokens/s, TTFT, TPOT and memory (mean ± std over repeats)."""
+        from qingzhou.errors import RecipeError
         from qingzhou.eval.bench import bench
         from qingzhou.io import atomic_write_json
         from qingzhou.llm import load_model
 
+        choices = {"auto": "auto", "on": True, "off": False}
+        if fast not in choices:
+            raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
+
         mdl, tok = load_model(model, dtype=dtype, device=device)
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                       warmup=warmup, repeats=repeats, progress=progress)
+                       warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])
         result["config"]["model"] = model
         if out_file:
             atomic_write_json(out_file, result)
@@ -47,5 +53,6 @@ def register(app: typer.Typer) -> None:
                  "decode tok/s": fmt(r["decode_tokens_per_s"]), "TTFT ms": fmt(r["ttft_ms"]),
                  "TPOT ms": fmt(r["tpot_ms"])} for r in result["results"]]
         env = result["env"]
-        out.print(table(f"{model} on {env['device']} ({env['device_name']}), {result['config']['dtype']}", rows))
+        out.print(table(f"{model} on {env['device']} ({env['device_name']}), {result['config']['dtype']}, "
+                        f"decode path: {result['config']['decode_path']}", rows))
         out.print(kv_table("memory / roofline", {**result["memory"], **result.get("roofline", {})}))

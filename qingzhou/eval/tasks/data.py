@@ -19,6 +19,8 @@ from qingzhou.eval.tasks.spec import TaskSpec
 from qingzhou.eval.tasks.templating import evaluate_expression
 
 DATA_DIR_ENV = "QINGZHOU_DATA_DIR"
+BUILTIN_PREFIX = "builtin:"  # a task file path inside the package (tasks/builtin/data/), not data_dir
+BUILTIN_DATA_DIR = Path(__file__).parent / "builtin" / "data"
 
 
 @dataclass
@@ -171,21 +173,23 @@ def load_groups(spec: TaskSpec, data_dir: str | Path | None = None, path: str | 
 
 def _local_paths(spec, data_dir, path, subjects) -> list[tuple[Path, Path | None]]:
     assert spec.local is not None
-    root = resolve_data_dir(data_dir)
     pattern = str(path) if path is not None else spec.local.path
+    root = None if pattern.startswith(BUILTIN_PREFIX) else resolve_data_dir(data_dir)
     out = []
     for subject in subjects:
         fill = {"subject": subject or ""}
-        main = Path(pattern.format(**fill))
-        if not main.is_absolute():
-            main = (root or Path.cwd()) / main
-        fewshot = None
-        if spec.local.fewshot_path:
-            fewshot = Path(spec.local.fewshot_path.format(**fill))
-            if not fewshot.is_absolute():
-                fewshot = (root or Path.cwd()) / fewshot
+        main = _resolve(pattern.format(**fill), root)
+        fewshot = _resolve(spec.local.fewshot_path.format(**fill), root) if spec.local.fewshot_path else None
         out.append((main, fewshot))
     return out
+
+
+def _resolve(pattern: str, root: Path | None) -> Path:
+    """`builtin:NAME` -> the package's task data; a relative path -> under the data folder."""
+    if pattern.startswith(BUILTIN_PREFIX):
+        return BUILTIN_DATA_DIR / pattern[len(BUILTIN_PREFIX):]
+    path = Path(pattern)
+    return path if path.is_absolute() else (root or Path.cwd()) / path
 
 
 def _subject_extra(spec: TaskSpec, subject: str | None) -> dict[str, Any]:
