@@ -18,6 +18,8 @@ from qingzhou.llm.aliases import ALIASES, resolve_alias
 # Quantized checkpoints qingzhou loads itself (pure-torch kernels that run on every device) instead
 # of handing them to transformers' optional GPU-only backends. quant_method -> "module:function".
 QUANTIZED_LOADERS = {"gptq": "qingzhou.compress.quantize.formats.gptq_layout:load_quantized"}
+# A file beside a saved dense model that rebuilds extra structure on it after loading: file -> fn(model, folder).
+FOLDER_EXTENSIONS = {"moefication.json": "qingzhou.compress.moefy.saving:apply_moefication"}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -155,12 +157,22 @@ def load_model(
         raise ModelLoadError(f"could not load the model: {_first_line(e)}", where=f"{source} ({src.path})") from e
     if src.kind == "gguf":
         drop_quantizer_state(model)
+    if src.kind == "folder":
+        model = _apply_folder_extensions(model, Path(src.path))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev)
     model.eval()
     model.qingzhou_source = src.path  # where it came from, for reports
     return model, tokenizer
+
+
+def _apply_folder_extensions(model: Any, folder: Path) -> Any:
+    for name, target in FOLDER_EXTENSIONS.items():
+        if (folder / name).is_file():
+            module, _, fn = target.partition(":")
+            model = getattr(importlib.import_module(module), fn)(model, folder)
+    return model
 
 
 def _load_adapter(src: ModelSource, dtype: str, device: str, **kw):
