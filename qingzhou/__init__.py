@@ -31,6 +31,7 @@ _API = {
     "save_quantized": "qingzhou.compress.quantize",
     "prune": "qingzhou.compress.prune",
     "distill": "qingzhou.compress.distill",
+    "moefy": "qingzhou.compress.moefy",
     "load_text": "qingzhou.data.corpus",
     "run_recipe": "qingzhou.recipes.runner",
     "load_recipe": "qingzhou.recipes.schema",
