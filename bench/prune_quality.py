@@ -73,6 +73,10 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=0, help="also time greedy decoding of this many tokens "
                                                           "(batch 1; structured pruning's real speed-up)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--peers", nargs="?", const="default", default=None,
+                    help="also run llm-compressor in its venv (bench/peers/README.md) on the same calibration and "
+                         "evaluation: a comma list like llmc-wanda-50,llmc-sparsegpt-2:4, or no value for its "
+                         "SparseGPT and Wanda at 50%% and 2:4")
     args = ap.parse_args()
 
     import torch
@@ -117,6 +121,14 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"windows": args.windows, "calib_rows": args.calib_rows,
                                                   "device": device, "rows": rows}, indent=2))
         del model
+    if args.peers:  # llm-compressor measured here, same calibration rows and windows (CPU only)
+        from peers.side_by_side import PRUNE_PEERS, run_peers
+
+        rows += run_peers(PRUNE_PEERS if args.peers == "default" else args.peers, windows=args.windows,
+                          calib_rows=args.calib_rows, threads=args.threads, tokenizer=tok)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"windows": args.windows, "calib_rows": args.calib_rows,
+                                                  "device": device, "rows": rows}, indent=2))
     print(f"\n{'setting':18s} {'ppl':>9s} {'llm-compressor':>15s} {'prune s':>8s}")
     for r in rows:
         print(f"{r['setting']:18s} {r['ppl']:9.2f} {r.get('llmcompressor_ppl', float('nan')):15.2f} "

@@ -54,6 +54,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--peers", nargs="?", const="default", default=None,
+                    help="also run llm-compressor in its venv (bench/peers/README.md) on the same calibration and "
+                         "evaluation: a comma list like llmc-gptq-asym-4,llmc-awq-asym-4, or no value for its GPTQ "
+                         "sym/asym at 4 and 3 bits")
     args = ap.parse_args()
 
     import torch
@@ -82,6 +86,13 @@ def main() -> None:
         row["ppl_s"] = round(res.seconds, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"rows": rows, "peers": PEERS}, indent=2))
+    if args.peers:
+        from peers.side_by_side import QUANT_PEERS, run_peers
+
+        rows += run_peers(QUANT_PEERS if args.peers == "default" else args.peers, windows=args.windows,
+                          calib_rows=100000, threads=args.threads, tokenizer=tok)
         if args.out:
             Path(args.out).write_text(json.dumps({"rows": rows, "peers": PEERS}, indent=2))
     print("\nsetting               ppl      quantize s")
