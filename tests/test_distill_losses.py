@@ -55,12 +55,12 @@ def test_loss_only_counts_label_positions_and_mixes_cross_entropy():
     labels = torch.randint(0, 11, (2, 6), generator=g)
     labels[0, :4] = -100  # prompt tokens: not trained on
     batch = {"labels": labels}
-    loss_fn = DistillLoss({"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0})
+    loss_fn = DistillLoss({"divergence": "forward_kl", "temperature": 1.0, "kd_ratio": 1.0})
     got = loss_fn({"logits": s}, {"logits": t}, batch)
     mask = labels[:, 1:] != -100
     expected = divergence(s[:, :-1][mask], t[:, :-1][mask], "forward_kl").mean()
     torch.testing.assert_close(got, expected)
-    mixed = DistillLoss({"alpha": 0.25, "temperature": 1.0})({"logits": s}, {"logits": t}, batch)
+    mixed = DistillLoss({"kd_ratio": 0.25, "temperature": 1.0})({"logits": s}, {"logits": t}, batch)
     ce = F.cross_entropy(s[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(mixed, 0.25 * expected + 0.75 * ce)
 
@@ -78,7 +78,7 @@ def test_student_kl_to_teacher_goes_down(kind):
     g = torch.Generator().manual_seed(3)
     held_out = torch.randint(5, 272, (4, 32), generator=g)
     before = _held_out_kl(student, teacher, held_out)
-    loss_fn = DistillLoss({"divergence": kind, "temperature": 2.0, "alpha": 1.0})
+    loss_fn = DistillLoss({"divergence": kind, "temperature": 2.0, "kd_ratio": 1.0})
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
     student.train()
     for _ in range(40):
@@ -98,7 +98,7 @@ def test_hidden_state_matching_with_a_learned_projection():
     teacher = tiny_model("llama", seed=0, num_hidden_layers=4)
     student = tiny_model("llama", seed=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                          num_key_value_heads=1, num_hidden_layers=2)
-    loss_fn = DistillLoss.for_models(student, teacher, {"alpha": 1.0, "hidden": {"weight": 1.0}})
+    loss_fn = DistillLoss.for_models(student, teacher, {"kd_ratio": 1.0, "hidden": {"weight": 1.0}})
     assert loss_fn.layer_map == {1: 2, 2: 4}
     assert loss_fn.projections["1"].weight.shape == (64, 32)
     g = torch.Generator().manual_seed(4)
@@ -117,27 +117,33 @@ def test_hidden_state_matching_with_a_learned_projection():
     assert history[-1] < 0.5 * history[0], history
 
 
-def test_teacher_topk_cache_replays_without_the_teacher(tmp_path):
-    from qingzhou.compress.distill import TeacherCache, cache_teacher_topk
+def test_teacher_topk_cache_replays_rows_in_any_batching(tmp_path):
+    from qingzhou.compress.distill import TeacherCache, build_teacher_cache
+    from qingzhou.data.packing import collate
     from qingzhou.errors import DataError
 
     teacher = tiny_model("llama", seed=0)
     g = torch.Generator().manual_seed(6)
-    batches = [torch.randint(5, 272, (2, 16), generator=g) for _ in range(3)]
+    rows = [torch.randint(5, 272, (int(n),), generator=g).tolist() for n in (16, 9, 12, 16, 5)]
     calls = []
     h = teacher.register_forward_hook(lambda *a: calls.append(1))
-    info = cache_teacher_topk(teacher, batches, tmp_path / "cache", k=272, values_dtype=torch.float32)
+    info = build_teacher_cache(teacher, rows, tmp_path / "cache", k=272, batch_size=2, values_dtype=torch.float32)
     h.remove()
-    assert len(calls) == 3 and info.tokens == 96 and info.batches == 3
+    assert len(calls) == 3 and info.tokens == 58 and info.rows == 5 and info.forwards == 3
     cache = TeacherCache(tmp_path / "cache")
     student = tiny_model("qwen2", seed=1)
-    loss_fn = DistillLoss({"alpha": 1.0, "temperature": 2.0})
-    for i, ids in enumerate(batches):  # full-vocabulary top-k reproduces the live-teacher loss
-        with torch.no_grad():
-            s_out, t_out = student(ids), teacher(ids)
-        torch.testing.assert_close(loss_fn(s_out, cache.get(i, ids), {"labels": ids}),
-                                   loss_fn(s_out, t_out, {"labels": ids}), rtol=1e-5, atol=1e-5)
-    small = cache_teacher_topk(teacher, batches, tmp_path / "small", k=16)
+    loss_fn = DistillLoss({"kd_ratio": 1.0, "temperature": 2.0})
+    from qingzhou.compress.distill.teacher_cache import _as_rows
+
+    # rows regrouped and re-padded differently from how the cache was built: same targets
+    batch = {k: v for k, v in collate(_as_rows([rows[4], rows[1], rows[0]]), 0, packed=False).items()}
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        s_out, t_out = student(**inputs), teacher(**inputs)
+    torch.testing.assert_close(loss_fn(s_out, cache.for_batch(batch, pad_id=0), batch),
+                               loss_fn(s_out, t_out, batch), rtol=1e-5, atol=1e-5)
+    small = build_teacher_cache(teacher, rows, tmp_path / "small", k=16)
     assert small.bytes < info.bytes / 10
-    with pytest.raises(DataError, match="differs"):
-        cache.get(0, batches[1])
+    foreign = collate(_as_rows([[7, 8, 9, 10]]), 0, packed=False)
+    with pytest.raises(DataError, match="not in the teacher cache"):
+        cache.for_batch(foreign, pad_id=0)

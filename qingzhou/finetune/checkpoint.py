@@ -32,23 +32,41 @@ def trainable_state(model: Any) -> dict[str, Any]:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-parameter optimizer state as `{"<idx>.<key>[.<subkey>...]": tensor}` + JSON scalars.
+
+    Nested dicts are walked (bitsandbytes' 8-bit optimizers keep their uint8 moments and block
+    scales under `__bnb_optimizer_quant_state__`), so no tensor ever reaches the JSON side. A
+    tensor shared between parameters (bitsandbytes' quantile maps) is copied, as safetensors
+    refuses shared storage."""
     import torch
 
     tensors, scalars = {}, {}
+    seen: set[int] = set()
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to("cpu").contiguous()
+            tensors[prefix] = t.clone() if t.numel() and t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
+        elif isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}", sub)
+        else:
+            scalars[prefix] = value
+
     for idx, entry in state_dict["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
+        walk(str(idx), entry)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+        idx, *path = flat.split(".")
+        node = state.setdefault(int(idx), {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qingzhou.errors import RecipeError
 
@@ -25,7 +25,8 @@ class FinetuneConfig(BaseModel):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw"
+    optimizer: str = Field("adamw", description="adamw | sgd | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | "
+                                                "lion_8bit | paged_lion_8bit (the last five: bitsandbytes)")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
@@ -36,6 +37,16 @@ class FinetuneConfig(BaseModel):
     log_every: int = Field(1, gt=0)
     seed: int = 0
     progress: bool = True
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        from qingzhou.errors import did_you_mean
+        from qingzhou.finetune.optimizers import OPTIMIZERS
+
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{v}'. {did_you_mean(v, OPTIMIZERS)}")
+        return v
 
 
 def parse_finetune_config(data: dict[str, Any] | FinetuneConfig) -> FinetuneConfig:

@@ -27,7 +27,8 @@ from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qingzhou.finetune.config import FinetuneConfig, parse_finetune_config
-from qingzhou.finetune.methods import METHODS, build_method, require_bitsandbytes
+from qingzhou.finetune.methods import METHODS, build_method
+from qingzhou.finetune.optimizers import build_optimizer
 from qingzhou.io import atomic_dir, atomic_write_json
 
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
@@ -124,18 +125,10 @@ def _peak_memory_mb(device_type: str) -> float:
 
 
 def _make_optimizer(params: list[tuple[str, Any]], cfg: FinetuneConfig) -> Any:
-    import torch
-
     decay = [p for n, p in params if p.ndim >= 2 and cfg.weight_decay > 0]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and cfg.weight_decay > 0)]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
-    if cfg.optimizer in {"adamw_8bit", "paged_adamw_8bit"}:
-        bnb = require_bitsandbytes(f"optimizer '{cfg.optimizer}'")
-        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer.startswith("paged") else bnb.optim.AdamW8bit
-        return cls(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+    return build_optimizer(groups, cfg)
 
 
 def _make_scheduler(optimizer: Any, cfg: FinetuneConfig) -> Any:
@@ -178,6 +171,15 @@ def _progress(enabled: bool):
     )
 
 
+def prepare_training_data(data: DataConfig | PreparedData | str | list[dict], tokenizer: Any, seed: int) -> PreparedData:
+    """Rows for the loop from any of the data forms `finetune` accepts (prepared data passes through)."""
+    if isinstance(data, PreparedData):
+        return data
+    if isinstance(data, list):
+        return prepare_data(DataConfig(source="<records>", seed=seed), tokenizer, records=data)
+    return prepare_data(data if isinstance(data, DataConfig) else DataConfig(source=data, seed=seed), tokenizer)
+
+
 def finetune(
     model: Any,
     tokenizer: Any,
@@ -188,6 +190,7 @@ def finetune(
     resume: bool = True,
     callbacks: list[Callable[[int, dict[str, Any]], None]] | None = None,
     base_source: str | None = None,
+    loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` (full, LoRA family, QLoRA, IA3 or prompt-based) and save the result.
 
@@ -196,19 +199,17 @@ def finetune(
     checkpoints go to `<output_dir>/checkpoints` and a rerun with resume=True continues from the
     newest. `callbacks(step, metrics)` run after every optimizer step (an exception there stops the
     run, as a crash would). `base_source` (alias/path of the base model) is recorded in the adapter
-    config so `export_merged` can find the base later.
+    config so `export_merged` can find the base later. `loss_fn(model, batch) -> (summed loss,
+    target tokens)` replaces next-token cross-entropy in training (distillation plugs in here; the
+    held-out loss stays cross-entropy); if it is an `nn.Module`, its parameters (e.g. hidden-state
+    projections) are trained and checkpointed with the model's.
     """
     import torch
     from accelerate import Accelerator
 
     cfg = parse_finetune_config(cfg)
     output_dir = Path(output_dir)
-    if isinstance(data, PreparedData):
-        prepared = data
-    elif isinstance(data, list):
-        prepared = prepare_data(DataConfig(source="<records>", seed=cfg.seed), tokenizer, records=data)
-    else:
-        prepared = prepare_data(data if isinstance(data, DataConfig) else DataConfig(source=data, seed=cfg.seed), tokenizer)
+    prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
         raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
                           where="packing", hint="Set packing: false for prompt-based methods.")
@@ -234,21 +235,29 @@ def finetune(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if getattr(model, "config", None) is not None:
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
         model.config.use_cache = False
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loss_fn = loss_fn or token_loss_sum
+    extra = [(f"loss_fn.{n}", p) for n, p in loss_fn.named_parameters() if p.requires_grad] \
+        if isinstance(loss_fn, torch.nn.Module) else []
+    if extra:
+        loss_fn.to(accelerator.device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + extra
     trainable = sum(p.numel() for _, p in named)
     total = sum(p.numel() for p in model.parameters())
     optimizer = _make_optimizer(named, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = _make_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, cfg)
     unwrapped = accelerator.unwrap_model(model)
+    # what checkpoints hold: the model, plus the loss's own parameters when it has any
+    ckpt_module = torch.nn.ModuleDict({"model": unwrapped, "loss_fn": loss_fn}) if extra else unwrapped
 
     state: dict[str, Any] = {"train_loss": [], "eval_loss": [], "eval_loss_before": None, "tokens": 0, "seconds": 0.0}
     start_step, resumed_from = 0, None
     ckpt = latest_checkpoint(output_dir) if resume else None
     if ckpt is not None:
-        loaded = load_checkpoint(ckpt, unwrapped, optimizer)
+        loaded = load_checkpoint(ckpt, ckpt_module, optimizer)
         if loaded.get("data_fingerprint") != data_fp or loaded.get("method") != cfg.method:
             raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
                               hint="Use a new output folder, or resume=False to start over.")
@@ -279,7 +288,7 @@ def finetune(
                 ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
                 with ctx:
                     with accelerator.autocast():
-                        loss, _ = token_loss_sum(model, batch)
+                        loss, _ = loss_fn(model, batch)
                     # DDP averages gradients over processes, so scale by world size to get sum / step_targets
                     accelerator.backward(loss * accelerator.num_processes / step_targets)
                 loss_sum += float(loss.detach())
@@ -306,7 +315,7 @@ def finetune(
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(output_dir, step, unwrapped, optimizer,
+                    save_checkpoint(output_dir, step, ckpt_module, optimizer,
                                     {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": data_fp},
                                     keep=cfg.keep_checkpoints)
                     atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
@@ -319,6 +328,8 @@ def finetune(
     eval_after = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
     if eval_after is not None:
         state["eval_loss"].append((cfg.max_steps, eval_after))
+    if use_cache is not None:  # training ran without a KV cache; the saved/returned model decodes with one
+        unwrapped.config.use_cache = use_cache
     artifact = "model" if cfg.method == "full" else "adapter"
     artifact_dir = output_dir / artifact
     accelerator.wait_for_everyone()

@@ -115,7 +115,8 @@ class QLoraConfig(LoraConfig):
     method: Literal["qlora"] = "qlora"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit base is dequantised to (auto: float32 on CPU, bf16/fp16 on GPUs)")
 
 
 def _lora(model: Any, cfg: LoraConfig, *, dora: bool = False, rslora: bool = False) -> Any:
@@ -238,11 +239,12 @@ def build_method(model: Any, cfg: FinetuneConfig) -> Any:
 
 
 def require_bitsandbytes(feature: str) -> Any:
+    """The bitsandbytes module, or a `DeviceError` naming `feature` when it cannot run where the
+    training loop will (CUDA if present, else CPU, which needs bitsandbytes >= 0.46)."""
+    from qingzhou.compress.quantize.bnb import import_bitsandbytes, require_bnb
+
     try:
-        import bitsandbytes
-    except ImportError:
-        raise DeviceError(
-            f"{feature} needs the bitsandbytes package, which is not installed.",
-            hint="Install it on a CUDA machine (`pip install bitsandbytes`), or use method 'lora' / optimizer 'adamw'.",
-        ) from None
-    return bitsandbytes
+        require_bnb("auto")
+    except DeviceError as e:
+        raise DeviceError(f"{feature} needs bitsandbytes: {e.message}", hint=e.hint) from None
+    return import_bitsandbytes()

@@ -1,42 +1,26 @@
-"""QLoRA's base: the frozen linear layers stored as bitsandbytes 4-bit (NF4) weights.
+"""QLoRA's base: the frozen decoder linears stored as bitsandbytes 4-bit (NF4) weights.
 
-We swap `nn.Linear` for `bnb.nn.Linear4bit` in a model already in memory (so QLoRA works on a
-model qingzhou loaded from any source, GGUF included), then apply peft's k-bit preparation
-(fp32 norms, input grads for checkpointing). bitsandbytes quantises on the move to CUDA.
+The swap is the bnb quantizer's own in-memory path (`compress/quantize/bnb.py`), so QLoRA works on
+a model qingzhou loaded from any source (GGUF included) and quantises exactly the linears
+`quantize(model, {"method": "bnb"})` would; peft's k-bit preparation then freezes the base and
+keeps norms in fp32. On a CUDA machine the weights are quantised straight onto the GPU; elsewhere
+on the model's device (CPU needs bitsandbytes >= 0.46).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from qingzhou.errors import DeviceError
-from qingzhou.finetune.methods import require_bitsandbytes
 
-
-def quantize_base_4bit(model: Any, *, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "bfloat16") -> Any:
+def quantize_base_4bit(model: Any, *, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto") -> Any:
     import torch
-
-    bnb = require_bitsandbytes("QLoRA")
-    if not torch.cuda.is_available():
-        raise DeviceError("QLoRA's 4-bit bitsandbytes kernels need a CUDA GPU.", hint="Use method 'lora' on this machine.")
-    dtype = getattr(torch, compute_dtype)
-    skip = {name for name, m in model.named_modules() if m is model.get_output_embeddings()}
-
-    def swap(parent: Any, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
-            full = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, torch.nn.Linear) and full not in skip:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, compress_statistics=double_quant, quant_type=quant_type)
-                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type=quant_type,
-                                             compress_statistics=double_quant)
-                if child.bias is not None:
-                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(parent, name, q.to("cuda"))
-            else:
-                swap(child, full)
-
-    swap(model, "")
-    model.to("cuda")
     from peft import prepare_model_for_kbit_training
 
+    from qingzhou.compress.quantize.bnb import BnbConfig, quantize_in_place
+    from qingzhou.finetune.methods import require_bitsandbytes
+
+    require_bitsandbytes("QLoRA")
+    device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device.type
+    cfg = BnbConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
+    quantize_in_place(model, cfg, device)
+    model.to(device)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

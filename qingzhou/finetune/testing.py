@@ -49,3 +49,13 @@ def tiny_model(arch: str = "llama", vocab_size: int = 272, seed: int = 0, **over
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
+
+
+def memorise_data(tokenizer: Any, rows: list[dict[str, Any]]) -> Any:
+    """`rows` prepared for a "does it learn them" test: the eval split is the training rows
+    themselves, so eval_loss_before/after measure exactly what the run was fitting."""
+    from qingzhou.data import DataConfig, prepare_data
+
+    data = prepare_data(DataConfig(source="<records>", eval_fraction=0, cache=False), tokenizer, records=rows)
+    data.eval = data.train
+    return data

@@ -1,9 +1,9 @@
 """Distillation settings (torch-free, so recipes validate before torch loads)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class HiddenMatchConfig(BaseModel):
@@ -19,6 +19,47 @@ class DistillLossConfig(BaseModel):
 
     divergence: Literal["forward_kl", "reverse_kl", "js"] = "forward_kl"
     temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 1 - alpha goes to "
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 1 - kd_ratio goes to "
                                                        "cross-entropy on the labels")
     hidden: HiddenMatchConfig | None = None
+
+
+class DistillConfig(DistillLossConfig):
+    """What `distill()` takes: the loss settings above, how the teacher is consulted, and the
+    training settings of the one fine-tuning loop (`train`: any finetune method config; `full`
+    retrains every weight of a pruned student, `lora` adapts a frozen (e.g. quantized) base)."""
+
+    top_k: int | None = Field(64, ge=1, description="cache the teacher's top-k logits on disk once and "
+                                                    "replay them every epoch; None: run the teacher live "
+                                                    "every step (exact full-vocabulary targets)")
+    cache_dir: str | None = Field(None, description="folder holding teacher caches (default: the qingzhou "
+                                                    "cache, ~/.cache/qingzhou/teacher)")
+    teacher_batch_size: int = Field(8, ge=1, description="rows per teacher forward when building the cache")
+    keep_sparsity: bool = Field(True, description="full training keeps a pruned student's zeros zero "
+                                                  "(gradients masked), so distillation does not undo pruning")
+    kl_rows: int = Field(32, ge=0, description="held-out rows on which the student's KL to the teacher is "
+                                               "measured before and after (0: skip)")
+    train: dict[str, Any] = Field(default_factory=lambda: {"method": "full"},
+                                  description="fine-tuning settings (method, learning_rate, max_steps, ...)")
+
+    @field_validator("train")
+    @classmethod
+    def _valid_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from qingzhou.errors import RecipeError
+        from qingzhou.finetune.config import parse_finetune_config
+
+        try:
+            return parse_finetune_config({"method": "full", **value}).model_dump(mode="json")
+        except RecipeError as e:
+            raise ValueError(f"train.{e.where}: {e.message} {e.hint or ''}".strip()) from None
+
+
+def parse_distill_config(data: DistillConfig | dict[str, Any]) -> DistillConfig:
+    """Validate a distillation config given nested (`train: {...}`) or flat: keys that are not
+    distillation settings are training settings, so a recipe stage or CLI call can write
+    `method: full, learning_rate: 1e-4, temperature: 2` side by side."""
+    if isinstance(data, DistillConfig):
+        return data
+    own = set(DistillConfig.model_fields)
+    train = {**data.get("train", {}), **{k: v for k, v in data.items() if k not in own}}
+    return DistillConfig.model_validate({**{k: v for k, v in data.items() if k in own}, "train": train})

@@ -5,7 +5,8 @@
   comparable across temperatures): forward KL(p_T || p_S) (mean-seeking, the classic choice),
   reverse KL(p_S || p_T) (mode-seeking, MiniLLM) or Jensen-Shannon (symmetric and bounded,
   stable when the student is far from the teacher, e.g. right after heavy pruning).
-* Optionally mixed with the ordinary next-token cross-entropy on the labels (`alpha`).
+* Optionally mixed with the ordinary next-token cross-entropy on the labels (`kd_ratio`,
+  torchtune's name; `alpha` would clash with LoRA's in a flat recipe stage).
 * Optional hidden-state matching (TinyBERT / Minitron style): each chosen student layer is mapped
   by a learned linear projection onto the teacher's width and pulled towards the teacher layer at
   the same relative depth with MSE; the projections are parameters of the loss module, so add
@@ -138,11 +139,11 @@ class DistillLoss(nn.Module):
             t = cut(_get(teacher_outputs, "logits").to(s.device))[mask]
             kd = divergence(s, t.detach(), cfg.divergence, cfg.temperature)
         kd = kd.mean() if kd.numel() else s_logits.sum() * 0
-        loss = cfg.alpha * kd
+        loss = cfg.kd_ratio * kd
         self.last = {"kd": float(kd.detach())}
-        if cfg.alpha < 1:
+        if cfg.kd_ratio < 1:
             ce = self._cross_entropy(student_outputs, s_logits, batch)
-            loss = loss + (1 - cfg.alpha) * ce
+            loss = loss + (1 - cfg.kd_ratio) * ce
             self.last["ce"] = float(ce.detach())
         if cfg.hidden is not None and cfg.hidden.weight > 0:
             hid = self._hidden_loss(student_outputs, teacher_outputs, batch)
@@ -155,7 +156,7 @@ class DistillLoss(nn.Module):
     def _cross_entropy(student_outputs: Any, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         labels = batch.get("labels")
         if labels is None:
-            raise ValueError("alpha < 1 mixes in cross-entropy, which needs batch['labels']")
+            raise ValueError("kd_ratio < 1 mixes in cross-entropy, which needs batch['labels']")
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
 
