@@ -4,9 +4,12 @@ Same model, data (alpaca rows), method, max length and batch size for both. qing
 (no padding compute) and normalises the loss per token; the baseline pads each batch
 (DataCollatorForSeq2Seq), as a default Trainer SFT script does. tokens/s counts real (non-pad)
 tokens. Each arm runs in its own child process so CPU peak RSS is per arm (GPU: max allocated).
+QLoRA (NF4 + double quantisation, LoRA r=16) runs where bitsandbytes does (CUDA; CPU from 0.46):
+qingzhou swaps the loaded model's linears in memory, the baseline reloads through transformers'
+`BitsAndBytesConfig`, the usual HF recipe; both quantise the same layers the same way.
 
     python bench/finetune_speed.py                       # tiny 4-layer Llama, CPU-friendly
-    python bench/finetune_speed.py --model smollm2 --steps 20 --methods lora full
+    python bench/finetune_speed.py --model smollm2 --steps 20 --methods lora full qlora
 """
 from __future__ import annotations
 
@@ -66,15 +69,46 @@ def arm_qingzhou(args, method: str, queue) -> None:
     cfg = DataConfig(source=str(DATA), max_length=args.max_length, eval_fraction=0, max_samples=args.rows,
                      packing=True, cache=False)
     data = prepare_data(cfg, tok)
-    # one packed row holds ~max_length real tokens; give it the same token budget per step as the baseline
-    padded_rows = args.batch_size
-    res = finetune(model, tok, data, {"method": method, "max_steps": args.steps, "batch_size": padded_rows,
-                                     "learning_rate": 1e-4, "progress": False, "r": 16} if method != "full" else
-                   {"method": method, "max_steps": args.steps, "batch_size": padded_rows, "learning_rate": 1e-5,
-                    "progress": False},
-                   output_dir=tempfile.mkdtemp(prefix="qz-bench-"))
+    cfg = {"method": method, "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": _lr(method),
+           "progress": False}
+    if method != "full":
+        cfg["r"] = 16
+    res = finetune(model, tok, data, cfg, output_dir=tempfile.mkdtemp(prefix="qz-bench-"))
     queue.put({"arm": "qingzhou", "method": method, "tokens_per_s": res.tokens_per_s, "peak_mb": _peak_mb(),
                "seconds": res.seconds, "tokens": res.train_tokens, "loss_last": res.train_loss[-1][1]})
+
+
+def _lr(method: str) -> float:
+    return 1e-5 if method == "full" else 1e-4
+
+
+def _hf_4bit(model):
+    """The usual HF QLoRA recipe: reload through `from_pretrained(quantization_config=
+    BitsAndBytesConfig(nf4, double quant))`, then peft's k-bit preparation (no checkpointing,
+    like the qingzhou arm)."""
+    import tempfile
+
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    folder = tempfile.mkdtemp(prefix="hf-bench-base-")
+    model.save_pretrained(folder)
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, device_map={"": "cuda" if cuda else "cpu"})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _default_methods() -> list[str]:
+    """LoRA and full always; QLoRA where bitsandbytes runs (CUDA, or CPU with bitsandbytes >= 0.46)."""
+    import torch
+
+    from qingzhou.llm.devices import capabilities
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ["lora", "full", *(["qlora"] if capabilities(device).bitsandbytes else [])]
 
 
 def arm_trainer(args, method: str, queue) -> None:
@@ -92,11 +126,13 @@ def arm_trainer(args, method: str, queue) -> None:
     model, tok = _load(args.model)
     data, _ = _examples(tok, args)
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in data.train]
+    if method == "qlora":
+        model = _hf_4bit(model)
     if method != "full":
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
                                                            target_modules=target_modules_for(model)))
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=args.batch_size,
-                              max_steps=args.steps, learning_rate=1e-4 if method != "full" else 1e-5, report_to=[],
+                              max_steps=args.steps, learning_rate=_lr(method), report_to=[],
                               save_strategy="no", logging_steps=args.steps, disable_tqdm=True,
                               use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0)
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
@@ -123,7 +159,7 @@ def run_arm(fn, args, method):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", help="tiny (in-process 4-layer Llama) or a qingzhou model source")
-    ap.add_argument("--methods", nargs="+", default=["lora", "full"])
+    ap.add_argument("--methods", nargs="+", default=None, help="default: lora full qlora (qlora where bitsandbytes runs)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
@@ -133,7 +169,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = []
-    for method in args.methods:
+    for method in args.methods or _default_methods():
         hf = run_arm(arm_trainer, args, method)
         qz = run_arm(arm_qingzhou, args, method)
         results.append({"method": method, "hf": hf, "qingzhou": qz,

@@ -65,4 +65,34 @@ def test_env_info_reports_device_memory_versions():
     assert info["device"] == "cpu"
     assert info["memory"]["total_gib"] > 0
     assert info["versions"]["torch"] == torch.__version__
-    assert info["capabilities"]["bitsandbytes"] is False
+    installed = devices.bitsandbytes_version()
+    assert info["capabilities"]["bitsandbytes"] is (installed is not None and installed >= (0, 46))
+
+
+@pytest.mark.parametrize("version,cpu_ok,cuda_ok", [(None, False, False), ((0, 45, 5), False, True), ((0, 46, 0), True, True), ((0, 50, 2), True, True)])
+def test_bitsandbytes_needs_the_multi_backend_release_on_cpu(only, monkeypatch, version, cpu_ok, cuda_ok):
+    """bitsandbytes < 0.46 is CUDA-only; from 0.46 its CPU backend runs; never on NPU/MLU/MUSA."""
+    only("cuda", "npu")
+    monkeypatch.setattr(devices, "bitsandbytes_version", lambda: version)
+    assert devices.capabilities("cpu").bitsandbytes is cpu_ok
+    assert devices.capabilities("cuda").bitsandbytes is cuda_ok
+    assert devices.capabilities("npu").bitsandbytes is False
+    if cpu_ok:
+        devices.require("bitsandbytes", "cpu")
+    else:
+        with pytest.raises(DeviceError, match="bitsandbytes is not supported on device 'cpu'") as e:
+            devices.require("bitsandbytes", "cpu")
+        assert ("not installed" if version is None else "needs >= 0.46") in e.value.hint
+    with pytest.raises(DeviceError, match="'npu'") as e:
+        devices.require("bitsandbytes", "npu")
+    assert "cuda, cpu" in e.value.hint
+
+
+def test_bitsandbytes_version_reads_package_metadata():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        expected = tuple(int(p) for p in version("bitsandbytes").split("+")[0].split(".")[:3])
+    except PackageNotFoundError:
+        expected = None
+    assert devices.bitsandbytes_version() == expected

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from qingzhou.cli.main import app
 from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+from qingzhou.llm import devices
 
 runner = CliRunner()
 ROWS = [{"instruction": f"Meter reading {i}?", "output": f"[ok] {i * 11} kWh"} for i in range(16)]
@@ -39,6 +40,20 @@ def test_cli_finetune_then_export_merge(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout[res.stdout.index("{"):])["merged"] is True
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not devices.capabilities("cpu").bitsandbytes, reason="needs bitsandbytes >= 0.46 (CPU backend)")
+def test_cli_qlora_with_8bit_optimizer_on_cpu(tiny_dir, tmp_path):
+    torch.set_num_threads(1)
+    model_dir, data = tiny_dir
+    res = runner.invoke(app, ["finetune", str(data), "--model", str(model_dir), "--out", str(tmp_path / "ft"), "--method", "qlora",
+                              "--optimizer", "paged_adamw_8bit", "--max-steps", "3", "--lr", "1e-2", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout[res.stdout.index("{"):])
+    assert result["method"] == "qlora" and result["eval_loss_after"] < result["eval_loss_before"]
+    assert (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").is_file()
+    res = runner.invoke(app, ["finetune", str(data), "--model", str(model_dir), "--out", str(tmp_path / "x"), "--optimizer", "adam8"])
+    assert res.exit_code == 2 and "adam" in res.output
 
 
 def test_cli_bad_row_is_a_one_paragraph_error(tiny_dir, tmp_path):
@@ -77,3 +92,26 @@ def test_recipe_rejects_unknown_method_field():
 
     with pytest.raises(RecipeError, match="rank"):
         validate_recipe({"name": "t", "stages": [{"kind": "load"}, {"kind": "finetune", "method": "lora", "rank": 8}]})
+
+
+def test_finetune_stage_takes_flat_method_keys_like_quantize_and_prune(tmp_path):
+    """MethodStage: flat keys are the method's settings, typos name the closest key, a resolved
+    recipe reads back the same, and an unset seed follows the recipe's seed."""
+    from qingzhou.errors import RecipeError
+    from qingzhou.recipes.schema import load_recipe, validate_recipe
+    from qingzhou.recipes.stages.finetune import FinetuneStage
+
+    stage = FinetuneStage.model_validate({"kind": "finetune", "method": "qlora", "r": 8, "optimizer": "paged_adamw_8bit"})
+    assert stage.settings["method"] == "qlora" and stage.settings["r"] == 8 and "seed" not in stage.settings
+    assert stage.method_config(seed=7).seed == 7 and stage.method_config(seed=7).optimizer == "paged_adamw_8bit"
+    pinned = FinetuneStage.model_validate({"kind": "finetune", "seed": 3})
+    assert pinned.method == "lora" and pinned.method_config(seed=7).seed == 3
+    with pytest.raises(RecipeError, match="stages.1.alhpa.*did you mean 'alpha'"):
+        validate_recipe({"name": "t", "stages": [{"kind": "load"}, {"kind": "finetune", "alhpa": 8}]})
+    with pytest.raises(RecipeError, match="Did you mean 'dora'"):
+        validate_recipe({"name": "t", "stages": [{"kind": "load"}, {"kind": "finetune", "method": "drora"}]})
+    recipe = validate_recipe({"name": "t", "stages": [{"kind": "load"}, {"kind": "finetune", "method": "dora", "r": 4}]})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe.to_yaml(), encoding="utf-8")
+    again = load_recipe(str(path))
+    assert again.stages[1].settings == recipe.stages[1].settings and "settings" not in recipe.to_dict()["stages"][1]

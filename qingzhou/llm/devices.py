@@ -39,8 +39,11 @@ CAPABILITIES: dict[str, Capabilities] = {
     "musa": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Moore Threads (torch_musa)"),
     "xpu": Capabilities(bf16=True, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Intel XPU"),
     "mps": Capabilities(bf16=False, fp16=True, bitsandbytes=False, flash_attention=False, vendor="Apple Metal"),
-    "cpu": Capabilities(bf16=True, fp16=False, bitsandbytes=False, flash_attention=False, vendor="CPU"),
+    "cpu": Capabilities(bf16=True, fp16=False, bitsandbytes=True, flash_attention=False, vendor="CPU"),
 }
+# bitsandbytes before the multi-backend release (0.46) has CUDA kernels only; from 0.46 its CPU
+# backend runs NF4/FP4 `Linear4bit`, int8 `Linear8bitLt` and the 8-bit optimizers.
+BNB_MIN_VERSION = {"cpu": (0, 46)}
 
 # Detection order: the first available wins for `device="auto"`.
 DETECTION_ORDER = ("cuda", "npu", "mlu", "musa", "xpu", "mps", "cpu")
@@ -97,9 +100,25 @@ def capabilities(device: str) -> Capabilities:
         has_bf16 = torch.cuda.is_bf16_supported()
         has_flash = importlib.util.find_spec("flash_attn") is not None and torch.version.hip is None
         caps = replace(caps, bf16=has_bf16, flash_attention=has_flash and torch.cuda.get_device_capability()[0] >= 8)
-    if caps.bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
+    if caps.bitsandbytes and not _bnb_version_ok(device_type):
         caps = replace(caps, bitsandbytes=False)
     return caps
+
+
+def bitsandbytes_version() -> tuple[int, ...] | None:
+    """The installed bitsandbytes version (from package metadata: importing it is slow), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def _bnb_version_ok(device_type: str) -> bool:
+    installed = bitsandbytes_version()
+    return installed is not None and installed >= BNB_MIN_VERSION.get(device_type, (0,))
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -131,9 +150,20 @@ def require(feature: str, device: str) -> None:
     if not getattr(caps, feature):
         supported = [d for d, c in CAPABILITIES.items() if getattr(c, feature)]
         hint = f"Supported on: {', '.join(supported)}." if supported else ""
-        if feature == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
-            hint += " bitsandbytes is not installed (pip install 'qingzhou[bnb]')."
+        if feature == "bitsandbytes":
+            hint += _bnb_install_hint(device.split(":")[0])
         raise DeviceError(f"{feature.replace('_', ' ')} is not supported on device '{device}'.", hint=hint.strip())
+
+
+def _bnb_install_hint(device_type: str) -> str:
+    installed = bitsandbytes_version()
+    if installed is None:
+        return " bitsandbytes is not installed (pip install 'qingzhou[bnb]')."
+    needed = BNB_MIN_VERSION.get(device_type)
+    if needed and installed < needed and CAPABILITIES[device_type].bitsandbytes:
+        have, want = ".".join(map(str, installed)), ".".join(map(str, needed))
+        return f" bitsandbytes {have} is installed; on {device_type} it needs >= {want} (pip install -U bitsandbytes)."
+    return ""
 
 
 def memory_info(device: str) -> dict[str, float | None]:

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(4, "--batch-size", "-b"),
         grad_accum: int = typer.Option(1, "--grad-accum"),
         r: Optional[int] = typer.Option(None, "--r", help="LoRA rank"),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | sgd | adamw_8bit | paged_adamw_8bit | "
+                                                "paged_adamw_32bit | lion_8bit | paged_lion_8bit (8-bit: bitsandbytes)"),
         max_length: int = typer.Option(512, "--max-length"),
         packing: bool = typer.Option(False, "--packing/--no-packing"),
         data_format: str = typer.Option("auto", "--format", help="auto | alpaca | sharegpt | messages | text"),
@@ -64,6 +66,8 @@ def register(app: typer.Typer) -> None:
             fields["learning_rate"] = learning_rate
         if r is not None:
             fields["r"] = r
+        if optimizer is not None:
+            fields["optimizer"] = optimizer
         cfg = parse_finetune_config({**fields, **_parse_sets(sets)})
         data_cfg = DataConfig(source=data, format=data_format, template=template, max_length=max_length, packing=packing,
                               skip_bad_rows=skip_bad_rows, eval_fraction=eval_fraction, seed=seed)

@@ -79,12 +79,14 @@ def quantize(
                             warnings=[str(w.message) for w in caught], packed=cfg.pack,
                             calibration=result.get("calibration", {}))
     report.unfed = list(report.calibration.get("unfed", []))
-    quantized = {name: r.pop("quantized") for name, r in result["modules"].items()}
+    quantized = {name: r.pop("quantized") for name, r in result["modules"].items() if "quantized" in r}
     for name, r in result["modules"].items():
         s = plan[name]
         report.modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **r}
     report.linear_bytes_before = before
-    if cfg.pack:
+    if "linear_bytes_after" in result:  # the method installed its own layers (bitsandbytes)
+        report.linear_bytes_after = result["linear_bytes_after"]
+    elif cfg.pack:
         for name, qw in quantized.items():
             old = modules[name]
             new = QuantLinear.from_quantized(qw, old.bias).to(old.weight.device)
@@ -95,7 +97,7 @@ def quantize(
             q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8
             for q in quantized.values())
     report.seconds = time.perf_counter() - t0
-    setattr(model, QUANT_ATTR, quantization_config(cfg, plan, skipped))
+    setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, skipped))
     return report
 
 

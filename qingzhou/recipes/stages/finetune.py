@@ -1,54 +1,52 @@
 """`kind: finetune`: adapt the current model (full, LoRA family, QLoRA, IA3, prompt-based) on a data set.
 
 Flat YAML (`method: lora, r: 16, max_steps: 60, data: builtin:industry-qa`): the keys other than
-kind/name/method/data/resume/show_prompts are validated against the chosen method's config class.
+the stage's own (kind/name/data/resume/show_prompts/max_new_tokens) are the method's settings,
+validated by that method's config class like the quantize and prune stages' (`MethodStage`).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field
 
 from qingzhou.data.prepare import DataConfig
 from qingzhou.recipes.context import ModelRef, StageContext
-from qingzhou.recipes.registry import StageConfig, StageResult, register_stage
+from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
 
 
-class FinetuneStage(StageConfig):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
+class FinetuneStage(MethodStage):
     kind: Literal["finetune"] = "finetune"
-    method: str = "lora"
     data: str | DataConfig = Field("builtin:industry-qa", description="a source string or a full data config")
     resume: bool = True
     show_prompts: list[str] = Field(default_factory=list, description="prompts answered before and after training")
     max_new_tokens: int = Field(48, gt=0)
+    default_method: ClassVar[str] = "lora"
 
     @classmethod
-    def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
+    def method_configs(cls) -> dict[str, Any]:
         from qingzhou.finetune.methods import METHODS
 
-        spec = METHODS.get(raw.get("method", "lora"))
-        return sorted(set(cls.model_fields) | set(spec.config.model_fields if spec else ()))
+        return {name: spec.config for name, spec in METHODS.items()}
 
-    @model_validator(mode="after")
-    def _method_fields(self) -> FinetuneStage:
-        self.method_config()  # raises ValueError -> pydantic ValidationError -> RecipeError with the YAML line
-        return self
+    @classmethod
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+        """As MethodStage, but a `seed` the stage does not set stays unset: the run's seed fills it
+        (also when a resolved recipe is re-run with another seed)."""
+        settings = super().parse_method(method, stage)
+        if "seed" not in method:
+            settings.pop("seed", None)
+        return settings
 
-    def method_config(self) -> Any:
-        from pydantic import ValidationError
+    @property
+    def method(self) -> str:
+        return self.settings["method"]
 
-        from qingzhou.errors import did_you_mean
-        from qingzhou.finetune.methods import METHODS
+    def method_config(self, seed: int = 0) -> Any:
+        """The method's config (FinetuneConfig subclass), with `seed` unless the stage set one."""
+        from qingzhou.finetune import parse_finetune_config
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown fine-tuning method '{self.method}'. {did_you_mean(self.method, METHODS)}")
-        try:
-            return METHODS[self.method].config.model_validate({**(self.model_extra or {}), "method": self.method})
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return parse_finetune_config({"seed": seed, **self.settings})
 
 
 def _answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -68,9 +66,7 @@ def run_finetune(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
 
     model, tokenizer = ctx.get_model()
     data = cfg.data if isinstance(cfg.data, DataConfig) else DataConfig(source=cfg.data, seed=ctx.seed)
-    method_cfg = cfg.method_config()
-    if "seed" not in (cfg.model_extra or {}):
-        method_cfg = method_cfg.model_copy(update={"seed": ctx.seed})
+    method_cfg = cfg.method_config(ctx.seed)
     before = _answers(model, tokenizer, cfg.show_prompts, cfg.max_new_tokens) if cfg.show_prompts else []
     base = ctx.model_ref.source if ctx.model_ref else None
     result = finetune(model, tokenizer, data, method_cfg, output_dir=ctx.work_dir, resume=cfg.resume, base_source=base)
