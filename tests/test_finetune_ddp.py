@@ -1,4 +1,10 @@
-"""A 2-process CPU DDP run (gloo) through `accelerate launch` matches one process with the same global batch."""
+"""A 2-process CPU run through `accelerate launch` matches one process with the same global batch.
+
+DDP over gloo always runs. DeepSpeed ZeRO-2 (the shipped example config, on 2 processes) runs where
+deepspeed is installed and two GPUs are present, and also checks gradient accumulation against the
+engine's own boundary handling. (deepspeed installs without CUDA, but accelerate 1.15's state
+reports a single process for a DeepSpeed launch on CPU, so CPU cannot stand in for it.)
+"""
 from __future__ import annotations
 
 import json
@@ -17,11 +23,11 @@ SCRIPT = textwrap.dedent('''
     from qingzhou.finetune import finetune
     from qingzhou.finetune.testing import byte_tokenizer, tiny_model
 
-    out, batch = sys.argv[1], int(sys.argv[2])
+    out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     tok = byte_tokenizer()
     rows = [{"instruction": f"Grid code {i}?", "output": f"[ok] {i * 5 % 17} Hz"} for i in range(24)]
     data = prepare_data(DataConfig(source="<records>", eval_fraction=0.25, cache=False), tok, records=rows)
-    res = finetune(tiny_model("qwen2"), tok, data, {"method": "lora", "max_steps": 6, "batch_size": batch,
+    res = finetune(tiny_model("qwen2"), tok, data, {"method": "lora", "max_steps": 6, "batch_size": batch, "grad_accum": accum,
                    "learning_rate": 1e-2, "dropout": 0.0, "progress": False}, output_dir=out)
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -30,20 +36,48 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="gloo launcher test is POSIX only")
-def test_two_process_gloo_matches_single_process(tmp_path):
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+
+
+def _deepspeed_cpu_config(tmp_path: Path) -> Path:
+    import yaml
+
+    cfg = yaml.safe_load((EXAMPLES / "deepspeed_zero2.yaml").read_text())
+    cfg.update(num_processes=2, mixed_precision="no", main_process_port=29563, gpu_ids="0,1")
+    out = tmp_path / "zero2_cpu.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def _deepspeed_runs() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("deepspeed") is not None and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="multi-process launcher test is POSIX only")
+@pytest.mark.parametrize("kind,batch,accum", [
+    ("ddp", 2, 1),
+    pytest.param("deepspeed", 1, 2, marks=pytest.mark.skipif(not _deepspeed_runs(), reason="needs deepspeed and 2 GPUs")),
+])
+def test_two_process_run_matches_single_process(tmp_path, kind, batch, accum):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
     ddp = tmp_path / "ddp"
     ddp.mkdir()
-    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp_cpu_gloo.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(script), str(ddp), "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    config = EXAMPLES / "ddp_cpu_gloo.yaml" if kind == "ddp" else _deepspeed_cpu_config(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(script),
+           str(ddp), str(batch), str(accum)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = tmp_path / "single"
     single.mkdir()
-    proc = subprocess.run([sys.executable, str(script), str(single), "4"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(single), "4", "1"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((ddp / "losses.json").read_text())
     b = json.loads((single / "losses.json").read_text())

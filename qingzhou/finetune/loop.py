@@ -171,6 +171,27 @@ def _progress(enabled: bool):
     )
 
 
+def _deepspeed_launch() -> bool:
+    """True under `accelerate launch` with a DeepSpeed config (accelerate sets this variable)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _configure_deepspeed(accelerator: Any, cfg: FinetuneConfig) -> None:
+    """Fill the batch settings DeepSpeed needs from ours: we feed batches ourselves (no prepared
+    dataloader), so accelerate cannot infer them, and the engine's accumulation must match ours."""
+    plugin = accelerator.state.deepspeed_plugin
+    values = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+              "train_batch_size": cfg.batch_size * cfg.grad_accum * accelerator.num_processes}
+    if cfg.max_grad_norm:
+        values["gradient_clipping"] = cfg.max_grad_norm
+    # the plugin's dict and the copy its HfDeepSpeedConfig reads values from must agree
+    for ds in (plugin.deepspeed_config, plugin.hf_ds_config.config):
+        ds.update(values)
+    plugin.gradient_accumulation_steps = cfg.grad_accum
+
+
 def prepare_training_data(data: DataConfig | PreparedData | str | list[dict], tokenizer: Any, seed: int) -> PreparedData:
     """Rows for the loop from any of the data forms `finetune` accepts (prepared data passes through)."""
     if isinstance(data, PreparedData):
@@ -219,9 +240,13 @@ def finetune(
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mixed = resolve_mixed_precision(cfg.mixed_precision, device_type)
-    # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU)
-    on_cpu = device_type == "cpu" and next(model.parameters()).device.type == "cpu"
+    # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU).
+    # Not under a DeepSpeed launch: there the engine owns the device and the process group.
+    deepspeed = _deepspeed_launch()
+    on_cpu = device_type == "cpu" and next(model.parameters()).device.type == "cpu" and not deepspeed
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
+    if deepspeed:
+        _configure_deepspeed(accelerator, cfg)
     torch.manual_seed(cfg.seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -285,12 +310,17 @@ def finetune(
             loss_sum = 0.0
             for a, batch in enumerate(batches):
                 sync = a == len(batches) - 1
+                if deepspeed:  # the engine reads its accumulation boundary from accelerate's flag
+                    accelerator.gradient_state._set_sync_gradients(sync)
                 ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
                 with ctx:
                     with accelerator.autocast():
                         loss, _ = loss_fn(model, batch)
-                    # DDP averages gradients over processes, so scale by world size to get sum / step_targets
-                    accelerator.backward(loss * accelerator.num_processes / step_targets)
+                    # DDP averages gradients over processes, so scale by world size to get sum / step_targets.
+                    # The DeepSpeed engine steps itself at its accumulation boundary (gas = grad_accum)
+                    # and must not divide by gas again: the loss is already normalised per step.
+                    accelerator.backward(loss * accelerator.num_processes / step_targets,
+                                         **({"scale_wrt_gas": False} if deepspeed else {}))
                 loss_sum += float(loss.detach())
                 state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
             if cfg.max_grad_norm:
