@@ -46,3 +46,15 @@ def smollm2():
     from qingzhou.llm import load_model
 
     return load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run faster on one thread, above all on a shared 2-core machine (opt in per file:
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -16,9 +15,7 @@ from qingzhou.eval.compare import compare
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny shapes: a second thread only adds contention on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(folder, name, env, stages, configs):

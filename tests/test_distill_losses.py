@@ -12,12 +12,7 @@ from qingzhou.compress.distill import DistillLoss, divergence, topk_divergence
 from qingzhou.finetune.testing import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_divergences_match_hand_formulas():

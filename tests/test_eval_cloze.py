@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from qingzhou.data.corpus import load_text
 from qingzhou.eval.tasks import load_task
@@ -14,9 +13,7 @@ from qingzhou.eval.tasks.cloze import CORPUS_CLOZE, cloze_items, sentences
 from qingzhou.eval.tasks.data import load_groups
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny shapes: a second thread only adds contention on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_file_is_the_generators_output():

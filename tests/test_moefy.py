@@ -19,12 +19,7 @@ from qingzhou.errors import ModelLoadError
 from qingzhou.finetune.testing import byte_tokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib(n: int = 8, length: int = 32, seed: int = 0) -> list[torch.Tensor]:

@@ -13,12 +13,7 @@ from qingzhou.compress.prune.masks import is_nm
 TEXT = "The grid operator balances supply and demand every second of the day. " * 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -9,12 +9,7 @@ from qingzhou.compress.prune.structured import structured_prune
 from qingzhou.finetune.testing import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib(n=6, length=32, seed=0):

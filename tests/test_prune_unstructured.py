@@ -16,13 +16,7 @@ from qingzhou.finetune.testing import tiny_model
 ARCHS = ["llama", "qwen2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are far faster on one thread, especially on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib(n: int = 8, length: int = 32, vocab: int = 272, seed: int = 0) -> list[torch.Tensor]:

@@ -95,6 +95,13 @@ class StageContext:
         if model is not None:
             self.cache.put(ref, model, tokenizer)
 
+    def set_model_artifact(self, name: str, model: Any = None, tokenizer: Any = None) -> None:
+        """Declare `work_dir / name` (a saved model) as the stage's model, keeping the current
+        model's dtype and device, and keep the in-memory copy for the next stage."""
+        ref = self.model_ref
+        self.set_model(ModelRef(source=self.artifact_path(name), dtype=ref.dtype if ref else "auto",
+                                device=ref.device if ref else "auto"), model, tokenizer)
+
     def artifact_path(self, name: str) -> str:
         """Final path of an artifact written at `work_dir / name`."""
         return str(self.final_dir / name)

@@ -85,8 +85,6 @@ def run_distill(cfg: DistillStage, ctx: StageContext) -> StageResult:
                      base_source=base)
     del teacher
     result = report.finetune
-    current = ctx.model_ref
-    ctx.set_model(ModelRef(source=ctx.artifact_path(result.artifact), dtype=current.dtype if current else "auto",
-                           device=current.device if current else "auto"), result.model, tokenizer)
+    ctx.set_model_artifact(result.artifact, result.model, tokenizer)
     metrics = {**report.summary(), "teacher_source": ref.source}
     return StageResult(metrics=metrics, data_hashes={str(data.source): result.data["fingerprint"]})

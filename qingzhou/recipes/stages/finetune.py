@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from qingzhou.data.prepare import DataConfig
-from qingzhou.recipes.context import ModelRef, StageContext
+from qingzhou.recipes.context import StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
 
 
@@ -74,7 +74,5 @@ def run_finetune(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
     if cfg.show_prompts:
         after = _answers(result.model, tokenizer, cfg.show_prompts, cfg.max_new_tokens)
         metrics["answers"] = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(cfg.show_prompts, before, after)]
-    ref = ModelRef(source=ctx.artifact_path(result.artifact), dtype=ctx.model_ref.dtype if ctx.model_ref else "auto",
-                   device=ctx.model_ref.device if ctx.model_ref else "auto")
-    ctx.set_model(ref, result.model, tokenizer)
+    ctx.set_model_artifact(result.artifact, result.model, tokenizer)
     return StageResult(metrics=metrics, data_hashes={str(data.source): result.data["fingerprint"]})

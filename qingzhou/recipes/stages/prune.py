@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from qingzhou.recipes.context import ModelRef, StageContext
+from qingzhou.recipes.context import StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
 
 class PruneStage(MethodStage):
@@ -36,7 +36,5 @@ def run_prune(cfg: PruneStage, ctx: StageContext) -> StageResult:
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "prune_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
-    ref = ctx.model_ref
-    ctx.set_model(ModelRef(source=ctx.artifact_path("model"), dtype=ref.dtype if ref else "auto",
-                           device=ref.device if ref else "auto"), model, tokenizer)
+    ctx.set_model_artifact("model", model, tokenizer)
     return StageResult(metrics=metrics)

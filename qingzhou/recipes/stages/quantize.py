@@ -51,7 +51,6 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
         return _load_bnb(cfg, ctx)
     model, tokenizer = ctx.get_model()
     out = ctx.work_dir / "model"
-    ref = ctx.model_ref
     if cfg.save_format == "gguf":
         return _save_gguf(cfg, ctx, model, tokenizer)
     report = quantize(model, cfg.settings, tokenizer=tokenizer)
@@ -64,8 +63,7 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
-    ctx.set_model(ModelRef(source=ctx.artifact_path("model"), dtype=ref.dtype if ref else "auto",
-                           device=ref.device if ref else "auto"), model, tokenizer)
+    ctx.set_model_artifact("model", model, tokenizer)
     return StageResult(metrics=metrics)
 
 
