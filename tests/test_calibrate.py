@@ -126,3 +126,37 @@ def test_singular_hessian_is_retried_with_more_damping():
         inv = damped_inverse_cholesky(H, damp_percent=0.0, name="probe")
     assert inv.retries >= 1 and inv.damp_percent > 0
     assert torch.isfinite(inv.chol_inv_upper).all()
+
+
+def test_linears_reading_one_input_share_one_hessian_computation():
+    """q/k/v (and gate/up) get the same flattened tensor from the engine: X^T X is computed once, and
+    the shared Hessian equals the one computed separately."""
+    from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian
+
+    lin = torch.nn.Linear(8, 4)
+    torch.manual_seed(0)
+    store: dict = {}
+    calls = {"n": 0}
+    original = HessianAccumulator.add
+
+    def counting_add(self, x):
+        calls["n"] += 1
+        original(self, x)
+
+    HessianAccumulator.add = counting_add
+    try:
+        for _ in range(3):
+            x = torch.randn(16, 8)
+            for name in ("q", "k", "v"):
+                accumulate_hessian(store, name, lin, x)
+            accumulate_hessian(store, "o", lin, torch.randn(16, 8))
+    finally:
+        HessianAccumulator.add = original
+    assert calls["n"] == 6  # one per batch for q/k/v together, one per batch for o
+    assert store["q"] is store["k"] is store["v"] and store["o"] is not store["q"]
+    torch.manual_seed(0)
+    alone = HessianAccumulator(8, "cpu")
+    for _ in range(3):
+        alone.add(torch.randn(16, 8))
+        torch.randn(16, 8)
+    assert torch.allclose(store["v"].H, alone.H)

@@ -291,10 +291,16 @@ def _collect(layer: nn.Module, group: list[str], linears: dict[str, nn.Linear],
     seen: set[str] = set()
     want = set(group)
 
+    # Linears reading the same tensor (q/k/v, gate/up) get the same flattened object, so callbacks
+    # can tell shared inputs apart by identity (`accumulate_hessian` computes their Hessian once).
+    last: dict[str, torch.Tensor | None] = {"raw": None, "flat": None}
+
     def make_hook(name: str):
         def hook(mod, args):
             x = args[0]
-            x = x.reshape(-1, x.shape[-1])
+            if x is not last["raw"]:
+                last["raw"], last["flat"] = x, x.reshape(-1, x.shape[-1])
+            x = last["flat"]
             tokens[name] += x.shape[0]
             callback.add_batch(name, mod, x)
             seen.add(name)
@@ -314,6 +320,7 @@ def _collect(layer: nn.Module, group: list[str], linears: dict[str, nn.Linear],
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     return tokens
 
 
@@ -410,11 +417,24 @@ class HessianAccumulator:
 
 
 def accumulate_hessian(hessians: dict[str, HessianAccumulator], name: str, module: nn.Linear, x: torch.Tensor) -> None:
-    """The `add_batch` of every Hessian-based callback (GPTQ, SparseGPT): one accumulator per linear."""
+    """The `add_batch` of every Hessian-based callback (GPTQ, SparseGPT): one accumulator per linear.
+
+    Linears fed the very same tensor object (q/k/v, gate/up: the engine hands them one flattened
+    input) share one accumulator, so X^T X is computed once per input rather than once per linear.
+    Consumers only read `acc.H` (the solvers clone it), so sharing is safe.
+    """
     acc = hessians.get(name)
+    shared = hessians.get(_LAST_INPUT)
+    if shared is not None and shared[0] is x and (acc is None or acc is shared[1]):
+        hessians[name] = shared[1]  # already holds this batch
+        return
     if acc is None:
         acc = hessians[name] = HessianAccumulator(module.in_features, x.device)
     acc.add(x)
+    hessians[_LAST_INPUT] = (x, acc)  # type: ignore[assignment]
+
+
+_LAST_INPUT = "\0last-input"  # a key no module name can take
 
 
 @dataclass

@@ -132,14 +132,11 @@ class AWQCollector:
                     fold_scales(layer, g, s)
 
     def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        from qingzhou.compress.calibrate import HessianAccumulator
+        from qingzhou.compress.calibrate import accumulate_hessian
 
         if not self.quantize_weights:
             return
-        acc = self.hessians.get(name)
-        if acc is None:
-            acc = self.hessians[name] = HessianAccumulator(module.in_features, x.device)
-        acc.add(_subsample(x, self.cfg.max_tokens))
+        accumulate_hessian(self.hessians, name, module, _subsample(x, self.cfg.max_tokens))
 
     def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
         import torch
