@@ -121,3 +121,23 @@ def test_optimizer_names_are_checked_with_a_hint():
     with pytest.raises(RecipeError, match="Did you mean 'paged_adamw_8bit'"):
         parse_finetune_config({"method": "qlora", "optimizer": "paged_adam_8bit"})
     assert parse_finetune_config({"method": "qlora"}).compute_dtype == "auto"
+
+
+def test_lora_trains_on_a_gptq_packed_base_and_leaves_it_untouched(tok, data, tmp_path):
+    """A model quantised by qingzhou (QuantLinear layers, GPTQ layout) takes LoRA through peft's GPTQ
+    LoRA layer: loss goes down and the packed 4-bit buffers do not change."""
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.compress.quantize.qlinear import QuantLinear
+
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    quantize(model, {"method": "rtn", "bits": 4, "group_size": 32})
+    packed = {n: m.qweight.clone() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert packed
+    res = finetune(model, tok, data, {"method": "lora", "max_steps": 30, "batch_size": 4, "learning_rate": 1e-2,
+                                      "dropout": 0.0, "progress": False}, output_dir=tmp_path)
+    assert res.eval_loss_after < 0.9 * res.eval_loss_before, (res.eval_loss_before, res.eval_loss_after)
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): m.qweight
+             for n, m in res.model.named_modules() if isinstance(m, QuantLinear)}
+    assert after.keys() == packed.keys()
+    assert all(torch.equal(after[n], packed[n]) for n in packed)

@@ -127,7 +127,20 @@ def _lora(model: Any, cfg: LoraConfig, *, dora: bool = False, rslora: bool = Fal
         target_modules=target_modules_for(model, cfg.target_modules), modules_to_save=cfg.modules_to_save,
         use_dora=dora, use_rslora=rslora,
     )
+    _register_quantized_bases(model, config)
     return peft.get_peft_model(model, config)
+
+
+def _register_quantized_bases(model: Any, config: Any) -> None:
+    """peft wraps only base layer types it knows. qingzhou's own `QuantLinear` (GPTQ layout) takes
+    peft's GPTQ LoRA layer, which adds the adapter on top of the base layer's forward, so a
+    quantised model (e.g. a distillation student) can be LoRA-tuned on its frozen 4-bit base."""
+    from qingzhou.compress.quantize.qlinear import QuantLinear
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        config._register_custom_module({QuantLinear: GPTQLoraLinear})
 
 
 @register_method("lora", LoraConfig, mergeable=True)
