@@ -40,6 +40,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def emit_result(result: dict[str, Any], out_file: Any, as_json: bool) -> bool:
+    """Write `result` to `--out` (atomically) if given, print it as JSON with `--json`; True when
+    printed, so the command skips its tables."""
+    if out_file:
+        from qingzhou.io import atomic_write_json
+
+        atomic_write_json(out_file, result)
+    if as_json:
+        print_json(result)
+    return as_json
+
+
 def table(title: str | None, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     t = Table(title=title, show_lines=False)

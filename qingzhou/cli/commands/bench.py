@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import emit_result, guarded, kv_table, out, table
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,6 @@ def register(app: typer.Typer) -> None:
         """Measure prefill and decode tokens/s, TTFT, TPOT and memory (mean ± std over repeats)."""
         from qingzhou.errors import RecipeError
         from qingzhou.eval.bench import bench
-        from qingzhou.io import atomic_write_json
         from qingzhou.llm import load_model
 
         choices = {"auto": "auto", "on": True, "off": False}
@@ -40,10 +39,7 @@ def register(app: typer.Typer) -> None:
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])
         result["config"]["model"] = model
-        if out_file:
-            atomic_write_json(out_file, result)
-        if as_json:
-            print_json(result)
+        if emit_result(result, out_file, as_json):
             return
 
         def fmt(s):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, out, print_json, table
+from qingzhou.cli.common import emit_result, guarded, out, print_json, table
 
 
 def register_eval(eval_app: typer.Typer) -> None:
@@ -39,7 +39,6 @@ def register_eval(eval_app: typer.Typer) -> None:
             print_json(rows) if as_json else out.print(table("tasks", rows))
             return
         from qingzhou.eval.harness import evaluate
-        from qingzhou.io import atomic_write_json
         from qingzhou.llm import load_model
 
         for name in tasks:  # a typo fails now, not after loading the model
@@ -48,10 +47,7 @@ def register_eval(eval_app: typer.Typer) -> None:
         result = evaluate(mdl, tok, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                           seed=seed, data_dir=data_dir, source=source, progress=progress)
         result["config"]["model"] = model
-        if out_file:
-            atomic_write_json(out_file, result)
-        if as_json:
-            print_json(result)
+        if emit_result(result, out_file, as_json):
             return
         rows = [{"task": name, "metric": r["metric"], "score": round(r["score"], 4),
                  "stderr": None if r["stderr"] is None else round(r["stderr"], 4), "n": r["n"],
