@@ -106,10 +106,9 @@ class Int4Pack:
         if packer is None or not (force or supported(device.type, dtype)):
             return None
         out_f, in_f = codes.shape
-        order = _column_order(g_idx, group_size)
-        tiles = _inner_k_tiles(in_f)
-        if order is None or tiles is None or why_not(4, group_size, in_f, out_f, g_idx):
+        if why_not(4, group_size, in_f, out_f, g_idx):  # also guarantees the order and tiles below
             return None
+        order, tiles = _column_order(g_idx, group_size), _inner_k_tiles(in_f)
         identity = torch.equal(order, torch.arange(in_f, device=order.device))
         try:
             pack, matmul = packer[0], packer[1]()
