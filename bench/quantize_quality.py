@@ -7,7 +7,8 @@ with the same protocol are printed alongside for reference (not re-run here).
 
     python bench/quantize_quality.py                       # default settings
     python bench/quantize_quality.py --settings fp,rtn-asym-4,gptq-asym-4 --out /tmp/q.json
-Setting names: fp | {rtn,gptq}-{sym,asym}-{bits}[-g{group}] (group default 64).
+Setting names: fp | bnb-{nf4,int8} | sq-8 | {rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip]
+[-noact][-noseq] (group default 64; see parse_setting).
 """
 from __future__ import annotations
 
@@ -27,24 +28,38 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 }
 
 
-def parse_setting(name: str) -> dict | None:
-    """`fp` -> None; `bnb-nf4`/`bnb-int8`; `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}]`.
+OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False}}
 
-    `awqgptq` is AWQ's scale search followed by GPTQ rounding on the scaled weights.
+
+def parse_setting(name: str) -> dict | None:
+    """`fp` -> None; `bnb-nf4`/`bnb-int8`; `sq-8` (SmoothQuant W8A8, alpha 0.5);
+    `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip][-noact][-noseq]`.
+
+    `awqgptq` is AWQ's scale search followed by GPTQ rounding on the scaled weights; `noclip` turns
+    the per-group range search off, `noact` GPTQ's act-order, `noseq` true-sequential order.
     """
     if name == "fp":
         return None
     parts = name.split("-")
+    calibration = {"source": str(SHARED / "llamafactory" / "c4_demo.jsonl"), "mode": "rows",
+                   "seq_len": 512, "num_samples": 100000}
     if parts[0] == "bnb":
         return {"method": "bnb", "quant_type": parts[1], "device": "cpu", "compute_dtype": "float32"}
+    if parts[0] == "sq":
+        return {"method": "smoothquant", "calibration": calibration}
     method, grid, bits = parts[0], parts[1], int(parts[2])
-    group = int(parts[3][1:]) if len(parts) > 3 else 64
-    cfg: dict = {"method": method, "bits": bits, "group_size": group, "sym": grid == "sym"}
+    cfg: dict = {"method": method, "bits": bits, "group_size": 64, "sym": grid == "sym"}
+    for opt in parts[3:]:
+        if opt.startswith("g") and opt[1:].lstrip("-").isdigit():
+            cfg["group_size"] = int(opt[1:])
+        elif opt in OPTIONS:
+            cfg.update(OPTIONS[opt])
+        else:
+            raise SystemExit(f"unknown setting option {opt!r} in {name!r} (expected g<size> or one of {sorted(OPTIONS)})")
     if method == "awqgptq":
         cfg.update(method="awq", solver="gptq")
     if cfg["method"] in ("gptq", "awq"):
-        cfg["calibration"] = {"source": str(SHARED / "llamafactory" / "c4_demo.jsonl"), "mode": "rows",
-                              "seq_len": 512, "num_samples": 100000}
+        cfg["calibration"] = calibration
     return cfg
 
 

@@ -160,3 +160,57 @@ def test_linears_reading_one_input_share_one_hessian_computation():
         alone.add(torch.randn(16, 8))
         torch.randn(16, 8)
     assert torch.allclose(store["v"].H, alone.H)
+
+
+def test_wide_hessian_triangular_update_equals_the_full_product():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(40, 700, generator=g), torch.randn(25, 700, generator=g)]  # 700: 3 blocks, ragged
+    acc = HessianAccumulator(700, "cpu")
+    for x in xs:
+        acc.add(x)
+    X = torch.cat(xs)
+    H = acc.H
+    torch.testing.assert_close(H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(H, H.T)
+
+
+def _attention_calls(model):
+    """Completed forwards of layer 0's o_proj and q_proj (a replayed block calls neither)."""
+    calls = {"o": 0, "q": 0}
+    attn = model.model.layers[0].self_attn
+    attn.o_proj.register_forward_hook(lambda *a: calls.__setitem__("o", calls["o"] + 1))
+    attn.q_proj.register_forward_hook(lambda *a: calls.__setitem__("q", calls["q"] + 1))
+    return calls
+
+
+def test_finished_attention_is_replayed_exactly_and_runs_fewer_times():
+    """With q/k/v/o final, later runs of the layer (gate/up, down, outputs) reuse the attention
+    block's recorded output instead of recomputing it: identical results, fewer attention calls;
+    shared groups stop before their first member computes."""
+
+    class Rewrite(Recorder):  # every group's weights change, as a quantizer's would
+        def finish_group(self, index, layer, names):
+            super().finish_group(index, layer, names)
+            mods = dict(layer.named_modules())
+            for n in names:
+                w = mods[n.split(f"layers.{index}.", 1)[1]].weight
+                w.copy_(torch.round(w * 8) / 8)
+
+    results = {}
+    for reuse in (False, True):
+        model = tiny_model("llama")
+        calls = _attention_calls(model)
+        rec = Rewrite()
+        run_layerwise(model, _samples(), rec, batch_size=2, device="cpu", reuse_outputs=reuse)
+        results[reuse] = (rec, calls, model)
+    (plain, plain_calls, m0), (fast, fast_calls, m1) = results[False], results[True]
+    for name in plain.inputs:  # every linear saw bit-identical inputs
+        for a, b in zip(plain.inputs[name], fast.inputs[name]):
+            assert torch.equal(a, b), name
+    for (n, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
+        assert torch.equal(p0, p1), n
+    b = 3  # batches (6 samples / 2). Runs: probe, q/k/v, o, gate/up, down, outputs
+    assert plain_calls["q"] == 1 + 4 * b  # the q/k/v run stops at q's pre-hook, before q computes
+    assert plain_calls["o"] == 1 + 3 * b  # the o run stops before o
+    assert fast_calls["q"] == 1 + 2 * b  # o and gate/up runs compute attention; down and outputs replay it
+    assert fast_calls["o"] == 1 + 1 * b

@@ -73,8 +73,7 @@ def gptq_quantize_weight(
     del H
 
     codes = torch.zeros(rows, cols, device=W.device)
-    Q = torch.zeros_like(W)
-    col_group = torch.zeros(cols, dtype=torch.long)  # group of each (possibly permuted) column
+    col_group = [0] * cols  # group of each (possibly permuted) column
     losses = torch.zeros(rows, device=W.device)
     orig_col = perm.tolist() if perm is not None else list(range(cols))
     scale = zero = None
@@ -84,7 +83,7 @@ def gptq_quantize_weight(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
+        for i in range(count):  # the hot loop: as few tensor ops per column as possible
             col = i1 + i
             if static_groups:
                 g = orig_col[col] // gs
@@ -98,22 +97,21 @@ def gptq_quantize_weight(
                     scales[g], zeros[g] = scale, zero
             col_group[col] = g
             w = W1[:, i]
-            d = Hinv1[i, i]
             q_codes = quantize_to_codes(w, scale, zero, maxq)
-            q = (q_codes - zero) * scale
             codes[:, col] = q_codes
-            Q[:, col] = q
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            err = Err1[:, i]
+            torch.sub(w, (q_codes - zero).mul_(scale), out=err)
+            err.div_(Hinv1[i, i])
+            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
+        losses += Err1.square().sum(1) / 2  # GPTQ's proxy: (w - q)^2 / Hinv_jj^2 / 2 per column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = torch.empty(cols, dtype=torch.int32)
-    g_idx[torch.tensor(orig_col)] = col_group.to(torch.int32)
+    g_idx[torch.tensor(orig_col)] = torch.tensor(col_group, dtype=torch.int32)
     if perm is not None:
-        invperm = torch.argsort(perm)
-        codes, Q = codes[:, invperm], Q[:, invperm]
+        codes = codes[:, torch.argsort(perm)]
+    gl = g_idx.long().to(W.device)  # the dequantised weight, with exactly the loaders' arithmetic
+    Q = (codes - zeros[gl].T) * scales[gl].T
     if not torch.isfinite(Q).all():  # never hand back a silent NaN
         raise FloatingPointError(f"{name}: GPTQ produced non-finite weights")
     qw = QuantizedWeight(codes=codes.to(torch.uint8).cpu(), scales=scales.half().cpu(),
