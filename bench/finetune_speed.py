@@ -8,8 +8,13 @@ QLoRA (NF4 + double quantisation, LoRA r=16) runs where bitsandbytes does (CUDA;
 qingzhou swaps the loaded model's linears in memory, the baseline reloads through transformers'
 `BitsAndBytesConfig`, the usual HF recipe; both quantise the same layers the same way.
 
+Real tokens per step are printed for both arms: packed rows of `--max-length` carry several short
+samples, so at the same batch size qingzhou trains on more tokens (and holds more activations) per
+step than the padded baseline; `--qz-batch-size` evens that out.
+
     python bench/finetune_speed.py                       # tiny 4-layer Llama, CPU-friendly
     python bench/finetune_speed.py --model smollm2 --steps 20 --methods lora full qlora
+    python bench/finetune_speed.py --model smollm2 --batch-size 2 --qz-batch-size 1   # ~equal tokens per step
 """
 from __future__ import annotations
 
@@ -69,13 +74,14 @@ def arm_qingzhou(args, method: str, queue) -> None:
     cfg = DataConfig(source=str(DATA), max_length=args.max_length, eval_fraction=0, max_samples=args.rows,
                      packing=True, cache=False)
     data = prepare_data(cfg, tok)
-    cfg = {"method": method, "max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": _lr(method),
-           "progress": False}
+    cfg = {"method": method, "max_steps": args.steps, "batch_size": args.qz_batch_size or args.batch_size,
+           "learning_rate": _lr(method), "progress": False}
     if method != "full":
         cfg["r"] = 16
     res = finetune(model, tok, data, cfg, output_dir=tempfile.mkdtemp(prefix="qz-bench-"))
     queue.put({"arm": "qingzhou", "method": method, "tokens_per_s": res.tokens_per_s, "peak_mb": _peak_mb(),
-               "seconds": res.seconds, "tokens": res.train_tokens, "loss_last": res.train_loss[-1][1]})
+               "seconds": res.seconds, "tokens": res.train_tokens, "loss_last": res.train_loss[-1][1],
+               "tokens_per_step": res.train_tokens / args.steps})
 
 
 def _lr(method: str) -> float:
@@ -121,7 +127,7 @@ def arm_trainer(args, method: str, queue) -> None:
     import peft
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from qingzhou.finetune.methods import target_modules_for
+    from qingzhou.finetune.methods import LoraConfig, target_modules_for
 
     model, tok = _load(args.model)
     data, _ = _examples(tok, args)
@@ -129,7 +135,8 @@ def arm_trainer(args, method: str, queue) -> None:
     if method == "qlora":
         model = _hf_4bit(model)
     if method != "full":
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
+                                                           lora_dropout=LoraConfig().dropout,  # as the qingzhou arm
                                                            target_modules=target_modules_for(model)))
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="hf-bench-"), per_device_train_batch_size=args.batch_size,
                               max_steps=args.steps, learning_rate=_lr(method), report_to=[],
@@ -143,7 +150,7 @@ def arm_trainer(args, method: str, queue) -> None:
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     tokens = mean_len * args.batch_size * args.steps
     queue.put({"arm": "hf_trainer", "method": method, "tokens_per_s": tokens / seconds, "peak_mb": _peak_mb(),
-               "seconds": seconds, "tokens": tokens, "loss_last": out.training_loss})
+               "seconds": seconds, "tokens": tokens, "loss_last": out.training_loss, "tokens_per_step": tokens / args.steps})
 
 
 def run_arm(fn, args, method):
@@ -162,6 +169,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None, help="default: lora full qlora (qlora where bitsandbytes runs)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--qz-batch-size", type=int, default=None,
+                    help="packed rows per step for qingzhou (default: --batch-size). A packed row holds several "
+                         "samples, so with short samples the same batch size means more tokens per step than "
+                         "the padded baseline; this evens out the work per step (both are printed)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--rows", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
@@ -178,10 +189,12 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     print(f"model={args.model} max_length={args.max_length} batch={args.batch_size} steps={args.steps} threads={args.threads}")
-    print(f"{'method':8} {'HF tok/s':>10} {'qz tok/s':>10} {'speedup':>8} {'HF MB':>8} {'qz MB':>8} {'mem ratio':>9}")
+    print(f"{'method':8} {'HF tok/s':>10} {'qz tok/s':>10} {'speedup':>8} {'HF MB':>8} {'qz MB':>8} {'mem ratio':>9}"
+          f" {'HF tok/step':>11} {'qz tok/step':>11}")
     for r in results:
         print(f"{r['method']:8} {r['hf']['tokens_per_s']:10.0f} {r['qingzhou']['tokens_per_s']:10.0f} {r['speedup']:8.2f} "
-              f"{r['hf']['peak_mb']:8.0f} {r['qingzhou']['peak_mb']:8.0f} {r['memory_ratio']:9.2f}")
+              f"{r['hf']['peak_mb']:8.0f} {r['qingzhou']['peak_mb']:8.0f} {r['memory_ratio']:9.2f}"
+              f" {r['hf']['tokens_per_step']:11.0f} {r['qingzhou']['tokens_per_step']:11.0f}")
 
 
 if __name__ == "__main__":

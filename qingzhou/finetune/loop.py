@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.data.packing import Example, collate
+from qingzhou.finetune.fused_ops import fused_training_ops
+from qingzhou.llm.devices import release_host_memory
 from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
 from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
@@ -77,18 +79,29 @@ def resolve_mixed_precision(choice: str, device_type: str) -> str:
 
 
 def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over labelled tokens, and how many there were."""
-    import torch
+    """Summed next-token cross-entropy over labelled tokens, and how many there were.
+
+    Labels are shifted (padded with the ignore index) rather than the logits sliced, so nothing of
+    vocabulary size is copied; where the head allows it the logits are never built at all
+    (`fused_loss`: head and loss in row chunks, the largest activation of a step gone).
+    """
     import torch.nn.functional as F
+
+    from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual-token logits
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    count = int((targets != IGNORE_INDEX).sum())
+    if fused_loss_supported(model):
+        with head_bypassed(model) as head:
+            hidden = model(**inputs, use_cache=False).logits
+        hidden = hidden[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets, IGNORE_INDEX)
+        return loss, count
+    logits = model(**inputs, use_cache=False).logits[:, -labels.shape[1]:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, count
 
 
 class BatchPlan:
@@ -299,7 +312,8 @@ def finetune(
     model.train()
     t0, tokens0 = time.perf_counter(), state["tokens"]
     progress = _progress(cfg.progress and accelerator.is_main_process)
-    with progress:
+    # SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
+    with progress, fused_training_ops(unwrapped):
         task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-", mem="-")
         for step in range(start_step + 1, cfg.max_steps + 1):
             micro = [[prepared.train[i] for i in plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
@@ -322,6 +336,9 @@ def finetune(
                     accelerator.backward(loss * accelerator.num_processes / step_targets,
                                          **({"scale_wrt_gas": False} if deepspeed else {}))
                 loss_sum += float(loss.detach())
+                del loss
+                if accelerator.device.type == "cpu":
+                    release_host_memory()  # the micro-batch's activations are free now; keep RSS at what is live
                 state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -98,7 +98,8 @@ class LoraConfig(FinetuneConfig):
     method: Literal["lora"] = "lora"
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0, description="scaling numerator: alpha/r (alpha/sqrt(r) for rsLoRA)")
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input; 0 as in peft, LLaMA-Factory "
+                           "and torchtune: above 0 peft keeps a dropped copy of every adapted layer's input for backward")
     target_modules: list[str] | str | None = Field(None, description="module names or 'all-linear'; None: per architecture")
     modules_to_save: list[str] | None = None
 

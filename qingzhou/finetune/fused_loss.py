@@ -1,0 +1,137 @@
+"""Next-token loss without materialising the logits: output projection and cross-entropy in row chunks.
+
+Why: for a real vocabulary the logits are the largest activation of a training step. SmolLM2's
+49,152-token head on 4 x 512 packed tokens gives a 400 MB fp32 logits tensor, and a plain
+`cross_entropy(logits.float())` keeps it, its log-softmax and (after slicing) a copy alive until
+backward. Here the head runs on a chunk of rows at a time and the gradient of that chunk
+(softmax - one-hot) is turned into the gradients of the hidden states and of the head weight right
+away (as Liger's fused linear cross-entropy and torchtune's chunked loss do), so the peak holds
+one chunk of logits plus gradients the size of the hidden states and of the head. Same FLOPs as
+the plain path: nothing is recomputed.
+
+The model still runs its own forward: its output layer is swapped for an identity for that call,
+so "logits" come back as the final (normed) hidden states that the head would have seen. Models
+that post-process logits (soft-capping, scaling), heads that are not a plain `nn.Linear` (LoRA on
+`lm_head`, quantised heads) and sharded engines (FSDP, DeepSpeed), whose weights only exist inside
+their own forward, take the plain path (`fused_loss_supported`).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+# config attributes that change logits after the head: a model with any of them set keeps the plain path
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+CHUNK_ELEMENTS = 2**24  # logits elements per chunk (64 MB in fp32)
+
+
+def _unwrap(model: Any) -> Any:
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    return model
+
+
+def fused_loss_supported(model: Any) -> bool:
+    """True when the model's logits are exactly `lm_head(final hidden)` with a plain linear head."""
+    import torch
+
+    if any(s in type(m).__name__ for m in (model, _unwrap(model)) for s in ("FullyShardedDataParallel", "DeepSpeedEngine")):
+        return False
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return False
+    config = getattr(inner, "config", None)
+    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING)
+
+
+@contextlib.contextmanager
+def head_bypassed(model: Any) -> Iterator[Any]:
+    """Inside, the model's output layer returns its input; yields that layer (its weight and bias)."""
+    head = _unwrap(model).get_output_embeddings()
+    had_own = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+    head.forward = lambda hidden: hidden
+    try:
+        yield head
+    finally:
+        if had_own:
+            head.forward = previous
+        else:
+            del head.forward
+
+
+def _compute_dtype(weight: Any) -> Any:
+    import torch
+
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _make_function() -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Sum over labelled rows of CE(hidden @ W.T + b, label); the gradients are computed chunk by
+        chunk during forward and only scaled in backward."""
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, labels: Any, ignore_index: int, dtype: Any) -> Any:
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            want_b = bias is not None and ctx.needs_input_grad[2]
+            grad_h = torch.empty_like(hidden) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+            for s in range(0, hidden.shape[0], step):
+                h = hidden[s:s + step].to(dtype)
+                y = labels[s:s + step]
+                valid = y != ignore_index
+                target = y.clamp(min=0)
+                logits = F.linear(h, w, b).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+                if not (want_h or want_w or want_b):
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
+                grad.mul_(valid[:, None])
+                if want_b:
+                    grad_b += grad.sum(0)
+                grad = grad.to(dtype)
+                if want_h:
+                    grad_h[s:s + step] = grad @ w
+                if want_w:
+                    grad_w += grad.t() @ h
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            w_dtype, b_dtype = ctx.dtypes
+            return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+                    None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+                    None if grad_b is None else (grad_b * grad_out).to(b_dtype), None, None, None)
+
+    return LinearCrossEntropy
+
+
+_FUNCTION: list[Any] = []
+
+
+def linear_cross_entropy(hidden: Any, weight: Any, bias: Any, labels: Any, ignore_index: int = -100) -> Any:
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `labels` (rows equal to
+    `ignore_index` skipped), never holding more than one chunk of logits. `hidden`: (N, H),
+    `labels`: (N,). Matmuls run in the autocast dtype when autocast is on; sums in fp32."""
+    if not _FUNCTION:
+        _FUNCTION.append(_make_function())
+    return _FUNCTION[0].apply(hidden, weight, bias, labels, ignore_index, _compute_dtype(weight))
