@@ -8,7 +8,8 @@ with the same protocol are printed alongside for reference (not re-run here).
     python bench/quantize_quality.py                       # default settings
     python bench/quantize_quality.py --settings fp,rtn-asym-4,gptq-asym-4 --out /tmp/q.json
 Setting names: fp | bnb-{nf4,int8} | sq-8 | {rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip]
-[-noact][-noseq] (group default 64; see parse_setting).
+[-noact][-noseq][-static][-hclip] (group default 64; see parse_setting).
+Add `--tasks arc_easy,piqa` for zero-shot task scores of every setting.
 """
 from __future__ import annotations
 
@@ -28,15 +29,19 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 }
 
 
-OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False}}
+OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False},
+           "static": {"static_groups": True}, "hclip": {"hessian_clip": True}}
 
 
 def parse_setting(name: str) -> dict | None:
     """`fp` -> None; `bnb-nf4`/`bnb-int8`; `sq-8` (SmoothQuant W8A8, alpha 0.5);
-    `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip][-noact][-noseq]`.
+    `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip][-noact][-noseq][-static][-hclip]`.
 
     `awqgptq` is AWQ's scale search followed by GPTQ rounding on the scaled weights; `noclip` turns
-    the per-group range search off, `noact` GPTQ's act-order, `noseq` true-sequential order.
+    the per-group range search off, `noact` GPTQ's act-order, `noseq` true-sequential order;
+    `static` fixes every group's grid from the original weights before the column loop (as
+    llm-compressor does) instead of when the loop reaches the group; `hclip` weighs the clip
+    search's per-column error by the Hessian diagonal.
     """
     if name == "fp":
         return None
@@ -63,12 +68,26 @@ def parse_setting(name: str) -> dict | None:
     return cfg
 
 
+def task_scores(model, tok, tasks: str, limit: int) -> dict:
+    """Zero-shot scores of the shipped tasks named in `tasks` (comma list) on their first `limit`
+    rows, from ../shared/data/tasks: {task: score}, plus the harness seconds."""
+    if not tasks:
+        return {}
+    from qingzhou.eval.harness import evaluate
+
+    out = evaluate(model, tok, tasks.split(","), limit=limit, data_dir=SHARED, progress=False)
+    scores = {t: round(r["score"], 4) for t, r in out["results"].items()}
+    return {"tasks": scores, "tasks_s": out["seconds"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default="fp,rtn-asym-4,gptq-asym-4,rtn-asym-3,gptq-asym-3")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--tasks", default="", help="also score these shipped tasks zero-shot (e.g. arc_easy,piqa)")
+    ap.add_argument("--task-limit", type=int, default=500, help="first N rows of each task")
     ap.add_argument("--peers", nargs="?", const="default", default=None,
                     help="also run llm-compressor in its venv (bench/peers/README.md) on the same calibration and "
                          "evaluation: a comma list like llmc-gptq-asym-4,llmc-awq-asym-4, or no value for its GPTQ "
@@ -99,6 +118,7 @@ def main() -> None:
         res = perplexity(model, tok, text, seq_len=2048, max_windows=args.windows, progress=False)
         row["ppl"] = round(res.ppl, 3)
         row["ppl_s"] = round(res.seconds, 1)
+        row.update(task_scores(model, tok, args.tasks, args.task_limit))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
@@ -110,9 +130,11 @@ def main() -> None:
                           calib_rows=100000, threads=args.threads, tokenizer=tok)
         if args.out:
             Path(args.out).write_text(json.dumps({"rows": rows, "peers": PEERS}, indent=2))
-    print("\nsetting               ppl      quantize s")
+    tasks = [t for t in args.tasks.split(",") if t]
+    print("\nsetting               ppl      quantize s" + "".join(f"  {t:>12}" for t in tasks))
     for r in rows:
-        print(f"{r['setting']:<20} {r['ppl']:>8.3f}  {r.get('quantize_s', '-')!s:>8}")
+        print(f"{r['setting']:<20} {r['ppl']:>8.3f}  {r.get('quantize_s', '-')!s:>8}"
+              + "".join(f"  {r.get('tasks', {}).get(t, float('nan')):>12.4f}" for t in tasks))
     print("\npeers (issue, same protocol):")
     for width, peers in PEERS.items():
         print(f"  {width}: " + ", ".join(f"{k} {v}" for k, v in peers.items()))

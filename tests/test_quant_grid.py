@@ -73,3 +73,26 @@ def test_ragged_last_group():
     assert qw.g_idx.tolist() == [i // 32 for i in range(80)]
     step = qw.scales.float()[qw.g_idx.long()].T
     assert bool(((qw.dequantize() - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_clip_search_weighted_by_columns_clips_an_outlier_in_a_quiet_column():
+    """GPTQ's `hessian_clip` weighs each column's error by its input energy: an outlier in a column
+    whose input is nearly always zero is cheap to clip, so the weighted search clips it while the
+    plain search keeps the range that covers it."""
+    import torch
+
+    from qingzhou.compress.quantize.grid import fake_quantize, find_params
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 64, generator=g) * 0.1
+    w[:, 5] = 2.0  # the outlier column
+    weight = torch.ones(64)
+    weight[5] = 1e-4
+    s_plain, z_plain = find_params(w, 4, False, clip_search=True)
+    s_weighted, z_weighted = find_params(w, 4, False, clip_search=True, col_weight=weight)
+    assert (s_weighted < s_plain * 0.8).all()
+
+    def weighted_err(s, z):
+        return ((fake_quantize(w, s[:, None], z[:, None], 15) - w).abs() ** 2.4 * weight).sum()
+
+    assert weighted_err(s_weighted, z_weighted) < weighted_err(s_plain, z_plain)

@@ -21,6 +21,8 @@ class GPTQConfig(CalibratedConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantise columns in decreasing Hessian diagonal (desc_act)")
     static_groups: bool = Field(False, description="fix group parameters before act-order (trivial g_idx)")
+    hessian_clip: bool = Field(False, description="weigh each column's error in the clip search (clip_search) by "
+                                                  "its Hessian diagonal, i.e. by the output error it causes")
     true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
                                                     "within each layer, each seeing the quantised inputs")
 
@@ -32,7 +34,8 @@ def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], ca
     from qingzhou.compress.quantize.gptq_solver import GPTQCollector
 
     collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
-                              act_order=cfg.act_order, static_groups=cfg.static_groups)
+                              act_order=cfg.act_order, static_groups=cfg.static_groups,
+                              hessian_clip=cfg.hessian_clip)
     report = run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
                            true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
                            offload_inputs=cfg.offload_inputs)

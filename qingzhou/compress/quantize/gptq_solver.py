@@ -46,6 +46,7 @@ class GPTQResult:
 def gptq_quantize_weight(
     weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
     damp_percent: float = 0.01, act_order: bool = True, static_groups: bool = False, name: str = "",
+    hessian_clip: bool = False,
 ) -> GPTQResult:
     W = weight.detach().float().clone()
     rows, cols = W.shape
@@ -58,16 +59,20 @@ def gptq_quantize_weight(
     scales = torch.zeros(n_groups, rows, device=W.device)
     zeros = torch.zeros(n_groups, rows, device=W.device)
 
-    def params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return find_params(w, scheme.bits, scheme.sym, scheme.clip_search)
+    hdiag = torch.diag(H).clone() if hessian_clip else None  # columns' input energy, weighs the clip search
+
+    def params(w: torch.Tensor, d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return find_params(w, scheme.bits, scheme.sym, scheme.clip_search, col_weight=d)
 
     if static_groups:
         for g in range(n_groups):
-            scales[g], zeros[g] = params(W[:, g * gs : (g + 1) * gs])
+            cut = slice(g * gs, (g + 1) * gs)
+            scales[g], zeros[g] = params(W[:, cut], None if hdiag is None else hdiag[cut])
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        hdiag = None if hdiag is None else hdiag[perm]
     inv = damped_inverse_cholesky(H, damp_percent, name=name)
     Hinv = inv.chol_inv_upper
     del H
@@ -93,7 +98,7 @@ def gptq_quantize_weight(
                 if col % gs == 0:
                     end = col + gs
                     seg = W1[:, i : i + gs] if end <= i2 else torch.cat([W1[:, i:], W[:, i2:end]], dim=1)
-                    scale, zero = params(seg)
+                    scale, zero = params(seg, None if hdiag is None else hdiag[col:end])
                     scales[g], zeros[g] = scale, zero
             col_group[col] = g
             w = W1[:, i]
@@ -123,10 +128,10 @@ class GPTQCollector:
     """Calibration-engine callback: accumulate each linear's Hessian, then run the solver."""
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
-                 act_order: bool, static_groups: bool):
+                 act_order: bool, static_groups: bool, hessian_clip: bool = False):
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
-                         static_groups=static_groups)
+                         static_groups=static_groups, hessian_clip=hessian_clip)
         self.hessians: dict[str, HessianAccumulator] = {}
         self.results: dict[str, dict[str, Any]] = {}
 

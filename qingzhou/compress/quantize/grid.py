@@ -72,13 +72,15 @@ def dequantize_codes(
 
 def find_params(
     w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False,
-    grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
+    grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4, col_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) for the values in `w` [rows, cols], float32.
 
     With `clip_search` the range [min, max] is shrunk by factors 1, 0.99, ... down to
     `1 - max_shrink`, keeping the factor with the lowest sum |w - q(w)|^norm per row; the
-    heavy-tailed norm 2.4 is GPTQ's choice (between MSE and max error).
+    heavy-tailed norm 2.4 is GPTQ's choice (between MSE and max error). `col_weight` [cols]
+    weighs each column's error (GPTQ passes the Hessian diagonal: the output error a column's
+    rounding causes scales with its input's energy).
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -96,7 +98,8 @@ def find_params(
         lo, hi = p[:, None] * xmin[None, r0 : r0 + chunk], p[:, None] * xmax[None, r0 : r0 + chunk]
         s, z = _range_to_params(lo.reshape(-1), hi.reshape(-1), maxq, sym)
         s, z = s.view(n_f, -1), z.view(n_f, -1)
-        err = (fake_quantize(ws[None], s[..., None], z[..., None], maxq) - ws[None]).abs_().pow_(norm).sum(-1)
+        err = (fake_quantize(ws[None], s[..., None], z[..., None], maxq) - ws[None]).abs_().pow_(norm)
+        err = err.sum(-1) if col_weight is None else err @ col_weight.to(err)
         best = err.argmin(dim=0, keepdim=True)  # first minimum: ties keep the least clipping
         scales.append(s.gather(0, best)[0])
         zeros.append(z.gather(0, best)[0])
