@@ -78,10 +78,16 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--budget-min", type=float, default=15.0, help="stated CPU budget for distillation")
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--freeze-embeddings", action="store_true",
+                    help="keep the (tied) embeddings fixed: structured pruning leaves them intact, and skipping "
+                         "their weight gradient and Adam step buys more distillation tokens per minute")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="smollm2", help="teacher (a tiny saved model for a smoke run)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reuse", default=None, help="a previous --out JSON: take its dense and pruned rows when the "
+                                                  "windows and (single) setting match, so a distillation re-run "
+                                                  "skips re-measuring them (pruning itself is deterministic)")
     args = ap.parse_args()
 
     import torch
@@ -101,7 +107,12 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
-    result["dense"] = measure(teacher, tok, text, args.windows, args.decode, args.seq_len)
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    same = bool(old) and old["protocol"]["windows"] == args.windows and old["protocol"]["decode"] == args.decode \
+        and old.get("pruned", {}).get("setting") == args.settings
+    result["dense"] = old["dense"] if same else measure(teacher, tok, text, args.windows, args.decode, args.seq_len)
+    if same:
+        result["reused"] = {"from": args.reuse, "rows": ["dense", "pruned"]}
     save()
 
     scan = []
@@ -112,22 +123,24 @@ def main() -> None:
         t0 = time.perf_counter()
         structured_prune(model, cfg, tokenizer=tok)
         row = {"setting": setting, "prune_s": round(time.perf_counter() - t0, 1), "parameters": count(model),
-               "param_ratio": round(count(model) / result["dense"]["parameters"], 4),
-               "scan_ppl": round(measure(model, tok, text, args.scan_windows, 0, args.seq_len)["ppl"], 3)}
-        scan.append((row["scan_ppl"], row, model))
+               "param_ratio": round(count(model) / result["dense"]["parameters"], 4)}
+        if len(args.settings.split(",")) > 1:  # a scan: pick the mix that loses least
+            row["scan_ppl"] = round(measure(model, tok, text, args.scan_windows, 0, args.seq_len)["ppl"], 3)
+        scan.append((row.get("scan_ppl", 0.0), row, model))
         result.setdefault("scan", []).append(row)
         print(json.dumps(row), flush=True)
     scan.sort(key=lambda x: x[0])
     _, best, student = scan[0]
     del scan
-    result["pruned"] = {"setting": best["setting"], **measure(student, tok, text, args.windows, args.decode, args.seq_len)}
+    result["pruned"] = old["pruned"] if same else \
+        {"setting": best["setting"], **measure(student, tok, text, args.windows, args.decode, args.seq_len)}
     save()
 
     data = training_rows(tok, args.train_rows, args.max_length)
     steps = len(data.train) // (args.batch_size * args.grad_accum)
     cfg = {"divergence": "forward_kl", "temperature": args.temperature, "kd_ratio": args.kd_ratio,
            "top_k": args.top_k, "kl_rows": 8, "cache_dir": tempfile.mkdtemp(prefix="qz-teacher-"),
-           "method": "full", "learning_rate": args.lr, "max_steps": steps, "batch_size": args.batch_size,
+           "method": "full", "freeze_embeddings": args.freeze_embeddings, "learning_rate": args.lr, "max_steps": steps, "batch_size": args.batch_size,
            "grad_accum": args.grad_accum, "warmup_ratio": 0.05, "eval_batches": 4, "mixed_precision": "no",
            "progress": False}
     rep = distill(student, teacher, tok, cfg, data, output_dir=tempfile.mkdtemp(prefix="qz-distill-"))
