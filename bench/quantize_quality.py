@@ -8,7 +8,7 @@ with the same protocol are printed alongside for reference (not re-run here).
     python bench/quantize_quality.py                       # default settings
     python bench/quantize_quality.py --settings fp,rtn-asym-4,gptq-asym-4 --out /tmp/q.json
 Setting names: fp | bnb-{nf4,int8} | sq-8 | {rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip]
-[-noact][-noseq][-static][-hclip] (group default 64; see parse_setting).
+[-noact][-noseq][-static|-dyn][-hclip|-nohclip] (group default 64; see parse_setting).
 Add `--tasks arc_easy,piqa` for zero-shot task scores of every setting.
 """
 from __future__ import annotations
@@ -30,18 +30,19 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 
 
 OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False},
-           "static": {"static_groups": True}, "hclip": {"hessian_clip": True}}
+           "static": {"static_groups": True}, "dyn": {"static_groups": False},
+           "hclip": {"hessian_clip": True}, "nohclip": {"hessian_clip": False}}
 
 
 def parse_setting(name: str) -> dict | None:
     """`fp` -> None; `bnb-nf4`/`bnb-int8`; `sq-8` (SmoothQuant W8A8, alpha 0.5);
-    `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip][-noact][-noseq][-static][-hclip]`.
+    `{rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip][-noact][-noseq][-static|-dyn][-hclip|-nohclip]`.
 
     `awqgptq` is AWQ's scale search followed by GPTQ rounding on the scaled weights; `noclip` turns
     the per-group range search off, `noact` GPTQ's act-order, `noseq` true-sequential order;
-    `static` fixes every group's grid from the original weights before the column loop (as
-    llm-compressor does) instead of when the loop reaches the group; `hclip` weighs the clip
-    search's per-column error by the Hessian diagonal.
+    `static`/`dyn` fix every group's grid from the original weights before the column loop (as
+    llm-compressor does; GPTQ's default) or when the loop reaches the group; `hclip`/`nohclip` weigh
+    the clip search's per-column error by the Hessian diagonal (GPTQ's default) or not.
     """
     if name == "fp":
         return None

@@ -155,10 +155,12 @@ class AWQCollector:
                 if acc is None or acc.n == 0:
                     qw, extra = rtn_quantize_weight(lin.weight, scheme), {"fallback": "rtn"}
                 elif self.cfg.solver == "gptq":
+                    from qingzhou.compress.quantize.gptq import GPTQConfig
                     from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight
 
+                    grid_opts = {k: GPTQConfig.model_fields[k].default for k in ("static_groups", "hessian_clip")}
                     res = gptq_quantize_weight(lin.weight, acc.H, scheme, name=name, damp_percent=self.cfg.damp_percent,
-                                               act_order=self.cfg.act_order)
+                                               act_order=self.cfg.act_order, **grid_opts)
                     qw, extra = res.quantized, {"tokens": acc.n, "loss": res.loss, "damp_retries": res.damp_retries}
                 elif self.cfg.clip_search:
                     qw = clip_quantize(lin.weight, acc.H, scheme, max_shrink=self.cfg.max_shrink,

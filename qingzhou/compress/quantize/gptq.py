@@ -15,14 +15,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class GPTQConfig(CalibratedConfig):
+    """Defaults measured on SmolLM2 4-bit g64 (WikiText-2, 20 windows; llm-compressor's GPTQ 24.64):
+    static groups + Hessian-weighted clip 23.56, static + plain clip 24.80, dynamic + Hessian clip
+    24.15, dynamic + plain clip 24.92, dynamic min/max 25.16."""
+
     method: Literal["gptq"] = "gptq"
     damp_percent: float = Field(0.01, ge=0, le=1, description="damping as a fraction of mean(diag H); "
                                                               "raised x10 automatically on Cholesky failure")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantise columns in decreasing Hessian diagonal (desc_act)")
-    static_groups: bool = Field(False, description="fix group parameters before act-order (trivial g_idx)")
-    hessian_clip: bool = Field(False, description="weigh each column's error in the clip search (clip_search) by "
-                                                  "its Hessian diagonal, i.e. by the output error it causes")
+    static_groups: bool = Field(True, description="fix every group's grid from the original weights before the "
+                                                  "column loop (trivial g_idx, as llm-compressor); false: when the "
+                                                  "loop reaches the group, on the error-updated weights")
+    hessian_clip: bool = Field(True, description="weigh each column's error in the clip search (clip_search) by "
+                                                 "its Hessian diagonal, i.e. by the output error it causes")
     true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
                                                     "within each layer, each seeing the quantised inputs")
 
