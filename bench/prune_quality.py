@@ -11,7 +11,8 @@ windows/calibration.
 
     python bench/prune_quality.py                                   # all settings, 40 windows
     python bench/prune_quality.py --windows 20 --settings dense,wanda-50,sparsegpt-2:4 --out /tmp/p.json
-Setting names: dense | {magnitude,wanda,sparsegpt}-{50|2:4|4:8|<percent>} | structured-<heads>-<mlp>-<layers>
+Setting names: dense | {magnitude,wanda,sparsegpt}-{50|2:4|4:8|<percent>}[-noseq] | structured-<heads>-<mlp>-<layers>
+(`-noseq`: one calibration pass per layer instead of attention before MLP, as llm-compressor does)
 (e.g. structured-0.34-0.25-4: one of SmolLM2's 3 KV groups, a quarter of the MLP, 4 of 30 layers).
 `--decode 64` adds batch-1 greedy decode speed (what structured pruning buys on every device).
 """
@@ -40,7 +41,8 @@ def parse_setting(name: str, calib_rows: int) -> dict | None:
         heads, mlp, layers = amount.split("-")
         cfg: dict = {"method": "structured", "heads": float(heads), "mlp": float(mlp), "layers": int(layers)}
     else:
-        cfg = {"method": method}
+        amount, *opts = amount.split("-")  # e.g. wanda-50-noseq: one calibration pass per layer
+        cfg = {"method": method, **({"true_sequential": False} if "noseq" in opts else {})}
         if ":" in amount:
             cfg["nm"] = amount
         else:

@@ -136,3 +136,22 @@ def test_fused_ops_keep_fewer_saved_activations():
     # per token and layer: one intermediate-size (128) and two hidden-size (64) tensors fewer
     tokens, layers = ids.numel(), model.config.num_hidden_layers
     assert stock - fused >= tokens * layers * (128 + 64) * 4
+
+
+def test_finetune_with_fused_ops_follows_the_same_trajectory(tmp_path):
+    """`fused_ops: true` changes what is kept for backward, not the optimisation: same losses."""
+    from qingzhou.finetune import finetune
+    from qingzhou.finetune.testing import byte_tokenizer, memorise_data
+
+    tok = byte_tokenizer()
+    rows = [{"instruction": f"Name {i}", "output": f"Item number {i} is fine."} for i in range(8)]
+    losses = []
+    for fused in (False, True):
+        model = tiny_model("llama")
+        res = finetune(model, tok, memorise_data(tok, rows),
+                       {"method": "full", "max_steps": 4, "batch_size": 4, "learning_rate": 1e-3, "fused_ops": fused,
+                        "progress": False}, output_dir=tmp_path / str(fused))
+        losses.append([loss for _, loss in res.train_loss])
+        assert all("forward" not in m.__dict__ for m in model.modules())  # patches removed
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[1][-1] < losses[1][0]

@@ -23,7 +23,6 @@ from typing import Any
 
 from qingzhou.data.packing import Example, collate
 from qingzhou.finetune.fused_ops import fused_training_ops
-from qingzhou.llm.devices import release_host_memory
 from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
 from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
@@ -312,8 +311,8 @@ def finetune(
     model.train()
     t0, tokens0 = time.perf_counter(), state["tokens"]
     progress = _progress(cfg.progress and accelerator.is_main_process)
-    # SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
-    with progress, fused_training_ops(unwrapped):
+    # opt-in: SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
+    with progress, fused_training_ops(unwrapped, enabled=cfg.fused_ops):
         task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-", mem="-")
         for step in range(start_step + 1, cfg.max_steps + 1):
             micro = [[prepared.train[i] for i in plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
@@ -337,8 +336,6 @@ def finetune(
                                          **({"scale_wrt_gas": False} if deepspeed else {}))
                 loss_sum += float(loss.detach())
                 del loss
-                if accelerator.device.type == "cpu":
-                    release_host_memory()  # the micro-batch's activations are free now; keep RSS at what is live
                 state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
