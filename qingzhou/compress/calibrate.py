@@ -184,7 +184,7 @@ def capture_layer_inputs(
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        for key in ("past_key_values", "past_key_value", "layer_past"):
+        for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
             kwargs.pop(key, None)
         kwargs["use_cache"] = False
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}

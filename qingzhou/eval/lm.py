@@ -111,8 +111,9 @@ class HFLM:
         if self.max_length is None:
             self.max_length = resolve_max_length(self.model, self.tokenizer)
         self._accepts_logits_to_keep = _accepts(self.model, "logits_to_keep")
-        self._can_share = self.share_context and all(
-            _accepts(self.model, k) for k in ("past_key_values", "position_ids"))
+        # transformers >= 5.24 names the KV-cache argument (and output) `cache`; earlier `past_key_values`
+        self._cache_arg = next((k for k in ("cache", "past_key_values") if _accepts(self.model, k)), None)
+        self._can_share = self.share_context and self._cache_arg is not None and _accepts(self.model, "position_ids")
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -240,7 +241,7 @@ class HFLM:
         """Score pre-tokenised (context, continuation) pairs.
 
         Requests sharing a context (the choices of one question) run the context once and the
-        continuations on its KV cache (`share_context`; needs `past_key_values` and `position_ids`
+        continuations on its KV cache (`share_context`; needs a cache argument and `position_ids`
         in the model's forward, else everything takes the plain path). In the plain path requests
         whose model input is identical (continuations that differ only in their last token, e.g.
         the letters A/B/C/D) share one row of one forward pass, lm-eval's one-token cache. Both run
@@ -327,10 +328,10 @@ class HFLM:
                 smask[r, :width] = mask[g]
                 smask[r, width : width + len(tail)] = 1
                 pos[r] = lengths[g] + torch.arange(suffix)
-            cache = out.past_key_values
+            cache = out["cache"] if "cache" in out else out.past_key_values
             cache.reorder_cache(torch.tensor([g for g, _ in rows], device=dev))
             rest = self.model(input_ids=sids.to(dev), attention_mask=smask.to(dev), position_ids=pos.to(dev),
-                              past_key_values=cache, use_cache=True).logits
+                              use_cache=True, **{self._cache_arg: cache}).logits
         for r, (g, i) in enumerate(rows):
             cont = pairs[i][1]
             parts = [first[g : g + 1]]
