@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qingzhou.finetune import fused_loss
+from qingzhou.finetune import fused_loss, loop
 from qingzhou.finetune.fused_loss import fused_loss_supported, linear_cross_entropy
 from qingzhou.finetune.loop import token_loss_sum
 from qingzhou.finetune.testing import tiny_model
@@ -55,7 +55,7 @@ def test_token_loss_sum_fused_equals_plain_for_full_finetuning(monkeypatch, tied
         return float(loss.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
     fused = run()
-    monkeypatch.setattr(fused_loss, "fused_loss_supported", lambda m: False)
+    monkeypatch.setattr(loop, "fused_loss_supported", lambda m: False)
     plain = run()
     assert fused[1] == plain[1] == int((batch["labels"][:, 1:] != -100).sum())
     assert fused[0] == pytest.approx(plain[0], rel=1e-5)
@@ -70,7 +70,7 @@ def test_token_loss_sum_fused_under_bf16_autocast_is_close_to_plain(monkeypatch)
     batch = _batch(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = token_loss_sum(model, batch)
-        monkeypatch.setattr(fused_loss, "fused_loss_supported", lambda m: False)
+        monkeypatch.setattr(loop, "fused_loss_supported", lambda m: False)
         plain, _ = token_loss_sum(model, batch)
     assert float(fused) == pytest.approx(float(plain), rel=2e-2)
 

@@ -111,7 +111,7 @@ class HFLM:
         if self.max_length is None:
             self.max_length = resolve_max_length(self.model, self.tokenizer)
         self._accepts_logits_to_keep = _accepts(self.model, "logits_to_keep")
-        # transformers >= 5.24 names the KV-cache argument (and output) `cache`; earlier `past_key_values`
+        # transformers >= 5.24 names the KV-cache argument and output field `cache`; earlier `past_key_values`
         self._cache_arg = next((k for k in ("cache", "past_key_values") if _accepts(self.model, k)), None)
         self._can_share = self.share_context and self._cache_arg is not None and _accepts(self.model, "position_ids")
 
@@ -328,7 +328,7 @@ class HFLM:
                 smask[r, :width] = mask[g]
                 smask[r, width : width + len(tail)] = 1
                 pos[r] = lengths[g] + torch.arange(suffix)
-            cache = out["cache"] if "cache" in out else out.past_key_values
+            cache = out[self._cache_arg]  # the output field carries the argument's name
             cache.reorder_cache(torch.tensor([g for g, _ in rows], device=dev))
             rest = self.model(input_ids=sids.to(dev), attention_mask=smask.to(dev), position_ids=pos.to(dev),
                               use_cache=True, **{self._cache_arg: cache}).logits

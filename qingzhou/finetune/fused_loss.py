@@ -36,9 +36,9 @@ def fused_loss_supported(model: Any) -> bool:
     """True when the model's logits are exactly `lm_head(final hidden)` with a plain linear head."""
     import torch
 
-    if any(s in type(m).__name__ for m in (model, _unwrap(model)) for s in ("FullyShardedDataParallel", "DeepSpeedEngine")):
-        return False
     inner = _unwrap(model)
+    if any(s in type(m).__name__ for m in (model, inner) for s in ("FullyShardedDataParallel", "DeepSpeedEngine")):
+        return False
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
         return False
@@ -50,16 +50,15 @@ def fused_loss_supported(model: Any) -> bool:
 def head_bypassed(model: Any) -> Iterator[Any]:
     """Inside, the model's output layer returns its input; yields that layer (its weight and bias)."""
     head = _unwrap(model).get_output_embeddings()
-    had_own = "forward" in head.__dict__
-    previous = head.__dict__.get("forward")
+    previous = head.__dict__.get("forward")  # an instance-level forward someone else set, if any
     head.forward = lambda hidden: hidden
     try:
         yield head
     finally:
-        if had_own:
-            head.forward = previous
-        else:
+        if previous is None:
             del head.forward
+        else:
+            head.forward = previous
 
 
 def _compute_dtype(weight: Any) -> Any:

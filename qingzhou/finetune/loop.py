@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.data.packing import Example, collate
-from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
 from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from qingzhou.finetune.config import FinetuneConfig, parse_finetune_config
+from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
+from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method
 from qingzhou.finetune.optimizers import build_optimizer
 from qingzhou.io import atomic_dir, atomic_write_json
@@ -85,8 +86,6 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     (`fused_loss`: head and loss in row chunks, the largest activation of a step gone).
     """
     import torch.nn.functional as F
-
-    from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -335,7 +334,6 @@ def finetune(
                     accelerator.backward(loss * accelerator.num_processes / step_targets,
                                          **({"scale_wrt_gas": False} if deepspeed else {}))
                 loss_sum += float(loss.detach())
-                del loss
                 state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
