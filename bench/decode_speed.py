@@ -1,32 +1,51 @@
 """Batch-1 decode speed: eager `transformers.generate` against qingzhou's fast path, same run, same device.
 
 The fast path (`qingzhou.llm.generate.decode`, `fast=True`) is a static KV cache plus `torch.compile` of
-the decode step (CUDA graphs on CUDA). Both paths are timed the same way: after warm-up (which absorbs
+the decode step (CUDA graphs on CUDA), driven by qingzhou's own greedy loop; "generate+compile" is
+the same compiled step driven by transformers' `generate` loop. All paths are timed the same way: after warm-up (which absorbs
 the compile), `repeats` pairs of `generate(1 token)` and `generate(n tokens)`; decode time per token is
 (t_n - t_1) / (n - 1), so the prefill never enters the decode figure. Prints mean ± std tokens/s of
-each path, the ratio fast / eager, and whether the greedy tokens are identical.
+each path, the ratio fast / eager, and whether the greedy tokens are identical; where they are
+not, the eager logit gap between the two tokens at the first difference (a near-tie flipped by
+rounding differs from a bug by orders of magnitude).
 
 Issue 4's target: ratio >= 3 at batch 1 for a 1B Llama-shape model on an H100-class GPU, identical
-output. `--shape llama-1b` builds that shape with random weights (no download; greedy identity is
-still a real check); `--model` takes any model qingzhou loads (default SmolLM2).
+output. `--shape llama-3.2-1b` (or `llama-1b`, TinyLlama's shape) builds that shape with random
+weights (no download; greedy identity is still a real check); `--model` takes any model qingzhou
+loads (default SmolLM2). `--weights int4` first quantises the decoder linears to 4-bit (RTN, group
+128, packed for torch's int4 kernel): issue 9's target is int4 decode >= 1.5x bf16 at batch 1, so
+`--weights bf16,int4` measures both on one model shape in one run and prints that ratio too.
+Each row also gives the peak device memory and the fraction of the copy-bandwidth roofline the
+batch-1 decode reaches (bytes of weights read per token / time per token / measured copy bandwidth).
 
     python bench/decode_speed.py --model smollm2 --new-tokens 64 --repeats 3
-    python bench/decode_speed.py --shape llama-1b --dtype bfloat16 --device cuda
+    python bench/decode_speed.py --shape llama-3.2-1b --dtype bfloat16 --device cuda --weights bf16,int4
     flock /tmp/heavy.lock python bench/decode_speed.py --device cpu --fast-backend inductor
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHAPES = {  # TinyLlama-1.1B's shape: what "a 1B Llama-shape model" means in the issue
+SHAPES = {  # real models' shapes (random weights): "a 1B Llama-shape model" in the issues
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),  # TinyLlama-1.1B
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                         rope_theta=500000.0),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 
@@ -65,10 +84,87 @@ def measure(model, ids, n: int, fast, warmup: int, repeats: int, sync) -> list[f
     return rates
 
 
+def quantize_int4(model) -> int:
+    """4-bit RTN, asymmetric, packed: the layers decode through torch's int4 kernel. Group 128 where
+    the widths divide by it, else 64 (SmolLM2's 576): returns the group size used."""
+    from qingzhou.compress.quantize import quantize
+
+    widths = (model.config.hidden_size, model.config.intermediate_size)
+    group = next(g for g in (128, 64, 32) if all(w % g == 0 for w in widths))
+    quantize(model, {"method": "rtn", "bits": 4, "group_size": group, "sym": False, "clip_search": False})
+    return group
+
+
+def logit_gap(model, ref, ours, at: int) -> dict:
+    """Eager logits at the first differing position: eager's token minus ours, against the spread."""
+    import torch
+
+    logits = model(input_ids=ref[:, :at]).logits[0, -1].float()
+    a, b = int(ref[0, at]), int(ours[0, at])
+    top2 = logits.topk(2).values
+    return {"position": at, "eager_token": a, "fast_token": b, "gap": round(float(logits[a] - logits[b]), 5),
+            "top2_margin": round(float(top2[0] - top2[1]), 5), "logit_std": round(float(logits.std()), 4)}
+
+
+def run_variant(args, weights: str) -> dict:
+    """Load (or build) the model, optionally quantise it, and time eager vs fast batch-1 decode."""
+    import torch
+
+    from qingzhou.eval.bench import _peak_memory_gib, _peak_memory_reset, _sync, weights_bytes
+    from qingzhou.llm import load_model
+    from qingzhou.llm.devices import env_info
+    from qingzhou.llm.generate import FastDecode, decode, fast_status
+
+    torch._dynamo.reset()  # a fresh compile per variant: no graphs of the previous model kept alive
+    if args.shape:
+        model, tok = random_model(args.shape, args.dtype, args.device)
+    else:
+        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    group = quantize_int4(model) if weights == "int4" else None
+    device = str(next(model.parameters()).device)
+    sync = _sync(device)
+    _peak_memory_reset(device)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
+    fast = FastDecode(compile=not args.no_compile, backend=args.fast_backend, mode=args.fast_mode)
+    paths = {"eager": False, "generate+compile": dataclasses.replace(fast, loop=False), "fast": fast}
+    if args.skip_generate_path:
+        del paths["generate+compile"]
+    n = args.new_tokens
+    with torch.inference_mode():
+        start = time.perf_counter()
+        ours = decode(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0, fast=fast)
+        sync()
+        first_fast_s = time.perf_counter() - start  # includes the compile
+        ref = decode(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0, fast=False)
+        identical = torch.equal(ref, ours)
+        agree = int((ref[0, ids.shape[1]:] == ours[0, ids.shape[1]:]).cumprod(0).sum())  # tokens before 1st difference
+        divergence = None if identical else logit_gap(model, ref, ours, ids.shape[1] + agree)
+        rates = {name: measure(model, ids, n, setting, args.warmup, args.repeats, sync)
+                 for name, setting in paths.items()}
+    summary = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
+               for k, v in rates.items()}
+    per_token = weights_bytes(model)
+    result = {
+        "model": args.shape or args.model, "weights": weights, "group_size": group, "device": device,
+        "device_name": env_info(device)["device_name"], "dtype": str(next(model.parameters()).dtype),
+        "new_tokens": n, "prompt_tokens": int(ids.shape[1]), "decode_tokens_per_s": summary,
+        "ratio": summary["fast"]["mean"] / summary["eager"]["mean"], "identical_greedy_output": identical,
+        "identical_prefix_tokens": agree, "divergence": divergence, "fast_path": fast_status(model, fast),
+        "first_fast_call_s": round(first_fast_s, 2), "weights_gib": round(per_token / 2**30, 4),
+        **_peak_memory_gib(device),
+    }
+    if args.bandwidth_gb_s:
+        result["roofline_fraction"] = {k: round(per_token * v["mean"] / (args.bandwidth_gb_s * 1e9), 4)
+                                       for k, v in summary.items()}
+    del model
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of this shape instead")
+    parser.add_argument("--weights", default="bf16", help="comma list of bf16 (as loaded) and int4 (4-bit RTN g128)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompt", default="The history of the river begins in the mountains, where")
@@ -78,52 +174,61 @@ def main() -> None:
     parser.add_argument("--fast-backend", default="inductor", help="torch.compile backend of the fast path")
     parser.add_argument("--fast-mode", default=None, help="compile mode (default: reduce-overhead on CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="fast path = static cache only")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the copy-bandwidth measurement")
+    parser.add_argument("--skip-generate-path", action="store_true",
+                        help="do not time the compiled step under transformers' generate loop")
+    parser.add_argument("--emulate-casts", action="store_true",
+                        help="inductor rounds fused intermediates to the model dtype where eager does")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
-    import torch
+    from qingzhou.eval.bench import copy_bandwidth
+    from qingzhou.llm.devices import resolve_device
 
-    from qingzhou.eval.bench import _sync
-    from qingzhou.llm import load_model
-    from qingzhou.llm.devices import env_info
-    from qingzhou.llm.generate import FastDecode, decode, fast_status
+    if args.emulate_casts:
+        import torch._inductor.config as inductor_config
 
-    if args.shape:
-        model, tok = random_model(args.shape, args.dtype, args.device)
-    else:
-        model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    device = str(next(model.parameters()).device)
-    sync = _sync(device)
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
-    fast = FastDecode(compile=not args.no_compile, backend=args.fast_backend, mode=args.fast_mode)
-    n = args.new_tokens
-    with torch.inference_mode():
-        start = time.perf_counter()
-        ours = decode(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0, fast=fast)
-        first_fast_s = time.perf_counter() - start  # includes the compile
-        ref = decode(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0, fast=False)
-        identical = torch.equal(ref, ours)
-        rates = {"eager": measure(model, ids, n, False, args.warmup, args.repeats, sync),
-                 "fast": measure(model, ids, n, fast, args.warmup, args.repeats, sync)}
-    summary = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
-               for k, v in rates.items()}
-    result = {
-        "model": args.shape or args.model, "device": device, "device_name": env_info(device)["device_name"],
-        "dtype": str(next(model.parameters()).dtype), "new_tokens": n, "prompt_tokens": int(ids.shape[1]),
-        "decode_tokens_per_s": summary, "ratio": summary["fast"]["mean"] / summary["eager"]["mean"],
-        "identical_greedy_output": identical, "fast_path": fast_status(model, fast),
-        "first_fast_call_s": round(first_fast_s, 2),
-    }
+        inductor_config.emulate_precision_casts = True
+    variants = [w.strip() for w in args.weights.split(",") if w.strip()]
+    unknown = set(variants) - {"bf16", "int4"}
+    if unknown:
+        parser.error(f"--weights: unknown {sorted(unknown)}; expected bf16 and/or int4")
+    device = str(resolve_device(args.device))
+    args.bandwidth_gb_s = None if args.no_roofline or device == "cpu" else copy_bandwidth(device, mib=1024)
+    results = []
+    for w in variants:
+        results.append(run_variant(args, w))
+        if not args.json:
+            print_row(results[-1], args.bandwidth_gb_s)
+    if len(results) == 2 and not args.json:
+        fast = {r["weights"]: r["decode_tokens_per_s"]["fast"]["mean"] for r in results}
+        eager = {r["weights"]: r["decode_tokens_per_s"]["eager"]["mean"] for r in results}
+        print(f"int4 / bf16 decode tok/s: fast path {fast['int4'] / fast['bf16']:.2f}x, "
+              f"eager path {eager['int4'] / eager['bf16']:.2f}x")
     if args.json:
-        print(json.dumps(result, indent=2))
-        return
+        print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"copy_bandwidth_gb_s": args.bandwidth_gb_s, "results": results}, indent=2))
+
+
+def print_row(result: dict, bandwidth) -> None:
+    summary, n = result["decode_tokens_per_s"], result["new_tokens"]
     fmt = lambda s: f"{s['mean']:.1f} ± {s['std'] or 0:.1f}"  # noqa: E731
-    print(f"{result['model']} on {device} ({result['device_name']}), {result['dtype']}, batch 1, "
-          f"{result['prompt_tokens']} prompt + {n} new tokens")
-    print(f"eager generate : {fmt(summary['eager'])} decode tok/s")
-    print(f"fast ({result['fast_path']}): {fmt(summary['fast'])} decode tok/s")
-    print(f"ratio fast/eager: {result['ratio']:.2f}x   identical greedy output: {identical}   "
-          f"first fast call (compile): {result['first_fast_call_s']} s")
+    print(f"{result['model']} [{result['weights']}] on {result['device']} ({result['device_name']}), "
+          f"{result['dtype']}, batch 1, {result['prompt_tokens']} prompt + {n} new tokens, "
+          f"weights {result['weights_gib']} GiB, peak {result.get('peak_device_gib', result.get('peak_rss_gib'))} GiB")
+    roof = result.get("roofline_fraction") or {}
+    labels = {"eager": "eager generate", "generate+compile": "generate loop, static+compile",
+              "fast": f"own loop, {result['fast_path']}"}
+    for k in summary:
+        extra = f"  = {100 * roof[k]:.1f}% of the {bandwidth:.0f} GB/s copy roofline" if k in roof else ""
+        print(f"  {labels[k]:32s}: {fmt(summary[k])} decode tok/s{extra}")
+    print(f"  ratio fast/eager: {result['ratio']:.2f}x   identical greedy output: {result['identical_greedy_output']} "
+          f"({result['identical_prefix_tokens']}/{n} tokens before the first difference)   "
+          f"first fast call (compile): {result['first_fast_call_s']} s", flush=True)
+    if result["divergence"]:
+        print(f"  first difference: {result['divergence']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-matmul", action="store_true", help="end to end only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -121,7 +122,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"cuSPARSELt {'available ' + str(cslt.version()) if cslt.is_available() else 'not available'}")
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "matmul": matmul_table(args.dtypes.split(","), args.iters), "end_to_end": []}
+                    "matmul": [] if args.skip_matmul else matmul_table(args.dtypes.split(","), args.iters),
+                    "end_to_end": []}
     print(f"\n{'shape':22s} {'dtype':9s} {'rows':>5s} {'dense ms':>9s} " + " ".join(f"{p:>18s}" for p in BACKENDS)
           + "   (speed-up over dense, >1 = faster)")
     for r in result["matmul"]:

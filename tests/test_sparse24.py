@@ -88,3 +88,22 @@ def test_forced_conversion_matches_dense_on_cuda():
         assert report.converted, report.to_dict()
         out = model(x).logits.float()
     assert (out - ref).abs().max() / ref.abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cusparselt-direct", "cutlass-direct"])
+def test_direct_2to4_layers_build_and_keep_their_buffers(backend, monkeypatch):
+    """Building the direct layers needs no GPU for CUTLASS (cuSPARSELt's compress is stubbed): both
+    register `packed` and `meta` (None for cuSPARSELt, which keeps its metadata inside `packed`)."""
+    import torch
+
+    from qingzhou.compress.prune.masks import nm_mask
+    from qingzhou.compress.prune.sparse24 import Sparse24Linear
+
+    monkeypatch.setattr(torch, "_cslt_compress", lambda w: w.clone(), raising=False)
+    lin = torch.nn.Linear(64, 32, bias=True, dtype=torch.float16)
+    with torch.no_grad():
+        lin.weight.masked_fill_(nm_mask(lin.weight.float().abs(), 2, 4), 0)
+    layer = Sparse24Linear(lin, backend)
+    keys = set(layer.state_dict())
+    assert "packed" in keys and ("meta" in keys) == (backend == "cutlass-direct")
+    assert layer.meta is None if backend == "cusparselt-direct" else layer.meta.shape[0] == 32

@@ -18,7 +18,6 @@ peft-wrapped, quantized or sparse model all go through the same code.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qingzhou.llm.generate import accepts, cache_argument
 from qingzhou.progress import progress_bar
 
 _DEFAULT_MAX_LENGTH = 2048
@@ -110,10 +110,10 @@ class HFLM:
             raise ValueError("batch_size must be >= 1")
         if self.max_length is None:
             self.max_length = resolve_max_length(self.model, self.tokenizer)
-        self._accepts_logits_to_keep = _accepts(self.model, "logits_to_keep")
+        self._accepts_logits_to_keep = accepts(self.model, "logits_to_keep")
         # transformers >= 5.24 names the KV-cache argument and output field `cache`; earlier `past_key_values`
-        self._cache_arg = next((k for k in ("cache", "past_key_values") if _accepts(self.model, k)), None)
-        self._can_share = self.share_context and self._cache_arg is not None and _accepts(self.model, "position_ids")
+        self._cache_arg = cache_argument(self.model)
+        self._can_share = self.share_context and self._cache_arg is not None and accepts(self.model, "position_ids")
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -373,15 +373,6 @@ class HFLM:
                 yield idx, (logprob, is_greedy)
 
 
-def _accepts(model: Any, argument: str) -> bool:
-    """Whether the (innermost) causal LM's forward takes `argument` (e.g. `logits_to_keep`)."""
-    inner = model
-    while hasattr(inner, "get_base_model"):  # peft wrappers pass extra kwargs through
-        inner = inner.get_base_model()
-    try:
-        return argument in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

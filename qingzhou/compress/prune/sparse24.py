@@ -25,6 +25,7 @@ ordinary weights) and convert again after loading.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -100,9 +101,9 @@ class Sparse24Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.backend, self.alg_id = backend, alg_id
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.meta: torch.Tensor | None = None
         if backend == "cusparselt-direct":
             self.register_buffer("packed", torch._cslt_compress(w))
+            self.register_buffer("meta", None)  # cuSPARSELt keeps its metadata inside `packed`
         else:
             from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
@@ -159,8 +160,12 @@ def build_path(linear: nn.Linear, backend: str, rows: int) -> tuple[nn.Module, d
         info["alg_id"] = _cslt_alg(w, rows)
     if backend.endswith("-direct"):
         return Sparse24Linear(linear, backend, info.get("alg_id", 0)), info
+    alg = info.get("alg_id", 0)
+    takes_alg = "alg_id" in inspect.signature(to_sparse_semi_structured).parameters  # torch >= 2.12
     with _force_cutlass(backend == "cutlass"), torch.no_grad():
-        sparse = to_sparse_semi_structured(w, alg_id=info.get("alg_id", 0))
+        sparse = to_sparse_semi_structured(w, **({"alg_id": alg} if takes_alg else {}))
+    if not takes_alg and hasattr(sparse, "alg_id_cusparselt"):
+        sparse.alg_id_cusparselt = alg
     new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
     new.weight = nn.Parameter(sparse, requires_grad=False)
     new.bias = linear.bias
