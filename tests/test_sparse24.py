@@ -107,3 +107,19 @@ def test_direct_2to4_layers_build_and_keep_their_buffers(backend, monkeypatch):
     keys = set(layer.state_dict())
     assert "packed" in keys and ("meta" in keys) == (backend == "cutlass-direct")
     assert layer.meta is None if backend == "cusparselt-direct" else layer.meta.shape[0] == 32
+
+
+def test_known_faults_skip_cusparselt_fp16_on_sm90_only(monkeypatch):
+    """A path that crashed the CUDA context on Hopper with fp16 is not tried there (and is, elsewhere)."""
+    import torch
+
+    from qingzhou.compress.prune.sparse24 import BACKENDS, known_faults
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    skipped = known_faults(cuda, torch.float16, list(BACKENDS))
+    assert set(skipped) == {"cusparselt", "cusparselt-direct"} and all("illegal instruction" in v for v in skipped.values())
+    assert known_faults(cuda, torch.bfloat16, list(BACKENDS)) == {}
+    assert known_faults(torch.device("cpu"), torch.float16, list(BACKENDS)) == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert known_faults(cuda, torch.float16, list(BACKENDS)) == {}
