@@ -12,7 +12,8 @@ windows/calibration.
     python bench/prune_quality.py                                   # all settings, 40 windows
     python bench/prune_quality.py --windows 20 --settings dense,wanda-50,sparsegpt-2:4 --out /tmp/p.json
 Setting names: dense | {magnitude,wanda,sparsegpt}-{50|2:4|4:8|<percent>}[-noseq] | structured-<heads>-<mlp>-<layers>
-(`-noseq`: one calibration pass per layer instead of attention before MLP, as llm-compressor does)
+(`-noseq`: one calibration pass per layer instead of attention before MLP, as llm-compressor does;
+`-bs1`: calibration forward passes of one sample, as llm-compressor's default, instead of 8)
 (e.g. structured-0.34-0.25-4: one of SmolLM2's 3 KV groups, a quarter of the MLP, 4 of 30 layers).
 `--decode 64` adds batch-1 greedy decode speed (what structured pruning buys on every device).
 """
@@ -43,6 +44,9 @@ def parse_setting(name: str, calib_rows: int) -> dict | None:
     else:
         amount, *opts = amount.split("-")  # e.g. wanda-50-noseq: one calibration pass per layer
         cfg = {"method": method, **({"true_sequential": False} if "noseq" in opts else {})}
+        batch = next((int(o[2:]) for o in opts if o.startswith("bs") and o[2:].isdigit()), None)
+        if batch:  # e.g. wanda-50-bs1: calibration forward passes of one sample (rounding differs)
+            cfg["batch_size"] = batch
         if ":" in amount:
             cfg["nm"] = amount
         else:
