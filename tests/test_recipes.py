@@ -98,3 +98,22 @@ def test_method_settings_survive_the_resolved_recipe(tmp_path):
     assert prune.settings["method"] == "sparsegpt" and prune.settings["nm"] == "2:4"
     assert quant.settings["method"] == "rtn" and quant.settings["bits"] == 3
     assert "settings" not in r.to_dict()["stages"][2]
+
+
+def test_every_builtin_recipe_training_data_resolves_and_tokenizes():
+    """The data of each shipped recipe's training/distillation stage loads and tokenizes (a
+    recipe once named `builtin:calib`, which only the calibration loader knew, and failed after
+    25 minutes of pruning and evaluation)."""
+    from qingzhou.data.prepare import DataConfig, prepare_data
+    from qingzhou.finetune.testing import byte_tokenizer
+    from qingzhou.recipes.schema import builtin_recipes, load_recipe
+
+    tok, checked = byte_tokenizer(), []
+    for name in builtin_recipes():
+        for stage in load_recipe(name).stages:
+            data = getattr(stage, "data", None)
+            if isinstance(data, DataConfig) and not data.source.startswith(("hub:", "/")):
+                prepared = prepare_data(data, tok)
+                assert len(prepared.train) > 0, (name, data.source)
+                checked.append(name)
+    assert {"compress_chain", "prune_structured25_distill", "quickstart"} <= set(checked)

@@ -21,9 +21,6 @@ from qingzhou.errors import DataError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-
-
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,15 +33,11 @@ class CalibrationConfig(BaseModel):
 
 
 def resolve_source(source: str) -> Path:
-    """Path of a calibration source; `builtin:NAME` maps to the package's builtin/NAME.jsonl."""
+    """Path of a calibration source; `builtin:NAME` is one of the package's data sets."""
     if source.startswith("builtin:"):
-        name = source.split(":", 1)[1]
-        path = BUILTIN_DIR / f"{name}.jsonl"
-        if not path.exists():
-            known = sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
-            raise DataError(f"no builtin calibration set {name!r}.", where="calibration.source",
-                            hint=f"Known: {', '.join('builtin:' + k for k in known)}.")
-        return path
+        from qingzhou.data.sources import resolve_builtin
+
+        return resolve_builtin(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"calibration file {source!r} does not exist.", where="calibration.source")

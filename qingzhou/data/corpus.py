@@ -9,18 +9,6 @@ from pathlib import Path
 
 from qingzhou.errors import DataError
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_TEXTS = {"corpus": "corpus.txt"}
-
-
-def builtin_text_path(name: str) -> Path:
-    if name not in BUILTIN_TEXTS:
-        from qingzhou.errors import did_you_mean
-
-        raise DataError(f"unknown built-in text 'builtin:{name}'.", hint=did_you_mean(name, BUILTIN_TEXTS))
-    return BUILTIN_DIR / BUILTIN_TEXTS[name]
-
-
 def wikitext_rows_text(raw: str) -> str:
     """The text GPTQ/AWQ/SparseGPT/Wanda evaluate: `"\\n\\n".join(test["text"])` of the HF
     wikitext-2-raw split, rebuilt from the raw release file without `datasets`."""
@@ -39,7 +27,9 @@ def load_text(source: str, *, wikitext_join: bool | str = "auto") -> str:
     way the quantization papers read WikiText-2 (`"\\n\\n".join(rows)`) unless wikitext_join=False.
     """
     if source.startswith("builtin:"):
-        return builtin_text_path(source.split(":", 1)[1]).read_text(encoding="utf-8")
+        from qingzhou.data.sources import resolve_builtin
+
+        return resolve_builtin(source.split(":", 1)[1]).read_text(encoding="utf-8")
     if source.startswith("hf:"):
         return _load_hub_text(source[3:])
     path = Path(source).expanduser()

@@ -16,7 +16,9 @@ from typing import Any
 from qingzhou.errors import DataError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN = {"industry-qa": "industry_qa.jsonl"}
+# every data set shipped in the package (one registry for training data, calibration and corpora):
+# instruction pairs, English calibration texts, an industry-flavoured corpus
+BUILTIN = {"industry-qa": "industry_qa.jsonl", "calib": "calib.jsonl", "corpus": "corpus.txt"}
 LOCAL_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt", ".text", ".md"}
 
 
