@@ -128,7 +128,8 @@ _LOOP_KWARGS = {"do_sample", "pad_token_id", "eos_token_id", "min_new_tokens"}
 _PROCESSOR_FIELDS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
                      "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
                      "forced_eos_token_id": (None,), "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0),
-                     "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "max_length": ()}
+                     "exponential_decay_length_penalty": (None,), "num_beams": (None, 1), "min_length": (None, 0),
+                     "min_new_tokens": (None, 0)}
 
 
 def loop_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwargs: dict[str, Any],
@@ -141,7 +142,7 @@ def loop_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwarg
     config = getattr(model, "generation_config", None)
     if "do_sample" not in generate_kwargs and getattr(config, "do_sample", False):
         return False
-    if any(getattr(config, f, None) not in neutral for f, neutral in _PROCESSOR_FIELDS.items() if neutral):
+    if any(getattr(config, f, None) not in neutral for f, neutral in _PROCESSOR_FIELDS.items()):
         return False
     return bool(attention_mask.all())
 
