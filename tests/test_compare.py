@@ -111,17 +111,23 @@ def test_real_tiny_run_report_has_the_comparison_and_plot(tmp_path, tiny_llama_d
               {"kind": "eval", "name": "rtn4", "perplexity": ppl},
               {"kind": "bench", "prompt_tokens": 4, "new_tokens": 3, "warmup": 0, "repeats": 1,
                "measure_bandwidth": False},
+              {"kind": "bench", "name": "bf16", "prompt_tokens": 4, "new_tokens": 3, "warmup": 0, "repeats": 1,
+               "measure_bandwidth": False, "dtype": "bfloat16"},
+              {"kind": "eval", "name": "after-bf16-bench", "perplexity": ppl},
               {"kind": "report"}]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "tiny", "stages": stages}))
     run = run_recipe(str(recipe), tmp_path / "run", progress=False).run_dir
+    bf16 = json.loads((run / "06-bench" / "bench.json").read_text())
+    assert bf16["config"]["dtype"] == "torch.bfloat16"
     c = compare([run])
-    base, rtn = c.rows
+    base, rtn, after = c.rows  # the bf16 bench cast a copy: the run's model still gives rtn4's perplexity
+    assert after["ppl"] == pytest.approx(rtn["ppl"], rel=1e-6)
     assert rtn["method"] == "quantize:rtn-4b-g32" and rtn["memory_mb"] < base["memory_mb"]
     assert rtn["decode_tok_s"] > 0 and rtn["speed_source"] == "bench" and base["decode_tok_s"] is None
     assert c.deltas(rtn)["ppl"] == pytest.approx(rtn["ppl"] - base["ppl"], abs=1e-3)
     md = (run / "report.md").read_text()
     assert "## Comparison with the first evaluation" in md and "quantize:rtn-4b-g32" in md
-    assert "![quality_vs_size](06-report/plots/quality_vs_size.png)" in md
-    assert (run / "06-report" / "plots" / "quality_vs_size.png").read_bytes()[:8] == PNG
-    assert "![quality_vs_size](plots/quality_vs_size.png)" in (run / "06-report" / "report.md").read_text()
+    assert "![quality_vs_size](08-report/plots/quality_vs_size.png)" in md
+    assert (run / "08-report" / "plots" / "quality_vs_size.png").read_bytes()[:8] == PNG
+    assert "![quality_vs_size](plots/quality_vs_size.png)" in (run / "08-report" / "report.md").read_text()

@@ -22,6 +22,9 @@ class BenchStage(StageConfig):
     repeats: int = Field(3, ge=1)
     fast: bool | Literal["auto"] = Field("auto", description="static-cache + compiled decode (auto: CUDA only)")
     measure_bandwidth: bool = True
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="benchmark a copy cast to this dtype (the run's model is left as it is): e.g. bfloat16 "
+                          "on CPU, where torch's int4 kernel is fast and fp32 4-bit layers dequantise every step")
 
 
 @register_stage("bench", BenchStage)
@@ -31,6 +34,12 @@ def run_bench(cfg: BenchStage, ctx: StageContext) -> StageResult:
     from qingzhou.io import atomic_write_json
 
     model, tokenizer = ctx.get_model()
+    if cfg.dtype is not None:
+        import copy
+
+        import torch
+
+        model = copy.deepcopy(model).to(getattr(torch, cfg.dtype))
     out = bench(model, tokenizer, batch_sizes=cfg.batch_sizes, prompt_tokens=cfg.prompt_tokens,
                 new_tokens=cfg.new_tokens, warmup=cfg.warmup, repeats=cfg.repeats, fast=cfg.fast,
                 measure_bandwidth=cfg.measure_bandwidth, seed=ctx.seed,
