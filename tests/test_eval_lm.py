@@ -212,3 +212,20 @@ def test_shared_context_path_equals_plain_path(tok, arch, batch_size):
     assert max(abs(a[0] - b[0]) for a, b in zip(got, want)) < 1e-4
     # two passes (contexts, then continuations) per batch of questions, one for the lone request
     assert len(calls) == 2 * -(-len(questions) // batch_size) + 1
+
+
+def test_logit_budget_splits_long_rows_into_smaller_batches(tok, monkeypatch):
+    """Rolling windows of a long-context model ran 8 rows x 8192 positions x 49k vocabulary of
+    logits at once and were killed for memory; a budget on kept logits runs fewer rows per batch,
+    with the same scores."""
+    model = tiny_model()
+    texts = [" ".join(CORPUS[i : i + 3]) for i in range(3)]
+    ref = HFLM(model, tok, batch_size=8, max_length=16, progress=False).loglikelihood_rolling(texts)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    lm = HFLM(model, tok, batch_size=8, max_length=16, progress=False, max_logit_elements=2 * 16 * vocab)
+    sizes = []
+    original = lm._score_batch
+    monkeypatch.setattr(lm, "_score_batch", lambda batch: (sizes.append(len(batch)), original(batch))[1])
+    got = lm.loglikelihood_rolling(texts)
+    assert got == pytest.approx(ref, abs=1e-4)
+    assert max(sizes) == 2 and sum(sizes) > 2  # windows of 16 kept positions: two rows fit the budget

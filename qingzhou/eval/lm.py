@@ -104,6 +104,10 @@ class HFLM:
     max_gen_toks: int = 256
     share_context: bool = True
     label: str = ""  # shown on the progress bar (the harness sets the task name)
+    # logits kept per forward pass (rows x positions x vocabulary) at most: rolling windows of a
+    # long-context model (8192 positions x 49k vocabulary = 1.6 GB per row in fp32) then run fewer
+    # rows per batch instead of running out of memory; 2**28 elements = 1 GiB of fp32 logits
+    max_logit_elements: int = 2**28
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -293,7 +297,7 @@ class HFLM:
             key = tuple(inputs)
             unique.setdefault(key, _Scored(inputs)).members.append((i, cont))
         items = sorted(unique.values(), key=lambda s: (-len(s.inputs), tuple(s.inputs)))
-        for batch in _chunks(items, self.batch_size):
+        for batch in self._budgeted(items):
             for idx, score in self._score_batch(batch):
                 results[idx] = score
             advance(sum(len(s.members) for s in batch))
@@ -344,6 +348,23 @@ class HFLM:
                 raise FloatingPointError(f"non-finite log-likelihood {logprob} for request {i}")
             yield i, (logprob, bool((logp.argmax(-1) == target).all()))
 
+    def _budgeted(self, items: list[_Scored]) -> Iterator[list[_Scored]]:
+        """Batches of up to `batch_size` items (longest first) whose kept logits stay within
+        `max_logit_elements`; a single item always forms a batch."""
+        vocab = _vocab_size(self.model)
+        batch: list[_Scored] = []
+        for s in items:
+            trial = batch + [s]
+            width = len(trial[0].inputs)  # longest first: the first item sets the padded width
+            keep = max(width - len(t.inputs) + max(len(c) for _, c in t.members) for t in trial)
+            if batch and (len(batch) == self.batch_size or len(trial) * keep * vocab > self.max_logit_elements):
+                yield batch
+                batch = [s]
+            else:
+                batch = trial
+        if batch:
+            yield batch
+
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Scored]) -> Iterator[tuple[int, tuple[float, bool]]]:
         width = max(len(s.inputs) for s in batch)
@@ -373,6 +394,13 @@ class HFLM:
                 yield idx, (logprob, is_greedy)
 
 
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
