@@ -377,7 +377,11 @@ class HFLM:
         # every context position would cost more than the whole small model
         keep = max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch)
         kwargs = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs).logits
+        # no padding in the batch (one long rolling window, equal-length rows): no mask, so SDPA runs
+        # its causal kernel instead of materialising a [rows, heads, width, width] mask and scores
+        if not bool(mask.all()):
+            kwargs["attention_mask"] = mask.to(self.device)
+        logits = self.model(input_ids=ids.to(self.device), **kwargs).logits
         offset = width - logits.shape[1]  # position of logits[:, 0]
         for row, s in enumerate(batch):
             n = len(s.inputs) - offset
