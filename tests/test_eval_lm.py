@@ -226,6 +226,26 @@ def test_logit_budget_splits_long_rows_into_smaller_batches(tok, monkeypatch):
     sizes = []
     original = lm._score_batch
     monkeypatch.setattr(lm, "_score_batch", lambda batch: (sizes.append(len(batch)), original(batch))[1])
+    shared = []
+    monkeypatch.setattr(lm, "_score_shared", lambda groups, pairs: shared.append(groups) or iter(()))
     got = lm.loglikelihood_rolling(texts)
     assert got == pytest.approx(ref, abs=1e-4)
     assert max(sizes) == 2 and sum(sizes) > 2  # windows of 16 kept positions: two rows fit the budget
+    # the texts' first windows share the one-token [prefix] context; as one shared group their
+    # logits (3 x 16 x vocabulary) would exceed the budget (all 62 WikiText documents: 100 GB)
+    assert shared == []
+
+
+def test_shared_context_groups_are_batched_within_the_logit_budget(tok, monkeypatch):
+    model = tiny_model()
+    pairs = [(tok.encode(CORPUS[i]), tok.encode(" " + w)) for i in range(4) for w in ("river bank", "grid power")]
+    ref = HFLM(model, tok, batch_size=8, progress=False).loglikelihood_tokens(pairs)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    longest = max(len(c) for _, c in pairs)
+    lm = HFLM(model, tok, batch_size=8, progress=False, max_logit_elements=2 * longest * vocab)
+    batches = []
+    original = lm._score_shared
+    monkeypatch.setattr(lm, "_score_shared", lambda groups, p: (batches.append(len(groups)), original(groups, p))[1])
+    got = lm.loglikelihood_tokens(pairs)
+    assert [g for g, _ in got] == pytest.approx([g for g, _ in ref], abs=1e-4)
+    assert len(batches) >= 2 and set(batches) == {1}  # one two-choice group per batch fits, two do not

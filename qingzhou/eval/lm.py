@@ -260,7 +260,7 @@ class HFLM:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         shared, plain = self._split_shared(pairs)
         with progress_bar(len(pairs), self._desc(desc), enabled=self.progress) as advance:
-            for batch in _chunks(shared, self.batch_size):
+            for batch in self._budgeted_groups(shared, pairs):
                 for idx, score in self._score_shared(batch, pairs):
                     results[idx] = score
                 advance(sum(len(members) for _, members in batch))
@@ -276,6 +276,7 @@ class HFLM:
         """
         if not self._can_share:
             return [], list(range(len(pairs)))
+        vocab = _vocab_size(self.model)
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             by_ctx.setdefault(tuple(ctx), []).append(i)
@@ -283,7 +284,8 @@ class HFLM:
         for ctx, members in by_ctx.items():
             longest = max(len(pairs[i][1]) for i in members)
             distinct_inputs = len({tuple(pairs[i][1][:-1]) for i in members})
-            if distinct_inputs > 1 and len(ctx) + longest <= self.max_length + 1:
+            fits = len(members) * longest * vocab <= self.max_logit_elements  # rolling windows' [prefix] groups do not
+            if distinct_inputs > 1 and len(ctx) + longest <= self.max_length + 1 and fits:
                 shared.append((list(ctx), members))
             else:
                 plain.extend(members)
@@ -348,6 +350,21 @@ class HFLM:
                 raise FloatingPointError(f"non-finite log-likelihood {logprob} for request {i}")
             yield i, (logprob, bool((logp.argmax(-1) == target).all()))
 
+    def _budgeted_groups(self, groups, pairs) -> Iterator[list]:
+        """Shared-context groups in batches of up to `batch_size` whose continuation logits
+        (members x longest continuation x vocabulary) stay within `max_logit_elements`."""
+        vocab = _vocab_size(self.model)
+        batch, cost = [], 0
+        for ctx, members in groups:
+            c = len(members) * max(len(pairs[i][1]) for i in members) * vocab
+            if batch and (len(batch) == self.batch_size or cost + c > self.max_logit_elements):
+                yield batch
+                batch, cost = [], 0
+            batch.append((ctx, members))
+            cost += c
+        if batch:
+            yield batch
+
     def _budgeted(self, items: list[_Scored]) -> Iterator[list[_Scored]]:
         """Batches of up to `batch_size` items (longest first) whose kept logits stay within
         `max_logit_elements`; a single item always forms a batch."""
@@ -405,11 +422,6 @@ def _vocab_size(model: Any) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _cut_at_stop(text: str, until: Sequence[str]) -> str:
