@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -110,7 +109,7 @@ def run_variant(args, weights: str) -> dict:
     """Load (or build) the model, optionally quantise it, and time eager vs fast batch-1 decode."""
     import torch
 
-    from qingzhou.eval.bench import _peak_memory_gib, _peak_memory_reset, _sync, weights_bytes
+    from qingzhou.eval.bench import _peak_memory_gib, _peak_memory_reset, _stats, _sync, weights_bytes
     from qingzhou.llm import load_model
     from qingzhou.llm.devices import env_info
     from qingzhou.llm.generate import FastDecode, decode, fast_status
@@ -137,12 +136,13 @@ def run_variant(args, weights: str) -> dict:
         first_fast_s = time.perf_counter() - start  # includes the compile
         ref = decode(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0, fast=False)
         identical = torch.equal(ref, ours)
-        agree = int((ref[0, ids.shape[1]:] == ours[0, ids.shape[1]:]).cumprod(0).sum())  # tokens before 1st difference
-        divergence = None if identical else logit_gap(model, ref, ours, ids.shape[1] + agree)
+        common = min(ref.shape[1], ours.shape[1])  # one may have stopped at end-of-sequence earlier
+        agree = int((ref[0, ids.shape[1]:common] == ours[0, ids.shape[1]:common]).cumprod(0).sum())  # before 1st difference
+        at = ids.shape[1] + agree  # no token differs before a shorter output ends: no gap to show
+        divergence = None if identical or at >= common else logit_gap(model, ref, ours, at)
         rates = {name: measure(model, ids, n, setting, args.warmup, args.repeats, sync)
                  for name, setting in paths.items()}
-    summary = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None, "n": len(v)}
-               for k, v in rates.items()}
+    summary = {k: _stats(v) for k, v in rates.items()}
     per_token = weights_bytes(model)
     result = {
         "model": args.shape or args.model, "weights": weights, "group_size": group, "device": device,

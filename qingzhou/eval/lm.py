@@ -19,7 +19,7 @@ peft-wrapped, quantized or sparse model all go through the same code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +118,7 @@ class HFLM:
         # transformers >= 5.24 names the KV-cache argument and output field `cache`; earlier `past_key_values`
         self._cache_arg = cache_argument(self.model)
         self._can_share = self.share_context and self._cache_arg is not None and accepts(self.model, "position_ids")
+        self._vocab = _vocab_size(self.model)  # sizes the logits each batch keeps (max_logit_elements)
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -260,7 +261,8 @@ class HFLM:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         shared, plain = self._split_shared(pairs)
         with progress_bar(len(pairs), self._desc(desc), enabled=self.progress) as advance:
-            for batch in self._budgeted_groups(shared, pairs):
+            group_cost = lambda batch: sum(self._group_logits(members, pairs) for _, members in batch)  # noqa: E731
+            for batch in _budget_batches(shared, self.batch_size, self.max_logit_elements, group_cost):
                 for idx, score in self._score_shared(batch, pairs):
                     results[idx] = score
                 advance(sum(len(members) for _, members in batch))
@@ -276,7 +278,6 @@ class HFLM:
         """
         if not self._can_share:
             return [], list(range(len(pairs)))
-        vocab = _vocab_size(self.model)
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             by_ctx.setdefault(tuple(ctx), []).append(i)
@@ -284,7 +285,7 @@ class HFLM:
         for ctx, members in by_ctx.items():
             longest = max(len(pairs[i][1]) for i in members)
             distinct_inputs = len({tuple(pairs[i][1][:-1]) for i in members})
-            fits = len(members) * longest * vocab <= self.max_logit_elements  # rolling windows' [prefix] groups do not
+            fits = self._group_logits(members, pairs) <= self.max_logit_elements  # rolling windows' [prefix] groups do not
             if distinct_inputs > 1 and len(ctx) + longest <= self.max_length + 1 and fits:
                 shared.append((list(ctx), members))
             else:
@@ -299,7 +300,7 @@ class HFLM:
             key = tuple(inputs)
             unique.setdefault(key, _Scored(inputs)).members.append((i, cont))
         items = sorted(unique.values(), key=lambda s: (-len(s.inputs), tuple(s.inputs)))
-        for batch in self._budgeted(items):
+        for batch in _budget_batches(items, self.batch_size, self.max_logit_elements, self._plain_logits):
             for idx, score in self._score_batch(batch):
                 results[idx] = score
             advance(sum(len(s.members) for s in batch))
@@ -350,37 +351,14 @@ class HFLM:
                 raise FloatingPointError(f"non-finite log-likelihood {logprob} for request {i}")
             yield i, (logprob, bool((logp.argmax(-1) == target).all()))
 
-    def _budgeted_groups(self, groups, pairs) -> Iterator[list]:
-        """Shared-context groups in batches of up to `batch_size` whose continuation logits
-        (members x longest continuation x vocabulary) stay within `max_logit_elements`."""
-        vocab = _vocab_size(self.model)
-        batch, cost = [], 0
-        for ctx, members in groups:
-            c = len(members) * max(len(pairs[i][1]) for i in members) * vocab
-            if batch and (len(batch) == self.batch_size or cost + c > self.max_logit_elements):
-                yield batch
-                batch, cost = [], 0
-            batch.append((ctx, members))
-            cost += c
-        if batch:
-            yield batch
+    def _group_logits(self, members: list[int], pairs) -> int:
+        """Logit elements a shared-context group keeps: members x longest continuation x vocabulary."""
+        return len(members) * max(len(pairs[i][1]) for i in members) * self._vocab
 
-    def _budgeted(self, items: list[_Scored]) -> Iterator[list[_Scored]]:
-        """Batches of up to `batch_size` items (longest first) whose kept logits stay within
-        `max_logit_elements`; a single item always forms a batch."""
-        vocab = _vocab_size(self.model)
-        batch: list[_Scored] = []
-        for s in items:
-            trial = batch + [s]
-            width = len(trial[0].inputs)  # longest first: the first item sets the padded width
-            keep = max(width - len(t.inputs) + max(len(c) for _, c in t.members) for t in trial)
-            if batch and (len(batch) == self.batch_size or len(trial) * keep * vocab > self.max_logit_elements):
-                yield batch
-                batch = [s]
-            else:
-                batch = trial
-        if batch:
-            yield batch
+    def _plain_logits(self, batch: list[_Scored]) -> int:
+        """Logit elements `_score_batch` keeps for these rows (longest first: the first sets the width)."""
+        width = len(batch[0].inputs)
+        return len(batch) * max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch) * self._vocab
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Scored]) -> Iterator[tuple[int, tuple[float, bool]]]:
@@ -415,6 +393,19 @@ class HFLM:
                 yield idx, (logprob, is_greedy)
 
 
+
+
+def _budget_batches(items: list, max_items: int, budget: int, cost: Callable[[list], int]) -> Iterator[list]:
+    """Consecutive batches of at most `max_items` whose `cost` (logit elements) stays within `budget`;
+    an item too large on its own still forms a batch of one."""
+    batch: list = []
+    for item in items:
+        if batch and (len(batch) == max_items or cost(batch + [item]) > budget):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
 
 
 def _vocab_size(model: Any) -> int:

@@ -62,6 +62,7 @@ class FastDecode:
 
 FastOption = bool | Literal["auto"] | FastDecode
 _FAILED = "_qingzhou_fast_failed"  # set on a model whose compiled decode failed once: stay eager
+_GRAPH_FAILED = "_qingzhou_graph_failed"  # set where capturing the decode step failed: plain steps
 
 
 def resolve_fast(model: Any, fast: FastOption) -> FastDecode | None:
@@ -260,9 +261,6 @@ def greedy_loop(model: Any, input_ids: Any, *, max_new_tokens: int, settings: Fa
     return torch.cat([input_ids, tokens[:, :produced]], dim=1)
 
 
-_GRAPH_FAILED = "_qingzhou_graph_failed"
-
-
 def _use_graph(model: Any, settings: FastDecode, device: Any) -> bool:
     return settings.cuda_graph and device.type == "cuda" and not getattr(model, _GRAPH_FAILED, None)
 
@@ -309,12 +307,12 @@ def decode(model: Any, input_ids: Any, *, max_new_tokens: int, fast: FastOption 
     settings = resolve_fast(model, fast)
     if settings is None:
         return model.generate(**call, streamer=streamer)
-    extra = fast_generate_kwargs(model, settings, input_ids.shape[1] + max_new_tokens)
     try:
         if settings.loop and loop_applies(model, input_ids, attention_mask, generate_kwargs, streamer):
             out = greedy_loop(model, input_ids, max_new_tokens=max_new_tokens, settings=settings, **generate_kwargs)
             model._qingzhou_fast_ok = True
             return out
+        extra = fast_generate_kwargs(model, settings, input_ids.shape[1] + max_new_tokens)
         if streamer is not None and not getattr(model, "_qingzhou_fast_ok", False):
             model.generate(**{**call, "max_new_tokens": 2, "min_new_tokens": None}, **extra)
         out = model.generate(**call, streamer=streamer, **extra)
