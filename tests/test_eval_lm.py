@@ -249,3 +249,31 @@ def test_shared_context_groups_are_batched_within_the_logit_budget(tok, monkeypa
     got = lm.loglikelihood_tokens(pairs)
     assert [g for g, _ in got] == pytest.approx([g for g, _ in ref], abs=1e-4)
     assert len(batches) >= 2 and set(batches) == {1}  # one two-choice group per batch fits, two do not
+
+
+def test_shared_groups_ordered_by_continuation_pad_fewer_tokens(tok):
+    """Groups run longest continuation first: the continuation pass has one row per choice, so it
+    dominates; ordering by context + continuation paired long contexts with short choices and
+    padded the choices' rows (PIQA: as many padded tokens as lm-eval's plain path)."""
+    lm = HFLM(tiny_model(), tok, batch_size=2, progress=False)
+    # equal totals pair a long context with short choices and a short context with long choices:
+    # ordered by total, both batches mix them and pad both passes
+    ctx_a, ctx_c, ctx_b, ctx_d = list(range(10, 40)), list(range(10, 39)), [5, 6, 7, 8], [5, 6, 9]
+    pairs = [(ctx_a, [1]), (ctx_a, [2, 3]), (ctx_b, [1] * 27), (ctx_b, [2] * 28),
+             (ctx_c, [1, 4]), (ctx_c, [2]), (ctx_d, [1] * 26), (ctx_d, [2] * 27)]
+    groups, plain = lm._split_shared(pairs)
+    assert plain == []
+    longest = [max(len(pairs[i][1]) for i in members) for _, members in groups]
+    assert longest == sorted(longest, reverse=True)
+
+    def padded(order):  # context pass + continuation pass tokens, batches of two groups
+        total = 0
+        for b in range(0, len(order), 2):
+            batch = order[b : b + 2]
+            rows = sum(len(m) for _, m in batch)
+            total += len(batch) * max(len(c) for c, _ in batch)
+            total += rows * max(len(pairs[i][1]) - 1 for _, m in batch for i in m)
+        return total
+
+    by_total = sorted(groups, key=lambda g: -len(g[0]) - max(len(pairs[i][1]) for i in g[1]))
+    assert padded(groups) < padded(by_total)
