@@ -166,7 +166,7 @@ def print_table(rows: list[dict], title: str) -> None:
         ref = "" if r["lm_eval"] is None else f"{r['lm_eval'] * scale:.2f}"
         table.add_row(r["task"], r["metric"], str(r["n"]), f"{r['qingzhou'] * scale:.2f}", ref, diff,
                       f"{r['qingzhou_s']:.1f}", "" if r["lm_eval_s"] is None else f"{r['lm_eval_s']:.1f}")
-    console = Console()
+    console = Console(width=120)  # task and metric names readable in logs too
     console.print(table)
     compared = [r for r in rows if r["lm_eval"] is not None and r["metric"] != "perplexity"]
     if not compared:

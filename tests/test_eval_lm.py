@@ -112,9 +112,16 @@ def test_batched_equals_one_at_a_time(tok, arch):
     texts = [line[:n] for line in CORPUS[:3] for n in (12, 25, 40, 64)]
     requests = [(t, " the world") for t in texts] + [(t, " A") for t in texts[:4]] + [(texts[0], " B")]
     one = HFLM(model, tok, batch_size=1, progress=False).loglikelihood(requests)
-    many = HFLM(model, tok, batch_size=5, progress=False).loglikelihood(requests)
+    inputs = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw), with_kwargs=True)
+    many = HFLM(model, tok, batch_size=5, progress=False, share_context=False).loglikelihood(requests)
+    handle.remove()
     assert [g for _, g in one] == [g for _, g in many]
     assert max(abs(a[0] - b[0]) for a, b in zip(one, many)) < 1e-4
+    # right-padded rows of different lengths, scored without an attention mask (causal: no real
+    # position sees a pad), so SDPA keeps its causal kernel
+    assert any(kw["input_ids"].shape[0] > 1 for kw in inputs)
+    assert all(kw.get("attention_mask") is None for kw in inputs)
 
 
 def test_logits_to_keep_shortcut_changes_nothing(tok):

@@ -322,7 +322,8 @@ class HFLM:
             mask[row, : len(ctx)] = 1
         dev = self.device
         kwargs = {"logits_to_keep": width - min(lengths) + 1} if self._accepts_logits_to_keep else {}
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True, **kwargs)
+        # right-padded contexts need no mask here (causal); the continuation pass masks the pads out
+        out = self.model(input_ids=ids.to(dev), use_cache=True, **kwargs)
         offset = width - out.logits.shape[1]
         first = torch.stack([out.logits[row, n - 1 - offset] for row, n in enumerate(lengths)])
         first = F.log_softmax(first.float(), dim=-1)  # [groups, vocab]: predicts every cont[0]
@@ -368,18 +369,15 @@ class HFLM:
     def _score_batch(self, batch: list[_Scored]) -> Iterator[tuple[int, tuple[float, bool]]]:
         width = max(len(s.inputs) for s in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, s in enumerate(batch):
             ids[row, : len(s.inputs)] = torch.tensor(s.inputs)
-            mask[row, : len(s.inputs)] = 1
         # only the continuation positions need logits: with a large vocabulary the LM head over
         # every context position would cost more than the whole small model
         keep = max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch)
         kwargs = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
-        # no padding in the batch (one long rolling window, equal-length rows): no mask, so SDPA runs
-        # its causal kernel instead of materialising a [rows, heads, width, width] mask and scores
-        if not bool(mask.all()):
-            kwargs["attention_mask"] = mask.to(self.device)
+        # rows are right-padded and attention is causal, so no real position sees a pad: no mask (as
+        # lm-eval), and SDPA runs its causal kernel instead of materialising a [rows, heads, width,
+        # width] mask and scores (BoolQ's 1,000-token passages, 8,192-token rolling windows)
         logits = self.model(input_ids=ids.to(self.device), **kwargs).logits
         offset = width - logits.shape[1]  # position of logits[:, 0]
         for row, s in enumerate(batch):
