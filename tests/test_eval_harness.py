@@ -152,3 +152,42 @@ def test_wikitext_corpus_task_on_real_articles(tok):
     # a random model is near-uniform over its 384 tokens: every unit costs more than one token would
     assert m["token_perplexity"] > 100 and m["word_perplexity"] > m["token_perplexity"] > m["byte_perplexity"] > 1
     assert m["bits_per_byte"] == pytest.approx(math.log2(m["byte_perplexity"]))
+
+
+def test_ceval_and_gsm8k_run_from_local_files_in_their_official_formats(tmp_path, tok, monkeypatch):
+    """Neither has a local copy in the shared data (hub only there), so both run here on files in
+    the official layouts: C-Eval's ceval-exam.zip CSVs, GSM8K's jsonl with "#### <number>" answers."""
+    from qingzhou.eval.tasks import load_task
+
+    subjects = load_task("ceval").subjects
+    header = "id,question,A,B,C,D,answer,explanation\n"
+    for split in ("val", "dev"):
+        (tmp_path / "ceval" / split).mkdir(parents=True)
+        for subject in subjects:
+            rows = [f"{i},{subject} 问题 {i}?,甲,乙,丙,丁,{'ABCD'[i % 4]},解释\n" for i in range(2)]
+            (tmp_path / "ceval" / split / f"{subject}_{split}.csv").write_text(header + "".join(rows), encoding="utf-8")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "Two plus two?", "answer": "2 + 2 = 4\n#### 4"},
+        {"question": "How many grams in 1.5 kg?", "answer": "1.5 * 1000 = 1500\n#### 1,500"}]))
+    seen: dict[str, list] = {"ll": [], "gen": []}
+    original = HFLM.loglikelihood
+    monkeypatch.setattr(HFLM, "loglikelihood", lambda self, reqs: seen["ll"].extend(reqs) or original(self, reqs))
+    # the first answer is right (after the "#### " extraction and "," removal), the second wrong
+    monkeypatch.setattr(HFLM, "generate_until", lambda self, reqs: (
+        seen["gen"].extend(reqs), ["So 4.\n#### 4", "#### 1,501"][: len(reqs)])[1])
+    out = evaluate(tiny(), tok, ["ceval", "gsm8k"], num_fewshot=1, data_dir=tmp_path, progress=False)
+    ceval = out["results"]["ceval"]
+    assert ceval["n"] == 2 * len(subjects) == 104 and len(ceval["subjects"]) == 52
+    assert ceval["source"].startswith("local:")
+    context, continuation = seen["ll"][0]
+    assert continuation in (" A", " B", " C", " D") and {c for _, c in seen["ll"][:4]} == {" A", " B", " C", " D"}
+    subject = next(s for s in subjects if f"{s} 问题" in context)
+    assert context.startswith(f"以下是中国关于{subjects[subject]}的单项选择题，请选出其中的正确答案。\n\n")
+    # one solved dev example (its letter after 答案：), then the question, ending in 答案：
+    assert context.count("答案：") == 2 and context.endswith("\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：")
+    assert f"{subject} 问题 0?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案： A\n\n" in context
+    gsm = out["results"]["gsm8k"]
+    assert gsm["n"] == 2 and gsm["score"] == pytest.approx(0.5)
+    prompt, kwargs = seen["gen"][0]
+    assert prompt.endswith("Question: Two plus two?\nAnswer:") and "Question:" in kwargs["until"]
