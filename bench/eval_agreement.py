@@ -7,8 +7,11 @@ Both run in this process on one loaded model; wall time is measured per task for
     # lm-eval lives in a separate venv (with --system-site-packages) so it cannot disturb the project's:
     python -m venv /work/lmeval-venv --system-site-packages && /work/lmeval-venv/bin/pip install lm-eval
     /work/lmeval-venv/bin/python bench/eval_agreement.py --tasks arc_easy piqa --limit 200
+    /work/lmeval-venv/bin/python bench/eval_agreement.py --tasks cmmlu --limit 20     # per subject
+    python bench/eval_agreement.py --from-json a.json b.json                          # one table of earlier runs
 
 Target (issue 4): every task within 0.5 accuracy points of lm-eval, in less wall time.
+Measured (SmolLM2, fp32, 2 CPU cores, full sets): identical scores on every task; README has the table.
 """
 from __future__ import annotations
 
