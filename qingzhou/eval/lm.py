@@ -361,9 +361,8 @@ class HFLM:
         return len(members) * max(len(pairs[i][1]) for i in members) * self._vocab
 
     def _plain_logits(self, batch: list[_Scored]) -> int:
-        """Logit elements `_score_batch` keeps for these rows (longest first: the first sets the width)."""
-        width = len(batch[0].inputs)
-        return len(batch) * max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch) * self._vocab
+        """Logit elements `_score_batch` keeps for these rows."""
+        return len(batch) * _kept_positions(batch) * self._vocab
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[_Scored]) -> Iterator[tuple[int, tuple[float, bool]]]:
@@ -373,8 +372,7 @@ class HFLM:
             ids[row, : len(s.inputs)] = torch.tensor(s.inputs)
         # only the continuation positions need logits: with a large vocabulary the LM head over
         # every context position would cost more than the whole small model
-        keep = max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch)
-        kwargs = {"logits_to_keep": keep} if self._accepts_logits_to_keep else {}
+        kwargs = {"logits_to_keep": _kept_positions(batch)} if self._accepts_logits_to_keep else {}
         # rows are right-padded and attention is causal, so no real position sees a pad: no mask (as
         # lm-eval), and SDPA runs its causal kernel instead of materialising a [rows, heads, width,
         # width] mask and scores (BoolQ's 1,000-token passages, 8,192-token rolling windows)
@@ -408,6 +406,12 @@ def _budget_batches(items: list, max_items: int, budget: int, cost: Callable[[li
         batch.append(item)
     if batch:
         yield batch
+
+
+def _kept_positions(batch: list[_Scored]) -> int:
+    """Trailing positions of a right-padded batch that cover every row's longest continuation."""
+    width = max(len(s.inputs) for s in batch)
+    return max(width - len(s.inputs) + max(len(c) for _, c in s.members) for s in batch)
 
 
 def _vocab_size(model: Any) -> int:
