@@ -93,7 +93,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from qingzhou.compress.distill import distill
+    from qingzhou.finetune.distill import distill
     from qingzhou.compress.prune.structured import structured_prune
     from qingzhou.data.corpus import load_text
     from qingzhou.llm import load_model

@@ -30,7 +30,7 @@ _API = {
     "quantize": "qingzhou.compress.quantize",
     "save_quantized": "qingzhou.compress.quantize",
     "prune": "qingzhou.compress.prune",
-    "distill": "qingzhou.compress.distill",
+    "distill": "qingzhou.finetune.distill",
     "moefy": "qingzhou.compress.moefy",
     "load_text": "qingzhou.data.corpus",
     "run_recipe": "qingzhou.recipes.runner",

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qingzhou.compress.distill import distill, parse_distill_config
+from qingzhou.finetune.distill import distill, parse_distill_config
 from qingzhou.data import DataConfig, prepare_data
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.testing import byte_tokenizer, tiny_model

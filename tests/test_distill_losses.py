@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qingzhou.compress.distill import DistillLoss, divergence, topk_divergence
+from qingzhou.finetune.distill import DistillLoss, divergence, topk_divergence
 from qingzhou.finetune.testing import tiny_model
 
 
@@ -113,7 +113,7 @@ def test_hidden_state_matching_with_a_learned_projection():
 
 
 def test_teacher_topk_cache_replays_rows_in_any_batching(tmp_path):
-    from qingzhou.compress.distill import TeacherCache, build_teacher_cache
+    from qingzhou.finetune.distill import TeacherCache, build_teacher_cache
     from qingzhou.data.packing import collate
     from qingzhou.errors import DataError
 
@@ -128,7 +128,7 @@ def test_teacher_topk_cache_replays_rows_in_any_batching(tmp_path):
     cache = TeacherCache(tmp_path / "cache")
     student = tiny_model("qwen2", seed=1)
     loss_fn = DistillLoss({"kd_ratio": 1.0, "temperature": 2.0})
-    from qingzhou.compress.distill.teacher_cache import _as_rows
+    from qingzhou.finetune.distill.teacher_cache import _as_rows
 
     # rows regrouped and re-padded differently from how the cache was built: same targets
     batch = {k: v for k, v in collate(_as_rows([rows[4], rows[1], rows[0]]), 0, packed=False).items()}

@@ -40,10 +40,10 @@ def test_acc_and_acc_norm_choose_differently():
     # summed log-probs favour the short choice; per character the long one wins
     doc = {"choices": ["ab", "abcdefgh"], "gold": 1}
     answers = [(-4.0, False), (-6.0, False)]
-    row = KINDS["multiple_choice"].score(load_task("arc_easy"), doc, answers, None)
+    row = KINDS["multiple_choice"].obj.score(load_task("arc_easy"), doc, answers, None)
     assert row == {"acc": 0.0, "acc_norm": 1.0}  # -4 > -6, but -6/8 = -0.75 > -4/2 = -2
     doc["gold"] = 0
-    assert KINDS["multiple_choice"].score(load_task("arc_easy"), doc, answers, None) == {"acc": 1.0, "acc_norm": 0.0}
+    assert KINDS["multiple_choice"].obj.score(load_task("arc_easy"), doc, answers, None) == {"acc": 1.0, "acc_norm": 0.0}
 
 
 def test_stderr_and_perplexity_by_hand():
@@ -64,7 +64,7 @@ def test_answer_extraction_like_lm_eval_gsm8k():
     gold = M.normalize_answer("Reasoning...\n#### 1007", a.ignore)
     assert pred == gold == "1007"
     assert M.extract_answer("no number here", a.regex) == "[invalid]"
-    row = KINDS["generate_until"].score(spec, {"target": "x\n#### 1007"}, [gen], None)
+    row = KINDS["generate_until"].obj.score(spec, {"target": "x\n#### 1007"}, [gen], None)
     assert row == {"exact_match": 1.0}
 
 

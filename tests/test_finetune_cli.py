@@ -102,7 +102,7 @@ def test_finetune_stage_takes_flat_method_keys_like_quantize_and_prune(tmp_path)
     from qingzhou.recipes.stages.finetune import FinetuneStage
 
     stage = FinetuneStage.model_validate({"kind": "finetune", "method": "qlora", "r": 8, "optimizer": "paged_adamw_8bit"})
-    assert stage.settings["method"] == "qlora" and stage.settings["r"] == 8 and "seed" not in stage.settings
+    assert stage.settings.method == "qlora" and stage.settings.r == 8 and "seed" not in stage.method_settings()
     assert stage.method_config(seed=7).seed == 7 and stage.method_config(seed=7).optimizer == "paged_adamw_8bit"
     pinned = FinetuneStage.model_validate({"kind": "finetune", "seed": 3})
     assert pinned.method == "lora" and pinned.method_config(seed=7).seed == 3

@@ -127,7 +127,7 @@ def test_lora_trains_on_a_gptq_packed_base_and_leaves_it_untouched(tok, data, tm
     """A model quantised by qingzhou (QuantLinear layers, GPTQ layout) takes LoRA through peft's GPTQ
     LoRA layer: loss goes down and the packed 4-bit buffers do not change."""
     from qingzhou.compress.quantize import quantize
-    from qingzhou.compress.quantize.qlinear import QuantLinear
+    from qingzhou.llm.quantized.qlinear import QuantLinear
 
     torch.set_num_threads(1)
     model = tiny_model("llama")

@@ -7,7 +7,7 @@ import torch
 from qingzhou.compress.calibrate import HessianAccumulator
 from qingzhou.compress.quantize import load_quantized, quantize, save_quantized
 from qingzhou.compress.quantize.awq import awq_scale, clip_quantize, search_scale
-from qingzhou.compress.quantize.grid import QuantScheme, rtn_quantize_weight
+from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
 from qingzhou.finetune.testing import tiny_model
 
 torch.set_num_threads(1)

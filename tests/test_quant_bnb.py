@@ -156,4 +156,4 @@ def test_stage_validates_bnb_settings():
     from qingzhou.recipes.stages.quantize import QuantizeStage
 
     st = QuantizeStage.model_validate({"kind": "quantize", "method": "bnb", "quant_type": "int8"})
-    assert st.settings["bits"] == 8 and st.settings["method"] == "bnb"
+    assert st.settings.bits == 8 and st.settings.method == "bnb"

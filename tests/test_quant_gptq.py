@@ -6,7 +6,7 @@ import torch
 
 from qingzhou.compress.calibrate import HessianAccumulator
 from qingzhou.compress.quantize import quantize
-from qingzhou.compress.quantize.grid import QuantScheme, rtn_quantize_weight
+from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
 from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight
 from qingzhou.finetune.testing import tiny_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qingzhou.compress.quantize.grid import QuantScheme, dequantize_codes, rtn_quantize_weight
+from qingzhou.llm.quantized.grid import QuantScheme, dequantize_codes, rtn_quantize_weight
 
 
 def _heavy_tailed(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_clip_search_weighted_by_columns_clips_an_outlier_in_a_quiet_column():
     plain search keeps the range that covers it."""
     import torch
 
-    from qingzhou.compress.quantize.grid import fake_quantize, find_params
+    from qingzhou.llm.quantized.grid import fake_quantize, find_params
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 64, generator=g) * 0.1

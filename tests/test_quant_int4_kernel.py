@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from qingzhou.compress.quantize.grid import QuantScheme, rtn_quantize_weight
-from qingzhou.compress.quantize.int4_kernel import why_not
-from qingzhou.compress.quantize.qlinear import QuantLinear
+from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
+from qingzhou.llm.quantized.int4_kernel import why_not
+from qingzhou.llm.quantized.qlinear import QuantLinear
 
 
 def _layer(out_f=64, in_f=128, bits=4, group=32, act_order=False, seed=0):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qingzhou.compress.quantize.pack import (
+from qingzhou.llm.quantized.pack import (
     pack_qweight,
     pack_qzeros,
     unpack_qweight,

@@ -101,8 +101,8 @@ def test_stage_config_validates_flat_method_keys():
 
     s = QuantizeStage.model_validate({"kind": "quantize", "method": "gptq", "bits": 3, "group_size": 64,
                                       "calibration": {"num_samples": 16}})
-    assert s.settings["bits"] == 3 and s.settings["calibration"]["num_samples"] == 16
-    assert s.settings["act_order"] is True
+    assert s.settings.bits == 3 and s.settings.calibration.num_samples == 16
+    assert s.settings.act_order is True
     with pytest.raises(ValidationError, match="bitz"):
         QuantizeStage.model_validate({"kind": "quantize", "method": "gptq", "bitz": 4})
 

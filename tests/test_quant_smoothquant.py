@@ -95,4 +95,4 @@ def test_stage_needs_dense_save_format():
     with pytest.raises(ValueError, match="save_format: dense"):
         QuantizeStage.model_validate({"kind": "quantize", "method": "smoothquant"})
     st = QuantizeStage.model_validate({"kind": "quantize", "method": "smoothquant", "save_format": "dense"})
-    assert st.settings["alpha"] == 0.5 and st.settings["bits"] == 8
+    assert st.settings.alpha == 0.5 and st.settings.bits == 8

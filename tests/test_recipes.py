@@ -95,8 +95,8 @@ def test_method_settings_survive_the_resolved_recipe(tmp_path):
     r = load_recipe(write(tmp_path, text))
     again = load_recipe(write(tmp_path, r.to_yaml(), "resolved.yaml"))
     prune, quant = again.stages[2], again.stages[3]
-    assert prune.settings["method"] == "sparsegpt" and prune.settings["nm"] == "2:4"
-    assert quant.settings["method"] == "rtn" and quant.settings["bits"] == 3
+    assert prune.settings.method == "sparsegpt" and prune.settings.nm == "2:4"
+    assert quant.settings.method == "rtn" and quant.settings.bits == 3
     assert "settings" not in r.to_dict()["stages"][2]
 
 

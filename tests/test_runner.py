@@ -81,10 +81,9 @@ def exploding_stage():
             return registry.StageResult(metrics={"ok": True})
         raise KeyboardInterrupt if cfg.error == "interrupt" else RuntimeError("disk full")
 
-    registry.load_stages()
-    registry.STAGES["boom"] = registry.StageSpec("boom", Boom, run_boom, "test")
+    registry.STAGES.add("boom", run_boom, Boom)
     yield
-    del registry.STAGES["boom"]
+    registry.STAGES.remove("boom")
 
 
 @pytest.mark.parametrize("error,exc", [("interrupt", KeyboardInterrupt), ("crash", RuntimeError)])

@@ -6,8 +6,8 @@ from qingzhou._lazy import lazy_getattr
 
 _LAZY = {
     "quantize": "qingzhou.compress.quantize.api",
-    "save_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
-    "load_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
+    "save_quantized": "qingzhou.llm.quantized.gptq_layout",
+    "load_quantized": "qingzhou.llm.quantized.gptq_layout",
     "run_layerwise": "qingzhou.compress.calibrate",
 }
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.errors import DataError
+from qingzhou.registry import Registry
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # every data set shipped in the package (one registry for training data, calibration and corpora):
 # instruction pairs, English calibration texts, an industry-flavoured corpus
-BUILTIN = {"industry-qa": "industry_qa.jsonl", "calib": "calib.jsonl", "corpus": "corpus.txt"}
+BUILTIN: Registry[str] = Registry("built-in data set", error=DataError)
+for _name, _file in {"industry-qa": "industry_qa.jsonl", "calib": "calib.jsonl", "corpus": "corpus.txt"}.items():
+    BUILTIN.add(_name, _file)
 LOCAL_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt", ".text", ".md"}
 
 
@@ -58,11 +61,7 @@ def load_records(source: str | Path | Iterable[dict[str, Any]], *, split: str = 
 
 
 def resolve_builtin(name: str) -> Path:
-    from qingzhou.errors import did_you_mean
-
-    if name not in BUILTIN:
-        raise DataError(f"unknown built-in data set '{name}'.", where=f"builtin:{name}", hint=did_you_mean(name, BUILTIN))
-    return BUILTIN_DIR / BUILTIN[name]
+    return BUILTIN_DIR / BUILTIN.get(name, where=f"builtin:{name}").obj
 
 
 def _as_row(row: Any, origin: str, i: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.errors import DataError
+from qingzhou.eval.tables import markdown_table
 from qingzhou.io import atomic_write_json, atomic_write_text
 
 MODEL_CHANGING = ("finetune", "export", "quantize", "prune", "distill")
@@ -197,8 +198,6 @@ class Comparison:
                 "files": self.files}
 
     def markdown(self, plots: list[str] | None = None) -> str:
-        from qingzhou.eval.report import markdown_table
-
         lines = ["# qingzhou compare\n", f"Runs: {', '.join(self.runs)}. Baseline: {self.baseline['run']} / "
                  f"{self.baseline['stage']}; numbers in parentheses are differences from it "
                  "(perplexity and size: lower is better; task scores in %, speed: higher is better).\n",

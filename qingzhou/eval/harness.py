@@ -23,7 +23,7 @@ from qingzhou.eval.tasks.spec import TaskSpec
 def build_requests(spec: TaskSpec, group: DocGroup, num_fewshot: int, seed: int,
                    limit: int | None) -> tuple[list[dict], list[list]]:
     """The scored rows of a group (first `limit`) and each row's request arguments."""
-    kind = KINDS[spec.kind]
+    kind = KINDS.get(spec.kind, where=spec.task).obj
     docs = group.docs[:limit] if limit is not None else group.docs
     rng = random.Random(seed)
     requests = []
@@ -41,7 +41,7 @@ def run_task(lm: Any, spec: TaskSpec, groups: list[DocGroup], *, num_fewshot: in
         raise RecipeError("corpus perplexity tasks are zero-shot.", where=f"tasks.{spec.task}",
                           hint="Use num_fewshot=0.")
     start = time.perf_counter()
-    kind = KINDS[spec.kind]
+    kind = KINDS.get(spec.kind, where=spec.task).obj
     per_group: list[tuple[DocGroup, list[dict], list[list]]] = []
     flat: list = []
     for group in groups:

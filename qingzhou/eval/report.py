@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.eval.compare import model_label, task_columns
+from qingzhou.eval.tables import markdown_table
 from qingzhou.io import atomic_write_json, atomic_write_text
 
 
@@ -50,18 +51,6 @@ def build_report(history: list[dict[str, Any]], *, title: str = "qingzhou run") 
             samples.append({"stage": entry["label"], **s})
     timings = [{"stage": e["label"], "kind": e["kind"], "seconds": e.get("seconds"), "resumed": bool(e.get("resumed"))} for e in history]
     return {"title": title, "models": models, "rows": rows, "samples": samples, "timings": timings}
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "_nothing measured_\n"
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    fmt = lambda v: "" if v is None else (f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def render_markdown(report: dict[str, Any]) -> str:

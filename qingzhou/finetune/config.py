@@ -6,11 +6,12 @@ that method are still errors.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qingzhou.errors import RecipeError
+from qingzhou.errors import did_you_mean
+from qingzhou.finetune.optimizers import OPTIMIZERS
 
 
 class FinetuneConfig(BaseModel):
@@ -44,29 +45,6 @@ class FinetuneConfig(BaseModel):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
-        from qingzhou.errors import did_you_mean
-        from qingzhou.finetune.optimizers import OPTIMIZERS
-
         if v not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer '{v}'. {did_you_mean(v, OPTIMIZERS)}")
         return v
-
-
-def parse_finetune_config(data: dict[str, Any] | FinetuneConfig) -> FinetuneConfig:
-    """Validate a dict against the config class of its `method` (default lora)."""
-    from pydantic import ValidationError
-
-    from qingzhou.errors import did_you_mean
-    from qingzhou.finetune.methods import METHODS
-
-    if isinstance(data, FinetuneConfig):
-        return data
-    method = data.get("method", "lora")
-    if method not in METHODS:
-        raise RecipeError(f"unknown fine-tuning method '{method}'.", where="method", hint=did_you_mean(str(method), METHODS))
-    try:
-        return METHODS[method].config.model_validate({**data, "method": method})
-    except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"{first['msg']}.", where=key or "finetune", hint=f"({e.error_count()} problem(s) in the {method} config)") from None

@@ -26,10 +26,10 @@ from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
 from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from qingzhou.finetune.config import FinetuneConfig, parse_finetune_config
+from qingzhou.finetune.config import FinetuneConfig
 from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
 from qingzhou.finetune.fused_ops import fused_training_ops
-from qingzhou.finetune.methods import METHODS, build_method
+from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
 from qingzhou.io import atomic_dir, atomic_write_json
 

@@ -6,35 +6,38 @@ target modules per architecture (override with `target_modules`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from qingzhou.errors import DeviceError, RecipeError
 from qingzhou.finetune.config import FinetuneConfig
+from qingzhou.registry import Registry
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    config: type[FinetuneConfig]
-    build: Callable[[Any, Any], Any]
-    mergeable: bool
-
-
-METHODS: dict[str, MethodSpec] = {}
+# name -> build(model, cfg) -> trainable model; config = the method's FinetuneConfig subclass;
+# meta `mergeable`: the adapter can be merged into the base weights (export merge).
+METHODS: Registry[Any] = Registry("fine-tuning method")
 
 
 def register_method(name: str, config: type[FinetuneConfig], *, mergeable: bool):
     """Decorator: `build(model, cfg) -> trainable model` for fine-tuning method `name`."""
+    return METHODS.register(name, config, mergeable=mergeable)
 
-    def decorate(fn):
-        METHODS[name] = MethodSpec(name, config, fn, mergeable)
-        return fn
 
-    return decorate
+def parse_finetune_config(data: dict[str, Any] | FinetuneConfig) -> FinetuneConfig:
+    """Validate a dict against the config class of its `method` (default lora); a typed config
+    passes through unchanged."""
+    if isinstance(data, FinetuneConfig):
+        return data
+    method = data.get("method", "lora")
+    entry = METHODS.get(str(method), where="method")
+    try:
+        return entry.config.model_validate({**data, "method": method})
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{first['msg']}.", where=key or "finetune",
+                          hint=f"({e.error_count()} problem(s) in the {method} config)") from None
 
 
 # Attention + MLP projections per model_type; anything unknown falls back to every linear layer.
@@ -136,7 +139,7 @@ def _register_quantized_bases(model: Any, config: Any) -> None:
     """peft wraps only base layer types it knows. qingzhou's own `QuantLinear` (GPTQ layout) takes
     peft's GPTQ LoRA layer, which adds the adapter on top of the base layer's forward, so a
     quantised model (e.g. a distillation student) can be LoRA-tuned on its frozen 4-bit base."""
-    from qingzhou.compress.quantize.qlinear import QuantLinear
+    from qingzhou.llm.quantized.qlinear import QuantLinear
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         from peft.tuners.lora.gptq import GPTQLoraLinear
@@ -245,20 +248,4 @@ def build_p_tuning_v2(model: Any, cfg: PTuningV2Config) -> Any:
 
 
 def build_method(model: Any, cfg: FinetuneConfig) -> Any:
-    if cfg.method not in METHODS:
-        from qingzhou.errors import did_you_mean
-
-        raise RecipeError(f"unknown fine-tuning method '{cfg.method}'.", where="method", hint=did_you_mean(cfg.method, METHODS))
-    return METHODS[cfg.method].build(model, cfg)
-
-
-def require_bitsandbytes(feature: str) -> Any:
-    """The bitsandbytes module, or a `DeviceError` naming `feature` when it cannot run where the
-    training loop will (CUDA if present, else CPU, which needs bitsandbytes >= 0.46)."""
-    from qingzhou.compress.quantize.bnb import import_bitsandbytes, require_bnb
-
-    try:
-        require_bnb("auto")
-    except DeviceError as e:
-        raise DeviceError(f"{feature} needs bitsandbytes: {e.message}", hint=e.hint) from None
-    return import_bitsandbytes()
+    return METHODS.get(cfg.method, where="method").obj(model, cfg)

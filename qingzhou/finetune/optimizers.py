@@ -12,23 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from qingzhou.registry import Registry
+
 OptimizerFactory = Callable[[list[dict[str, Any]], Any], Any]
-OPTIMIZERS: dict[str, OptimizerFactory] = {}
-
-
-def register_optimizer(name: str):
-    """Decorator: `factory(param_groups, cfg) -> torch.optim.Optimizer` for optimizer `name`."""
-
-    def decorate(fn: OptimizerFactory) -> OptimizerFactory:
-        OPTIMIZERS[name] = fn
-        return fn
-
-    return decorate
+# name -> factory(param_groups, cfg) -> torch.optim.Optimizer
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+register_optimizer = OPTIMIZERS.register
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: Any) -> Any:
     """The optimizer `cfg.optimizer` over `groups` (names were validated with the config)."""
-    return OPTIMIZERS[cfg.optimizer](groups, cfg)
+    return OPTIMIZERS.get(cfg.optimizer, where="optimizer").obj(groups, cfg)
 
 
 @register_optimizer("adamw")
@@ -47,7 +41,7 @@ def sgd(groups: list[dict[str, Any]], cfg: Any) -> Any:
 
 def _bnb_optimizer(class_name: str) -> OptimizerFactory:
     def factory(groups: list[dict[str, Any]], cfg: Any) -> Any:
-        from qingzhou.finetune.methods import require_bitsandbytes
+        from qingzhou.llm.devices import require_bitsandbytes
 
         bnb = require_bitsandbytes(f"optimizer '{cfg.optimizer}'")
         kwargs: dict[str, Any] = {"lr": cfg.learning_rate}

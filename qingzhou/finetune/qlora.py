@@ -16,7 +16,7 @@ def quantize_base_4bit(model: Any, *, quant_type: str = "nf4", double_quant: boo
     from peft import prepare_model_for_kbit_training
 
     from qingzhou.compress.quantize.bnb import BnbConfig, quantize_in_place
-    from qingzhou.finetune.methods import require_bitsandbytes
+    from qingzhou.llm.devices import require_bitsandbytes
 
     require_bitsandbytes("QLoRA")
     device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device.type

@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from qingzhou.errors import ModelLoadError
+from qingzhou.registry import Registry
 
-
-@dataclass(frozen=True)
-class Alias:
-    name: str
-    description: str
-    resolve: Callable[[], str]
-
-
-ALIASES: dict[str, Alias] = {}
+# alias -> `resolve() -> path or hub id`; meta `description` for `qingzhou models ls`.
+ALIASES: Registry[Callable[[], str]] = Registry("model alias", error=ModelLoadError)
 
 
 def register_alias(name: str, description: str):
-    def decorate(fn: Callable[[], str]) -> Callable[[], str]:
-        ALIASES[name] = Alias(name, description, fn)
-        return fn
-
-    return decorate
+    """Decorator: `resolve() -> str` (a local path or hub id) answers to alias `name`."""
+    return ALIASES.register(name, description=description)
 
 
 def _packaged_file(package: str, pattern: str, install_hint: str) -> str:
@@ -55,5 +45,5 @@ def _smollm2_hub() -> str:
 
 
 def resolve_alias(name: str) -> str | None:
-    alias = ALIASES.get(name.lower())
-    return alias.resolve() if alias else None
+    alias = ALIASES.find(name.lower())
+    return alias.obj() if alias else None

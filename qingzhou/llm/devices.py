@@ -155,6 +155,37 @@ def require(feature: str, device: str) -> None:
         raise DeviceError(f"{feature.replace('_', ' ')} is not supported on device '{device}'.", hint=hint.strip())
 
 
+def import_bitsandbytes() -> Any:
+    """`import bitsandbytes`, without the deprecation warnings its first import emits (they would
+    otherwise land in the first quantize report's warnings)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes
+    return bitsandbytes
+
+
+def bitsandbytes_device(device: str = "auto") -> str:
+    """The concrete device bitsandbytes will run on (`auto`: the first accelerator it supports,
+    else the CPU); `DeviceError` unless it is installed and usable there."""
+    if device == "auto":
+        device = "cuda" if is_available("cuda") else "cpu"
+    device = resolve_device(device)
+    require("bitsandbytes", device)
+    return device
+
+
+def require_bitsandbytes(feature: str, device: str = "auto") -> Any:
+    """The bitsandbytes module, or a `DeviceError` naming `feature` when it cannot run on `device`
+    (for training: where the loop will run, CUDA if present, else CPU)."""
+    try:
+        bitsandbytes_device(device)
+    except DeviceError as e:
+        raise DeviceError(f"{feature} needs bitsandbytes: {e.message}", hint=e.hint) from None
+    return import_bitsandbytes()
+
+
 def _bnb_install_hint(device_type: str) -> str:
     installed = bitsandbytes_version()
     if installed is None:

@@ -5,21 +5,32 @@ the caller asks, since both run arbitrary code from the model's author.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qingzhou.errors import ModelLoadError
 from qingzhou.llm.aliases import ALIASES, resolve_alias
 
-# Quantized checkpoints qingzhou loads itself (pure-torch kernels that run on every device) instead
-# of handing them to transformers' optional GPU-only backends. quant_method -> "module:function".
-QUANTIZED_LOADERS = {"gptq": "qingzhou.compress.quantize.formats.gptq_layout:load_quantized"}
-# A file beside a saved dense model that rebuilds extra structure on it after loading: file -> fn(model, folder).
-FOLDER_EXTENSIONS = {"moefication.json": "qingzhou.compress.moefy.saving:apply_moefication"}
+
+def quantized_loaders() -> dict[str, Callable[..., Any]]:
+    """Quantized checkpoints qingzhou loads itself (pure-torch kernels that run on every device)
+    instead of handing them to transformers' optional GPU-only backends: quant_method -> loader.
+    (Imported on use: this module stays torch-free so recipes validate before torch loads.)"""
+    from qingzhou.llm.quantized.gptq_layout import load_quantized
+
+    return {"gptq": load_quantized}
+
+
+def folder_extensions() -> dict[str, Callable[[Any, Path], Any]]:
+    """Files beside a saved dense model that rebuild extra structure on it after loading:
+    file name -> fn(model, folder)."""
+    from qingzhou.llm.moe import SPEC_FILE, apply_moefication
+
+    return {SPEC_FILE: apply_moefication}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -144,9 +155,8 @@ def load_model(
             _check_remote_code(AutoConfig.from_pretrained(src.path, trust_remote_code=False, **({"revision": revision} if revision else {})).to_dict(), source, trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **common)
         quant_method = (config.get("quantization_config") or {}).get("quant_method")
-        if quant_method in QUANTIZED_LOADERS:
-            module, _, fn = QUANTIZED_LOADERS[quant_method].partition(":")
-            model = getattr(importlib.import_module(module), fn)(src.path, dtype=torch_dtype, device=dev)
+        if quant_method in quantized_loaders():
+            model = quantized_loaders()[quant_method](src.path, dtype=torch_dtype, device=dev)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 src.folder, dtype=torch_dtype, use_safetensors=None if (allow_pickle or src.kind == "gguf") else True, **common
@@ -168,10 +178,9 @@ def load_model(
 
 
 def _apply_folder_extensions(model: Any, folder: Path) -> Any:
-    for name, target in FOLDER_EXTENSIONS.items():
+    for name, apply in folder_extensions().items():
         if (folder / name).is_file():
-            module, _, fn = target.partition(":")
-            model = getattr(importlib.import_module(module), fn)(model, folder)
+            model = apply(model, folder)
     return model
 
 

@@ -8,14 +8,14 @@ the stage function.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qingzhou.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from qingzhou.recipes.context import StageContext
@@ -40,32 +40,23 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
-def validate_method_config(data: dict[str, Any], specs: dict[str, Any], what: str) -> BaseModel:
-    """Validate a plain dict (YAML/CLI) with the config of its `method` in a method registry
-    (`specs[name].config`); an unknown method names the closest registered one."""
-    from qingzhou.errors import RecipeError, did_you_mean
-
-    method = data.get("method")
-    if method not in specs:
-        raise RecipeError(f"unknown {what} method {method!r}.", where="method", hint=did_you_mean(str(method), specs))
-    return specs[method].config.model_validate(data)
-
-
 class MethodStage(StageConfig):
     """A stage whose method settings sit flat beside `kind` (`method: gptq`, `bits: 4`, ...).
 
-    The flat keys that are not the stage's own fields are validated by the chosen method's
-    pydantic config (so a typo is reported at its own key path, with the closest valid key) and
-    kept in `settings`; `to_recipe()` flattens them back, so a resolved recipe reads like the one
-    the user wrote. Subclasses set `default_method` and implement `method_configs()` (and may
-    override `parse_method` for stage-specific rules).
+    The flat keys that are not the stage's own fields are validated once, by the chosen method's
+    pydantic config from the stage's method registry (so a typo is reported at its own key path,
+    with the closest valid key), and kept as that typed config in `settings`, which the stage
+    hands straight to the verb; `to_recipe()` flattens it back, so a resolved recipe reads like the
+    one the user wrote. Subclasses set `default_method` and `methods()` (and may override
+    `parse_method` for stage-specific rules).
     """
 
-    settings: dict[str, Any] = Field(default_factory=dict, description="the method config (filled from the flat keys)")
+    settings: Any = Field(None, description="the method's typed config (filled from the flat keys)")
     default_method: ClassVar[str] = ""
 
     @classmethod
-    def method_configs(cls) -> dict[str, type[BaseModel]]:
+    def methods(cls) -> Registry[Any]:
+        """The registry this stage's `method:` names an entry of."""
         raise NotImplementedError
 
     @classmethod
@@ -74,18 +65,20 @@ class MethodStage(StageConfig):
 
     @classmethod
     def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
-        config = cls.method_configs().get(raw.get("method", cls.default_method))
+        entry = cls.methods().find(str(raw.get("method", cls.default_method)))
+        config = entry.config if entry else None
         return sorted(cls.stage_keys() | {"method"} | set(config.model_fields if config else ()))
 
     @classmethod
-    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
-        from qingzhou.errors import did_you_mean
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> Any:
+        """The typed method config for the flat `method` keys (a ValueError names an unknown method,
+        so pydantic reports it at the stage's `method` key)."""
+        from qingzhou.errors import QingzhouError
 
-        configs = cls.method_configs()
-        name = method["method"]
-        if name not in configs:
-            raise ValueError(f"unknown method '{name}'. {did_you_mean(str(name), configs)}")
-        return configs[name].model_validate(method).model_dump(mode="json")
+        try:
+            return cls.methods().validate(method)
+        except QingzhouError as e:
+            raise ValueError(f"{e.message} {e.hint or ''}".strip()) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -94,15 +87,28 @@ class MethodStage(StageConfig):
             return data
         keys = cls.stage_keys()
         stage = {k: v for k, v in data.items() if k in keys}
+        settings = data.get("settings")
+        if isinstance(settings, BaseModel):  # already typed (built in Python): validated once
+            stage["settings"] = settings
+            return stage
         method = {k: v for k, v in data.items() if k not in keys and k != "settings"}
-        if set(method) <= {"method"} and isinstance(data.get("settings"), dict):  # resolved recipe read back
-            method = {**data["settings"], **method}
+        if set(method) <= {"method"} and isinstance(settings, dict):  # resolved recipe read back
+            method = {**settings, **method}
         method.setdefault("method", cls.default_method)
         stage["settings"] = cls.parse_method(method, stage)
         return stage
 
+    @property
+    def method(self) -> str:
+        return self.method_settings()["method"]
+
+    def method_settings(self) -> dict[str, Any]:
+        """The method's settings as plain data (what the recipe holds flat)."""
+        s = self.settings
+        return s.model_dump(mode="json") if isinstance(s, BaseModel) else dict(s or {})
+
     def to_recipe(self) -> dict[str, Any]:
-        return {**self.model_dump(mode="json", exclude={"settings"}), **self.settings}
+        return {**self.model_dump(mode="json", exclude={"settings"}), **self.method_settings()}
 
 
 @dataclass
@@ -117,41 +123,14 @@ class StageResult:
     data_hashes: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    kind: str
-    config: type[StageConfig]
-    run: Callable[[Any, StageContext], StageResult]
-    doc: str
-
-
-STAGES: dict[str, StageSpec] = {}
+# kind -> `fn(cfg, ctx) -> StageResult`, config = the stage's StageConfig subclass. Every module in
+# qingzhou/recipes/stages registers one stage (imported on first lookup; they are torch-free).
+STAGES: Registry[Callable[[Any, Any], StageResult]] = Registry("stage kind", package="qingzhou.recipes.stages")
 
 
 def register_stage(kind: str, config: type[StageConfig]):
     """Decorator: register `fn(cfg, ctx) -> StageResult` as the runner of stage `kind`."""
-
-    def decorate(fn):
-        if kind in STAGES and STAGES[kind].run is not fn:
-            raise RuntimeError(f"stage kind {kind!r} registered twice")
-        STAGES[kind] = StageSpec(kind, config, fn, (fn.__doc__ or "").strip().split("\n")[0])
-        return fn
-
-    return decorate
-
-
-_loaded = False
-
-
-def load_stages() -> dict[str, StageSpec]:
-    """Import every module in qingzhou/recipes/stages (cheap: they do not import torch)."""
-    global _loaded
-    if not _loaded:
-        pkg = importlib.import_module("qingzhou.recipes.stages")
-        for info in pkgutil.iter_modules(pkg.__path__, prefix="qingzhou.recipes.stages."):
-            importlib.import_module(info.name)
-        _loaded = True
-    return STAGES
+    return STAGES.register(kind, config)
 
 
 def stage_dir_name(index: int, kind: str) -> str:

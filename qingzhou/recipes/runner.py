@@ -25,7 +25,7 @@ from typing import Any
 from qingzhou.errors import RecipeError
 from qingzhou.io import atomic_dir, atomic_write_json, atomic_write_text
 from qingzhou.recipes.context import ModelCache, ModelRef, StageContext
-from qingzhou.recipes.registry import StageConfig, load_stages, stage_dir_name
+from qingzhou.recipes.registry import STAGES, StageConfig, stage_dir_name
 from qingzhou.recipes.schema import Recipe, load_recipe
 
 STAGE_FILE = "stage.json"
@@ -106,7 +106,6 @@ def run_recipe(
     }
     atomic_write_json(run_dir / "run.json", record)
 
-    specs = load_stages()
     cache = ModelCache()
     model_ref: ModelRef | None = None
     chain_intact = resume
@@ -123,7 +122,7 @@ def run_recipe(
                 chain_intact = False
                 if final_dir.exists():
                     shutil.rmtree(final_dir)
-                entry = _run_stage(specs[cfg.kind].run, cfg, index, chash, run_dir, final_dir, recipe.seed, model_ref, history, cache)
+                entry = _run_stage(STAGES.get(cfg.kind).obj, cfg, index, chash, run_dir, final_dir, recipe.seed, model_ref, history, cache)
                 model_ref = ModelRef.from_dict(entry["model_out"]) if entry.get("model_out") else model_ref
             history.append(entry)
             record["stages"].append(_summary(entry))

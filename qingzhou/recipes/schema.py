@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qingzhou.errors import RecipeError, closest, did_you_mean
-from qingzhou.recipes.registry import StageConfig, builtin_recipe_dir, load_stages
+from qingzhou.recipes.registry import STAGES, StageConfig, builtin_recipe_dir
 
 
 class RecipeHeader(BaseModel):
@@ -175,7 +175,6 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
         header = RecipeHeader.model_validate(data)
     except ValidationError as e:
         raise _pydantic_to_recipe_error(e, source, lines, (), RecipeHeader) from None
-    stages = load_stages()
     configs: list[StageConfig] = []
     for i, raw in enumerate(header.stages):
         path = ("stages", i)
@@ -183,10 +182,10 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
             raise RecipeError(f"each stage must be a mapping with a 'kind', got {raw!r}.", where=_where(source, lines, path))
         kind = raw.get("kind")
         if kind is None:
-            raise RecipeError("stage has no 'kind'.", where=_where(source, lines, path), hint=f"Valid kinds: {', '.join(sorted(stages))}.")
-        if kind not in stages:
-            raise RecipeError(f"unknown stage kind '{kind}'.", where=_where(source, lines, (*path, "kind")), hint=did_you_mean(str(kind), stages))
-        spec = stages[kind]
+            raise RecipeError("stage has no 'kind'.", where=_where(source, lines, path), hint=f"Valid kinds: {', '.join(sorted(STAGES))}.")
+        if kind not in STAGES:
+            raise RecipeError(f"unknown stage kind '{kind}'.", where=_where(source, lines, (*path, "kind")), hint=did_you_mean(str(kind), STAGES))
+        spec = STAGES.get(kind)
         try:
             configs.append(spec.config.model_validate(raw))
         except ValidationError as e:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Distil TEACHER into STUDENT on DATA; writes the student, metrics.json and distill.json to --out."""
         from qingzhou.cli.commands.finetune import _parse_sets
-        from qingzhou.compress.distill import distill, parse_distill_config
+        from qingzhou.finetune.distill import distill, parse_distill_config
         from qingzhou.data import DataConfig
         from qingzhou.llm import load_model
 

@@ -10,12 +10,12 @@ _LAZY = {
     "MoefyReport": "qingzhou.compress.moefy.api",
     "MoefyConfig": "qingzhou.compress.moefy.config",
     "MoefyEvalConfig": "qingzhou.compress.moefy.config",
-    "MoEMLP": "qingzhou.compress.moefy.module",
-    "set_top_k": "qingzhou.compress.moefy.module",
+    "MoEMLP": "qingzhou.llm.moe",
+    "set_top_k": "qingzhou.llm.moe",
     "save_moefied": "qingzhou.compress.moefy.saving",
-    "apply_moefication": "qingzhou.compress.moefy.saving",
+    "apply_moefication": "qingzhou.llm.moe",
     "load_moefied": "qingzhou.compress.moefy.saving",
-    "is_moefied_folder": "qingzhou.compress.moefy.saving",
+    "is_moefied_folder": "qingzhou.llm.moe",
 }
 
 __all__ = sorted(_LAZY)

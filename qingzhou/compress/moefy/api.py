@@ -20,8 +20,7 @@ from torch import nn
 
 from qingzhou.compress.moefy.cluster import balanced_kmeans, balanced_sizes
 from qingzhou.compress.moefy.config import MoefyConfig
-from qingzhou.compress.moefy.module import (MLPLayout, MoEMLP, ffn_activations, mlp_layout, permute_neurons,
-                                            replace_module, set_top_k)
+from qingzhou.llm.moe import MLPLayout, MoEMLP, ffn_activations, mlp_layout, permute_neurons, set_top_k
 from qingzhou.compress.moefy.router import centroid_router, expert_norms, routing_quality, train_router
 
 
@@ -166,7 +165,7 @@ def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None
     ratios = []
     for name, (bounds, router) in collector.built.items():
         mlp, layout = ffns[name]
-        replace_module(model, name, MoEMLP(mlp, layout, bounds, router, cfg.top_k))
+        model.set_submodule(name, MoEMLP(mlp, layout, bounds, router, cfg.top_k))
         params = sum(p.numel() for p in router.parameters())  # multiply-adds per token, like the FFN's
         report.router_parameters += params
         ratios.append(params / sum(getattr(mlp, n).weight.numel() for n in layout.names))

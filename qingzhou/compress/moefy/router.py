@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qingzhou.compress.moefy.module import MLPLayout
+from qingzhou.llm.moe import MLPLayout, make_router
 
 
 def expert_norms(acts: torch.Tensor, down_weight: torch.Tensor, bounds: list[int]) -> torch.Tensor:
@@ -34,20 +34,7 @@ def centroid_router(mlp: nn.Module, layout: MLPLayout, bounds: list[int]) -> nn.
     return router.requires_grad_(False)
 
 
-def make_router(hidden_size: int, k: int, width: int = 0, bias: bool = True) -> nn.Module:
-    """A router's shape: linear (width 0; the centroid router is one without bias) or
-    Linear-ReLU-Linear. `router_spec` describes it for saving."""
-    if width == 0:
-        return nn.Linear(hidden_size, k, bias=bias)
-    return nn.Sequential(nn.Linear(hidden_size, width, bias=bias), nn.ReLU(), nn.Linear(width, k, bias=bias))
 
-
-def router_spec(router: nn.Module) -> dict[str, int | bool]:
-    """The `make_router` arguments that rebuild `router` (what moefication.json records)."""
-    first = router if isinstance(router, nn.Linear) else router[0]
-    last = router if isinstance(router, nn.Linear) else router[-1]
-    return {"hidden_size": first.in_features, "k": last.out_features,
-            "width": 0 if isinstance(router, nn.Linear) else first.out_features, "bias": first.bias is not None}
 
 
 def train_router(x: torch.Tensor, norms: torch.Tensor, *, width: int, steps: int, lr: float,

@@ -18,22 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from qingzhou.compress.moefy.module import (
-    MLPLayout,
-    MoEMLP,
-    mlp_layout,
-    moe_modules,
-    replace_module,
-    restore_dense,
-    set_top_k,
-)
-from qingzhou.compress.moefy.router import make_router, router_spec
+from qingzhou.llm.moe import SPEC_FILE, WEIGHTS_FILE, moe_modules, restore_dense, router_spec, set_top_k
 from qingzhou.errors import ModelLoadError
 
-FORMAT = "qingzhou-moefication"
-VERSION = 1
-SPEC_FILE = "moefication.json"
-WEIGHTS_FILE = "moefication.safetensors"
 
 
 def moefication_spec(model: nn.Module) -> dict[str, Any]:
@@ -66,44 +53,6 @@ def save_moefied(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     os.replace(tmp, out_dir / WEIGHTS_FILE)
     atomic_write_json(out_dir / SPEC_FILE, spec)
     return out_dir
-
-
-def is_moefied_folder(folder: str | Path) -> bool:
-    return (Path(folder) / SPEC_FILE).is_file()
-
-
-def apply_moefication(model: nn.Module, folder: str | Path, *, top_k: int | None = None) -> nn.Module:
-    """Re-create the MoE modules of a moefied folder on `model` (its dense weights, loaded from
-    that folder); `top_k` overrides the saved experts per token."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    where = str(folder / SPEC_FILE)
-    try:
-        spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read the moefication spec ({e}).", where=where) from e
-    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
-        raise ModelLoadError(f"not a {FORMAT} v{VERSION} file (format={spec.get('format')!r}, "
-                             f"version={spec.get('version')!r}).", where=where)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    for name, entry in spec["ffns"].items():
-        try:
-            mlp = model.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"the model has no module {name!r}.", where=where,
-                                 hint="Load the model saved in the same folder.") from None
-        layout = MLPLayout(**entry["layout"])
-        if mlp_layout(mlp) != layout or getattr(mlp, layout.down).in_features != entry["bounds"][-1]:
-            raise ModelLoadError(f"{name} does not match the saved FFN (layout {layout}, "
-                                 f"width {entry['bounds'][-1]}).", where=where)
-        weight = getattr(mlp, layout.up).weight
-        router = make_router(**entry["router"])
-        prefix = f"{name}.router."
-        router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        router = router.to(device=weight.device, dtype=weight.dtype).requires_grad_(False).eval()
-        replace_module(model, name, MoEMLP(mlp, layout, entry["bounds"], router, top_k or entry["top_k"]))
-    return model
 
 
 def load_moefied(folder: str | Path, *, top_k: int | None = None, **load_kwargs: Any) -> tuple[nn.Module, Any]:

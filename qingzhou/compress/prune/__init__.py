@@ -12,7 +12,6 @@ _LAZY = {
     "PruneOverride": "qingzhou.compress.prune.config",
     "OWLConfig": "qingzhou.compress.prune.config",
     "register_pruner": "qingzhou.compress.prune.registry",
-    "load_pruners": "qingzhou.compress.prune.registry",
     "parse_config": "qingzhou.compress.prune.registry",
     "PRUNERS": "qingzhou.compress.prune.registry",
     "MagnitudeConfig": "qingzhou.compress.prune.magnitude",

@@ -13,7 +13,7 @@ from qingzhou.compress.calibrate import find_decoder_layers
 from qingzhou.compress.prune.config import CalibratedPruneConfig, PruneConfig
 from qingzhou.compress.prune.masks import Target
 from qingzhou.compress.prune.plan import build_plan, layer_index
-from qingzhou.compress.prune.registry import load_pruners, parse_config
+from qingzhou.compress.prune.registry import PRUNERS, parse_config
 
 
 @dataclass
@@ -58,9 +58,9 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
     `method: structured` the model gets smaller instead and a `StructuredReport` comes back.
     """
     cfg = parse_config(cfg)
-    spec = load_pruners()[cfg.method]
+    spec = PRUNERS.get(cfg.method)
     if spec.reshapes:
-        return spec.run(model, cfg, calib, tokenizer=tokenizer)
+        return spec.obj(model, cfg, calib, tokenizer=tokenizer)
     plan, skipped = build_plan(model, cfg)
     needs_data = spec.needs_calibration or cfg.owl is not None
     samples = calibration_samples(calib, cfg, tokenizer) if needs_data else None
@@ -68,7 +68,7 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         owl = _apply_owl(model, cfg, plan, samples) if cfg.owl is not None else {}
-        result = spec.run(model, cfg, plan, samples)
+        result = spec.obj(model, cfg, plan, samples)
     for w in caught:  # re-emit for the caller, keep the text for the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     report = PruneReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=skipped,

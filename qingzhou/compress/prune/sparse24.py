@@ -255,7 +255,6 @@ def sparsify_24(model: nn.Module, cfg: Sparse24Config | dict[str, Any] | None = 
     beats dense (see the module doc). Returns a report naming each linear's path or why it stayed
     dense; on CPU or pre-Ampere GPUs nothing changes and the report says so."""
     from qingzhou.compress.calibrate import select_linears
-    from qingzhou.compress.moefy.module import replace_module
 
     cfg = cfg if isinstance(cfg, Sparse24Config) else Sparse24Config.model_validate(cfg or {})
     t0 = time.perf_counter()
@@ -295,7 +294,7 @@ def sparsify_24(model: nn.Module, cfg: Sparse24Config | dict[str, Any] | None = 
             report.dense[name] = why
             continue
         module, _ = build_path(lin, path, max(cfg.rows))
-        replace_module(model, name, module)
+        model.set_submodule(name, module)
         report.converted[name] = path
     return _finish(report, t0)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
     from qingzhou.compress.prune.masks import Target
-    from qingzhou.compress.quantize.grid import QuantScheme
+    from qingzhou.llm.quantized.grid import QuantScheme
 
 
 class JointQuantConfig(BaseModel):
@@ -137,7 +137,7 @@ def _group_params(W1: torch.Tensor, W: torch.Tensor, i: int, i2: int, gs: int, q
     """Grid of the group starting at block column i, read from the error-updated columns."""
     import torch
 
-    from qingzhou.compress.quantize.grid import find_params
+    from qingzhou.llm.quantized.grid import find_params
 
     end = i + gs
     width = W1.shape[1]
@@ -146,7 +146,7 @@ def _group_params(W1: torch.Tensor, W: torch.Tensor, i: int, i2: int, gs: int, q
 
 
 def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    from qingzhou.compress.quantize.grid import fake_quantize
+    from qingzhou.llm.quantized.grid import fake_quantize
 
     return fake_quantize(w, scale, zero, maxq)
 
@@ -189,7 +189,7 @@ class SparseGPTCollector:
 @register_pruner("sparsegpt", SparseGPTConfig)
 def run_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, plan: dict[str, Target], calib: Any) -> dict[str, Any]:
     from qingzhou.compress.calibrate import run_layerwise
-    from qingzhou.compress.quantize.grid import QuantScheme
+    from qingzhou.llm.quantized.grid import QuantScheme
 
     quant = None
     if cfg.quantize is not None:

@@ -11,10 +11,10 @@ from torch import nn
 
 from qingzhou.compress.quantize.config import CalibratedConfig, QuantizeConfig
 from qingzhou.compress.quantize.plan import build_plan
-from qingzhou.compress.quantize.qlinear import QuantLinear
-from qingzhou.compress.quantize.registry import load_quantizers, parse_config
+from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR
+from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.compress.quantize.registry import QUANTIZERS, parse_config
 
-QUANT_ATTR = "qingzhou_quantization"  # model attribute holding the quantization_config to save
 
 
 @dataclass
@@ -58,7 +58,7 @@ def quantize(
     GPTQ-layout tensors (save with `save_quantized`); otherwise they stay dense, fake-quantised.
     """
     cfg = parse_config(cfg)
-    spec = load_quantizers()[cfg.method]
+    spec = QUANTIZERS.get(cfg.method)
     plan, skipped = build_plan(model, cfg)
     if not plan:
         from qingzhou.errors import RecipeError
@@ -72,7 +72,7 @@ def quantize(
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = spec.run(model, cfg, plan, samples)
+        result = spec.obj(model, cfg, plan, samples)
     for w in caught:  # re-emit for the caller, keep the text for the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=skipped,

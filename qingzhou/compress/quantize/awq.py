@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from qingzhou.compress.quantize.grid import QuantizedWeight, QuantScheme
+    from qingzhou.llm.quantized.grid import QuantizedWeight, QuantScheme
 
 _CHUNK = 2**24  # floats per candidate batch in the vectorised searches (~64 MB)
 
@@ -141,7 +141,7 @@ class AWQCollector:
     def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
         import torch
 
-        from qingzhou.compress.quantize.grid import rtn_quantize_weight
+        from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
         if not self.quantize_weights:
             return
@@ -212,7 +212,7 @@ def _fake_quant_rows(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """RTN min/max fake quantisation of `w` [..., in] in groups along the last dim (no clip)."""
     import torch
 
-    from qingzhou.compress.quantize.grid import fake_quantize, find_params
+    from qingzhou.llm.quantized.grid import fake_quantize, find_params
 
     in_f = w.shape[-1]
     gs = scheme.effective_group_size(in_f)
@@ -283,7 +283,7 @@ def clip_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *,
     """Quantise with per-(row, group) ranges shrunk to minimise each group's output error d^T H_gg d."""
     import torch
 
-    from qingzhou.compress.quantize.grid import QuantizedWeight, quantize_to_codes
+    from qingzhou.llm.quantized.grid import QuantizedWeight, quantize_to_codes
 
     W = weight.detach().float()
     H = H.float().to(W.device)
@@ -315,7 +315,7 @@ def _clip_block(Wb: torch.Tensor, Hb: torch.Tensor, scheme: QuantScheme, max_shr
     """Best (scale, zero) [n, out] for groups Wb [n, out, gs] with Hessian blocks Hb [n, gs, gs]."""
     import torch
 
-    from qingzhou.compress.quantize.grid import _range_to_params, fake_quantize
+    from qingzhou.llm.quantized.grid import _range_to_params, fake_quantize
 
     n, out_f, gs = Wb.shape
     xmin = Wb.amin(dim=2).clamp(max=0)

@@ -11,7 +11,7 @@ from qingzhou.compress.quantize.registry import register_quantizer
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from qingzhou.compress.quantize.grid import QuantScheme
+    from qingzhou.llm.quantized.grid import QuantScheme
 
 
 class GPTQConfig(CalibratedConfig):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian, damped_inverse_cholesky
-from qingzhou.compress.quantize.grid import (
+from qingzhou.llm.quantized.grid import (
     QuantizedWeight,
     QuantScheme,
     find_params,

@@ -10,7 +10,7 @@ from torch import nn
 
 from qingzhou.compress.calibrate import select_linears
 from qingzhou.compress.quantize.config import QuantizeConfig
-from qingzhou.compress.quantize.grid import QuantScheme
+from qingzhou.llm.quantized.grid import QuantScheme
 from qingzhou.errors import RecipeError
 
 

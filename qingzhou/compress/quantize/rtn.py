@@ -13,7 +13,7 @@ from qingzhou.compress.quantize.registry import register_quantizer
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-    from qingzhou.compress.quantize.grid import QuantScheme
+    from qingzhou.llm.quantized.grid import QuantScheme
 
 
 class RTNConfig(QuantizeConfig):
@@ -25,7 +25,7 @@ def run_rtn(model: nn.Module, cfg: RTNConfig, plan: dict[str, QuantScheme], cali
     """Quantise every planned linear in place (fake-quant) and return their codes."""
     import torch
 
-    from qingzhou.compress.quantize.grid import rtn_quantize_weight
+    from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
     modules = dict(model.named_modules())
     out = {}

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-    from qingzhou.compress.quantize.grid import QuantScheme
+    from qingzhou.llm.quantized.grid import QuantScheme
 
 
 class SmoothQuantConfig(CalibratedConfig):
@@ -114,7 +114,7 @@ class SmoothQuantCollector:
         """Nothing to accumulate: int8 weights need no statistics once smoothed."""
 
     def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        from qingzhou.compress.quantize.grid import rtn_quantize_weight
+        from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
         if not self.quantize_weights:
             return

@@ -16,6 +16,7 @@ from typing import Any
 from qingzhou.eval import metrics as M
 from qingzhou.eval.tasks.spec import TaskSpec
 from qingzhou.eval.tasks.templating import render
+from qingzhou.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,14 @@ class Kind:
     score: Callable[[TaskSpec, dict, list, Any], dict[str, float]]
 
 
-KINDS: dict[str, Kind] = {}
+KINDS: Registry[Kind] = Registry("task kind")
 
 
 def register_kind(name: str, request_type: str, shot, requests):
     """Decorator on the score function of a kind."""
 
     def decorate(score):
-        KINDS[name] = Kind(request_type, shot, requests, score)
+        KINDS.add(name, Kind(request_type, shot, requests, score))
         return score
 
     return decorate

@@ -24,6 +24,7 @@ from pydantic import Field
 from qingzhou.data.prepare import DataConfig
 from qingzhou.recipes.context import ModelRef, StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
+from qingzhou.registry import Registry
 
 
 class DistillStage(MethodStage):
@@ -35,22 +36,22 @@ class DistillStage(MethodStage):
     resume: bool = True
 
     @classmethod
-    def method_configs(cls) -> dict[str, Any]:
+    def methods(cls) -> Registry[Any]:
         from qingzhou.finetune.methods import METHODS
 
-        return {name: spec.config for name, spec in METHODS.items()}
+        return METHODS
 
     @classmethod
     def recipe_keys(cls, raw: dict[str, Any]) -> list[str]:
-        from qingzhou.compress.distill.config import DistillConfig
+        from qingzhou.finetune.distill.config import DistillConfig
 
         return sorted(set(super().recipe_keys(raw)) | set(DistillConfig.model_fields) - {"train"})
 
     @classmethod
-    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
-        from qingzhou.compress.distill.config import parse_distill_config
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> Any:
+        from qingzhou.finetune.distill.config import parse_distill_config
 
-        return parse_distill_config(method).model_dump(mode="json")
+        return parse_distill_config(method)
 
 
 def teacher_ref(name: str, ctx: StageContext) -> ModelRef:
@@ -71,7 +72,7 @@ def teacher_ref(name: str, ctx: StageContext) -> ModelRef:
 @register_stage("distill", DistillStage)
 def run_distill(cfg: DistillStage, ctx: StageContext) -> StageResult:
     """Distil a teacher into the current model; saves the student (or its adapter) and makes it current."""
-    from qingzhou.compress.distill import distill
+    from qingzhou.finetune.distill import distill
     from qingzhou.llm import load_model
 
     model, tokenizer = ctx.get_model()

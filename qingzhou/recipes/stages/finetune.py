@@ -13,6 +13,7 @@ from pydantic import Field
 from qingzhou.data.prepare import DataConfig
 from qingzhou.recipes.context import StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
+from qingzhou.registry import Registry
 
 
 class FinetuneStage(MethodStage):
@@ -24,29 +25,24 @@ class FinetuneStage(MethodStage):
     default_method: ClassVar[str] = "lora"
 
     @classmethod
-    def method_configs(cls) -> dict[str, Any]:
+    def methods(cls) -> Registry[Any]:
         from qingzhou.finetune.methods import METHODS
 
-        return {name: spec.config for name, spec in METHODS.items()}
+        return METHODS
 
-    @classmethod
-    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    def method_settings(self) -> dict[str, Any]:
         """As MethodStage, but a `seed` the stage does not set stays unset: the run's seed fills it
         (also when a resolved recipe is re-run with another seed)."""
-        settings = super().parse_method(method, stage)
-        if "seed" not in method:
+        settings = super().method_settings()
+        if "seed" not in self.settings.model_fields_set:
             settings.pop("seed", None)
         return settings
 
-    @property
-    def method(self) -> str:
-        return self.settings["method"]
-
     def method_config(self, seed: int = 0) -> Any:
         """The method's config (FinetuneConfig subclass), with `seed` unless the stage set one."""
-        from qingzhou.finetune import parse_finetune_config
-
-        return parse_finetune_config({"seed": seed, **self.settings})
+        if "seed" in self.settings.model_fields_set:
+            return self.settings
+        return self.settings.model_copy(update={"seed": seed})
 
 
 def _answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -11,16 +11,17 @@ from typing import Any, ClassVar, Literal
 
 from qingzhou.recipes.context import StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
+from qingzhou.registry import Registry
 
 class PruneStage(MethodStage):
     kind: Literal["prune"] = "prune"
     default_method: ClassVar[str] = "wanda"
 
     @classmethod
-    def method_configs(cls) -> dict[str, Any]:
-        from qingzhou.compress.prune.registry import load_pruners
+    def methods(cls) -> Registry[Any]:
+        from qingzhou.compress.prune.registry import PRUNERS
 
-        return {name: spec.config for name, spec in load_pruners().items()}
+        return PRUNERS
 
 
 @register_stage("prune", PruneStage)

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from qingzhou.recipes.context import ModelRef, StageContext
 from qingzhou.recipes.registry import MethodStage, StageResult, register_stage
+from qingzhou.registry import Registry
 
 class QuantizeStage(MethodStage):
     kind: Literal["quantize"] = "quantize"
@@ -22,13 +23,13 @@ class QuantizeStage(MethodStage):
     default_method: ClassVar[str] = "gptq"
 
     @classmethod
-    def method_configs(cls) -> dict[str, Any]:
-        from qingzhou.compress.quantize.registry import load_quantizers
+    def methods(cls) -> Registry[Any]:
+        from qingzhou.compress.quantize.registry import QUANTIZERS
 
-        return {name: spec.config for name, spec in load_quantizers().items()}
+        return QUANTIZERS
 
     @classmethod
-    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    def parse_method(cls, method: dict[str, Any], stage: dict[str, Any]) -> Any:
         if method["method"] == "none":  # no weight quantizer: save (e.g. GGUF's own q8_0/q4_0) only
             if stage.get("save_format") != "gguf" or set(method) != {"method"}:
                 raise ValueError("method: none takes no method settings and needs save_format: gguf")
@@ -36,7 +37,7 @@ class QuantizeStage(MethodStage):
         if stage.get("save_format") == "dense":
             method["pack"] = False
         settings = super().parse_method(method, stage)
-        if not settings.get("pack", True) and stage.get("save_format", "gptq") == "gptq":
+        if not getattr(settings, "pack", True) and stage.get("save_format", "gptq") == "gptq":
             raise ValueError(f"{method['method']} keeps unpacked layers; use save_format: dense or gguf")
         return settings
 
@@ -47,7 +48,7 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     from qingzhou.compress.quantize import quantize, save_quantized
     from qingzhou.io import atomic_write_json
 
-    if cfg.settings.get("method") == "bnb":
+    if cfg.method == "bnb":
         return _load_bnb(cfg, ctx)
     model, tokenizer = ctx.get_model()
     out = ctx.work_dir / "model"
@@ -76,7 +77,7 @@ def _save_gguf(cfg: QuantizeStage, ctx: StageContext, model: Any, tokenizer: Any
     from qingzhou.llm import load_model
 
     metrics: dict[str, Any] = {}
-    if cfg.settings.get("method") != "none":
+    if cfg.method != "none":
         report = quantize(model, cfg.settings, tokenizer=tokenizer)
         metrics.update(report.summary())
         atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
@@ -97,7 +98,7 @@ def _load_bnb(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     from qingzhou.compress.quantize.bnb import BnbConfig, load_bnb, require_bnb, save_bnb
     from qingzhou.io import atomic_write_json
 
-    bcfg = BnbConfig.model_validate(cfg.settings)
+    bcfg: BnbConfig = cfg.settings
     require_bnb(bcfg.device)
     ref = ctx.model_ref
     if ref is None:

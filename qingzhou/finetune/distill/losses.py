@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qingzhou.compress.distill.config import DistillLossConfig
+from qingzhou.finetune.distill.config import DistillLossConfig
 
 IGNORE_INDEX = -100
 

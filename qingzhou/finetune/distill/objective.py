@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.distill.losses import IGNORE_INDEX, DistillLoss, divergence
-from qingzhou.compress.distill.teacher_cache import TeacherCache
+from qingzhou.finetune.distill.losses import IGNORE_INDEX, DistillLoss, divergence
+from qingzhou.finetune.distill.teacher_cache import TeacherCache
 
 
 class DistillObjective(nn.Module):

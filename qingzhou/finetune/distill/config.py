@@ -39,17 +39,20 @@ class DistillConfig(DistillLossConfig):
                                                   "(gradients masked), so distillation does not undo pruning")
     kl_rows: int = Field(32, ge=0, description="held-out rows on which the student's KL to the teacher is "
                                                "measured before and after (0: skip)")
-    train: dict[str, Any] = Field(default_factory=lambda: {"method": "full"},
-                                  description="fine-tuning settings (method, learning_rate, max_steps, ...)")
+    train: Any = Field(default_factory=lambda: {"method": "full"},
+                       description="fine-tuning settings (method, learning_rate, max_steps, ...): validated "
+                                   "into that method's typed FinetuneConfig")
 
-    @field_validator("train")
+    @field_validator("train", mode="before")
     @classmethod
-    def _valid_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _valid_train(cls, value: Any) -> Any:
         from qingzhou.errors import RecipeError
-        from qingzhou.finetune.config import parse_finetune_config
+        from qingzhou.finetune.methods import parse_finetune_config
 
+        if isinstance(value, BaseModel):
+            return value
         try:
-            return parse_finetune_config({"method": "full", **value}).model_dump(mode="json")
+            return parse_finetune_config({"method": "full", **value})
         except RecipeError as e:
             raise ValueError(f"train.{e.where}: {e.message} {e.hint or ''}".strip()) from None
 

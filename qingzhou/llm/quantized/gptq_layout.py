@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qingzhou.compress.quantize.api import QUANT_ATTR
-from qingzhou.compress.quantize.qlinear import QuantLinear
+from qingzhou.llm.quantized.qlinear import QuantLinear
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import atomic_dir, atomic_write_json
 
 WEIGHTS = "model.safetensors"
+QUANT_ATTR = "qingzhou_quantization"  # model attribute holding the quantization_config to save
 
 
 def save_quantized(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:

@@ -1,4 +1,6 @@
-"""The MoE module that replaces a dense FFN, and the FFN layouts it knows.
+"""The MoE runtime: the module that replaces a dense FFN, the FFN layouts it knows, the router
+shapes, and `apply_moefication`, which rebuilds a saved moefied folder on a loaded dense model
+(so `load_model` restores MoE structure without reaching up into `compress.moefy`).
 
 A moefied FFN is the *same* dense FFN with its intermediate neurons reordered so that expert i is
 the contiguous slice `bounds[i]:bounds[i+1]` of gate/up rows and down columns. Reordering neurons
@@ -9,12 +11,16 @@ summation order).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qingzhou.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -150,11 +156,6 @@ def set_top_k(model: nn.Module, top_k: int) -> None:
         m.top_k = top_k
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 class restore_dense:
     """Context manager: the original dense FFNs in place of the MoE modules (e.g. while saving)."""
 
@@ -165,9 +166,70 @@ class restore_dense:
     def __enter__(self) -> nn.Module:
         self.swapped = moe_modules(self.model)
         for name, m in self.swapped.items():
-            replace_module(self.model, name, m.dense)
+            self.model.set_submodule(name, m.dense)
         return self.model
 
     def __exit__(self, *exc: Any) -> None:
         for name, m in self.swapped.items():
-            replace_module(self.model, name, m)
+            self.model.set_submodule(name, m)
+
+
+def make_router(hidden_size: int, k: int, width: int = 0, bias: bool = True) -> nn.Module:
+    """A router's shape: linear (width 0; the centroid router is one without bias) or
+    Linear-ReLU-Linear. `router_spec` describes it for saving."""
+    if width == 0:
+        return nn.Linear(hidden_size, k, bias=bias)
+    return nn.Sequential(nn.Linear(hidden_size, width, bias=bias), nn.ReLU(), nn.Linear(width, k, bias=bias))
+
+
+def router_spec(router: nn.Module) -> dict[str, int | bool]:
+    """The `make_router` arguments that rebuild `router` (what moefication.json records)."""
+    first = router if isinstance(router, nn.Linear) else router[0]
+    last = router if isinstance(router, nn.Linear) else router[-1]
+    return {"hidden_size": first.in_features, "k": last.out_features,
+            "width": 0 if isinstance(router, nn.Linear) else first.out_features, "bias": first.bias is not None}
+
+
+# ----------------------------------------------------------------------------- saved folders
+FORMAT = "qingzhou-moefication"
+VERSION = 1
+SPEC_FILE = "moefication.json"
+WEIGHTS_FILE = "moefication.safetensors"
+
+
+def is_moefied_folder(folder: str | Path) -> bool:
+    return (Path(folder) / SPEC_FILE).is_file()
+
+
+def apply_moefication(model: nn.Module, folder: str | Path, *, top_k: int | None = None) -> nn.Module:
+    """Re-create the MoE modules of a moefied folder on `model` (its dense weights, loaded from
+    that folder); `top_k` overrides the saved experts per token."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    where = str(folder / SPEC_FILE)
+    try:
+        spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read the moefication spec ({e}).", where=where) from e
+    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
+        raise ModelLoadError(f"not a {FORMAT} v{VERSION} file (format={spec.get('format')!r}, "
+                             f"version={spec.get('version')!r}).", where=where)
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    for name, entry in spec["ffns"].items():
+        try:
+            mlp = model.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"the model has no module {name!r}.", where=where,
+                                 hint="Load the model saved in the same folder.") from None
+        layout = MLPLayout(**entry["layout"])
+        if mlp_layout(mlp) != layout or getattr(mlp, layout.down).in_features != entry["bounds"][-1]:
+            raise ModelLoadError(f"{name} does not match the saved FFN (layout {layout}, "
+                                 f"width {entry['bounds'][-1]}).", where=where)
+        weight = getattr(mlp, layout.up).weight
+        router = make_router(**entry["router"])
+        prefix = f"{name}.router."
+        router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        router = router.to(device=weight.device, dtype=weight.dtype).requires_grad_(False).eval()
+        model.set_submodule(name, MoEMLP(mlp, layout, entry["bounds"], router, top_k or entry["top_k"]))
+    return model

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.distill.config import DistillConfig, parse_distill_config
+from qingzhou.finetune.distill.config import DistillConfig, parse_distill_config
 from qingzhou.errors import RecipeError
 
 
@@ -102,10 +102,10 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
     """
     from accelerate import PartialState
 
-    from qingzhou.compress.distill.losses import DistillLoss
-    from qingzhou.compress.distill.objective import DistillObjective, held_out_kl, keep_zeros, pruned_masks
-    from qingzhou.compress.distill.teacher_cache import open_or_build
-    from qingzhou.finetune.config import parse_finetune_config
+    from qingzhou.finetune.distill.losses import DistillLoss
+    from qingzhou.finetune.distill.objective import DistillObjective, held_out_kl, keep_zeros, pruned_masks
+    from qingzhou.finetune.distill.teacher_cache import open_or_build
+    from qingzhou.finetune.methods import parse_finetune_config
     from qingzhou.finetune.loop import finetune, prepare_training_data
     from qingzhou.io import atomic_write_json
 

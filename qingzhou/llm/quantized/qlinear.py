@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qingzhou.compress.quantize.grid import QuantizedWeight, dequantize_codes
-from qingzhou.compress.quantize.int4_kernel import Int4Pack
-from qingzhou.compress.quantize.pack import (
+from qingzhou.llm.quantized.grid import QuantizedWeight, dequantize_codes
+from qingzhou.llm.quantized.int4_kernel import Int4Pack
+from qingzhou.llm.quantized.pack import (
     pack_qweight,
     pack_qzeros,
     packed_rows,
