@@ -189,7 +189,7 @@ def test_resume_continues_exactly_including_the_hidden_projections(tmp_path, tok
 def test_config_flat_or_nested_and_user_errors(tmp_path, tok, data):
     flat = parse_distill_config({"temperature": 3, "method": "lora", "r": 4, "max_steps": 7})
     nested = parse_distill_config({"temperature": 3, "train": {"method": "lora", "r": 4, "max_steps": 7}})
-    assert flat == nested and flat.train["r"] == 4 and flat.train["method"] == "lora"
+    assert flat == nested and flat.train.r == 4 and flat.train.method == "lora"
     with pytest.raises(ValueError, match="train.rr"):
         parse_distill_config({"method": "lora", "rr": 4})
     with pytest.raises(RecipeError, match="vocabulary"):

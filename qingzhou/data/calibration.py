@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qingzhou.data.jsonl import read_jsonl
 from qingzhou.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,15 +50,7 @@ def read_texts(path: Path, text_field: str = "text") -> list[str]:
     suffix = path.suffix.lower()
     texts: list[str] = []
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON ({e.msg}).", where=f"{path}:{i}") from e
-                texts.append(_field(rec, text_field, f"{path}:{i}"))
+        texts = [_field(rec, text_field, f"{path}:{i}") for i, rec in read_jsonl(path)]
     elif suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, list):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qingzhou.data.jsonl import read_jsonl
 from qingzhou.errors import DataError
 from qingzhou.registry import Registry
 
@@ -93,17 +94,7 @@ def _load_file(path: Path, split: str) -> list[Record]:
 
 
 def _load_jsonl(path: Path) -> list[Record]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg}).", where=f"{path}, row {i}") from None
-            records.append(Record(_as_row(row, str(path), i), str(path), i))
-    return records
+    return [Record(_as_row(row, str(path), i), str(path), i) for i, row in read_jsonl(path)]
 
 
 def _load_json(path: Path, split: str) -> list[Record]:

@@ -17,6 +17,7 @@ from qingzhou.eval.tasks import load_task
 from qingzhou.eval.tasks.data import DocGroup, load_groups
 from qingzhou.eval.tasks.fewshot import build_prefix, sample_shots
 from qingzhou.eval.tasks.kinds import KINDS
+from qingzhou.llm.modes import eval_mode
 from qingzhou.eval.tasks.spec import TaskSpec
 
 
@@ -101,14 +102,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], *, num_fewshot: int =
     groups = {s.task: load_groups(s, data_dir, (paths or {}).get(s.task), source) for s in specs}
     lm = HFLM(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
     start = time.perf_counter()
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
+    with eval_mode(model):
         results = {s.task: run_task(lm, s, groups[s.task], num_fewshot=num_fewshot, limit=limit, seed=seed)
                    for s in specs}
-    finally:
-        if was_training:
-            model.train()
     return {
         "results": results,
         "config": {"tasks": [s.task for s in specs], "num_fewshot": num_fewshot, "limit": limit,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from qingzhou.errors import DeviceError, RecipeError
+from qingzhou.errors import RecipeError
 from qingzhou.finetune.config import FinetuneConfig
 from qingzhou.registry import Registry
 

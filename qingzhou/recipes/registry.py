@@ -11,14 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qingzhou.registry import Registry
-
-if TYPE_CHECKING:  # pragma: no cover
-    from qingzhou.recipes.context import StageContext
 
 
 class StageConfig(BaseModel):

@@ -10,7 +10,6 @@ the MoE one. The json is written last, so a folder without it is simply the dens
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from qingzhou.llm.moe import SPEC_FILE, WEIGHTS_FILE, moe_modules, restore_dense, router_spec, set_top_k
+from qingzhou.llm.moe import FORMAT, SPEC_FILE, VERSION, WEIGHTS_FILE, moe_modules, restore_dense, router_spec, set_top_k
 from qingzhou.errors import ModelLoadError
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qingzhou.data.jsonl import read_jsonl
 from qingzhou.errors import DataError
 from qingzhou.eval.tasks.spec import TaskSpec
 from qingzhou.eval.tasks.templating import evaluate_expression
@@ -82,16 +83,7 @@ def read_rows(path: Path, fmt: str = "auto") -> list[dict[str, Any]]:
         return read_wikitext_articles(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON ({e.msg}).", where=f"{path}:{lineno}") from None
-        return rows
+        return [row for _, row in read_jsonl(path)]
     if suffix == ".json":
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

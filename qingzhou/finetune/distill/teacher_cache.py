@@ -101,12 +101,11 @@ def build_teacher_cache(teacher: torch.nn.Module, rows: Sequence[Any], path: str
 
     from qingzhou.data.packing import collate
     from qingzhou.io import atomic_dir, atomic_write_json
+    from qingzhou.llm.modes import eval_mode
     from qingzhou.progress import progress_bar
 
     rows = _as_rows(rows)
     device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
     t0 = time.perf_counter()
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     index: dict[str, list[int]] = {}
@@ -125,7 +124,8 @@ def build_teacher_cache(teacher: torch.nn.Module, rows: Sequence[Any], path: str
         buf_v.clear()
         buf_i.clear()
 
-    with atomic_dir(path) as tmp, progress_bar(len(order), "teacher top-k", enabled=progress) as advance:
+    with eval_mode(teacher), atomic_dir(path) as tmp, \
+            progress_bar(len(order), "teacher top-k", enabled=progress) as advance:
         for start in range(0, len(order), batch_size):
             chunk = [rows[i] for i in order[start:start + batch_size]]
             batch = collate(chunk, pad_id, packed=packed)
@@ -150,7 +150,6 @@ def build_teacher_cache(teacher: torch.nn.Module, rows: Sequence[Any], path: str
         atomic_write_json(tmp / "meta.json", {"format": FORMAT, "k": state.get("k", k),
                                               "packed": packed, "rows": len(index), "tokens": state["tokens"],
                                               "shards": state["shard"], "index": index})
-    teacher.train(was_training)
     return TeacherCacheInfo(str(path), len(index), state["tokens"], state.get("k", k), state["bytes"], hit=False,
                             forwards=state["forwards"], seconds=time.perf_counter() - t0)
 

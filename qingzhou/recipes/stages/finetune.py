@@ -47,12 +47,10 @@ class FinetuneStage(MethodStage):
 
 def _answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
     from qingzhou.llm import generate
+    from qingzhou.llm.modes import eval_mode
 
-    was_training = model.training
-    model.eval()
-    out = [generate(model, tokenizer, p, max_new_tokens=max_new_tokens).text for p in prompts]
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return [generate(model, tokenizer, p, max_new_tokens=max_new_tokens).text for p in prompts]
 
 
 @register_stage("finetune", FinetuneStage)
