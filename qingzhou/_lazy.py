@@ -16,3 +16,14 @@ def lazy_getattr(package: str, table: Mapping[str, str]) -> Callable[[str], Any]
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def lazy_exports(package: str, table: Mapping[str, str]) -> tuple[Callable[[str], Any], list[str]]:
+    """`__getattr__` and `__all__` for a package whose public names live in its submodules.
+
+    `table` maps a module (relative to `package` when it starts with '.') to the space-separated
+    names it exports: `{".api": "quantize QuantizeReport", ".config": "QuantizeConfig"}`.
+    """
+    where = {name: (package + module if module.startswith(".") else module)
+             for module, names in table.items() for name in names.split()}
+    return lazy_getattr(package, where), sorted(where)

@@ -2,16 +2,10 @@
 engine (`compress.calibrate`) that pruning methods reuse. Names resolve lazily (no torch at import)."""
 from __future__ import annotations
 
-from qingzhou._lazy import lazy_getattr
+from qingzhou._lazy import lazy_exports
 
-_LAZY = {
-    "quantize": "qingzhou.compress.quantize.api",
-    "save_quantized": "qingzhou.llm.quantized.gptq_layout",
-    "load_quantized": "qingzhou.llm.quantized.gptq_layout",
-    "run_layerwise": "qingzhou.compress.calibrate",
-}
-
-__all__ = sorted(_LAZY)
-
-
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".quantize.api": "quantize",
+    "qingzhou.llm.quantized.gptq_layout": "save_quantized load_quantized",
+    ".calibrate": "run_layerwise",
+})

@@ -3,22 +3,11 @@ neurons, add a router, and run only the top-e experts per token. Names resolve l
 imports without torch)."""
 from __future__ import annotations
 
-from qingzhou._lazy import lazy_getattr
+from qingzhou._lazy import lazy_exports
 
-_LAZY = {
-    "moefy": "qingzhou.compress.moefy.api",
-    "MoefyReport": "qingzhou.compress.moefy.api",
-    "MoefyConfig": "qingzhou.compress.moefy.config",
-    "MoefyEvalConfig": "qingzhou.compress.moefy.config",
-    "MoEMLP": "qingzhou.llm.moe",
-    "set_top_k": "qingzhou.llm.moe",
-    "save_moefied": "qingzhou.compress.moefy.saving",
-    "apply_moefication": "qingzhou.llm.moe",
-    "load_moefied": "qingzhou.compress.moefy.saving",
-    "is_moefied_folder": "qingzhou.llm.moe",
-}
-
-__all__ = sorted(_LAZY)
-
-
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".api": "moefy MoefyReport",
+    ".config": "MoefyConfig MoefyEvalConfig",
+    "qingzhou.llm.moe": "MoEMLP set_top_k apply_moefication is_moefied_folder",
+    ".saving": "save_moefied load_moefied",
+})

@@ -3,26 +3,14 @@ structured pruning that makes a smaller dense model. Heavy names resolve lazily 
 without torch)."""
 from __future__ import annotations
 
-from qingzhou._lazy import lazy_getattr
+from qingzhou._lazy import lazy_exports
 
-_LAZY = {
-    "prune": "qingzhou.compress.prune.api",
-    "PruneReport": "qingzhou.compress.prune.api",
-    "PruneConfig": "qingzhou.compress.prune.config",
-    "PruneOverride": "qingzhou.compress.prune.config",
-    "OWLConfig": "qingzhou.compress.prune.config",
-    "register_pruner": "qingzhou.compress.prune.registry",
-    "parse_config": "qingzhou.compress.prune.registry",
-    "PRUNERS": "qingzhou.compress.prune.registry",
-    "MagnitudeConfig": "qingzhou.compress.prune.magnitude",
-    "WandaConfig": "qingzhou.compress.prune.wanda",
-    "SparseGPTConfig": "qingzhou.compress.prune.sparsegpt",
-    "structured_prune": "qingzhou.compress.prune.structured",
-    "StructuredConfig": "qingzhou.compress.prune.structured",
-    "StructuredReport": "qingzhou.compress.prune.structured",
-}
-
-__all__ = sorted(_LAZY)
-
-
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".api": "prune PruneReport",
+    ".config": "PruneConfig PruneOverride OWLConfig",
+    ".registry": "register_pruner parse_config PRUNERS",
+    ".magnitude": "MagnitudeConfig",
+    ".wanda": "WandaConfig",
+    ".sparsegpt": "SparseGPTConfig",
+    ".structured": "structured_prune StructuredConfig StructuredReport",
+})
