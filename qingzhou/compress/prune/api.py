@@ -1,15 +1,15 @@
 """`prune(model, cfg, calib)`: the one public entry point the recipe stage and the CLI call."""
 from __future__ import annotations
 
-import time
-import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from qingzhou.compress.calibrate import find_decoder_layers
+from qingzhou.compress.driver import run_method, write_outputs
 from qingzhou.compress.prune.config import CalibratedPruneConfig, PruneConfig
 from qingzhou.compress.prune.masks import Target
 from qingzhou.compress.prune.plan import build_plan, layer_index
@@ -48,7 +48,7 @@ class PruneReport:
 
 
 def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None) -> Any:
+          tokenizer: Any = None, output_dir: str | Path | None = None) -> Any:
     """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
 
     `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
@@ -56,27 +56,26 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
     (needs `tokenizer`). Pruned weights are exact zeros in the same dense tensors, so the model
     saves and loads like any other (`qingzhou.llm.save_model`). Returns a `PruneReport`; with
     `method: structured` the model gets smaller instead and a `StructuredReport` comes back.
+    Given `output_dir`, the model is saved there with `metrics.json` and `report.json`, as every
+    verb saves.
     """
-    cfg = parse_config(cfg)
-    spec = PRUNERS.get(cfg.method)
-    if spec.reshapes:
-        return spec.obj(model, cfg, calib, tokenizer=tokenizer)
-    plan, skipped = build_plan(model, cfg)
-    needs_data = spec.needs_calibration or cfg.owl is not None
-    samples = calibration_samples(calib, cfg, tokenizer) if needs_data else None
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        owl = _apply_owl(model, cfg, plan, samples) if cfg.owl is not None else {}
-        result = spec.obj(model, cfg, plan, samples)
-    for w in caught:  # re-emit for the caller, keep the text for the report
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    report = PruneReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=skipped,
-                         warnings=[str(w.message) for w in caught], owl=owl,
-                         calibration=result.get("calibration", {}))
-    report.unfed = list(report.calibration.get("unfed", []))
-    report.seconds = time.perf_counter() - t0
-    _fill_sparsity(report, model, plan, result.get("modules", {}))
+    entry = PRUNERS.get(parse_config(cfg).method, where="prune")
+    if entry.meta["reshapes"]:
+        report = entry.obj(model, parse_config(cfg), calib, tokenizer=tokenizer)
+    else:
+        run = run_method(model, cfg, calib, tokenizer, registry=PRUNERS, build_plan=build_plan, where="prune",
+                         needs_data=lambda c, e: e.meta["needs_calibration"] or c.owl is not None,
+                         before_run=lambda m, c, plan, samples: _apply_owl(m, c, plan, samples) if c.owl else {},
+                         require_plan=False)
+        report = PruneReport(method=run.cfg.method, config=run.cfg.model_dump(mode="json"), skipped=run.skipped,
+                             warnings=run.warnings, owl=run.extra, calibration=run.result.get("calibration", {}),
+                             seconds=run.seconds)
+        report.unfed = list(report.calibration.get("unfed", []))
+        _fill_sparsity(report, model, run.plan, run.result.get("modules", {}))
+    if output_dir is not None:
+        from qingzhou.llm import save_model
+
+        write_outputs(output_dir, report, lambda folder: save_model(model, tokenizer, folder))
     return report
 
 
@@ -119,10 +118,3 @@ def _fill_sparsity(report: PruneReport, model: nn.Module, plan: dict[str, Target
     params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
     report.parameters = sum(p.numel() for p in params)
     report.model_sparsity = sum(int((p == 0).sum()) for p in params) / max(report.parameters, 1)
-
-
-def calibration_samples(calib: Any, cfg: Any, tokenizer: Any) -> list[torch.Tensor]:
-    """Calibration token tensors from whatever the caller passed (same rules as `quantize`)."""
-    from qingzhou.data.calibration import calibration_samples as samples
-
-    return samples(calib, getattr(cfg, "calibration", None), tokenizer, method=cfg.method, where="prune")

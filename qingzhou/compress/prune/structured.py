@@ -236,7 +236,7 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
     import torch
 
     from qingzhou.compress.calibrate import find_decoder_layers, run_layerwise
-    from qingzhou.compress.prune.api import calibration_samples
+    from qingzhou.compress.driver import calibration_samples
     from qingzhou.errors import RecipeError
 
     cfg = cfg if isinstance(cfg, StructuredConfig) else StructuredConfig.model_validate(cfg)
@@ -258,7 +258,7 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
                           f"{config.intermediate_size} channels, layers={cfg.layers} of {n_layers}.",
                           where="structured", hint="Lower the fractions.")
 
-    samples = calibration_samples(calib, cfg, tokenizer)  # type: ignore[arg-type]
+    samples = calibration_samples(calib, cfg, tokenizer, "prune")
     stats = StructureStats(head_dim)
     targets = {f"{prefix}.{i}.self_attn.o_proj" for i in range(n_layers)} if drop_groups else set()
     targets |= {f"{prefix}.{i}.mlp.down_proj" for i in range(n_layers)} if keep_channels < config.intermediate_size else set()

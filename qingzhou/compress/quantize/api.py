@@ -1,20 +1,19 @@
 """`quantize(model, cfg, calib)`: the one public entry point the recipe stage and the CLI call."""
 from __future__ import annotations
 
-import time
-import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from qingzhou.compress.quantize.config import CalibratedConfig, QuantizeConfig
+from qingzhou.compress.driver import run_method, write_outputs
+from qingzhou.compress.quantize.config import QuantizeConfig
 from qingzhou.compress.quantize.plan import build_plan
-from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR
+from qingzhou.compress.quantize.registry import QUANTIZERS
+from qingzhou.errors import RecipeError
+from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR, save_quantized
 from qingzhou.llm.quantized.qlinear import QuantLinear
-from qingzhou.compress.quantize.registry import QUANTIZERS, parse_config
-
 
 
 @dataclass
@@ -49,41 +48,28 @@ class QuantizeReport:
 
 def quantize(
     model: nn.Module, cfg: QuantizeConfig | dict[str, Any], calib: Any = None, *, tokenizer: Any = None,
+    output_dir: str | Path | None = None, save_format: str = "gptq", gguf_type: str = "q8_0",
 ) -> QuantizeReport:
     """Quantise the decoder-layer linears of `model` in place and report what happened.
 
     `calib`: calibration samples for calibrated methods - a list of 1-D token tensors, a [N, T]
     tensor, a list of strings (needs `tokenizer`), or None to load `cfg.calibration` (needs
     `tokenizer`). With `cfg.pack` (default) the linears become `QuantLinear` modules holding the
-    GPTQ-layout tensors (save with `save_quantized`); otherwise they stay dense, fake-quantised.
+    GPTQ-layout tensors; otherwise they stay dense, fake-quantised. Given `output_dir`, the model
+    is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
+    `report.json`, as every verb saves.
     """
-    cfg = parse_config(cfg)
-    spec = QUANTIZERS.get(cfg.method)
-    plan, skipped = build_plan(model, cfg)
-    if not plan:
-        from qingzhou.errors import RecipeError
-
-        raise RecipeError("no full-precision nn.Linear left to quantise in the decoder layers "
-                          f"({len(skipped)} skipped).", where="quantize",
-                          hint="The model may already be quantised, or `skip` matches every linear.")
-    samples = _calibration_samples(calib, cfg, tokenizer) if spec.needs_calibration else None
+    run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=build_plan, where="quantize")
+    cfg, plan, result = run.cfg, run.plan, run.result
     modules = dict(model.named_modules())
-    before = sum(_linear_bytes(modules[n]) for n in plan)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = spec.obj(model, cfg, plan, samples)
-    for w in caught:  # re-emit for the caller, keep the text for the report
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=skipped,
-                            warnings=[str(w.message) for w in caught], packed=cfg.pack,
-                            calibration=result.get("calibration", {}))
+    report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=run.skipped,
+                            warnings=run.warnings, packed=cfg.pack, calibration=result.get("calibration", {}))
     report.unfed = list(report.calibration.get("unfed", []))
+    report.linear_bytes_before = sum(_linear_bytes(modules[n]) for n in plan)
     quantized = {name: r.pop("quantized") for name, r in result["modules"].items() if "quantized" in r}
     for name, r in result["modules"].items():
         s = plan[name]
         report.modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **r}
-    report.linear_bytes_before = before
     if "linear_bytes_after" in result:  # the method installed its own layers (bitsandbytes)
         report.linear_bytes_after = result["linear_bytes_after"]
     elif cfg.pack:
@@ -96,20 +82,32 @@ def quantize(
         report.linear_bytes_after = sum(
             q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8
             for q in quantized.values())
-    report.seconds = time.perf_counter() - t0
-    setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, skipped))
+    report.seconds = run.seconds
+    setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, run.skipped))
+    if output_dir is not None:
+        write_outputs(output_dir, report, lambda folder: save_compressed(model, tokenizer, folder, save_format, gguf_type))
     return report
+
+
+def save_compressed(model: nn.Module, tokenizer: Any, folder: Path, save_format: str = "gptq",
+                    gguf_type: str = "q8_0") -> Path:
+    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`."""
+    if save_format == "gptq":
+        return save_quantized(model, folder, tokenizer)
+    if save_format == "dense":
+        from qingzhou.llm import save_model
+
+        return save_model(model, tokenizer, folder)
+    if save_format == "gguf":
+        from qingzhou.compress.quantize.formats.gguf import export_gguf
+
+        export_gguf(model, tokenizer, Path(folder) / "model.gguf", gguf_type)
+        return Path(folder)
+    raise RecipeError(f"unknown save format {save_format!r}.", where="save_format", hint="Valid: gptq, dense, gguf.")
 
 
 def _linear_bytes(m: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
-
-
-def _calibration_samples(calib: Any, cfg: QuantizeConfig, tokenizer: Any) -> list[torch.Tensor]:
-    from qingzhou.data.calibration import calibration_samples
-
-    ccfg = cfg.calibration if isinstance(cfg, CalibratedConfig) else None
-    return calibration_samples(calib, ccfg, tokenizer, method=cfg.method, where="quantize")
 
 
 def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list[str]) -> dict[str, Any]:

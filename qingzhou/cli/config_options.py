@@ -1,0 +1,115 @@
+"""CLI flags generated from a pydantic config, so a default lives in one place (the config).
+
+`@config_options(QuantizeConfig, exclude={"overrides"})` adds one `--flag` per simple field of the
+config to a Typer command (as LitGPT's CLI derives its flags from the config signature). Every
+generated flag defaults to "not given"; the command receives only the flags the user set, in a
+`settings` dict, and the method's own config fills in the rest, so `qingzhou quantize --help`
+shows the config's defaults and descriptions and can never disagree with the Python API.
+Fields a flag cannot express (nested models, lists of models) stay reachable through
+`-s key=value` / `--set key=value`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, Optional
+
+import typer
+from pydantic import BaseModel
+
+SCALARS = (int, float, str, bool)
+
+
+def _flag_type(annotation: Any) -> tuple[type | None, bool, tuple[str, ...]]:
+    """(scalar type, is a list, choices) for annotations a flag can carry, else (None, False, ())."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(args[0]) if len(args) == 1 else (None, False, ())
+    if origin is Literal:
+        values = typing.get_args(annotation)
+        kinds = {type(v) for v in values}
+        return (kinds.pop(), False, tuple(str(v) for v in values)) if len(kinds) == 1 else (None, False, ())
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        return (item, True, ()) if item in SCALARS else (None, False, ())
+    return (annotation, False, ()) if annotation in SCALARS else (None, False, ())
+
+
+def _default_text(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "none" if value in ([], {}) else str(value)
+    return "none" if field.default is None else str(field.default).lower() if isinstance(field.default, bool) \
+        else str(field.default)
+
+
+def flag_parameters(config: type[BaseModel], exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter (a Typer option defaulting to None) per flag-able field of `config`."""
+    params = []
+    for name, field in config.model_fields.items():
+        if name in set(exclude):
+            continue
+        scalar, is_list, choices = _flag_type(field.annotation)
+        if scalar is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (field.description or "").rstrip(".")
+        if choices:
+            help_text = f"{' | '.join(choices)}" + (f": {help_text}" if help_text else "")
+            scalar = str
+        help_text += f" [config default: {_default_text(field)}]"
+        if scalar is bool:
+            decls = (f"{flag}/--no-{name.replace('_', '-')}",)
+        else:
+            decls = (flag,)
+        annotation = Optional[list[scalar]] if is_list else Optional[scalar]  # type: ignore[valid-type]
+        option = typer.Option(None, *decls, help=help_text.strip(), show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def config_options(config: type[BaseModel], *, exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a Typer command `fn(..., settings: dict)`: adds the config's flags and passes
+    the ones the user gave as `settings` (field name -> value)."""
+    exclude = set(exclude)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "settings"]
+        taken = {p.name for p in own}
+        extra = [p for p in flag_parameters(config, exclude) if p.name not in taken]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            settings = {p.name: kwargs.pop(p.name) for p in extra}
+            settings = {k: v for k, v in settings.items() if v is not None and v != []}
+            return fn(*args, settings=settings, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
+        command.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in extra}}
+        return command
+
+    return decorate
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """`-s key=value` pairs (dotted keys nest: calibration.num_samples=16), values read as YAML."""
+    import yaml
+
+    from qingzhou.errors import RecipeError
+
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"expected key=value, got {item!r}.", where="--set")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
