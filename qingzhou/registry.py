@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from qingzhou.errors import QingzhouError, RecipeError, did_you_mean
 
@@ -133,17 +133,38 @@ class Registry(Generic[T]):
         return self.get(name)
 
     # ------------------------------------------------------------------ configs
-    def validate(self, data: dict[str, Any] | BaseModel, *, key: str = "method", where: str | None = None) -> Any:
+    def validate(self, data: dict[str, Any] | BaseModel, *, key: str = "method", where: str | None = None,
+                 user_errors: bool = False) -> Any:
         """Validate a plain dict (YAML, CLI flags) into the typed config of the entry its `key`
         names. A config object that is already typed passes through: each config is validated
-        exactly once, wherever it enters."""
+        exactly once, wherever it enters. A bad setting raises pydantic's ValidationError (the
+        recipe loader maps its locations to YAML lines), or with `user_errors` (the CLI) a
+        one-paragraph user error naming the key."""
         if isinstance(data, BaseModel):
             return data
         entry = self.get(str(data.get(key)), where=where or key)
         if entry.config is None:
             raise RuntimeError(f"{self.what} {entry.name!r} takes no config")
-        return entry.config.model_validate(data)
+        try:
+            return entry.config.model_validate(data)
+        except ValidationError as e:
+            if not user_errors:
+                raise
+            raise config_error(e, entry.config, where or self.what, self._error) from None
 
     def configs(self) -> dict[str, type[BaseModel]]:
         """name -> config class, for entries that take one."""
         return {e.name: e.config for e in self.entries() if e.config is not None}
+
+
+def config_error(e: ValidationError, config: type[BaseModel], where: str,
+                 error: type[QingzhouError] = RecipeError) -> QingzhouError:
+    """The first problem of a pydantic error as a one-paragraph user error: the key path, what was
+    wrong, and for an unknown key the closest valid one."""
+    first = e.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    hint = None
+    if first["type"] == "extra_forbidden":
+        hint = did_you_mean(str(first["loc"][-1]), config.model_fields)
+    more = f" ({e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
+    return error(f"{first['msg'].rstrip('.')}{more}.", where=f"{where}: {key}" if key else where, hint=hint)

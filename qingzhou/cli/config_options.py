@@ -47,12 +47,16 @@ def _default_text(field: Any) -> str:
         else str(field.default)
 
 
-def flag_parameters(config: type[BaseModel], exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
-    """One keyword parameter (a Typer option defaulting to None) per flag-able field of `config`."""
+def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter (a Typer option defaulting to None) per flag-able field of the
+    `configs` (a field several configs share gets one flag, described by the first)."""
     params = []
-    for name, field in config.model_fields.items():
-        if name in set(exclude):
+    seen = set(exclude)
+    fields = [(n, f) for config in configs for n, f in config.model_fields.items()]
+    for name, field in fields:
+        if name in seen:
             continue
+        seen.add(name)
         scalar, is_list, choices = _flag_type(field.annotation)
         if scalar is None:
             continue
@@ -61,7 +65,7 @@ def flag_parameters(config: type[BaseModel], exclude: Iterable[str] = ()) -> lis
         if choices:
             help_text = f"{' | '.join(choices)}" + (f": {help_text}" if help_text else "")
             scalar = str
-        help_text += f" [config default: {_default_text(field)}]"
+        help_text += f" (default: {_default_text(field)})"
         if scalar is bool:
             decls = (f"{flag}/--no-{name.replace('_', '-')}",)
         else:
@@ -72,8 +76,8 @@ def flag_parameters(config: type[BaseModel], exclude: Iterable[str] = ()) -> lis
     return params
 
 
-def config_options(config: type[BaseModel], *, exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for a Typer command `fn(..., settings: dict)`: adds the config's flags and passes
+def config_options(*configs: type[BaseModel], exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a Typer command `fn(..., settings: dict)`: adds the configs' flags and passes
     the ones the user gave as `settings` (field name -> value)."""
     exclude = set(exclude)
 
@@ -81,7 +85,7 @@ def config_options(config: type[BaseModel], *, exclude: Iterable[str] = ()) -> C
         signature = inspect.signature(fn, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != "settings"]
         taken = {p.name for p in own}
-        extra = [p for p in flag_parameters(config, exclude) if p.name not in taken]
+        extra = flag_parameters(configs, exclude | taken)
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:

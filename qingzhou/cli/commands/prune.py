@@ -1,50 +1,59 @@
-"""`qingzhou prune MODEL OUT --method wanda --sparsity 0.5 | --nm 2:4 | --method structured ...`."""
+"""`qingzhou prune MODEL OUT --method wanda --sparsity 0.5 | --nm 2:4 | --method structured ...`.
+
+The method flags (--sparsity, --nm, --heads, ...) are generated from the pruner configs, so their
+defaults are the configs' own; settings without a flag go through `-s`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.config_options import config_options, parse_sets
+from qingzhou.compress.prune.config import CalibratedPruneConfig
+from qingzhou.compress.prune.structured import StructuredConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("prune")
     @guarded
+    @config_options(CalibratedPruneConfig, StructuredConfig,
+                    exclude={"method", "overrides", "calibration", "owl", "skip"})
     def prune_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the pruned model"),
-        method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt | structured"),
-        sparsity: float = typer.Option(0.5, "--sparsity", help="fraction of weights removed (unstructured)"),
-        nm: Optional[str] = typer.Option(None, "--nm", help="semi-structured pattern, e.g. 2:4 or 4:8"),
+        method: str = typer.Option("wanda", "--method", help="a registered pruner: magnitude | wanda | sparsegpt | "
+                                                             "structured | ..."),
         owl: bool = typer.Option(False, "--owl", help="outlier-weighted per-layer sparsity (unstructured)"),
         skip: list[str] = typer.Option([], "--skip", help="regex of module names left dense (repeatable)"),
-        heads: float = typer.Option(0.0, "--heads", help="structured: fraction of KV groups removed"),
-        mlp: float = typer.Option(0.0, "--mlp", help="structured: fraction of MLP channels removed"),
-        layers: int = typer.Option(0, "--layers", help="structured: number of decoder layers removed"),
-        calibration: str = typer.Option("builtin:calib", "--calibration", help="builtin:calib or a .jsonl/.json/.txt"),
-        num_samples: int = typer.Option(128, "--num-samples"),
-        seq_len: int = typer.Option(512, "--seq-len"),
-        device: Optional[str] = typer.Option(None, "--device"),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
+                                                                              "(default: builtin:calib)"),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
+        sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s comparison=row"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
         as_json: bool = typer.Option(False, "--json"),
+        settings: dict[str, Any] | None = None,
     ) -> None:
         """Prune MODEL and save a plain transformers folder (zeros in place, or smaller if structured)."""
-        from qingzhou.compress.prune import prune
-        from qingzhou.llm import load_model, save_model
+        from qingzhou.compress.prune import PRUNERS, prune
+        from qingzhou.llm import load_model
 
-        cfg: dict = {"method": method, "device": device,
-                     "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
-        if method == "structured":
-            cfg.update(heads=heads, mlp=mlp, layers=layers)
-        else:
-            cfg.update(sparsity=sparsity, nm=nm, owl={} if owl else None)
-            if skip:
-                cfg["skip"] = ["lm_head", "embed", *skip]
+        cfg: dict[str, Any] = {"method": method, **(settings or {}), **parse_sets(sets)}
+        calib = {k: v for k, v in {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}.items()
+                 if v is not None}
+        fields = PRUNERS.get(method, where="--method").config.model_fields
+        if calib and "calibration" in fields:
+            cfg["calibration"] = {**calib, **cfg.get("calibration", {})}
+        if owl:
+            cfg["owl"] = {}
+        if skip:
+            cfg["skip"] = ["lm_head", "embed", *skip]
+        cfg = PRUNERS.validate(cfg, where="prune", user_errors=True)  # fail on a bad setting before the model loads
         m, tok = load_model(model, dtype="float32", device="cpu")
-        report = prune(m, cfg, tokenizer=tok)
-        save_model(m, tok, out_dir)
+        report = prune(m, cfg, tokenizer=tok, output_dir=out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json(report.to_dict() if per_layer else summary)

@@ -1,62 +1,69 @@
-"""`qingzhou quantize MODEL OUT --method gptq --bits 4 --group-size 64`: quantise and save."""
+"""`qingzhou quantize MODEL OUT --method gptq --bits 4 --group-size 64`: quantise and save.
+
+The method flags (--bits, --group-size, --sym, ...) are generated from the quantizer configs, so
+their defaults are the configs' own; method-specific settings without a flag go through `-s`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.config_options import config_options, parse_sets
+from qingzhou.compress.quantize.config import CalibratedConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     @guarded
+    @config_options(CalibratedConfig, exclude={"method", "overrides", "calibration", "pack"})
     def quantize_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the quantised model"),
-        method: str = typer.Option("gptq", "--method", help="rtn | gptq | awq | smoothquant | none (with --gguf-type)"),
-        bits: int = typer.Option(4, "--bits"),
-        group_size: int = typer.Option(128, "--group-size", help="-1 = per output channel"),
-        sym: bool = typer.Option(False, "--sym/--asym"),
-        calibration: str = typer.Option("builtin:calib", "--calibration", help="builtin:calib or a .jsonl/.json/.txt"),
-        num_samples: int = typer.Option(128, "--num-samples"),
-        seq_len: int = typer.Option(512, "--seq-len"),
-        skip: list[str] = typer.Option([], "--skip", help="regex of module names to keep in full precision"),
-        on_indivisible_group: str = typer.Option("error", "--on-indivisible-group", help="error | per_channel | ragged"),
+        method: str = typer.Option("gptq", "--method", help="a registered quantizer: rtn | gptq | awq | "
+                                                            "smoothquant | ... | none (with --gguf-type)"),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
+                                                                              "(default: builtin:calib)"),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
-        device: Optional[str] = typer.Option(None, "--device"),
+        sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         as_json: bool = typer.Option(False, "--json"),
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense) folder."""
-        from qingzhou.compress.quantize import quantize, save_quantized
+        """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense, or GGUF) folder."""
+        from qingzhou.compress.quantize import QUANTIZERS, quantize
+        from qingzhou.compress.quantize.api import save_compressed
         from qingzhou.llm import load_model
 
-        cfg = {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "skip": skip,
-               "on_indivisible_group": on_indivisible_group, "pack": not dense}
-        if method != "rtn":
-            cfg.update(device=device, calibration={"source": calibration, "num_samples": num_samples,
-                                                   "seq_len": seq_len})
-        m, tok = load_model(model, dtype="float32", device="cpu")
-        if gguf_type is not None:
-            from qingzhou.compress.quantize.formats.gguf import export_gguf
-
-            summary = {} if method == "none" else quantize(m, cfg, tokenizer=tok).summary()
-            info = export_gguf(m, tok, out_dir / "model.gguf", gguf_type)  # type: ignore[arg-type]
-            summary.update(gguf_type=gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3), out=info["path"])
-            print_json(summary) if as_json else out.print(kv_table(f"quantize {method} -> gguf", summary))
-            return
-        report = quantize(m, cfg, tokenizer=tok)
+        cfg: dict[str, Any] = {"method": method, **(settings or {}), **parse_sets(sets)}
+        calib = {k: v for k, v in {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}.items()
+                 if v is not None}
         if dense:
-            from qingzhou.llm import save_model
-
-            save_model(m, tok, out_dir)
+            cfg["pack"] = False
+        if method != "none":
+            entry = QUANTIZERS.get(method, where="--method")
+            if calib and "calibration" in entry.config.model_fields:
+                cfg["calibration"] = {**calib, **cfg.get("calibration", {})}
+            cfg = QUANTIZERS.validate(cfg, where="quantize", user_errors=True)  # fail on a bad setting before the model loads
+        save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
+        m, tok = load_model(model, dtype="float32", device="cpu")
+        if method == "none":
+            summary: dict[str, Any] = {}
+            save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0")
         else:
-            save_quantized(m, out_dir, tok)
-        summary = {**report.summary(), "out_dir": str(out_dir)}
+            summary = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, save_format=save_format,
+                               gguf_type=gguf_type or "q8_0").summary()
+        if gguf_type is not None:
+            gguf = out_dir / "model.gguf"
+            summary.update(gguf_type=gguf_type, gguf_mb=round(gguf.stat().st_size / 2**20, 3), out=str(gguf))
+        else:
+            summary["out_dir"] = str(out_dir)
         if as_json:
             print_json(summary)
         else:
-            out.print(kv_table(f"quantize {method}", summary))
+            out.print(kv_table(f"quantize {method}" + (" -> gguf" if gguf_type else ""), summary))

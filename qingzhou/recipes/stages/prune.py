@@ -29,11 +29,9 @@ def run_prune(cfg: PruneStage, ctx: StageContext) -> StageResult:
     """Prune the current model's decoder linears (or shrink it, structured) and save it."""
     from qingzhou.compress.prune import prune
     from qingzhou.io import atomic_write_json
-    from qingzhou.llm import save_model
 
     model, tokenizer = ctx.get_model()
-    report = prune(model, cfg.settings, tokenizer=tokenizer)
-    save_model(model, tokenizer, ctx.work_dir / "model")
+    report = prune(model, cfg.settings, tokenizer=tokenizer, output_dir=ctx.work_dir / "model")
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "prune_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)

@@ -45,50 +45,35 @@ class QuantizeStage(MethodStage):
 @register_stage("quantize", QuantizeStage)
 def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     """Quantise the current model's decoder linears and save it (GPTQ layout, dense or GGUF)."""
-    from qingzhou.compress.quantize import quantize, save_quantized
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.compress.quantize.api import save_compressed
     from qingzhou.io import atomic_write_json
 
     if cfg.method == "bnb":
         return _load_bnb(cfg, ctx)
     model, tokenizer = ctx.get_model()
     out = ctx.work_dir / "model"
-    if cfg.save_format == "gguf":
-        return _save_gguf(cfg, ctx, model, tokenizer)
-    report = quantize(model, cfg.settings, tokenizer=tokenizer)
-    if cfg.save_format == "gptq":
-        save_quantized(model, out, tokenizer)
-    else:
-        from qingzhou.llm import save_model
-
-        save_model(model, tokenizer, out)
-    metrics = report.summary()
-    atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
-    atomic_write_json(ctx.work_dir / "metrics.json", metrics)
-    ctx.set_model_artifact("model", model, tokenizer)
-    return StageResult(metrics=metrics)
-
-
-def _save_gguf(cfg: QuantizeStage, ctx: StageContext, model: Any, tokenizer: Any) -> StageResult:
-    """Optionally quantise, write model/model.gguf, and continue from the file as written (later
-    stages then measure exactly what llama.cpp/transformers will load)."""
-    from qingzhou.compress.quantize import quantize
-    from qingzhou.compress.quantize.formats.gguf import export_gguf
-    from qingzhou.io import atomic_write_json
-    from qingzhou.llm import load_model
-
     metrics: dict[str, Any] = {}
-    if cfg.method != "none":
-        report = quantize(model, cfg.settings, tokenizer=tokenizer)
+    if cfg.method == "none":  # GGUF export only
+        save_compressed(model, tokenizer, out, "gguf", cfg.gguf_type)
+    else:
+        report = quantize(model, cfg.settings, tokenizer=tokenizer, output_dir=out, save_format=cfg.save_format,
+                          gguf_type=cfg.gguf_type)
         metrics.update(report.summary())
         atomic_write_json(ctx.work_dir / "quantize_report.json", report.to_dict())
-    info = export_gguf(model, tokenizer, ctx.work_dir / "model" / "model.gguf", cfg.gguf_type)
-    metrics.update(gguf_type=cfg.gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3))
+    if cfg.save_format == "gguf":
+        metrics.update(gguf_type=cfg.gguf_type, gguf_mb=round((out / "model.gguf").stat().st_size / 2**20, 3))
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
-    ref = ctx.model_ref
-    dtype, device = (ref.dtype, ref.device) if ref else ("auto", "auto")
-    new_model, new_tok = load_model(str(ctx.work_dir / "model" / "model.gguf"), dtype=dtype, device=device)
-    ctx.set_model(ModelRef(source=ctx.artifact_path("model/model.gguf"), dtype=dtype, device=device),
-                  new_model, new_tok)
+    if cfg.save_format == "gguf":  # continue from the file as written: later stages measure what llama.cpp loads
+        from qingzhou.llm import load_model
+
+        ref = ctx.model_ref
+        dtype, device = (ref.dtype, ref.device) if ref else ("auto", "auto")
+        new_model, new_tok = load_model(str(out / "model.gguf"), dtype=dtype, device=device)
+        ctx.set_model(ModelRef(source=ctx.artifact_path("model/model.gguf"), dtype=dtype, device=device),
+                      new_model, new_tok)
+    else:
+        ctx.set_model_artifact("model", model, tokenizer)
     return StageResult(metrics=metrics)
 
 
