@@ -100,7 +100,7 @@ def test_model_awq_beats_rtn_and_round_trips(tmp_path, arch):
             assert len(rep.modules) == 14 and not rep.unfed
             with torch.no_grad():
                 q_logits = m(ids).logits
-            save_quantized(m, tmp_path / "awq")
+            save_quantized(m, None, tmp_path / "awq")
             back = load_quantized(tmp_path / "awq")
             with torch.no_grad():
                 torch.testing.assert_close(back(ids).logits, q_logits, atol=1e-5, rtol=1e-5)

@@ -33,7 +33,7 @@ def test_save_load_same_logits(arch, tmp_path):
     assert isinstance(model.model.layers[0].self_attn.o_proj, torch.nn.Linear)
     with torch.no_grad():
         before = model(IDS).logits
-    save_quantized(model, tmp_path / "q")
+    save_quantized(model, None, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["desc_act"] is True
     assert qc["checkpoint_format"] == "gptq" and qc["sym"] is False
@@ -78,7 +78,7 @@ def test_indivisible_group_size_policies(tmp_path):
     assert m.model.layers[0].self_attn.q_proj.scales.shape[0] == 2
     with torch.no_grad():
         before = m(IDS).logits
-    save_quantized(m, tmp_path / "r")
+    save_quantized(m, None, tmp_path / "r")
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "r")(IDS).logits, before, rtol=0, atol=1e-5)
 

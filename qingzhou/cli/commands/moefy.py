@@ -30,17 +30,23 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
-        from qingzhou.compress.moefy import moefy, save_moefied
+        from pydantic import ValidationError
+
+        from qingzhou.compress.moefy import MoefyConfig, moefy
         from qingzhou.llm import load_model
+        from qingzhou.registry import config_error
 
         cfg: dict = {"num_experts": experts, "top_k": top_k, "router": router, "cluster_on": cluster_on,
                      "device": device,
                      "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
         if eval_text:
             cfg["evaluate"] = {"text": eval_text, "max_windows": eval_windows, "seq_len": eval_seq_len}
+        try:  # a bad setting fails before the model loads
+            settings = MoefyConfig.model_validate(cfg)
+        except ValidationError as e:
+            raise config_error(e, MoefyConfig, "moefy") from None
         m, tok = load_model(model, dtype="float32", device="cpu")
-        report = moefy(m, cfg, tokenizer=tok)
-        save_moefied(m, tok, out_dir)
+        report = moefy(m, settings, tokenizer=tok, output_dir=out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json({**summary, "quality": report.quality})

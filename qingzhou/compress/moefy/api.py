@@ -13,6 +13,7 @@ import re
 import time
 from itertools import accumulate
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,14 +142,15 @@ def neuron_features(mlp: nn.Module, layout: MLPLayout, acts: torch.Tensor, clust
 
 
 def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None) -> MoefyReport:
+          tokenizer: Any = None, output_dir: str | Path | None = None) -> MoefyReport:
     """MoEfy every decoder FFN of `model` in place and report routing and (optionally) quality.
 
     `calib`: calibration samples (token tensors, an [N, T] tensor, strings, or None to load
     `cfg.calibration` with `tokenizer`). The model keeps its architecture's weights (neurons
     reordered), so `save_moefied` writes a folder plain transformers loads as the dense model, plus
     the partition and routers that `apply_moefication` re-applies. `set_top_k(model, e)` changes the
-    experts per token afterwards.
+    experts per token afterwards. Given `output_dir`, the model is saved there (`save_moefied`) with
+    `metrics.json` and `report.json`, as every verb saves.
     """
     from qingzhou.compress.calibrate import run_layerwise
     from qingzhou.data.calibration import calibration_samples
@@ -173,6 +175,11 @@ def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None
     if cfg.evaluate is not None:
         report.quality = quality_table(model, tokenizer, cfg)
     report.seconds = time.perf_counter() - t0
+    if output_dir is not None:
+        from qingzhou.compress.driver import write_outputs
+        from qingzhou.compress.moefy.saving import save_moefied
+
+        write_outputs(output_dir, report, lambda folder: save_moefied(model, tokenizer, folder))
     return report
 
 

@@ -93,7 +93,7 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: Path, save_format:
                     gguf_type: str = "q8_0") -> Path:
     """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`."""
     if save_format == "gptq":
-        return save_quantized(model, folder, tokenizer)
+        return save_quantized(model, tokenizer, folder)
     if save_format == "dense":
         from qingzhou.llm import save_model
 

@@ -24,7 +24,7 @@ WEIGHTS = "model.safetensors"
 QUANT_ATTR = "qingzhou_quantization"  # model attribute holding the quantization_config to save
 
 
-def save_quantized(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
     """Write `model` (with `QuantLinear` modules from `quantize`) as a GPTQ-layout folder, atomically."""
     qc = getattr(model, QUANT_ATTR, None)
     if qc is None or not any(isinstance(m, QuantLinear) for m in model.modules()):

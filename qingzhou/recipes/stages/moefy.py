@@ -22,13 +22,12 @@ class MoefyStage(MoefyConfig, StageConfig):
 @register_stage("moefy", MoefyStage)
 def run_moefy(cfg: MoefyStage, ctx: StageContext) -> StageResult:
     """Turn the current model's FFNs into experts + router, save it, and report quality vs compute."""
-    from qingzhou.compress.moefy import moefy, save_moefied
+    from qingzhou.compress.moefy import moefy
     from qingzhou.io import atomic_write_json
 
     model, tokenizer = ctx.get_model()
     settings = MoefyConfig.model_validate(cfg.model_dump(exclude={"kind", "name"}))
-    report = moefy(model, settings, tokenizer=tokenizer)
-    save_moefied(model, tokenizer, ctx.work_dir / "model")
+    report = moefy(model, settings, tokenizer=tokenizer, output_dir=ctx.work_dir / "model")
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "moefy_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
