@@ -5,12 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import (
-    HessianAccumulator,
-    damped_inverse_cholesky,
-    find_decoder_layers,
-    run_layerwise,
-)
+from qingzhou.compress.calibrate import LayerwiseOptions, find_decoder_layers, run_layerwise
+from qingzhou.compress.hessian import HessianAccumulator, HessianStore, damped_inverse_cholesky
 from qingzhou.errors import ModelLoadError
 from qingzhou.finetune.testing import tiny_model
 
@@ -37,8 +33,8 @@ class Recorder:
         self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
         self.inputs.setdefault(name, []).append(x.clone())
 
-    def finish_group(self, index, layer, names):
-        self.finished.append(list(names))
+    def finish_group(self, index, layer, modules):
+        self.finished.append(list(modules))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -46,7 +42,7 @@ def test_layer_inputs_match_the_full_model_and_groups_are_sequential(arch):
     model = tiny_model(arch)
     samples = _samples()
     rec = Recorder()
-    report = run_layerwise(model, samples, rec, batch_size=4, device="cpu")
+    report = run_layerwise(model, samples, rec, LayerwiseOptions(batch_size=4, device="cpu"))
     with torch.no_grad():
         hs = model(torch.stack(samples), output_hidden_states=True).hidden_states
     assert len(rec.layer_inputs) == 2
@@ -72,13 +68,13 @@ def test_later_groups_see_the_rewritten_weights():
 
     model = tiny_model("llama")
     rec = ZeroV()
-    run_layerwise(model, _samples(), rec, device="cpu")
+    run_layerwise(model, _samples(), rec, LayerwiseOptions(device="cpu"))
     o_in = torch.cat(rec.inputs["model.layers.0.self_attn.o_proj"])
     assert o_in.abs().max() == 0  # attention output is zero once v_proj is zero
     # without true-sequential all linears are collected in one pass from the original weights
     model = tiny_model("llama")
     rec = ZeroV()
-    run_layerwise(model, _samples(), rec, device="cpu", true_sequential=False)
+    run_layerwise(model, _samples(), rec, LayerwiseOptions(device="cpu", true_sequential=False))
     assert torch.cat(rec.inputs["model.layers.0.self_attn.o_proj"]).abs().max() > 0
     assert len(rec.finished) == 2
 
@@ -88,7 +84,7 @@ def test_linear_without_activations_is_reported():
     model.model.layers[1].mlp.unused = nn.Linear(64, 64)  # never called in forward
     rec = Recorder()
     with pytest.warns(UserWarning, match="received no calibration activations"):
-        report = run_layerwise(model, _samples(n=2), rec, device="cpu")
+        report = run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="cpu"))
     assert report.unfed == ["model.layers.1.mlp.unused"]
     assert any("model.layers.1.mlp.unused" in g for g in rec.finished)
 
@@ -96,7 +92,7 @@ def test_linear_without_activations_is_reported():
 def test_targets_filter_and_unsupported_architecture():
     model = tiny_model("llama")
     rec = Recorder()
-    run_layerwise(model, _samples(n=2), rec, device="cpu", targets=lambda n: n.endswith("down_proj"))
+    run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="cpu", targets=lambda n: n.endswith("down_proj")))
     assert sorted(rec.tokens) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
     class NoLayers(nn.Module):
@@ -131,11 +127,8 @@ def test_singular_hessian_is_retried_with_more_damping():
 def test_linears_reading_one_input_share_one_hessian_computation():
     """q/k/v (and gate/up) get the same flattened tensor from the engine: X^T X is computed once, and
     the shared Hessian equals the one computed separately."""
-    from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian
-
-    lin = torch.nn.Linear(8, 4)
     torch.manual_seed(0)
-    store: dict = {}
+    store = HessianStore()
     calls = {"n": 0}
     original = HessianAccumulator.add
 
@@ -148,8 +141,8 @@ def test_linears_reading_one_input_share_one_hessian_computation():
         for _ in range(3):
             x = torch.randn(16, 8)
             for name in ("q", "k", "v"):
-                accumulate_hessian(store, name, lin, x)
-            accumulate_hessian(store, "o", lin, torch.randn(16, 8))
+                store.add(name, x)
+            store.add("o", torch.randn(16, 8))
     finally:
         HessianAccumulator.add = original
     assert calls["n"] == 6  # one per batch for q/k/v together, one per batch for o
@@ -201,7 +194,7 @@ def test_finished_attention_is_replayed_exactly_and_runs_fewer_times():
         model = tiny_model("llama")
         calls = _attention_calls(model)
         rec = Rewrite()
-        run_layerwise(model, _samples(), rec, batch_size=2, device="cpu", reuse_outputs=reuse)
+        run_layerwise(model, _samples(), rec, LayerwiseOptions(batch_size=2, device="cpu", reuse_outputs=reuse))
         results[reuse] = (rec, calls, model)
     (plain, plain_calls, m0), (fast, fast_calls, m1) = results[False], results[True]
     for name in plain.inputs:  # every linear saw bit-identical inputs

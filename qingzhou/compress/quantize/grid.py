@@ -150,6 +150,15 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
     return (quantize_to_codes(w, scale, zero, maxq) - zero) * scale
 
 
+def apply_quantized(module: torch.nn.Module, qw: QuantizedWeight) -> QuantizedWeight:
+    """Write `qw`'s dequantised weight into `module` in place (dense fake-quant, what packing
+    later encodes) and return `qw`."""
+    from qingzhou.compress.calibrate import write_weight
+
+    write_weight(module, qw.dequantize())
+    return qw
+
+
 def rtn_quantize_weight(weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     """Round-to-nearest quantisation of one [out, in] weight, all groups at once.
 
