@@ -1,6 +1,8 @@
 """The layer-by-layer calibration engine: captured inputs, group order, sequential effects, errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -207,3 +209,100 @@ def test_finished_attention_is_replayed_exactly_and_runs_fewer_times():
     assert plain_calls["o"] == 1 + 3 * b  # the o run stops before o
     assert fast_calls["q"] == 1 + 2 * b  # o and gate/up runs compute attention; down and outputs replay it
     assert fast_calls["o"] == 1 + 1 * b
+
+
+def test_options_come_from_any_method_config():
+    from qingzhou.compress.prune.structured import StructuredConfig
+    from qingzhou.compress.quantize.gptq import GPTQConfig
+    from qingzhou.compress.quantize.smoothquant import SmoothQuantConfig
+
+    opts = LayerwiseOptions.from_config(GPTQConfig(device="cpu", batch_size=3, offload_inputs=True,
+                                                   true_sequential=False), targets=str.isidentifier)
+    assert (opts.device, opts.batch_size, opts.offload_inputs, opts.true_sequential) == ("cpu", 3, True, False)
+    assert opts.targets is str.isidentifier and opts.reuse_outputs is True
+    assert LayerwiseOptions.from_config(SmoothQuantConfig()).true_sequential is True  # no such field: default
+    structured = LayerwiseOptions.from_config(StructuredConfig(batch_size=2), true_sequential=False)
+    assert (structured.batch_size, structured.true_sequential, structured.device) == (2, False, None)
+
+
+def test_unavailable_or_unknown_device_is_a_device_error_before_any_work():
+    from qingzhou.errors import DeviceError
+    from qingzhou.llm.devices import CAPABILITIES, is_available
+
+    missing = next((d for d in CAPABILITIES if not is_available(d)), None)
+    model = tiny_model("llama")
+    rec = Recorder()
+    if missing is not None:
+        with pytest.raises(DeviceError, match=f"device '{missing}' was requested but is not available"):
+            run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device=missing))
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="gpu"))
+    assert rec.tokens == {} and rec.layer_inputs == []
+
+
+def test_finish_group_receives_the_layers_own_modules():
+    model = tiny_model("qwen2")
+    seen = []
+
+    class Check(Recorder):
+        def finish_group(self, index, layer, modules):
+            super().finish_group(index, layer, modules)
+            for name, module in modules.items():
+                assert module is model.get_submodule(name) and isinstance(module, nn.Linear)
+                assert any(module is m for m in layer.modules())
+                seen.append(name)
+
+    run_layerwise(model, _samples(n=2), Check(), LayerwiseOptions(device="cpu"))
+    assert len(seen) == 14 and len(set(seen)) == 14
+
+
+def test_observation_pass_sees_the_layer_before_any_group_is_rewritten():
+    """`inputs_to_observe` hands the named submodules' inputs (a child block called with keywords,
+    and a linear) to `observe` on the layer's weights before `begin_layer` and any group: o_proj's
+    observed input is the attention output of the *original* v_proj, while the group pass sees the
+    zeroed one."""
+    events = []
+
+    class Observer(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.observed: dict[tuple[int, str], list[torch.Tensor]] = {}
+            self.index = -1
+
+        def inputs_to_observe(self, index, layer):
+            self.index = index
+            events.append(("observe?", index))
+            return ["self_attn", "self_attn.o_proj"]
+
+        def observe(self, name, module, x):
+            self.observed.setdefault((self.index, name), []).append(x.clone())
+
+        def begin_layer(self, index, layer, inputs):
+            events.append(("begin", index))
+            super().begin_layer(index, layer, inputs)
+
+        def finish_group(self, index, layer, modules):
+            super().finish_group(index, layer, modules)
+            if any(n.endswith("v_proj") for n in modules):
+                layer.self_attn.v_proj.weight.zero_()
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    obs = Observer()
+    run_layerwise(model, _samples(), obs, LayerwiseOptions(device="cpu", batch_size=4))
+    assert events == [("observe?", 0), ("begin", 0), ("observe?", 1), ("begin", 1)]
+    layer0 = reference.model.layers[0]
+    with torch.no_grad():
+        attn_in = layer0.input_layernorm(obs.layer_inputs[0])
+    torch.testing.assert_close(torch.cat(obs.observed[(0, "self_attn")]), attn_in.reshape(-1, 64))
+    observed_o = torch.cat(obs.observed[(0, "self_attn.o_proj")])
+    assert observed_o.shape == (6 * 24, 64) and observed_o.abs().max() > 0
+    assert torch.cat(obs.inputs["model.layers.0.self_attn.o_proj"]).abs().max() == 0
+
+
+def test_report_carries_peak_memory_from_the_device_layer():
+    from qingzhou.llm.devices import peak_memory_mb
+
+    report = run_layerwise(tiny_model("llama"), _samples(n=2), Recorder(), LayerwiseOptions(device="cpu"))
+    assert report.device == "cpu" and report.peak_memory_kind == "process peak RSS"
+    assert 10 < report.peak_memory_mb <= peak_memory_mb("cpu")  # a peak RSS never shrinks

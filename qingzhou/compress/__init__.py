@@ -9,6 +9,7 @@ _LAZY = {
     "save_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
     "load_quantized": "qingzhou.compress.quantize.formats.gptq_layout",
     "run_layerwise": "qingzhou.compress.calibrate",
+    "LayerwiseOptions": "qingzhou.compress.calibrate",
 }
 
 __all__ = sorted(_LAZY)

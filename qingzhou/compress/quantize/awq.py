@@ -81,14 +81,10 @@ def awq_scale(model: nn.Module, cfg: AWQConfig | dict[str, Any], calib: list) ->
     Returns the chosen exponent per folded group (`-1` = no scaling won). Useful before GPTQ
     ("AWQ scaling before GPTQ") and for checking the folding rules.
     """
-    from qingzhou.compress.quantize.plan import build_plan
-    from qingzhou.compress.quantize.scaling import run_scaling
+    from qingzhou.compress.quantize.scaling import scale_only
 
     cfg = cfg if isinstance(cfg, AWQConfig) else AWQConfig.model_validate({"method": "awq", **cfg})
-    plan, _ = build_plan(model, cfg)
-    collector = AWQCollector(plan, cfg)
-    run_scaling(model, cfg, plan, calib, collector, quantize_weights=False)
-    return collector.alphas
+    return scale_only(model, cfg, calib, AWQCollector).alphas
 
 
 class AWQCollector(HessianCollector):

@@ -100,5 +100,16 @@ def run_scaling(model: nn.Module, cfg: Any, plan: dict[str, Any], calib: Any, co
     return run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=targets))
 
 
+def scale_only(model: nn.Module, cfg: Any, calib: Any, make_collector: Any) -> Any:
+    """Only the scaling of a method (AWQ's `awq_scale`, SmoothQuant's `smooth`): the float model keeps
+    its function. `make_collector(plan, cfg)` builds the method's callback, which is returned."""
+    from qingzhou.compress.quantize.plan import build_plan
+
+    plan, _ = build_plan(model, cfg)
+    collector = make_collector(plan, cfg)
+    run_scaling(model, cfg, plan, calib, collector, quantize_weights=False)
+    return collector
+
+
 def _nothing(name: str) -> bool:
     return False

@@ -63,15 +63,11 @@ def run_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, plan: dict[str, Qu
 
 def smooth(model: nn.Module, cfg: SmoothQuantConfig | dict[str, Any], calib: list) -> dict[str, int]:
     """Only the smoothing (float model, same function). Returns the smoothed groups' widths."""
-    from qingzhou.compress.quantize.plan import build_plan
-    from qingzhou.compress.quantize.scaling import run_scaling
+    from qingzhou.compress.quantize.scaling import scale_only
 
     cfg = cfg if isinstance(cfg, SmoothQuantConfig) else SmoothQuantConfig.model_validate(
         {"method": "smoothquant", **cfg})
-    plan, _ = build_plan(model, cfg)
-    collector = SmoothQuantCollector(plan, cfg)
-    run_scaling(model, cfg, plan, calib, collector, quantize_weights=False)
-    return collector.smoothed
+    return scale_only(model, cfg, calib, SmoothQuantCollector).smoothed
 
 
 class SmoothQuantCollector:
