@@ -1,16 +1,14 @@
 """The layer-by-layer calibration engine: captured inputs, group order, sequential effects, errors."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import (
-    HessianAccumulator,
-    damped_inverse_cholesky,
-    find_decoder_layers,
-    run_layerwise,
-)
+from qingzhou.compress.calibrate import LayerwiseOptions, find_decoder_layers, run_layerwise
+from qingzhou.compress.hessian import HessianAccumulator, HessianStore, damped_inverse_cholesky
 from qingzhou.errors import ModelLoadError
 from qingzhou.finetune.testing import tiny_model
 
@@ -37,8 +35,8 @@ class Recorder:
         self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
         self.inputs.setdefault(name, []).append(x.clone())
 
-    def finish_group(self, index, layer, names):
-        self.finished.append(list(names))
+    def finish_group(self, index, layer, modules):
+        self.finished.append(list(modules))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -46,7 +44,7 @@ def test_layer_inputs_match_the_full_model_and_groups_are_sequential(arch):
     model = tiny_model(arch)
     samples = _samples()
     rec = Recorder()
-    report = run_layerwise(model, samples, rec, batch_size=4, device="cpu")
+    report = run_layerwise(model, samples, rec, LayerwiseOptions(batch_size=4, device="cpu"))
     with torch.no_grad():
         hs = model(torch.stack(samples), output_hidden_states=True).hidden_states
     assert len(rec.layer_inputs) == 2
@@ -72,13 +70,13 @@ def test_later_groups_see_the_rewritten_weights():
 
     model = tiny_model("llama")
     rec = ZeroV()
-    run_layerwise(model, _samples(), rec, device="cpu")
+    run_layerwise(model, _samples(), rec, LayerwiseOptions(device="cpu"))
     o_in = torch.cat(rec.inputs["model.layers.0.self_attn.o_proj"])
     assert o_in.abs().max() == 0  # attention output is zero once v_proj is zero
     # without true-sequential all linears are collected in one pass from the original weights
     model = tiny_model("llama")
     rec = ZeroV()
-    run_layerwise(model, _samples(), rec, device="cpu", true_sequential=False)
+    run_layerwise(model, _samples(), rec, LayerwiseOptions(device="cpu", true_sequential=False))
     assert torch.cat(rec.inputs["model.layers.0.self_attn.o_proj"]).abs().max() > 0
     assert len(rec.finished) == 2
 
@@ -88,7 +86,7 @@ def test_linear_without_activations_is_reported():
     model.model.layers[1].mlp.unused = nn.Linear(64, 64)  # never called in forward
     rec = Recorder()
     with pytest.warns(UserWarning, match="received no calibration activations"):
-        report = run_layerwise(model, _samples(n=2), rec, device="cpu")
+        report = run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="cpu"))
     assert report.unfed == ["model.layers.1.mlp.unused"]
     assert any("model.layers.1.mlp.unused" in g for g in rec.finished)
 
@@ -96,7 +94,7 @@ def test_linear_without_activations_is_reported():
 def test_targets_filter_and_unsupported_architecture():
     model = tiny_model("llama")
     rec = Recorder()
-    run_layerwise(model, _samples(n=2), rec, device="cpu", targets=lambda n: n.endswith("down_proj"))
+    run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="cpu", targets=lambda n: n.endswith("down_proj")))
     assert sorted(rec.tokens) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
     class NoLayers(nn.Module):
@@ -131,11 +129,8 @@ def test_singular_hessian_is_retried_with_more_damping():
 def test_linears_reading_one_input_share_one_hessian_computation():
     """q/k/v (and gate/up) get the same flattened tensor from the engine: X^T X is computed once, and
     the shared Hessian equals the one computed separately."""
-    from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian
-
-    lin = torch.nn.Linear(8, 4)
     torch.manual_seed(0)
-    store: dict = {}
+    store = HessianStore()
     calls = {"n": 0}
     original = HessianAccumulator.add
 
@@ -148,8 +143,8 @@ def test_linears_reading_one_input_share_one_hessian_computation():
         for _ in range(3):
             x = torch.randn(16, 8)
             for name in ("q", "k", "v"):
-                accumulate_hessian(store, name, lin, x)
-            accumulate_hessian(store, "o", lin, torch.randn(16, 8))
+                store.add(name, x)
+            store.add("o", torch.randn(16, 8))
     finally:
         HessianAccumulator.add = original
     assert calls["n"] == 6  # one per batch for q/k/v together, one per batch for o
@@ -201,7 +196,7 @@ def test_finished_attention_is_replayed_exactly_and_runs_fewer_times():
         model = tiny_model("llama")
         calls = _attention_calls(model)
         rec = Rewrite()
-        run_layerwise(model, _samples(), rec, batch_size=2, device="cpu", reuse_outputs=reuse)
+        run_layerwise(model, _samples(), rec, LayerwiseOptions(batch_size=2, device="cpu", reuse_outputs=reuse))
         results[reuse] = (rec, calls, model)
     (plain, plain_calls, m0), (fast, fast_calls, m1) = results[False], results[True]
     for name in plain.inputs:  # every linear saw bit-identical inputs
@@ -214,3 +209,100 @@ def test_finished_attention_is_replayed_exactly_and_runs_fewer_times():
     assert plain_calls["o"] == 1 + 3 * b  # the o run stops before o
     assert fast_calls["q"] == 1 + 2 * b  # o and gate/up runs compute attention; down and outputs replay it
     assert fast_calls["o"] == 1 + 1 * b
+
+
+def test_options_come_from_any_method_config():
+    from qingzhou.compress.prune.structured import StructuredConfig
+    from qingzhou.compress.quantize.gptq import GPTQConfig
+    from qingzhou.compress.quantize.smoothquant import SmoothQuantConfig
+
+    opts = LayerwiseOptions.from_config(GPTQConfig(device="cpu", batch_size=3, offload_inputs=True,
+                                                   true_sequential=False), targets=str.isidentifier)
+    assert (opts.device, opts.batch_size, opts.offload_inputs, opts.true_sequential) == ("cpu", 3, True, False)
+    assert opts.targets is str.isidentifier and opts.reuse_outputs is True
+    assert LayerwiseOptions.from_config(SmoothQuantConfig()).true_sequential is True  # no such field: default
+    structured = LayerwiseOptions.from_config(StructuredConfig(batch_size=2), true_sequential=False)
+    assert (structured.batch_size, structured.true_sequential, structured.device) == (2, False, None)
+
+
+def test_unavailable_or_unknown_device_is_a_device_error_before_any_work():
+    from qingzhou.errors import DeviceError
+    from qingzhou.llm.devices import CAPABILITIES, is_available
+
+    missing = next((d for d in CAPABILITIES if not is_available(d)), None)
+    model = tiny_model("llama")
+    rec = Recorder()
+    if missing is not None:
+        with pytest.raises(DeviceError, match=f"device '{missing}' was requested but is not available"):
+            run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device=missing))
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        run_layerwise(model, _samples(n=2), rec, LayerwiseOptions(device="gpu"))
+    assert rec.tokens == {} and rec.layer_inputs == []
+
+
+def test_finish_group_receives_the_layers_own_modules():
+    model = tiny_model("qwen2")
+    seen = []
+
+    class Check(Recorder):
+        def finish_group(self, index, layer, modules):
+            super().finish_group(index, layer, modules)
+            for name, module in modules.items():
+                assert module is model.get_submodule(name) and isinstance(module, nn.Linear)
+                assert any(module is m for m in layer.modules())
+                seen.append(name)
+
+    run_layerwise(model, _samples(n=2), Check(), LayerwiseOptions(device="cpu"))
+    assert len(seen) == 14 and len(set(seen)) == 14
+
+
+def test_observation_pass_sees_the_layer_before_any_group_is_rewritten():
+    """`inputs_to_observe` hands the named submodules' inputs (a child block called with keywords,
+    and a linear) to `observe` on the layer's weights before `begin_layer` and any group: o_proj's
+    observed input is the attention output of the *original* v_proj, while the group pass sees the
+    zeroed one."""
+    events = []
+
+    class Observer(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.observed: dict[tuple[int, str], list[torch.Tensor]] = {}
+            self.index = -1
+
+        def inputs_to_observe(self, index, layer):
+            self.index = index
+            events.append(("observe?", index))
+            return ["self_attn", "self_attn.o_proj"]
+
+        def observe(self, name, module, x):
+            self.observed.setdefault((self.index, name), []).append(x.clone())
+
+        def begin_layer(self, index, layer, inputs):
+            events.append(("begin", index))
+            super().begin_layer(index, layer, inputs)
+
+        def finish_group(self, index, layer, modules):
+            super().finish_group(index, layer, modules)
+            if any(n.endswith("v_proj") for n in modules):
+                layer.self_attn.v_proj.weight.zero_()
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    obs = Observer()
+    run_layerwise(model, _samples(), obs, LayerwiseOptions(device="cpu", batch_size=4))
+    assert events == [("observe?", 0), ("begin", 0), ("observe?", 1), ("begin", 1)]
+    layer0 = reference.model.layers[0]
+    with torch.no_grad():
+        attn_in = layer0.input_layernorm(obs.layer_inputs[0])
+    torch.testing.assert_close(torch.cat(obs.observed[(0, "self_attn")]), attn_in.reshape(-1, 64))
+    observed_o = torch.cat(obs.observed[(0, "self_attn.o_proj")])
+    assert observed_o.shape == (6 * 24, 64) and observed_o.abs().max() > 0
+    assert torch.cat(obs.inputs["model.layers.0.self_attn.o_proj"]).abs().max() == 0
+
+
+def test_report_carries_peak_memory_from_the_device_layer():
+    from qingzhou.llm.devices import peak_memory_mb
+
+    report = run_layerwise(tiny_model("llama"), _samples(n=2), Recorder(), LayerwiseOptions(device="cpu"))
+    assert report.device == "cpu" and report.peak_memory_kind == "process peak RSS"
+    assert 10 < report.peak_memory_mb <= peak_memory_mb("cpu")  # a peak RSS never shrinks

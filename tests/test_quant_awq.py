@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qingzhou.compress.calibrate import HessianAccumulator
+from qingzhou.compress.hessian import HessianAccumulator
 from qingzhou.compress.quantize import load_quantized, quantize, save_quantized
 from qingzhou.compress.quantize.awq import awq_scale, clip_quantize, search_scale
 from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qingzhou.compress.calibrate import HessianAccumulator
+from qingzhou.compress.hessian import HessianAccumulator
 from qingzhou.compress.quantize import quantize
 from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
 from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight

@@ -7,5 +7,5 @@ from qingzhou._lazy import lazy_exports
 __getattr__, __all__ = lazy_exports(__name__, {
     ".quantize.api": "quantize",
     "qingzhou.llm.quantized.gptq_layout": "save_quantized load_quantized",
-    ".calibrate": "run_layerwise",
+    ".calibrate": "run_layerwise LayerwiseOptions",
 })

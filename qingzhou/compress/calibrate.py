@@ -8,41 +8,54 @@ recompute layer i's outputs with the rewritten weights, and use them as layer i+
 layer (plus its inputs) ever sits on the accelerator, so a model several times larger than device
 memory calibrates, and errors of earlier layers are seen (and compensated) by later ones.
 
-Callback API (duck-typed, so pruning methods reuse it without subclassing)::
+How it is called::
 
-    class MyMethod:
-        def begin_layer(self, index, layer, inputs):   # optional; inputs: list[LayerBatch]
-            ...                                         # (AWQ-style methods need the raw inputs)
-        def add_batch(self, name, module, x):          # required
-            ...   # x: the linear's input for one batch, shape [tokens, in_features], on device;
-                  # accumulate a Hessian (`HessianAccumulator`), norms, ... keyed by `name`
-        def finish_group(self, index, layer, names):   # required
-            ...   # rewrite `module.weight` of every full module name in `names` in place
-                  # (names that got no tokens are included; see `report.unfed`)
-        def end_layer(self, index, layer):             # optional
-            ...
+    report = run_layerwise(model, samples, callback, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
 
-`names` are full module names (`model.layers.3.self_attn.q_proj`), the same names
-`model.named_modules()` gives, so methods can key per-module settings by them. With
-`true_sequential=True` a layer's linears are processed in groups that share one input tensor,
-in execution order (Llama: q/k/v, then o, then gate/up, then down), and each group sees inputs
-produced by the already-compressed earlier groups; otherwise all linears of the layer are
-collected in one pass and finished together.
+`LayerwiseOptions` says where and how (device, true-sequential groups, batch size, CPU offload
+of the cached activations, which linears); `LayerwiseOptions.from_config` reads those fields from
+any method config. The callback follows `LayerwiseCallback` (required: `add_batch`, `finish_group`)
+and may add the hooks of `LayerHooks` (`inputs_to_observe` + `observe`, `begin_layer`,
+`end_layer`). Per decoder layer the engine calls, in this order:
+
+1. `inputs_to_observe(index, layer)` -> names inside the layer (`self_attn.q_proj`, `mlp` ...):
+   one pass over the layer's cached inputs, on its weights as they are, hands each named
+   submodule's input to `observe(name, module, x)` (x: [tokens, features]). AWQ and SmoothQuant
+   take their scaling statistics here instead of walking the layer themselves.
+2. `begin_layer(index, layer, inputs)` (inputs: list[LayerBatch]); e.g. fold scales.
+3. per linear group: `add_batch(name, module, x)` for every batch (x: the linear's input
+   [tokens, in_features] on the device; linears reading one tensor get the same object), then
+   `finish_group(index, layer, modules)` with `modules` = {full name: nn.Linear} of the group
+   (names that got no tokens are included; see `report.unfed`). The callback may rewrite only the
+   weights of these modules, in place (or replace them in the layer).
+4. `end_layer(index, layer)`, after the layer's outputs (the next layer's inputs) are computed.
+
+Full names are those `model.named_modules()` gives (`model.layers.3.self_attn.q_proj`), so methods
+key per-module settings by them. With `true_sequential=True` a layer's linears are processed in
+groups that share one input tensor, in execution order (Llama: q/k/v, then o, then gate/up, then
+down), and each group sees inputs produced by the already-compressed earlier groups; otherwise all
+linears of the layer are collected in one pass and finished together.
 """
 from __future__ import annotations
 
-import math
-import resource
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from qingzhou.errors import DataError, ModelLoadError
+from qingzhou.llm.devices import (
+    peak_memory_mb,
+    peak_memory_source,
+    reset_peak_memory,
+    torch_device,
+)
+from qingzhou.llm.quantized.grid import QuantizedWeight
 
 # Attribute paths (from the CausalLM wrapper) where HF decoder models keep their layer list.
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
@@ -133,20 +146,21 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     )
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def _tree_map(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """`fn` applied to every tensor inside nested tuples, lists and dicts (the layer kwargs)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_tree_map(fn, o) for o in obj)
+    if isinstance(obj, list):
+        return [_tree_map(fn, o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _tree_map(fn, v) for k, v in obj.items()}
+    return obj
 
 
 def _move(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
+    return _tree_map(lambda t: t.to(device), obj)
 
 
 def batch_samples(samples: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -297,11 +311,6 @@ def probe_layer(layer: nn.Module, linears: dict[str, nn.Linear], batch: LayerBat
     return LayerSchedule(groups, shared, child_ready)
 
 
-def sequential_groups(layer: nn.Module, linears: dict[str, nn.Linear], batch: LayerBatch) -> list[list[str]]:
-    """The linear groups of `probe_layer`, in execution order."""
-    return probe_layer(layer, linears, batch).groups
-
-
 class _ChildReplay:
     """Reuse the outputs of a layer's children once they can no longer change.
 
@@ -371,46 +380,41 @@ class _ChildReplay:
 
 def _copy(obj: Any, device: torch.device) -> Any:
     """A fresh copy on `device` (so in-place edits downstream never touch the cache)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, copy=True)
-    if isinstance(obj, tuple):
-        return tuple(_copy(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_copy(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _copy(v, device) for k, v in obj.items()}
-    return obj
+    return _tree_map(lambda t: t.to(device, copy=True), obj)
 
 
 def _slice_batch(obj: Any, batch: int) -> Any:
     """First element along the batch dim of per-batch tensors (others, e.g. [1, T] ids, as is)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:1] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(_slice_batch(o, batch) for o in obj)
-    if isinstance(obj, list):
-        return [_slice_batch(o, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _slice_batch(v, batch) for k, v in obj.items()}
-    return obj
+    return _tree_map(lambda t: t[:1] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t, obj)
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input tensor of a module call: the first positional argument, else `hidden_states`
+    (HF decoder layers call their attention and MLP blocks with keywords), else the first tensor."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
 @torch.no_grad()
-def _collect(layer: nn.Module, group: list[str], linears: dict[str, nn.Linear],
-             inputs: list[LayerBatch], callback: Any, device: torch.device,
-             stop_early: bool, shared: bool = False, replay: _ChildReplay | None = None,
-             finished: int = 0) -> dict[str, int]:
-    """Forward every batch through `layer`, handing the group's linear inputs to the callback.
+def _collect(layer: nn.Module, modules: dict[str, nn.Module], inputs: list[LayerBatch],
+             sink: Callable[[str, Any, torch.Tensor], None], device: torch.device, stop_early: bool,
+             shared: bool = False, replay: _ChildReplay | None = None, finished: int = 0) -> dict[str, int]:
+    """Forward every batch through `layer`, handing each of `modules`' inputs, flattened to
+    [tokens, features], to `sink(name, module, x)`; returns the tokens each received.
 
-    `stop_early` abandons each forward once the group has its inputs; with `shared` (the members
+    `stop_early` abandons each forward once every module has its inputs; with `shared` (the members
     read one tensor) that is at the first member's pre-hook, before any of them computes.
     """
+    group = list(modules)
     tokens = dict.fromkeys(group, 0)
     seen: set[str] = set()
     want = set(group)
 
     # Linears reading the same tensor (q/k/v, gate/up) get the same flattened object, so callbacks
-    # can tell shared inputs apart by identity (`accumulate_hessian` computes their Hessian once).
+    # can tell shared inputs apart by identity (`HessianStore` computes their Hessian once).
     last: dict[str, torch.Tensor | None] = {"raw": None, "flat": None}
 
     def feed(name: str, x: torch.Tensor) -> None:
@@ -418,20 +422,21 @@ def _collect(layer: nn.Module, group: list[str], linears: dict[str, nn.Linear],
             last["raw"], last["flat"] = x, x.reshape(-1, x.shape[-1])
         flat = last["flat"]
         tokens[name] += flat.shape[0]
-        callback.add_batch(name, linears[name], flat)
+        sink(name, modules[name], flat)
         seen.add(name)
 
     def make_hook(name: str):
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
+            x = _first_input(args, kwargs)
             for member in (group if stop_early and shared else (name,)):
-                feed(member, args[0])
+                feed(member, x)
             if stop_early and seen >= want:
                 raise _StopForward
         return hook
 
-    handles = [linears[n].register_forward_pre_hook(make_hook(n)) for n in group]
+    handles = [modules[n].register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in group]
     try:
-        with replay.run(finished) if replay is not None else _nothing():
+        with replay.run(finished) if replay is not None else nullcontext():
             for i, batch in enumerate(inputs):
                 seen.clear()
                 if replay is not None:
@@ -448,197 +453,163 @@ def _collect(layer: nn.Module, group: list[str], linears: dict[str, nn.Linear],
     return tokens
 
 
-def _nothing():
-    from contextlib import nullcontext
+class LayerwiseCallback(Protocol):
+    """What `run_layerwise` requires of a method (see the module doc for the order of calls).
 
-    return nullcontext()
+    Optional hooks are listed in `LayerHooks`; the engine calls those a callback defines.
+    """
+
+    def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        """One batch of a linear's inputs, `x` [tokens, in_features] on the calibration device.
+        Linears reading one tensor (q/k/v) get the same object, so statistics can be shared."""
+
+    def finish_group(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> None:
+        """All inputs of the group `modules` ({full name: linear}, in execution order) are in:
+        rewrite (or replace) these linears. Only these: later groups and the replayed child
+        blocks rely on it."""
+
+
+class LayerHooks(Protocol):
+    """Optional callback hooks, called when the callback defines them."""
+
+    def inputs_to_observe(self, index: int, layer: nn.Module) -> Sequence[str]:
+        """Submodules of `layer` (names inside it, e.g. `self_attn.q_proj`, `mlp`) whose inputs the
+        callback wants to see once, on the layer's weights before `begin_layer` and any group."""
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """One batch of an observed submodule's input, [tokens, features], as the model computes it."""
+
+    def begin_layer(self, index: int, layer: nn.Module, inputs: list[LayerBatch]) -> None:
+        """Before the layer's groups are collected (after the observation pass)."""
+
+    def end_layer(self, index: int, layer: nn.Module) -> None:
+        """After the layer's outputs, the next layer's inputs, are computed."""
+
+
+class EngineSettings(Protocol):
+    """The fields every calibrated method config carries (quantize, prune, moefy, structured)."""
+
+    device: str | None
+    batch_size: int
+    offload_inputs: bool
+
+
+@dataclass(frozen=True)
+class LayerwiseOptions:
+    """How `run_layerwise` walks the model.
+
+    `device`: where each layer runs (None: the best available, `llm.devices.resolve_device`).
+    `targets(full_name) -> bool`: the linears handed to the callback (None: all).
+    `true_sequential`: groups in execution order, each on inputs after the earlier groups.
+    `batch_size`: calibration samples per forward. `offload_inputs`: keep the cached activations
+    on CPU and move one batch at a time. `reuse_outputs`: replay finished child blocks instead of
+    recomputing them (`_ChildReplay`; exact, it only saves time). `progress(done, total)`: called
+    after each layer.
+    """
+
+    device: str | torch.device | None = None
+    targets: Callable[[str], bool] | None = None
+    true_sequential: bool = True
+    batch_size: int = 8
+    offload_inputs: bool = False
+    reuse_outputs: bool = True
+    progress: Callable[[int, int], None] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: EngineSettings, **overrides: Any) -> LayerwiseOptions:
+        """The options a method config asks for (`device`, `batch_size`, `offload_inputs`, and
+        `true_sequential` where the method has it), with `overrides` (e.g. `targets=`) on top."""
+        fields: dict[str, Any] = {"device": cfg.device, "batch_size": cfg.batch_size,
+                                  "offload_inputs": cfg.offload_inputs}
+        if hasattr(cfg, "true_sequential"):
+            fields["true_sequential"] = cfg.true_sequential
+        return cls(**{**fields, **overrides})
 
 
 @torch.no_grad()
-def run_layerwise(
-    model: nn.Module, samples: Sequence[torch.Tensor], callback: Any, *,
-    targets: Callable[[str], bool] | None = None, device: str | torch.device | None = None,
-    true_sequential: bool = True, batch_size: int = 8, offload_inputs: bool = False,
-    progress: Callable[[int, int], None] | None = None, reuse_outputs: bool = True,
-) -> LayerwiseReport:
-    """Walk the decoder layers with `samples` (1-D token tensors), calling `callback` (see module doc).
-
-    `targets(full_name) -> bool` picks the linears handed to the callback (default: all).
-    `offload_inputs` keeps the cached activations on CPU and moves one batch at a time.
-    `reuse_outputs` replays finished child blocks instead of recomputing them (`_ChildReplay`;
-    exact, it only saves time).
-    """
+def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: LayerwiseCallback,
+                  options: LayerwiseOptions | None = None) -> LayerwiseReport:
+    """Walk the decoder layers with `samples` (1-D token tensors), calling `callback` (see the
+    module doc) as `options` say. Raises `DataError` without samples and `DeviceError` for a
+    device that is not available here."""
+    opts = options or LayerwiseOptions()
     if not samples:
         raise DataError("no calibration samples.", where="calibration", hint="Provide at least one sample.")
     t0 = time.perf_counter()
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device = torch_device(opts.device)
+    reset_peak_memory(device)
     layers, prefix = find_decoder_layers(model)
     was_training = model.training
     model.eval()
-    cache_device = torch.device("cpu") if offload_inputs else device
-    inputs = capture_layer_inputs(model, samples, device=device, batch_size=batch_size,
+    cache_device = torch.device("cpu") if opts.offload_inputs else device
+    inputs = capture_layer_inputs(model, samples, device=device, batch_size=opts.batch_size,
                                   cache_device=cache_device)
     report = LayerwiseReport(layers=len(layers), samples=len(samples),
                              tokens=sum(b.tokens for b in inputs), device=str(device))
+    observe_names = getattr(callback, "inputs_to_observe", None)
+    begin_layer = getattr(callback, "begin_layer", None)
+    end_layer = getattr(callback, "end_layer", None)
     for i, layer in enumerate(layers):
         home = _module_device(layer)
         layer.to(device)
-        linears = linear_names(layer, f"{prefix}.{i}", targets)
-        if hasattr(callback, "begin_layer"):
-            callback.begin_layer(i, layer, inputs)
+        linears = linear_names(layer, f"{prefix}.{i}", opts.targets)
+        observed = list(observe_names(i, layer)) if observe_names is not None else []
+        if observed:
+            _collect(layer, {n: layer.get_submodule(n) for n in observed}, inputs, callback.observe,
+                     device, stop_early=True)
+        if begin_layer is not None:
+            begin_layer(i, layer, inputs)
         replay = None
+        plan = LayerSchedule([], [], {})
         if linears:
-            if true_sequential:
+            if opts.true_sequential:
                 plan = probe_layer(layer, linears, inputs[0].to(device))
-                if reuse_outputs:
+                if opts.reuse_outputs:
                     replay = _ChildReplay(layer, plan, len(inputs), cache_device)
             else:
                 plan = LayerSchedule([list(linears)], [False], {})
             if i == 0:
                 report.groups = plan.groups
             for g, group in enumerate(plan.groups):
-                counts = _collect(layer, group, linears, inputs, callback, device, stop_early=true_sequential,
-                                  shared=plan.shared[g], replay=replay, finished=g)
+                modules = {n: linears[n] for n in group}
+                counts = _collect(layer, modules, inputs, callback.add_batch, device,
+                                  stop_early=opts.true_sequential, shared=plan.shared[g], replay=replay, finished=g)
                 for name, n in counts.items():
                     if n == 0:
                         report.unfed.append(name)
                         warnings.warn(f"{name} received no calibration activations; "
                                       "the method falls back to its data-free path for it", stacklevel=2)
-                callback.finish_group(i, layer, group)
+                callback.finish_group(i, layer, modules)
         outputs = []
-        with replay.run(len(plan.groups)) if replay is not None else _nothing():
+        with replay.run(len(plan.groups)) if replay is not None else nullcontext():
             for j, batch in enumerate(inputs):
                 if replay is not None:
                     replay.batch = j
                 b = batch.to(device)
                 out = _layer_output(layer(b.hidden, **b.kwargs))
                 outputs.append(LayerBatch(out.to(cache_device), batch.kwargs))
-        if hasattr(callback, "end_layer"):
-            callback.end_layer(i, layer)
+        if end_layer is not None:
+            end_layer(i, layer)
         if home is not None and home != device:
             layer.to(home)
         inputs = outputs
-        if progress is not None:
-            progress(i + 1, len(layers))
+        if opts.progress is not None:
+            opts.progress(i + 1, len(layers))
     model.train(was_training)
     report.seconds = time.perf_counter() - t0
-    report.peak_memory_mb, report.peak_memory_kind = peak_memory_mb(device)
+    report.peak_memory_mb, report.peak_memory_kind = peak_memory_mb(device), peak_memory_source(device)
     return report
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak accelerator memory on CUDA, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+@torch.no_grad()
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Copy a rewritten weight into `module` in place, in the module's own device and dtype (what
+    every callback does in `finish_group`)."""
+    module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
 
 
-# ----------------------------------------------------------------------------- shared statistics
-
-
-class HessianAccumulator:
-    """Running H = 2/n * sum x x^T over all calibration tokens (GPTQ/SparseGPT's proxy Hessian),
-    kept in float32 whatever the model dtype, averaged so it does not grow with sample count.
-
-    Wide inputs accumulate only the block upper triangle (about 60% of the multiply-adds for
-    down_proj's 1536 or 14336 columns) and mirror it when `H` is read: the Hessian products are
-    a large part of GPTQ's calibration time.
-    """
-
-    BLOCK = 256  # column block of the triangular update; narrower inputs use one full product
-
-    def __init__(self, columns: int, device: torch.device | str):
-        self._H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self._mirrored = True
-        self.n = 0
-
-    @property
-    def H(self) -> torch.Tensor:
-        if not self._mirrored:
-            cols, b = self._H.shape[0], self.BLOCK
-            for a0 in range(0, cols, b):
-                a1 = min(a0 + b, cols)
-                self._H[a1:, a0:a1] = self._H[a0:a1, a1:].T
-            self._mirrored = True
-        return self._H
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        if m == 0:
-            return
-        self._H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * math.sqrt(2 / self.n)
-        cols, b = x.shape[1], self.BLOCK
-        if cols < 2 * b:
-            self._H.addmm_(x.T, x)
-            return
-        for a0 in range(0, cols, b):  # rows a0:a1 of the upper triangle, diagonal block included
-            a1 = min(a0 + b, cols)
-            self._H[a0:a1, a0:].addmm_(x[:, a0:a1].T, x[:, a0:])
-        self._mirrored = False
-
-
-def accumulate_hessian(hessians: dict[str, HessianAccumulator], name: str, module: nn.Linear, x: torch.Tensor) -> None:
-    """The `add_batch` of every Hessian-based callback (GPTQ, SparseGPT): one accumulator per linear.
-
-    Linears fed the very same tensor object (q/k/v, gate/up: the engine hands them one flattened
-    input) share one accumulator, so X^T X is computed once per input rather than once per linear.
-    Consumers only read `acc.H` (the solvers clone it), so sharing is safe.
-    """
-    acc = hessians.get(name)
-    shared = hessians.get(_LAST_INPUT)
-    if shared is not None and shared[0] is x and (acc is None or acc is shared[1]):
-        hessians[name] = shared[1]  # already holds this batch
-        return
-    if acc is None:
-        acc = hessians[name] = HessianAccumulator(module.in_features, x.device)
-    acc.add(x)
-    hessians[_LAST_INPUT] = (x, acc)  # type: ignore[assignment]
-
-
-_LAST_INPUT = "\0last-input"  # a key no module name can take
-
-
-@dataclass
-class InverseHessian:
-    """Upper Cholesky factor of H^-1 (what GPTQ/SparseGPT's column loop needs) and how it was damped."""
-
-    chol_inv_upper: torch.Tensor
-    damp_percent: float
-    retries: int
-
-
-def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, *, max_retries: int = 6,
-                            name: str = "") -> InverseHessian:
-    """Cholesky of (H + damp*mean(diag H)*I)^-1, multiplying the damping by 10 on failure.
-
-    A Hessian that is not positive definite (too few tokens, duplicated or dead input channels,
-    `damp_percent=0`) is retried with more damping and reported as a warning, never returned as NaN.
-    """
-    H = H.clone()
-    n = H.shape[0]
-    mean_diag = torch.mean(torch.diag(H)).item()
-    if not math.isfinite(mean_diag):
-        raise FloatingPointError(f"{name}: Hessian contains NaN/inf (non-finite activations)")
-    mean_diag = mean_diag if mean_diag > 0 else 1.0
-    damp = damp_percent
-    idx = torch.arange(n, device=H.device)
-    for attempt in range(max_retries + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info2) == 0 and torch.isfinite(U).all() and bool((torch.diag(U) > 0).all()):
-                if attempt:
-                    warnings.warn(f"{name}: Hessian not positive definite with damp_percent="
-                                  f"{damp_percent}; succeeded with damp_percent={damp:g} "
-                                  f"after {attempt} retr{'y' if attempt == 1 else 'ies'}", stacklevel=2)
-                return InverseHessian(U, damp, attempt)
-        damp = damp * 10 if damp > 0 else 1e-4
-    raise FloatingPointError(f"{name}: Hessian could not be inverted even with damp_percent={damp / 10:g}")
+def apply_quantized(module: nn.Module, qw: QuantizedWeight) -> QuantizedWeight:
+    """Write `qw`'s dequantised weight into `module` in place (dense fake-quant, what packing
+    later encodes) and return `qw`."""
+    write_weight(module, qw.dequantize())
+    return qw

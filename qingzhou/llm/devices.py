@@ -90,6 +90,17 @@ def resolve_device(requested: str = "auto") -> str:
     return requested
 
 
+def torch_device(requested: Any = None) -> Any:
+    """`resolve_device` as a `torch.device`; None or 'auto' picks the best available one.
+
+    Accepts what callers hold: None, a config string ('auto', 'cuda:1', 'npu') or a torch.device.
+    A device that is not available here raises the same `DeviceError` as `resolve_device`.
+    """
+    import torch
+
+    return torch.device(resolve_device("auto" if requested is None else str(requested)))
+
+
 def capabilities(device: str) -> Capabilities:
     """The capability row for a device string, refined by what this machine really has."""
     device_type = device.split(":")[0]
@@ -217,6 +228,48 @@ def memory_info(device: str) -> dict[str, float | None]:
         return {"total_gib": round(vm.total / gib, 2), "free_gib": round(vm.available / gib, 2)}
     except ImportError:
         return {"total_gib": None, "free_gib": None}
+
+
+def _memory_backend(device: Any) -> Any:
+    """The torch module that tracks allocator statistics for `device` (torch.cuda, torch.npu ...),
+    or None where there is none (CPU, MPS): there only the process's peak RSS is known."""
+    import torch
+
+    device_type = str(device).split(":")[0]
+    module = getattr(torch, device_type, None) if device_type != "cpu" else None
+    if module is None or not hasattr(module, "max_memory_allocated"):
+        return None
+    return module
+
+
+def _device_args(device: Any) -> tuple[Any, ...]:
+    """`(device,)` when it names an index ('cuda:1'), else `()` (the backend's current device)."""
+    return (str(device),) if ":" in str(device) else ()
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start a new peak-memory window on an accelerator. The CPU figure is the process's peak
+    resident set size, which cannot be reset: it covers everything since the process started."""
+    module = _memory_backend(device)
+    if module is not None and hasattr(module, "reset_peak_memory_stats"):
+        module.reset_peak_memory_stats(*_device_args(device))
+
+
+def peak_memory_mb(device: Any) -> float:
+    """Peak memory in MiB: the allocator's peak on an accelerator (since `reset_peak_memory`),
+    else the process's peak resident set size (see `peak_memory_source`)."""
+    module = _memory_backend(device)
+    if module is not None:
+        return module.max_memory_allocated(*_device_args(device)) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory_source(device: Any) -> str:
+    """What `peak_memory_mb(device)` measures, for reports: e.g. 'cuda max_memory_allocated'."""
+    module = _memory_backend(device)
+    return f"{str(device).split(':')[0]} max_memory_allocated" if module is not None else "process peak RSS"
 
 
 def device_name(device: str) -> str:

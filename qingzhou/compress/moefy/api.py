@@ -100,8 +100,8 @@ class MoefyCollector:
         self.x.setdefault(ffn, []).append(x.float())
         self.acts.setdefault(ffn, []).append(ffn_activations(mlp, layout, x))
 
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        for name in names:
+    def finish_group(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> None:
+        for name in modules:
             ffn = self.by_input[name]
             with torch.no_grad():
                 self._build(ffn, torch.cat(self.x.pop(ffn)), torch.cat(self.acts.pop(ffn)))
@@ -152,7 +152,7 @@ def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None
     experts per token afterwards. Given `output_dir`, the model is saved there (`save_moefied`) with
     `metrics.json` and `report.json`, as every verb saves.
     """
-    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
     from qingzhou.data.calibration import calibration_samples
 
     cfg = cfg if isinstance(cfg, MoefyConfig) else MoefyConfig.model_validate(cfg)
@@ -160,8 +160,8 @@ def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None
     ffns, skipped = find_ffns(model, cfg.skip)
     samples = calibration_samples(calib, cfg.calibration, tokenizer, method="moefy", where="moefy")
     collector = MoefyCollector(ffns, cfg, sum(s.numel() for s in samples))
-    cal = run_layerwise(model, samples, collector, targets=collector.by_input.__contains__, device=cfg.device,
-                        true_sequential=True, batch_size=cfg.batch_size, offload_inputs=cfg.offload_inputs)
+    cal = run_layerwise(model, samples, collector,
+                        LayerwiseOptions.from_config(cfg, targets=collector.by_input.__contains__))
     report = MoefyReport(config=cfg.model_dump(mode="json"), skipped=skipped, calibration=cal.to_dict(),
                          layers=collector.stats)
     ratios = []

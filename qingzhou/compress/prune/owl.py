@@ -21,18 +21,17 @@ if TYPE_CHECKING:  # pragma: no cover
 class OutlierCounter(InputNorms):
     """Engine callback (weights untouched): outlier ratio of each layer's Wanda scores."""
 
-    def __init__(self, modules: dict[str, nn.Module], threshold: float):
+    def __init__(self, threshold: float):
         super().__init__()
-        self.modules, self.threshold = modules, threshold
+        self.threshold = threshold
         self.ratios: dict[int, float] = {}
 
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
+    def finish_group(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> None:
         import torch
 
         from qingzhou.compress.prune.wanda import wanda_scores
 
-        scores = [wanda_scores(self.modules[n].weight, self.sq.pop(n)).reshape(-1)
-                  for n in names if n in self.sq]
+        scores = [wanda_scores(m.weight, self.sq.pop(n)).reshape(-1) for n, m in modules.items() if n in self.sq]
         if not scores:
             return
         flat = torch.cat(scores)
@@ -42,11 +41,11 @@ class OutlierCounter(InputNorms):
 def outlier_ratios(model: nn.Module, plan: dict[str, Target], samples: Any, cfg: CalibratedPruneConfig,
                    owl: OWLConfig) -> dict[int, float]:
     """Per decoder layer, the fraction of outlier scores (one calibration pass, weights untouched)."""
-    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
 
-    counter = OutlierCounter(dict(model.named_modules()), owl.threshold)
-    run_layerwise(model, samples, counter, targets=plan.__contains__, device=cfg.device,
-                  true_sequential=False, batch_size=cfg.batch_size, offload_inputs=cfg.offload_inputs)
+    counter = OutlierCounter(owl.threshold)
+    run_layerwise(model, samples, counter,
+                  LayerwiseOptions.from_config(cfg, targets=plan.__contains__, true_sequential=False))
     return counter.ratios
 
 

@@ -8,8 +8,8 @@ through the Cholesky factor of the inverse Hessian, so the layer's outputs on ca
 change as little as possible. Optionally the kept weights are quantised in the same pass (the
 paper's joint sparsification + quantisation), which makes the later quantisation error-aware too.
 
-The Hessian accumulation and the damped inverse Cholesky are the ones GPTQ uses
-(`compress.calibrate.HessianAccumulator` / `damped_inverse_cholesky`), shared rather than copied.
+The Hessian accumulation, the damped inverse Cholesky and the engine callback base are the ones
+GPTQ uses (`compress.hessian`), shared rather than copied.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qingzhou.compress.hessian import HessianCollector
 from qingzhou.compress.prune.config import CalibratedPruneConfig
 from qingzhou.compress.prune.registry import register_pruner
 
@@ -65,14 +66,12 @@ def sparsegpt_prune_weight(
     """Prune one [out, in] weight to `target` given its inputs' Hessian H = 2/n X^T X."""
     import torch
 
-    from qingzhou.compress.calibrate import damped_inverse_cholesky
+    from qingzhou.compress.hessian import damped_inverse_cholesky, solver_hessian
 
     with torch.no_grad():
         W = weight.detach().float().clone()
         rows, cols = W.shape
-        H = H.detach().float().clone().to(W.device)
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
+        H = solver_hessian(H, W.device)
         inv = damped_inverse_cholesky(H, damp_percent, name=name)
         Hinv = inv.chol_inv_upper
         del H
@@ -151,53 +150,38 @@ def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: 
     return fake_quantize(w, scale, zero, maxq)
 
 
-class SparseGPTCollector:
+class SparseGPTCollector(HessianCollector):
     """Engine callback: accumulate each linear's Hessian, then prune and reconstruct it."""
 
-    def __init__(self, plan: dict[str, Target], modules: dict[str, nn.Module], *, block_size: int,
-                 damp_percent: float, quant: QuantScheme | None):
-        self.plan, self.modules = plan, modules
+    def __init__(self, plan: dict[str, Target], *, block_size: int, damp_percent: float, quant: QuantScheme | None):
+        super().__init__()
+        self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, quant=quant)
-        self.hessians: dict[str, Any] = {}
-        self.results: dict[str, dict[str, Any]] = {}
 
-    def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        from qingzhou.compress.calibrate import accumulate_hessian
+    def solve(self, name: str, module: nn.Linear, acc: Any) -> dict[str, Any]:
+        from qingzhou.compress.calibrate import write_weight
 
-        accumulate_hessian(self.hessians, name, module, x)
+        res = sparsegpt_prune_weight(module.weight, acc.H, self.plan[name], name=name, **self.opts)
+        write_weight(module, res.weight)
+        return {"loss": res.loss, "tokens": acc.n, "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
 
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        import torch
-
+    def fallback(self, name: str, module: nn.Linear) -> dict[str, Any]:
         from qingzhou.compress.prune.magnitude import magnitude_prune_weight
 
-        with torch.no_grad():
-            for name in names:
-                lin = self.modules[name]
-                acc = self.hessians.pop(name, None)
-                if acc is None or acc.n == 0:
-                    warnings.warn(f"{name}: no calibration tokens reached it; pruned by magnitude", stacklevel=2)
-                    lin.weight.masked_fill_(magnitude_prune_weight(lin.weight, self.plan[name]), 0)
-                    self.results[name] = {"fallback": "magnitude"}
-                    continue
-                res = sparsegpt_prune_weight(lin.weight, acc.H, self.plan[name], name=name, **self.opts)
-                lin.weight.copy_(res.weight.to(lin.weight.device, lin.weight.dtype))
-                self.results[name] = {"loss": res.loss, "tokens": acc.n, "damp_percent": res.damp_percent,
-                                      "damp_retries": res.damp_retries}
+        warnings.warn(f"{name}: no calibration tokens reached it; pruned by magnitude", stacklevel=3)
+        module.weight.masked_fill_(magnitude_prune_weight(module.weight, self.plan[name]), 0)
+        return {"fallback": "magnitude"}
 
 
 @register_pruner("sparsegpt", SparseGPTConfig)
 def run_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, plan: dict[str, Target], calib: Any) -> dict[str, Any]:
-    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
     from qingzhou.llm.quantized.grid import QuantScheme
 
     quant = None
     if cfg.quantize is not None:
         q = cfg.quantize
         quant = QuantScheme(bits=q.bits, group_size=q.group_size, sym=q.sym, clip_search=True)
-    collector = SparseGPTCollector(plan, dict(model.named_modules()), block_size=cfg.block_size,
-                                   damp_percent=cfg.damp_percent, quant=quant)
-    report = run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
-                           true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
-                           offload_inputs=cfg.offload_inputs)
+    collector = SparseGPTCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent, quant=quant)
+    report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

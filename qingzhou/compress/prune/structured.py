@@ -124,7 +124,7 @@ class StructureStats:
             s = torch.sum(x * x, dim=0)
             self.sq[name] = self.sq[name] + s if name in self.sq else s
 
-    def finish_group(self, index: int, layer: Any, names: list[str]) -> None:
+    def finish_group(self, index: int, layer: Any, modules: dict[str, Any]) -> None:
         self._unhook()  # only the collection pass is measured, not the output pass
 
     def end_layer(self, index: int, layer: Any) -> None:
@@ -235,7 +235,7 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
     `nn.Linear`s and an updated `model.config`); save it with `qingzhou.llm.save_model`."""
     import torch
 
-    from qingzhou.compress.calibrate import find_decoder_layers, run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, find_decoder_layers, run_layerwise
     from qingzhou.compress.driver import calibration_samples
     from qingzhou.errors import RecipeError
 
@@ -262,8 +262,8 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
     stats = StructureStats(head_dim)
     targets = {f"{prefix}.{i}.self_attn.o_proj" for i in range(n_layers)} if drop_groups else set()
     targets |= {f"{prefix}.{i}.mlp.down_proj" for i in range(n_layers)} if keep_channels < config.intermediate_size else set()
-    cal = run_layerwise(model, samples, stats, targets=targets.__contains__, device=cfg.device,
-                        true_sequential=False, batch_size=cfg.batch_size, offload_inputs=cfg.offload_inputs)
+    cal = run_layerwise(model, samples, stats,
+                        LayerwiseOptions.from_config(cfg, targets=targets.__contains__, true_sequential=False))
     report.calibration = cal.to_dict()
     report.layer_importance = [stats.angle[i][0] / max(stats.angle[i][1], 1) if i in stats.angle else 0.0
                                for i in range(n_layers)]

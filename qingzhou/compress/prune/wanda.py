@@ -60,19 +60,19 @@ class InputNorms:
 
 
 class WandaCollector(InputNorms):
-    def __init__(self, plan: dict[str, Target], modules: dict[str, nn.Module], per_row: bool):
+    def __init__(self, plan: dict[str, Target], per_row: bool):
         super().__init__()
-        self.plan, self.modules, self.per_row = plan, modules, per_row
+        self.plan, self.per_row = plan, per_row
         self.results: dict[str, dict[str, Any]] = {}
 
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
+    def finish_group(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> None:
         import torch
 
         from qingzhou.compress.prune.magnitude import magnitude_prune_weight
 
         with torch.no_grad():
-            for name in names:
-                w = self.modules[name].weight
+            for name, module in modules.items():
+                w = module.weight
                 sq = self.sq.pop(name, None)
                 if sq is None:
                     warnings.warn(f"{name}: no calibration tokens reached it; pruned by magnitude", stacklevel=2)
@@ -86,10 +86,8 @@ class WandaCollector(InputNorms):
 
 @register_pruner("wanda", WandaConfig)
 def run_wanda(model: nn.Module, cfg: WandaConfig, plan: dict[str, Target], calib: Any) -> dict[str, Any]:
-    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
 
-    collector = WandaCollector(plan, dict(model.named_modules()), per_row=cfg.comparison == "row")
-    report = run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
-                           true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
-                           offload_inputs=cfg.offload_inputs)
+    collector = WandaCollector(plan, per_row=cfg.comparison == "row")
+    report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

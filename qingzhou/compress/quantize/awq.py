@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from qingzhou.compress.hessian import HessianAccumulator, HessianCollector
 from qingzhou.compress.quantize.config import CalibratedConfig
 from qingzhou.compress.quantize.registry import register_quantizer
 
@@ -67,8 +68,10 @@ class AWQConfig(CalibratedConfig):
 @register_quantizer("awq", AWQConfig)
 def run_awq(model: nn.Module, cfg: AWQConfig, plan: dict[str, QuantScheme], calib: Any) -> dict[str, Any]:
     """Scale, clip and quantise layer by layer; weights are rewritten in place (fake-quant)."""
-    collector = AWQCollector(plan, cfg, quantize_weights=True)
-    report = _walk(model, cfg, plan, calib, collector)
+    from qingzhou.compress.quantize.scaling import run_scaling
+
+    collector = AWQCollector(plan, cfg)
+    report = run_scaling(model, cfg, plan, calib, collector, quantize_weights=True)
     return {"modules": collector.results, "calibration": {**report.to_dict(), "scales": collector.alphas}}
 
 
@@ -78,101 +81,94 @@ def awq_scale(model: nn.Module, cfg: AWQConfig | dict[str, Any], calib: list) ->
     Returns the chosen exponent per folded group (`-1` = no scaling won). Useful before GPTQ
     ("AWQ scaling before GPTQ") and for checking the folding rules.
     """
-    from qingzhou.compress.quantize.plan import build_plan
+    from qingzhou.compress.quantize.scaling import scale_only
 
     cfg = cfg if isinstance(cfg, AWQConfig) else AWQConfig.model_validate({"method": "awq", **cfg})
-    plan, _ = build_plan(model, cfg)
-    collector = AWQCollector(plan, cfg, quantize_weights=False)
-    _walk(model, cfg, plan, calib, collector)
-    return collector.alphas
+    return scale_only(model, cfg, calib, AWQCollector).alphas
 
 
-def _walk(model, cfg: AWQConfig, plan, calib, collector):
-    from qingzhou.compress.calibrate import find_decoder_layers, run_layerwise
+class AWQCollector(HessianCollector):
+    """Calibration-engine callback: input statistics of each foldable group from the engine's
+    observation pass, scales in `begin_layer`, clip + quantise in `finish_group`."""
 
-    collector.layers_path = find_decoder_layers(model)[1]
-    return run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
-                         true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
-                         offload_inputs=cfg.offload_inputs)
-
-
-class AWQCollector:
-    """Calibration-engine callback: scales in `begin_layer`, clip + quantise in `finish_group`."""
-
-    def __init__(self, plan: dict[str, QuantScheme], cfg: AWQConfig, *, quantize_weights: bool):
-        self.plan, self.cfg, self.quantize_weights = plan, cfg, quantize_weights
-        self.hessians: dict[str, Any] = {}
-        self.results: dict[str, dict[str, Any]] = {}
+    def __init__(self, plan: dict[str, QuantScheme], cfg: AWQConfig):
+        super().__init__()
+        self.plan, self.cfg = plan, cfg
         self.alphas: dict[str, float] = {}
-        self.layers_path = "model.layers"  # set by `_walk` from the model
+        self.layers_path = "model.layers"  # set by `run_scaling` from the model
+        self.groups: list[Any] = []  # this layer's `ScaleGroup`s
+        self.stats: dict[str, list[torch.Tensor]] = {}  # first linear -> [H accumulator, sum |x|]
+
+    def inputs_to_observe(self, index: int, layer: nn.Module) -> list[str]:
+        from qingzhou.compress.quantize.scaling import scale_groups
+
+        self.groups, self.stats = scale_groups(layer), {}
+        if not self.groups:
+            warnings.warn(f"layer {index}: no foldable norm/linear pairs ({type(layer).__name__}); "
+                          "AWQ falls back to clip search only", stacklevel=2)
+        return [g.linears[0] for g in self.groups]
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """Accumulate H = 2/n X^T X and sum |x| per channel of a group's (shared) input."""
+        import torch
+
+        x = _subsample(x.float(), self.cfg.max_tokens)
+        if name not in self.stats:
+            self.stats[name] = [HessianAccumulator(x.shape[1], x.device), torch.zeros(x.shape[1], device=x.device)]
+        acc, abs_sum = self.stats[name]
+        acc.add(x)
+        abs_sum += x.abs().sum(0)
 
     def begin_layer(self, index: int, layer: nn.Module, inputs: list) -> None:
         import torch
 
-        from qingzhou.compress.quantize.scaling import fold_scales, scale_groups
+        from qingzhou.compress.quantize.scaling import fold_scales
 
-        groups = scale_groups(layer)
-        if not groups:
-            warnings.warn(f"layer {index}: no foldable norm/linear pairs ({type(layer).__name__}); "
-                          "AWQ falls back to clip search only", stacklevel=2)
-            return
-        prefix = self._prefix(index)
-        stats = _input_stats(layer, [g.linears[0] for g in groups], inputs, self.cfg.max_tokens)
-        modules = dict(layer.named_modules())
+        prefix = f"{self.layers_path}.{index}."
         with torch.no_grad():
-            for g in groups:
-                H, x_mean = stats[g.linears[0]]
-                planned = [(modules[n].weight, self.plan[prefix + n]) for n in g.linears if prefix + n in self.plan]
+            for g in self.groups:
+                acc, abs_sum = self.stats[g.linears[0]]
+                x_mean = abs_sum / max(acc.n, 1)
+                planned = [(layer.get_submodule(n).weight, self.plan[prefix + n]) for n in g.linears
+                           if prefix + n in self.plan]
                 if not planned:
                     continue
-                s, alpha = search_scale(planned, H, x_mean, n_grid=self.cfg.n_grid,
+                s, alpha = search_scale(planned, acc.H, x_mean, n_grid=self.cfg.n_grid,
                                         duo_scaling=self.cfg.duo_scaling)
                 self.alphas[prefix + g.prev] = alpha
                 if alpha >= 0:
                     fold_scales(layer, g, s)
+        self.stats = {}
 
-    def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        from qingzhou.compress.calibrate import accumulate_hessian
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return _subsample(x, self.cfg.max_tokens)
 
-        if not self.quantize_weights:
-            return
-        accumulate_hessian(self.hessians, name, module, _subsample(x, self.cfg.max_tokens))
-
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        import torch
-
+    def solve(self, name: str, module: nn.Linear, acc: Any) -> dict[str, Any]:
+        from qingzhou.compress.calibrate import apply_quantized
         from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
-        if not self.quantize_weights:
-            return
-        modules = dict(layer.named_modules())
-        prefix = self._prefix(index)
-        with torch.no_grad():
-            for name in names:
-                lin = modules[name[len(prefix):]]
-                scheme = self.plan[name]
-                acc = self.hessians.pop(name, None)
-                if acc is None or acc.n == 0:
-                    qw, extra = rtn_quantize_weight(lin.weight, scheme), {"fallback": "rtn"}
-                elif self.cfg.solver == "gptq":
-                    from qingzhou.compress.quantize.gptq import GPTQConfig
-                    from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight
+        scheme = self.plan[name]
+        if self.cfg.solver == "gptq":
+            from qingzhou.compress.quantize.gptq import GPTQConfig
+            from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight
 
-                    grid_opts = {k: GPTQConfig.model_fields[k].default for k in ("static_groups", "hessian_clip")}
-                    res = gptq_quantize_weight(lin.weight, acc.H, scheme, name=name, damp_percent=self.cfg.damp_percent,
-                                               act_order=self.cfg.act_order, **grid_opts)
-                    qw, extra = res.quantized, {"tokens": acc.n, "loss": res.loss, "damp_retries": res.damp_retries}
-                elif self.cfg.clip_search:
-                    qw = clip_quantize(lin.weight, acc.H, scheme, max_shrink=self.cfg.max_shrink,
-                                       grid=self.cfg.clip_grid)
-                    extra = {"tokens": acc.n}
-                else:
-                    qw, extra = rtn_quantize_weight(lin.weight, scheme), {"tokens": acc.n}
-                lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
-                self.results[name] = {"quantized": qw, **extra}
+            grid_opts = {k: GPTQConfig.model_fields[k].default for k in ("static_groups", "hessian_clip")}
+            res = gptq_quantize_weight(module.weight, acc.H, scheme, name=name, damp_percent=self.cfg.damp_percent,
+                                       act_order=self.cfg.act_order, **grid_opts)
+            qw, extra = res.quantized, {"tokens": acc.n, "loss": res.loss, "damp_retries": res.damp_retries}
+        elif self.cfg.clip_search:
+            qw = clip_quantize(module.weight, acc.H, scheme, max_shrink=self.cfg.max_shrink, grid=self.cfg.clip_grid)
+            extra = {"tokens": acc.n}
+        else:
+            qw, extra = rtn_quantize_weight(module.weight, scheme), {"tokens": acc.n}
+        return {"quantized": apply_quantized(module, qw), **extra}
 
-    def _prefix(self, index: int) -> str:
-        return f"{self.layers_path}.{index}."
+    def fallback(self, name: str, module: nn.Linear) -> dict[str, Any]:
+        from qingzhou.compress.calibrate import apply_quantized
+        from qingzhou.llm.quantized.grid import rtn_quantize_weight
+
+        return {"quantized": apply_quantized(module, rtn_quantize_weight(module.weight, self.plan[name])),
+                "fallback": "rtn"}
 
 
 def _subsample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
@@ -183,29 +179,6 @@ def _subsample(x: torch.Tensor, max_tokens: int) -> torch.Tensor:
         return x
     idx = torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).long()
     return x[idx]
-
-
-def _input_stats(layer: nn.Module, names: list[str], inputs: list, max_tokens: int
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(H = 2/n X^T X, mean|x| per channel) of the inputs of the named linears of `layer`."""
-    import torch
-
-    from qingzhou.compress.calibrate import HessianAccumulator
-    from qingzhou.compress.quantize.scaling import observe_inputs
-
-    accs: dict[str, Any] = {}
-    sums: dict[str, torch.Tensor] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        x = _subsample(x, max_tokens)
-        if name not in accs:
-            accs[name] = HessianAccumulator(x.shape[1], x.device)
-            sums[name] = torch.zeros(x.shape[1], device=x.device)
-        accs[name].add(x)
-        sums[name] += x.abs().sum(0)
-
-    observe_inputs(layer, names, inputs, observe)
-    return {n: (accs[n].H, sums[n] / max(accs[n].n, 1)) for n in accs}
 
 
 def _fake_quant_rows(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:

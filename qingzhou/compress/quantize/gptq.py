@@ -36,13 +36,11 @@ class GPTQConfig(CalibratedConfig):
 @register_quantizer("gptq", GPTQConfig)
 def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], calib: Any) -> dict[str, Any]:
     """Calibrate layer by layer with GPTQ; weights are rewritten in place (fake-quant)."""
-    from qingzhou.compress.calibrate import run_layerwise
+    from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
     from qingzhou.compress.quantize.gptq_solver import GPTQCollector
 
     collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
                               act_order=cfg.act_order, static_groups=cfg.static_groups,
                               hessian_clip=cfg.hessian_clip)
-    report = run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
-                           true_sequential=cfg.true_sequential, batch_size=cfg.batch_size,
-                           offload_inputs=cfg.offload_inputs)
+    report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

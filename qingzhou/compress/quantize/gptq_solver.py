@@ -11,7 +11,7 @@ Differences from the reference, all for quality or robustness:
   reads the stale full matrix when group_size < block_size);
 * group ranges use the clip search of `grid.find_params` and v1-safe zero points;
 * dead input channels (zero Hessian diagonal) keep their weights instead of being zeroed;
-* Cholesky failures retry with 10x damping and warn (`calibrate.damped_inverse_cholesky`);
+* Cholesky failures retry with 10x damping and warn (`hessian.damped_inverse_cholesky`);
 * a linear that received no calibration tokens falls back to RTN with a warning.
 """
 from __future__ import annotations
@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import HessianAccumulator, accumulate_hessian, damped_inverse_cholesky
+from qingzhou.compress.calibrate import apply_quantized, write_weight
+from qingzhou.compress.hessian import (
+    HessianAccumulator,
+    HessianCollector,
+    damped_inverse_cholesky,
+    solver_hessian,
+)
 from qingzhou.llm.quantized.grid import (
     QuantizedWeight,
     QuantScheme,
@@ -50,9 +56,7 @@ def gptq_quantize_weight(
 ) -> GPTQResult:
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    H = H.detach().float().clone().to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H = solver_hessian(H, W.device)
     gs = scheme.effective_group_size(cols)
     n_groups = scheme.groups(cols)
     maxq = scheme.maxq
@@ -124,46 +128,23 @@ def gptq_quantize_weight(
     return GPTQResult(qw, Q, float(losses.sum()), inv.damp_percent, inv.retries)
 
 
-class GPTQCollector:
+class GPTQCollector(HessianCollector):
     """Calibration-engine callback: accumulate each linear's Hessian, then run the solver."""
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
                  act_order: bool, static_groups: bool, hessian_clip: bool = False):
+        super().__init__()
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
                          static_groups=static_groups, hessian_clip=hessian_clip)
-        self.hessians: dict[str, HessianAccumulator] = {}
-        self.results: dict[str, dict[str, Any]] = {}
 
-    def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        accumulate_hessian(self.hessians, name, module, x)
+    def solve(self, name: str, module: nn.Linear, acc: HessianAccumulator) -> dict[str, Any]:
+        res = gptq_quantize_weight(module.weight, acc.H, self.plan[name], name=name, **self.opts)
+        write_weight(module, res.weight)
+        return {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
+                "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
 
-    @torch.no_grad()
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        modules = dict(layer.named_modules())
-        prefix = _common_prefix(names, modules)
-        for name in names:
-            lin = modules[name[len(prefix):]] if prefix else modules[name]
-            scheme = self.plan[name]
-            acc = self.hessians.pop(name, None)
-            if acc is None or acc.n == 0:
-                warnings.warn(f"{name}: no calibration tokens reached it; quantised with RTN", stacklevel=2)
-                qw = rtn_quantize_weight(lin.weight, scheme)
-                lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
-                self.results[name] = {"quantized": qw, "fallback": "rtn"}
-                continue
-            res = gptq_quantize_weight(lin.weight, acc.H, scheme, name=name, **self.opts)
-            lin.weight.copy_(res.weight.to(lin.weight.device, lin.weight.dtype))
-            self.results[name] = {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
-                                  "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
-
-
-def _common_prefix(names: list[str], modules: dict[str, nn.Module]) -> str:
-    """The `model.layers.i.` prefix that maps full names to names inside the layer."""
-    if not names or names[0] in modules:
-        return ""
-    parts = names[0].split(".")
-    for k in range(len(parts)):
-        if ".".join(parts[k:]) in modules:
-            return ".".join(parts[:k]) + "."
-    raise KeyError(names[0])
+    def fallback(self, name: str, module: nn.Linear) -> dict[str, Any]:
+        warnings.warn(f"{name}: no calibration tokens reached it; quantised with RTN", stacklevel=3)
+        return {"quantized": apply_quantized(module, rtn_quantize_weight(module.weight, self.plan[name])),
+                "fallback": "rtn"}

@@ -25,14 +25,12 @@ def run_rtn(model: nn.Module, cfg: RTNConfig, plan: dict[str, QuantScheme], cali
     """Quantise every planned linear in place (fake-quant) and return their codes."""
     import torch
 
+    from qingzhou.compress.calibrate import apply_quantized
     from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
-    modules = dict(model.named_modules())
     out = {}
     with torch.no_grad():
         for name, scheme in plan.items():
-            lin = modules[name]
-            qw = rtn_quantize_weight(lin.weight, scheme)
-            lin.weight.copy_(qw.dequantize().to(lin.weight.device, lin.weight.dtype))
-            out[name] = {"quantized": qw}
+            lin = model.get_submodule(name)
+            out[name] = {"quantized": apply_quantized(lin, rtn_quantize_weight(lin.weight, scheme))}
     return {"modules": out}

@@ -15,8 +15,8 @@ layers get no scaling rather than a silently wrong model.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,24 +85,31 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
         lin.weight.mul_(s.to(lin.weight)[None, :])
 
 
-@torch.no_grad()
-def observe_inputs(layer: nn.Module, names: list[str], inputs: list,
-                   observe: Callable[[str, torch.Tensor], None]) -> None:
-    """Run `layer` on every cached `LayerBatch` and call `observe(name, x [tokens, in])` with the
-    input of each named linear: the statistics pass both scaling methods need before folding."""
-    modules = dict(layer.named_modules())
-    device = next(layer.parameters()).device
+def run_scaling(model: nn.Module, cfg: Any, plan: dict[str, Any], calib: Any, collector: Any, *,
+                quantize_weights: bool) -> Any:
+    """Walk the layers for a scaling method (AWQ, SmoothQuant) with the shared engine.
 
-    def make_hook(name: str):
-        def hook(mod, args):
-            observe(name, args[0].detach().reshape(-1, args[0].shape[-1]).float())
-        return hook
+    The collector takes its statistics in the engine's observation pass (`inputs_to_observe`)
+    and folds scales in `begin_layer`; with `quantize_weights` the planned linears are then handed
+    to it group by group, without, none are (only the scaling runs, the model keeps its function).
+    """
+    from qingzhou.compress.calibrate import LayerwiseOptions, find_decoder_layers, run_layerwise
 
-    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
-        for batch in inputs:
-            b = batch.to(device)
-            layer(b.hidden, **b.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    collector.layers_path = find_decoder_layers(model)[1]
+    targets = plan.__contains__ if quantize_weights else _nothing
+    return run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=targets))
+
+
+def scale_only(model: nn.Module, cfg: Any, calib: Any, make_collector: Any) -> Any:
+    """Only the scaling of a method (AWQ's `awq_scale`, SmoothQuant's `smooth`): the float model keeps
+    its function. `make_collector(plan, cfg)` builds the method's callback, which is returned."""
+    from qingzhou.compress.quantize.plan import build_plan
+
+    plan, _ = build_plan(model, cfg)
+    collector = make_collector(plan, cfg)
+    run_scaling(model, cfg, plan, calib, collector, quantize_weights=False)
+    return collector
+
+
+def _nothing(name: str) -> bool:
+    return False

@@ -54,99 +54,84 @@ class SmoothQuantConfig(CalibratedConfig):
 def run_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, plan: dict[str, QuantScheme], calib: Any
                     ) -> dict[str, Any]:
     """Smooth, then replace every planned linear by a `W8A8Linear`."""
-    collector = SmoothQuantCollector(plan, cfg, quantize_weights=True)
-    report = _walk(model, cfg, plan, calib, collector)
+    from qingzhou.compress.quantize.scaling import run_scaling
+
+    collector = SmoothQuantCollector(plan, cfg)
+    report = run_scaling(model, cfg, plan, calib, collector, quantize_weights=True)
     return {"modules": collector.results, "calibration": report.to_dict()}
 
 
 def smooth(model: nn.Module, cfg: SmoothQuantConfig | dict[str, Any], calib: list) -> dict[str, int]:
     """Only the smoothing (float model, same function). Returns the smoothed groups' widths."""
-    from qingzhou.compress.quantize.plan import build_plan
+    from qingzhou.compress.quantize.scaling import scale_only
 
     cfg = cfg if isinstance(cfg, SmoothQuantConfig) else SmoothQuantConfig.model_validate(
         {"method": "smoothquant", **cfg})
-    plan, _ = build_plan(model, cfg)
-    collector = SmoothQuantCollector(plan, cfg, quantize_weights=False)
-    _walk(model, cfg, plan, calib, collector)
-    return collector.smoothed
-
-
-def _walk(model, cfg, plan, calib, collector):
-    from qingzhou.compress.calibrate import find_decoder_layers, run_layerwise
-
-    collector.layers_path = find_decoder_layers(model)[1]
-    return run_layerwise(model, calib, collector, targets=plan.__contains__, device=cfg.device,
-                         true_sequential=True, batch_size=cfg.batch_size, offload_inputs=cfg.offload_inputs)
+    return scale_only(model, cfg, calib, SmoothQuantCollector).smoothed
 
 
 class SmoothQuantCollector:
-    """Calibration-engine callback: smoothing in `begin_layer`, int8 layers in `finish_group`."""
+    """Calibration-engine callback: max |x| of each smoothed input from the engine's observation
+    pass, smoothing in `begin_layer`, int8 layers in `finish_group`."""
 
-    def __init__(self, plan: dict[str, QuantScheme], cfg: SmoothQuantConfig, *, quantize_weights: bool):
-        self.plan, self.cfg, self.quantize_weights = plan, cfg, quantize_weights
+    def __init__(self, plan: dict[str, QuantScheme], cfg: SmoothQuantConfig):
+        self.plan, self.cfg = plan, cfg
         self.results: dict[str, dict[str, Any]] = {}
         self.smoothed: dict[str, int] = {}
-        self.layers_path = "model.layers"
+        self.layers_path = "model.layers"  # set by `run_scaling` from the model
+        self.groups: list[Any] = []  # this layer's `ScaleGroup`s
+        self.x_max: dict[str, torch.Tensor] = {}  # first linear of a group -> max |x| per channel
+
+    def inputs_to_observe(self, index: int, layer: nn.Module) -> list[str]:
+        from torch import nn
+
+        from qingzhou.compress.quantize.scaling import scale_groups
+
+        groups = scale_groups(layer)
+        if not self.cfg.smooth_linear_inputs:
+            groups = [g for g in groups if not isinstance(layer.get_submodule(g.prev), nn.Linear)]
+        self.groups = groups if self.cfg.alpha != 0 else []
+        self.x_max = {}
+        return [g.linears[0] for g in self.groups]
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        import torch
+
+        m = x.float().abs().amax(0)
+        self.x_max[name] = torch.maximum(self.x_max[name], m) if name in self.x_max else m
 
     def begin_layer(self, index: int, layer: nn.Module, inputs: list) -> None:
         import torch
 
-        from qingzhou.compress.quantize.scaling import fold_scales, scale_groups
+        from qingzhou.compress.quantize.scaling import fold_scales
 
-        groups = scale_groups(layer)
-        if not self.cfg.smooth_linear_inputs:
-            modules = dict(layer.named_modules())
-            groups = [g for g in groups if not isinstance(modules[g.prev], torch.nn.Linear)]
-        if not groups or self.cfg.alpha == 0:
-            return
-        x_max = _input_absmax(layer, [g.linears[0] for g in groups], inputs)
-        modules = dict(layer.named_modules())
         with torch.no_grad():
-            for g in groups:
-                w_max = torch.stack([modules[n].weight.detach().abs().amax(0).float() for n in g.linears]).amax(0)
+            for g in self.groups:
+                w_max = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(0).float()
+                                     for n in g.linears]).amax(0)
                 a = self.cfg.alpha
-                s = (x_max[g.linears[0]].clamp(min=1e-5).pow(a) / w_max.clamp(min=1e-5).pow(1 - a)).clamp(min=1e-5)
+                s = (self.x_max[g.linears[0]].clamp(min=1e-5).pow(a) / w_max.clamp(min=1e-5).pow(1 - a)).clamp(min=1e-5)
                 s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
                 fold_scales(layer, g, s)
                 self.smoothed[f"{self.layers_path}.{index}.{g.prev}"] = int(s.numel())
+        self.x_max = {}
 
     def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         """Nothing to accumulate: int8 weights need no statistics once smoothed."""
 
-    def finish_group(self, index: int, layer: nn.Module, names: list[str]) -> None:
+    def finish_group(self, index: int, layer: nn.Module, modules: dict[str, nn.Linear]) -> None:
         from qingzhou.llm.quantized.grid import rtn_quantize_weight
 
-        if not self.quantize_weights:
-            return
         prefix = f"{self.layers_path}.{index}."
-        for name in names:
-            rel = name[len(prefix):]
-            lin = layer.get_submodule(rel)
+        for name, lin in modules.items():
             qw = rtn_quantize_weight(lin.weight, self.plan[name])
             new = _w8a8_module()(qw.dequantize().to(lin.weight.device), lin.bias, self.cfg.quantize_activations)
-            layer.set_submodule(rel, new)
+            layer.set_submodule(name[len(prefix):], new)
             self.results[name] = {"quantized": qw, "act_bits": 8 if self.cfg.quantize_activations else 16}
-
-
-def _input_absmax(layer: nn.Module, names: list[str], inputs: list) -> dict[str, torch.Tensor]:
-    """max |x| per input channel over all calibration tokens, for the named linears."""
-    import torch
-
-    from qingzhou.compress.quantize.scaling import observe_inputs
-
-    out: dict[str, torch.Tensor] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        m = x.abs().amax(0)
-        out[name] = torch.maximum(out[name], m) if name in out else m
-
-    observe_inputs(layer, names, inputs, observe)
-    return out
 
 
 @functools.lru_cache(maxsize=1)
 def _w8a8_module():
-    import torch
     import torch.nn.functional as F
     from torch import nn
 

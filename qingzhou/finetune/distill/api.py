@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from qingzhou.finetune.distill.config import DistillConfig, parse_distill_config
 from qingzhou.errors import RecipeError
+from qingzhou.finetune.distill.config import DistillConfig, parse_distill_config
 
 
 @dataclass
@@ -103,10 +102,15 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
     from accelerate import PartialState
 
     from qingzhou.finetune.distill.losses import DistillLoss
-    from qingzhou.finetune.distill.objective import DistillObjective, held_out_kl, keep_zeros, pruned_masks
+    from qingzhou.finetune.distill.objective import (
+        DistillObjective,
+        held_out_kl,
+        keep_zeros,
+        pruned_masks,
+    )
     from qingzhou.finetune.distill.teacher_cache import open_or_build
-    from qingzhou.finetune.methods import parse_finetune_config
     from qingzhou.finetune.loop import finetune, prepare_training_data
+    from qingzhou.finetune.methods import parse_finetune_config
     from qingzhou.io import atomic_write_json
 
     t0 = time.perf_counter()
