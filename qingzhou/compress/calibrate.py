@@ -1,4 +1,5 @@
-"""The one layer-by-layer calibration engine shared by GPTQ, AWQ, SmoothQuant, SparseGPT and Wanda.
+"""The one layer-by-layer calibration engine shared by every calibrated method (GPTQ, AWQ, SmoothQuant,
+SparseGPT, Wanda, OWL, structured pruning, MoEfication).
 
 Why layer by layer: a method only needs, for each linear layer, statistics of *its own inputs* as
 they are after every earlier layer has already been compressed. So we run the embeddings once,
@@ -34,7 +35,8 @@ Full names are those `model.named_modules()` gives (`model.layers.3.self_attn.q_
 key per-module settings by them. With `true_sequential=True` a layer's linears are processed in
 groups that share one input tensor, in execution order (Llama: q/k/v, then o, then gate/up, then
 down), and each group sees inputs produced by the already-compressed earlier groups; otherwise all
-linears of the layer are collected in one pass and finished together.
+linears of the layer are collected in one pass and finished together. Methods that solve each
+linear from its inputs' Hessian subclass `compress.hessian.HessianCollector`.
 """
 from __future__ import annotations
 
