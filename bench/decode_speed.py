@@ -96,7 +96,6 @@ def quantize_int4(model) -> int:
 
 def logit_gap(model, ref, ours, at: int) -> dict:
     """Eager logits at the first differing position: eager's token minus ours, against the spread."""
-    import torch
 
     logits = model(input_ids=ref[:, :at]).logits[0, -1].float()
     a, b = int(ref[0, at]), int(ours[0, at])
@@ -109,9 +108,9 @@ def run_variant(args, weights: str) -> dict:
     """Load (or build) the model, optionally quantise it, and time eager vs fast batch-1 decode."""
     import torch
 
-    from qingzhou.eval.bench import _peak_memory_gib, _peak_memory_reset, _stats, _sync, weights_bytes
+    from qingzhou.eval.bench import _stats, _sync, peak_memory_gib, weights_bytes
     from qingzhou.llm import load_model
-    from qingzhou.llm.devices import env_info
+    from qingzhou.llm.devices import env_info, reset_peak_memory
     from qingzhou.llm.generate import FastDecode, decode, fast_status
 
     torch._dynamo.reset()  # a fresh compile per variant: no graphs of the previous model kept alive
@@ -122,7 +121,7 @@ def run_variant(args, weights: str) -> dict:
     group = quantize_int4(model) if weights == "int4" else None
     device = str(next(model.parameters()).device)
     sync = _sync(device)
-    _peak_memory_reset(device)
+    reset_peak_memory(device)
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
     fast = FastDecode(compile=not args.no_compile, backend=args.fast_backend, mode=args.fast_mode)
     paths = {"eager": False, "generate+compile": dataclasses.replace(fast, loop=False), "fast": fast}
@@ -151,7 +150,7 @@ def run_variant(args, weights: str) -> dict:
         "ratio": summary["fast"]["mean"] / summary["eager"]["mean"], "identical_greedy_output": identical,
         "identical_prefix_tokens": agree, "divergence": divergence, "fast_path": fast_status(model, fast),
         "first_fast_call_s": round(first_fast_s, 2), "weights_gib": round(per_token / 2**30, 4),
-        **_peak_memory_gib(device),
+        **peak_memory_gib(device),
     }
     if args.bandwidth_gb_s:
         result["roofline_fraction"] = {k: round(per_token * v["mean"] / (args.bandwidth_gb_s * 1e9), 4)

@@ -82,23 +82,12 @@ def copy_bandwidth(device: str, mib: int = 256, repeats: int = 5) -> float:
     return 2 * mib * 2**20 / best / 1e9
 
 
-def _peak_memory_reset(device: str) -> None:
-    import torch
+def peak_memory_gib(device: str) -> dict[str, float]:
+    """The device layer's peak-memory figure, keyed by what it measures (device allocator or RSS)."""
+    from qingzhou.llm.devices import peak_memory_mb, peak_memory_source
 
-    module = getattr(torch, device.split(":")[0], None)
-    if module is not None and hasattr(module, "reset_peak_memory_stats") and not device.startswith("cpu"):
-        module.reset_peak_memory_stats()
-
-
-def _peak_memory_gib(device: str) -> dict[str, float | None]:
-    import torch
-
-    module = getattr(torch, device.split(":")[0], None)
-    if not device.startswith("cpu") and module is not None and hasattr(module, "max_memory_allocated"):
-        return {"peak_device_gib": round(module.max_memory_allocated() / 2**30, 4)}
-    import resource
-
-    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)}  # kB on Linux
+    key = "peak_rss_gib" if peak_memory_source(device) == "process peak RSS" else "peak_device_gib"
+    return {key: round(peak_memory_mb(device) / 2**10, 4)}
 
 
 def _prompt_ids(tokenizer: Any, batch: int, length: int, seed: int):
@@ -121,7 +110,7 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
     """Speed and memory of `model` on its current device; see the module docstring for the method."""
     import torch
 
-    from qingzhou.llm.devices import env_info
+    from qingzhou.llm.devices import env_info, reset_peak_memory
     from qingzhou.llm.generate import decode, fast_status
     from qingzhou.progress import progress_bar
 
@@ -144,7 +133,7 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
                       fast=fast)
 
     results = []
-    _peak_memory_reset(device)
+    reset_peak_memory(device)
     with torch.inference_mode(), progress_bar(len(batch_sizes) * (warmup + repeats), "bench",
                                               enabled=progress) as advance:
         for b in batch_sizes:
@@ -169,7 +158,7 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
                 "e2e_s": _stats(total),
             })
     memory = {"weights_gib": round(weights_bytes(model) / 2**30, 4),
-              "disk_gib": None, **_peak_memory_gib(device)}
+              "disk_gib": None, **peak_memory_gib(device)}
     size = disk_bytes(model_path or getattr(model, "qingzhou_source", None))
     if size:
         memory["disk_gib"] = round(size / 2**30, 4)
