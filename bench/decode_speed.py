@@ -96,8 +96,6 @@ def quantize_int4(model) -> int:
 
 def logit_gap(model, ref, ours, at: int) -> dict:
     """Eager logits at the first differing position: eager's token minus ours, against the spread."""
-    import torch
-
     logits = model(input_ids=ref[:, :at]).logits[0, -1].float()
     a, b = int(ref[0, at]), int(ours[0, at])
     top2 = logits.topk(2).values

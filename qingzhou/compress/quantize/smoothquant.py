@@ -146,7 +146,6 @@ def _input_absmax(layer: nn.Module, names: list[str], inputs: list) -> dict[str,
 
 @functools.lru_cache(maxsize=1)
 def _w8a8_module():
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
