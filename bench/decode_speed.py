@@ -96,7 +96,6 @@ def quantize_int4(model) -> int:
 
 def logit_gap(model, ref, ours, at: int) -> dict:
     """Eager logits at the first differing position: eager's token minus ours, against the spread."""
-
     logits = model(input_ids=ref[:, :at]).logits[0, -1].float()
     a, b = int(ref[0, at]), int(ours[0, at])
     top2 = logits.topk(2).values
@@ -109,8 +108,9 @@ def run_variant(args, weights: str) -> dict:
     import torch
 
     from qingzhou.eval.bench import _stats, _sync, peak_memory_gib, weights_bytes
+    from qingzhou.llm.devices import reset_peak_memory
     from qingzhou.llm import load_model
-    from qingzhou.llm.devices import env_info, reset_peak_memory
+    from qingzhou.llm.devices import env_info
     from qingzhou.llm.generate import FastDecode, decode, fast_status
 
     torch._dynamo.reset()  # a fresh compile per variant: no graphs of the previous model kept alive

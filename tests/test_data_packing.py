@@ -85,7 +85,7 @@ def test_packed_loss_equals_unpacked_per_sample(arch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     total_cross = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum", ignore_index=IGNORE_INDEX)
-    assert abs(float(total_cross) - sum(l for _, l in packed)) > 1e-2
+    assert abs(float(total_cross) - sum(loss for _, loss in packed)) > 1e-2
 
 
 def test_cache_hits_on_second_run_and_misses_when_settings_change(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 

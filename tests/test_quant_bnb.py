@@ -137,6 +137,29 @@ def test_quantize_stage_saves_a_model_load_model_reads(tmp_path, tiny_llama_dir,
     assert torch.equal(_logits(model, ids), _logits(expected, ids))
 
 
+@needs_bnb_cpu
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_4bit_layer_keeps_its_layout_computes_in_fp32_and_trains_after_eval(qt):
+    """bitsandbytes >= 0.49 on an AVX512-BF16 CPU repacks a 4-bit weight in place at its first
+    no-grad eval forward (bf16 kernel, no backward). qingzhou's layers keep the reference layout:
+    the codes do not move, the output is the fp32 matmul with the dequantised weight, and a
+    training step after evaluation still sends gradients to the input."""
+    from qingzhou.compress.quantize.bnb import BnbConfig, bnb_linear, import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    torch.manual_seed(0)
+    layer = bnb_linear(torch.nn.Linear(128, 64, bias=True), BnbConfig(quant_type=qt, compute_dtype="float32"), "cpu")
+    codes, x = layer.weight.data.clone(), torch.randn(3, 128)
+    with torch.no_grad():
+        out = layer.eval()(x)
+    assert torch.equal(layer.weight.data, codes)
+    dense = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.allclose(out, torch.nn.functional.linear(x, dense, layer.bias), atol=1e-5)
+    x.requires_grad_(True)
+    layer.train()(x).sum().backward()
+    assert torch.allclose(x.grad, dense.sum(0).expand_as(x), atol=1e-4)
+
+
 def test_unsupported_device_and_missing_install_are_device_errors(monkeypatch):
     from qingzhou.compress.quantize import quantize
     from qingzhou.finetune.testing import tiny_model

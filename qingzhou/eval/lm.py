@@ -254,7 +254,7 @@ class HFLM:
         right-padded, so the first batch shows any out-of-memory at once and the ETA over- rather
         than under-estimates.
         """
-        for i, (ctx, cont) in enumerate(pairs):
+        for i, (_ctx, cont) in enumerate(pairs):
             if not cont:
                 raise ValueError(f"request {i} has an empty continuation")
             if len(cont) > self.max_length:
@@ -283,7 +283,7 @@ class HFLM:
         if not self._can_share:
             return [], list(range(len(pairs)))
         by_ctx: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, cont) in enumerate(pairs):
+        for i, (ctx, _cont) in enumerate(pairs):
             by_ctx.setdefault(tuple(ctx), []).append(i)
         shared, plain = [], []
         for ctx, members in by_ctx.items():

@@ -32,6 +32,7 @@ from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
 from qingzhou.io import atomic_dir, atomic_write_json
+from qingzhou.llm.devices import keep_bnb_4bit_layout
 
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
@@ -263,7 +264,7 @@ def finetune(
         tokenizer.pad_token = tokenizer.eos_token
     pad_id = tokenizer.pad_token_id
 
-    model = build_method(model, cfg)
+    model = build_method(keep_bnb_4bit_layout(model), cfg)  # a 4-bit base must stay trainable after evaluation
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing needs no input-grad hooks, so it works for frozen-base adapters too
         kwargs = {"use_reentrant": False}

@@ -132,6 +132,23 @@ def _bnb_version_ok(device_type: str) -> bool:
     return installed is not None and installed >= BNB_MIN_VERSION.get(device_type, (0,))
 
 
+def keep_bnb_4bit_layout(model: Any) -> Any:
+    """Turn off bitsandbytes' CPU repacking on every 4-bit layer of `model`; returns `model`.
+
+    From 0.49 on a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode under no_grad rewrites
+    its own weight, in place, into a layout for a bf16 kernel: from then on the layer computes in
+    bf16 whatever its compute dtype, has no backward (a later training step fails inside
+    `matmul_4bit` with "a view of a leaf Variable ... in-place", or its gradients stop there),
+    and saving converts back through bf16 block scales, so a saved model no longer reproduces
+    its own logits. Keeping the reference layout (the per-layer flag bitsandbytes itself reads)
+    makes 4-bit layers compute in their compute dtype, train after evaluation and round-trip
+    exactly. Layers of older releases lack the flag and need nothing."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def resolve_dtype(dtype: str, device: str):
     """'auto' picks bf16, then fp16, on accelerators and float32 on CPU (CPU half math is slow
     and loses accuracy); an explicit dtype the device cannot run raises DeviceError."""

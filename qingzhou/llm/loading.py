@@ -134,7 +134,7 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from qingzhou.llm.devices import resolve_device, resolve_dtype
+    from qingzhou.llm.devices import keep_bnb_4bit_layout, resolve_device, resolve_dtype
 
     src = resolve_source(source, allow_pickle=allow_pickle)
     if src.kind == "adapter":
@@ -169,6 +169,7 @@ def load_model(
         drop_quantizer_state(model)
     if src.kind == "folder":
         model = _apply_folder_extensions(model, Path(src.path))
+    keep_bnb_4bit_layout(model)  # a bitsandbytes-quantised folder: see the device layer
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev)

@@ -215,7 +215,7 @@ def measure_paths(linear: nn.Linear, cfg: Sparse24Config) -> dict[str, Any]:
         for rows in cfg.rows:
             x = torch.randn(rows, linear.in_features, device=w.device, dtype=w.dtype)
             ref = F.linear(x, w, b)
-            timings = {"dense": time_ms(lambda: F.linear(x, w, b), cfg.warmup, cfg.iters)}
+            timings = {"dense": time_ms(lambda: F.linear(x, w, b), cfg.warmup, cfg.iters)}  # noqa: B023 (called at once)
             for backend in cfg.backends:
                 if backend in result["errors"]:
                     continue
@@ -224,7 +224,7 @@ def measure_paths(linear: nn.Linear, cfg: Sparse24Config) -> dict[str, Any]:
                     err = float((module(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
                     if not err <= cfg.tolerance:
                         raise ValueError(f"output differs from dense by {err:.3g} (relative), over {cfg.tolerance}")
-                    timings[backend] = time_ms(lambda m=module: m(x), cfg.warmup, cfg.iters)
+                    timings[backend] = time_ms(lambda m=module: m(x), cfg.warmup, cfg.iters)  # noqa: B023 (called at once)
                     result["info"].setdefault(backend, {})[rows] = info
                 except (RuntimeError, ValueError, NotImplementedError, AttributeError, TypeError) as e:
                     result["errors"][backend] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -115,8 +115,11 @@ def dense_linears(model: nn.Module, cfg: BnbConfig) -> tuple[list[str], list[str
 
 def bnb_linear(linear: nn.Linear, cfg: BnbConfig, device: str) -> nn.Module:
     """A bitsandbytes layer holding `linear`'s weight, quantised on `device` (bitsandbytes quantises
-    when a not-yet-quantised parameter is moved to a device); same train/eval mode as `linear`."""
+    when a not-yet-quantised parameter is moved to a device); same train/eval mode as `linear`, and
+    kept in bitsandbytes' reference layout (see `keep_bnb_4bit_layout`)."""
     import torch
+
+    from qingzhou.llm.devices import keep_bnb_4bit_layout
 
     bnb = import_bitsandbytes()
     weight = linear.weight.data
@@ -133,7 +136,7 @@ def bnb_linear(linear: nn.Linear, cfg: BnbConfig, device: str) -> nn.Module:
                                          quant_type=cfg.quant_type)
     if bias:
         layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return layer.to(device).train(linear.training)
+    return keep_bnb_4bit_layout(layer.to(device).train(linear.training))
 
 
 def quantize_in_place(model: nn.Module, cfg: BnbConfig, device: str | None = None) -> dict[str, Any]:
@@ -186,6 +189,7 @@ def load_bnb(source: str, cfg: BnbConfig | dict[str, Any], *, trust_remote_code:
     """Load `source` (alias, folder, .gguf, hub id) quantised by bitsandbytes while loading: (model, tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from qingzhou.llm.devices import keep_bnb_4bit_layout
     from qingzhou.llm.loading import resolve_source
 
     cfg = cfg if isinstance(cfg, BnbConfig) else BnbConfig.model_validate({"method": "bnb", **cfg})
@@ -198,7 +202,7 @@ def load_bnb(source: str, cfg: BnbConfig | dict[str, Any], *, trust_remote_code:
     keep = _keep_on_meta(AutoConfig.from_pretrained(src.folder, **extra), cfg, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(src.folder, quantization_config=to_transformers(cfg, keep, device),
                                                  device_map={"": device}, **extra)
-    return model.eval(), tokenizer
+    return keep_bnb_4bit_layout(model).eval(), tokenizer
 
 
 def _keep_on_meta(config: Any, cfg: BnbConfig, trust_remote_code: bool) -> list[str]:

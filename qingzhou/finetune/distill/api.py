@@ -112,11 +112,14 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
     from qingzhou.finetune.loop import finetune, prepare_training_data
     from qingzhou.finetune.methods import parse_finetune_config
     from qingzhou.io import atomic_write_json
+    from qingzhou.llm.devices import keep_bnb_4bit_layout
 
     t0 = time.perf_counter()
     cfg = parse_distill_config(cfg)
     train_cfg = parse_finetune_config(cfg.train)
     _check_pair(student, teacher)
+    for model in (student, teacher):  # 4-bit layers: compute dtype kept, the student trainable after held_out_kl
+        keep_bnb_4bit_layout(model)
     # only a multi-process launch needs accelerate's state here; creating it early in a single
     # process could pin a device choice before the loop's Accelerator(cpu=...) makes its own
     state = PartialState() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

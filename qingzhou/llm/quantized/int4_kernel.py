@@ -17,8 +17,8 @@ disagreement on some device falls back instead of producing wrong logits.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -150,7 +150,7 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -
     for tok, idx in vocab.items():
         tokens[idx] = tok
         types[idx] = _TOKEN_NORMAL
-    for content, (idx, special) in added.items():
+    for idx, special in added.values():
         types[idx] = _TOKEN_CONTROL if special else _TOKEN_USER
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
