@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qingzhou.compress.quantize.config import CalibratedConfig, QuantizeConfig
-from qingzhou.compress.quantize.plan import build_plan
+from qingzhou.compress.quantize.plan import resolve_plan
 from qingzhou.compress.quantize.qlinear import QuantLinear
 from qingzhou.compress.quantize.registry import load_quantizers, parse_config
 
@@ -34,12 +34,17 @@ class QuantizeReport:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def group_size_fallbacks(self) -> dict[str, int]:
+        """Group size used per module where the requested one did not divide its width."""
+        return {name: m["group_size"] for name, m in self.modules.items() if "group_size_requested" in m}
+
     def summary(self) -> dict[str, Any]:
         """Headline numbers (what a metrics.json or a CLI table shows)."""
         return {
             "method": self.method, "bits": self.config.get("bits"), "group_size": self.config.get("group_size"),
             "sym": self.config.get("sym"), "quantized_linears": len(self.modules),
             "skipped_linears": len(self.skipped), "unfed_linears": len(self.unfed),
+            "group_size_fallbacks": len(self.group_size_fallbacks()),
             "warnings": len(self.warnings), "seconds": round(self.seconds, 2),
             "linear_mb_before": round(self.linear_bytes_before / 2**20, 3),
             "linear_mb_after": round(self.linear_bytes_after / 2**20, 3),
@@ -59,7 +64,7 @@ def quantize(
     """
     cfg = parse_config(cfg)
     spec = load_quantizers()[cfg.method]
-    plan, skipped = build_plan(model, cfg)
+    plan, skipped, requested = resolve_plan(model, cfg)
     if not plan:
         from qingzhou.errors import RecipeError
 
@@ -83,6 +88,8 @@ def quantize(
     for name, r in result["modules"].items():
         s = plan[name]
         report.modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **r}
+        if name in requested:  # on_indivisible_group changed it (also in quantization_config.dynamic)
+            report.modules[name]["group_size_requested"] = requested[name]
     report.linear_bytes_before = before
     if "linear_bytes_after" in result:  # the method installed its own layers (bitsandbytes)
         report.linear_bytes_after = result["linear_bytes_after"]
