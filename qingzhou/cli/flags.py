@@ -31,8 +31,12 @@ def validate_flags(parse: Callable[[dict[str, Any]], Any], cfg: dict[str, Any], 
             if err["type"] == "extra_forbidden":
                 problems.append(f"{flag_names.get(key, key)} does not apply to --method {cfg.get('method')}")
                 continue
+            msg = err["msg"].removeprefix("Value error, ")
+            if not key:  # a rule across settings (e.g. top_k <= num_experts): the message names them
+                problems.append(msg)
+                continue
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            problems.append(f"{flag_names.get(key, key)}: {err['msg']}{got}")
+            problems.append(f"{flag_names.get(key, key)}: {msg}{got}")
         raise RecipeError("; ".join(problems) + ".", where=where) from None
     calibration = getattr(settings, "calibration", None)
     if calibration is not None:
