@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -15,6 +17,31 @@ def text_file(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(TEXT)
     return str(path)
+
+
+def hand_kl(recipe, student_dir, teacher_dir) -> float:
+    """Token-weighted forward KL(teacher || student), temperature 1, over the labelled next-token
+    positions of the distill stage's held-out rows, one row at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from qingzhou.data.prepare import prepare_data
+    from qingzhou.llm import load_model
+    from qingzhou.recipes.schema import load_recipe
+
+    _, tok = load_model(str(teacher_dir), device="cpu")
+    rows = prepare_data(load_recipe(recipe).stages[2].data, tok).eval
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    total, count = 0.0, 0
+    for row in rows:
+        ids, labels = torch.tensor([row.input_ids]), torch.tensor(row.labels)
+        with torch.no_grad():
+            log_s, log_t = student(ids).logits[0, :-1].log_softmax(-1), teacher(ids).logits[0, :-1].log_softmax(-1)
+        keep = labels[1:] != -100
+        total += float((log_t.exp() * (log_t - log_s)).sum(-1)[keep].sum())
+        count += int(keep.sum())
+    assert count > 0
+    return total / count
 
 
 def test_recipe_prune_then_distill_from_the_base_model(tmp_path, tiny_llama_dir, text_file):
@@ -38,7 +65,14 @@ def test_recipe_prune_then_distill_from_the_base_model(tmp_path, tiny_llama_dir,
     assert result.status == "complete"
     metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]["kd"]
     assert metrics["teacher"] == "cache" and metrics["steps"] == 4 and metrics["teacher_source"] == str(tiny_llama_dir)
-    assert metrics["kl_before"] is not None and metrics["kl_after"] is not None
+    # KL(teacher || student) on the held-out rows, recomputed by hand: the pruned student before
+    # distillation, the distilled one after. (On a random tiny teacher, four steps on its cached
+    # top-32 logits plus 10% label loss need not lower the full-vocabulary KL, so no direction.)
+    kl_before = hand_kl(recipe, tmp_path / "run" / "02-prune" / "model", tiny_llama_dir)
+    kl_after = hand_kl(recipe, tmp_path / "run" / "03-distill" / "model", tiny_llama_dir)
+    assert all(math.isfinite(kl) and kl > 1e-4 for kl in (kl_before, kl_after)) and abs(kl_after - kl_before) > 1e-3
+    assert metrics["kl_before"] == pytest.approx(kl_before, abs=6e-5)  # reported rounded to 4 decimals
+    assert metrics["kl_after"] == pytest.approx(kl_after, abs=6e-5)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "03-distill" / "model")
     assert student.config.num_key_value_heads == 1 and student.config.intermediate_size == 64
     assert (tmp_path / "run" / "03-distill" / "distill.json").is_file()

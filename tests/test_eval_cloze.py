@@ -48,10 +48,31 @@ def test_task_reads_package_data_whatever_the_data_dir(tmp_path, monkeypatch):
 
 
 def test_evaluate_scores_it_on_a_tiny_model():
+    """acc and acc_norm of the first 12 items equal a hand computation from plain forward passes
+    (the byte tokenizer encodes context + continuation as the two byte strings back to back)."""
+    import torch
+
     from qingzhou.eval.harness import evaluate
     from qingzhou.finetune.testing import byte_tokenizer, tiny_model
 
-    out = evaluate(tiny_model("llama"), byte_tokenizer(), ["corpus_cloze"], limit=12, progress=False)
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    out = evaluate(model, tok, ["corpus_cloze"], limit=12, progress=False)
     r = out["results"]["corpus_cloze"]
-    assert r["n"] == 12 and r["metric"] == "acc" and 0 <= r["score"] <= 1
+    acc, acc_norm = [], []
+    for row in cloze_items(load_text("builtin:corpus"))[:12]:
+        ctx = tok(row["query"], add_special_tokens=False).input_ids
+        lps = []
+        for choice in row["choices"]:
+            cont = tok(" " + choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([ctx + cont])).logits.log_softmax(-1)[0]
+            lps.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        ranked = sorted(lps)
+        assert ranked[-1] - ranked[-2] > 1e-4  # no near-tie that float rounding could flip
+        acc.append(float(max(range(4), key=lambda i: lps[i]) == row["gold"]))
+        normed = [lp / len(c) for lp, c in zip(lps, row["choices"])]
+        acc_norm.append(float(max(range(4), key=lambda i: normed[i]) == row["gold"]))
+    assert r["n"] == 12 and r["metric"] == "acc"
+    assert r["score"] == r["metrics"]["acc"] == pytest.approx(sum(acc) / 12)
+    assert r["metrics"]["acc_norm"] == pytest.approx(sum(acc_norm) / 12)
     assert set(r["metrics"]) >= {"acc", "acc_norm", "acc_stderr"}

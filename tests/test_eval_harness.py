@@ -132,11 +132,32 @@ def test_every_shipped_local_task_runs_on_real_rows(tok):
         res = out["results"][name]
         n = 3 * 67 if name == "cmmlu" else 3
         assert res["n"] == n, name
-        assert 0.0 <= res["score"] <= 1.0 and res["stderr"] is not None and not math.isnan(res["stderr"])
+        assert res["stderr"] is not None and not math.isnan(res["stderr"])
+        assert res["score"] == res["metrics"][res["metric"]], name
+        if name != "cmmlu":  # the mean of three 0/1 scores, with the sample-std standard error
+            k = round(res["score"] * 3)
+            assert res["score"] == pytest.approx(k / 3) and 0 <= k <= 3, name
+            assert res["stderr"] == pytest.approx(math.sqrt(k / 3 * (1 - k / 3) / 2)), name
         assert res["source"].startswith("local:")
     assert out["results"]["lambada_openai"]["metrics"]["perplexity"] > 1.0
     assert len(out["results"]["cmmlu"]["subjects"]) == 67
     assert out["config"]["num_fewshot"] == 1 and out["config"]["device"] == "cpu"
+    # batching must not change any number: the same run, one request per forward pass
+    one = evaluate(model, tok, tasks, limit=3, num_fewshot=1, data_dir=DATA, batch_size=1, progress=False)
+    for name in tasks:
+        assert one["results"][name]["metrics"] == pytest.approx(out["results"][name]["metrics"], rel=1e-4), name
+    # zero-shot ARC-Easy on the first rows of the file, scored by hand from the LM's log-likelihoods
+    rows = [json.loads(line) for line in (DATA / "tasks" / "arc_easy.jsonl").read_text().splitlines()[:5]]
+    lm = HFLM(model, tok, progress=False)
+    acc, acc_norm = [], []
+    for r in rows:
+        lps = [lp for lp, _ in lm.loglikelihood([(f"{r['query']}\nAnswer:", " " + c) for c in r["choices"]])]
+        acc.append(float(max(range(len(lps)), key=lambda i: (lps[i], -i)) == r["gold"]))
+        normed = [lp / len(c) for lp, c in zip(lps, r["choices"])]
+        acc_norm.append(float(max(range(len(lps)), key=lambda i: (normed[i], -i)) == r["gold"]))
+    arc = evaluate(model, tok, ["arc_easy"], limit=5, data_dir=DATA, progress=False)["results"]["arc_easy"]
+    assert arc["metrics"]["acc"] == pytest.approx(sum(acc) / 5)
+    assert arc["score"] == arc["metrics"]["acc_norm"] == pytest.approx(sum(acc_norm) / 5)
 
 
 def test_unknown_task_fails_before_any_work(tok):

@@ -83,7 +83,21 @@ def test_recipe_finetune_and_export_stages(tiny_dir, tmp_path):
     ex_dir = next(tmp_path / "run" / n for n in stage_dirs if n.endswith("export"))
     assert (ft_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (ex_dir / "model" / "model.safetensors").is_file()
-    assert run is not None
+    assert run.status == "complete" and [s["kind"] for s in run.stages] == ["load", "finetune", "export"]
+    assert run.metrics("finetune")[0]["steps"] == 4
+    # the exported model is the base with the trained adapter merged in (peft's own merge), and the
+    # adapter changed the model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 40, 41, 42, 60, 61, 62, 7]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        base_logits = base(ids).logits
+        by_peft = PeftModel.from_pretrained(base, ft_dir / "adapter").merge_and_unload().eval()(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(ex_dir / "model").eval()(ids).logits
+    torch.testing.assert_close(exported, by_peft, rtol=0, atol=1e-5)
+    assert (exported - base_logits).abs().max() > 1e-3
 
 
 def test_recipe_rejects_unknown_method_field():

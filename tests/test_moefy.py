@@ -98,10 +98,26 @@ def test_router_beats_chance_on_calibration_data(router):
 
 
 def test_moefied_model_generates():
+    """generate() (KV cache, one new token per step through the routed FFNs) continues exactly as a
+    greedy decode that re-runs the whole sequence every step, and top-1 routing changes the text."""
     model = tiny_model("llama")
+    dense = copy.deepcopy(model)
     moefy(model, {"num_experts": 4, "top_k": 1}, calib())
-    out = model.generate(ids()[:1, :8], max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert out.shape == (1, 14)
+    prompt = ids()[:1, :8]
+    out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+    def greedy(m: torch.nn.Module) -> torch.Tensor:
+        seq = prompt
+        with torch.no_grad():
+            for _ in range(6):
+                logits = m(seq).logits[:, -1]
+                logits[:, m.config.eos_token_id] = -float("inf")  # as min_new_tokens does
+                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+        return seq
+
+    expected = greedy(model)
+    assert torch.equal(out, expected)
+    assert not torch.equal(expected, greedy(dense))  # one expert of four: not the dense model's text
 
 
 def test_save_reload_dense_and_moe(tmp_path):
@@ -209,4 +225,7 @@ def test_cli_moefy(tmp_path, tiny_llama_dir):
     assert data["num_experts"] == 4 and [q["top_k"] for q in data["quality"]] == [4, 2, 1]
     assert (out / "moefication.json").is_file() and (out / "model.safetensors").is_file()
     bad = CliRunner().invoke(app, ["moefy", str(tiny_llama_dir), str(tmp_path / "x"), "--experts", "4", "--top-k", "9"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2, bad.output  # a user error: one paragraph, no traceback, nothing written
+    assert "moefy: top_k=9 is more than num_experts=4" in " ".join(bad.output.split())
+    assert "Traceback" not in bad.output and isinstance(bad.exception, SystemExit)
+    assert not (tmp_path / "x").exists()

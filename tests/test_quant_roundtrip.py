@@ -68,7 +68,7 @@ def test_packed_equals_fake_quant():
 
 def test_indivisible_group_size_policies(tmp_path):
     with pytest.raises(RecipeError, match="does not divide the input width 64"):
-        quantize(tiny_model("llama"), {"method": "rtn", "group_size": 48})
+        quantize(tiny_model("llama"), {"method": "rtn", "group_size": 48, "on_indivisible_group": "error"})
     m = tiny_model("llama")
     rep = quantize(m, {"method": "rtn", "group_size": 48, "on_indivisible_group": "per_channel"})
     assert rep.modules["model.layers.0.self_attn.q_proj"]["group_size"] == -1

@@ -47,9 +47,15 @@ def _default_text(field: Any) -> str:
         else str(field.default)
 
 
-def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] = (),
+                    names: dict[str, str] | None = None) -> list[inspect.Parameter]:
     """One keyword parameter (a Typer option defaulting to None) per flag-able field of the
-    `configs` (a field several configs share gets one flag, described by the first)."""
+    `configs` (a field several configs share gets one flag, described by the first). `names`
+    overrides a flag's spelling (`{"sym": "--sym/--asym"}`)."""
     params = []
     seen = set(exclude)
     fields = [(n, f) for config in configs for n, f in config.model_fields.items()]
@@ -60,13 +66,15 @@ def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] =
         scalar, is_list, choices = _flag_type(field.annotation)
         if scalar is None:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         help_text = (field.description or "").rstrip(".")
         if choices:
             help_text = f"{' | '.join(choices)}" + (f": {help_text}" if help_text else "")
             scalar = str
         help_text += f" (default: {_default_text(field)})"
-        if scalar is bool:
+        if names and name in names:
+            decls = (names[name],)
+        elif scalar is bool:
             decls = (f"{flag}/--no-{name.replace('_', '-')}",)
         else:
             decls = (flag,)
@@ -76,7 +84,8 @@ def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] =
     return params
 
 
-def config_options(*configs: type[BaseModel], exclude: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def config_options(*configs: type[BaseModel], exclude: Iterable[str] = (),
+                   names: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for a Typer command `fn(..., settings: dict)`: adds the configs' flags and passes
     the ones the user gave as `settings` (field name -> value)."""
     exclude = set(exclude)
@@ -85,7 +94,7 @@ def config_options(*configs: type[BaseModel], exclude: Iterable[str] = ()) -> Ca
         signature = inspect.signature(fn, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name != "settings"]
         taken = {p.name for p in own}
-        extra = flag_parameters(configs, exclude | taken)
+        extra = flag_parameters(configs, exclude | taken, names)
 
         @functools.wraps(fn)
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -117,3 +126,14 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(raw)
     return out
+
+
+def calibration_help() -> dict[str, str]:
+    """Help texts of the --calibration / --num-samples / --seq-len flags, defaults read from
+    `CalibrationConfig` (those three flags map into the nested `calibration:` block)."""
+    from qingzhou.data.calibration import CalibrationConfig
+
+    f = CalibrationConfig.model_fields
+    return {"calibration": f"builtin:NAME or a .jsonl/.json/.txt (default: {f['source'].default})",
+            "num_samples": f"calibration samples (default: {f['num_samples'].default})",
+            "seq_len": f"tokens per calibration sample (default: {f['seq_len'].default})"}

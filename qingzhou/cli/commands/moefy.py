@@ -30,22 +30,20 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
-        from pydantic import ValidationError
-
-        from qingzhou.compress.moefy import MoefyConfig, moefy
-        from qingzhou.llm import load_model
-        from qingzhou.registry import config_error
+        from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
+        from qingzhou.compress.moefy.config import MoefyConfig
 
         cfg: dict = {"num_experts": experts, "top_k": top_k, "router": router, "cluster_on": cluster_on,
                      "device": device,
                      "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
         if eval_text:
             cfg["evaluate"] = {"text": eval_text, "max_windows": eval_windows, "seq_len": eval_seq_len}
-        try:  # a bad setting fails before the model loads
-            settings = MoefyConfig.model_validate(cfg)
-        except ValidationError as e:
-            raise config_error(e, MoefyConfig, "moefy") from None
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        settings = validate_flags(MoefyConfig.model_validate, cfg, {**_FLAGS, **CALIBRATION_FLAGS}, "moefy")
+
+        from qingzhou.compress.moefy import moefy
+        from qingzhou.llm import load_model
+
+        m, tok = load_model(model, dtype="float32", device="cpu")  # only once every setting is valid
         report = moefy(m, settings, tokenizer=tok, output_dir=out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
@@ -54,3 +52,8 @@ def register(app: typer.Typer) -> None:
         out.print(kv_table(f"moefy k={experts} e={top_k}", summary))
         if report.quality:
             out.print(table("perplexity vs FFN compute kept", report.quality))
+
+
+_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "router": "--router", "cluster_on": "--cluster-on",
+          "device": "--device", "evaluate.text": "--eval-text", "evaluate.max_windows": "--eval-windows",
+          "evaluate.seq_len": "--eval-seq-len"}

@@ -11,9 +11,13 @@ from typing import Any, Optional
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json, table
-from qingzhou.cli.config_options import config_options, parse_sets
+from qingzhou.cli.config_options import calibration_help, config_options, flag_name, parse_sets
+from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
 from qingzhou.compress.prune.config import CalibratedPruneConfig
 from qingzhou.compress.prune.structured import StructuredConfig
+from qingzhou.recipes.stages.prune import PruneStage
+
+CALIBRATION_HELP = calibration_help()
 
 
 def register(app: typer.Typer) -> None:
@@ -24,14 +28,13 @@ def register(app: typer.Typer) -> None:
     def prune_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the pruned model"),
-        method: str = typer.Option("wanda", "--method", help="a registered pruner: magnitude | wanda | sparsegpt | "
+        method: str = typer.Option(PruneStage.default_method, "--method", help="a registered pruner: magnitude | wanda | sparsegpt | "
                                                              "structured | ..."),
         owl: bool = typer.Option(False, "--owl", help="outlier-weighted per-layer sparsity (unstructured)"),
         skip: list[str] = typer.Option([], "--skip", help="regex of module names left dense (repeatable)"),
-        calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
-                                                                              "(default: builtin:calib)"),
-        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
-        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP["calibration"]),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help=CALIBRATION_HELP["num_samples"]),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s comparison=row"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
         as_json: bool = typer.Option(False, "--json"),
@@ -51,7 +54,9 @@ def register(app: typer.Typer) -> None:
             cfg["owl"] = {}
         if skip:
             cfg["skip"] = ["lm_head", "embed", *skip]
-        cfg = PRUNERS.validate(cfg, where="prune", user_errors=True)  # fail on a bad setting before the model loads
+        names = {**{k: flag_name(k) for k in cfg}, **CALIBRATION_FLAGS, "owl": "--owl"}
+        # every bad setting (and a missing calibration file) fails here, before the model loads
+        cfg = validate_flags(PRUNERS.validate, cfg, names, f"prune --method {method}")
         m, tok = load_model(model, dtype="float32", device="cpu")
         report = prune(m, cfg, tokenizer=tok, output_dir=out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}

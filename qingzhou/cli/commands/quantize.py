@@ -11,23 +11,27 @@ from typing import Any, Optional
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json
-from qingzhou.cli.config_options import config_options, parse_sets
+from qingzhou.cli.config_options import calibration_help, config_options, flag_name, parse_sets
+from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
 from qingzhou.compress.quantize.config import CalibratedConfig
+from qingzhou.recipes.stages.quantize import QuantizeStage
+
+CALIBRATION_HELP = calibration_help()
 
 
 def register(app: typer.Typer) -> None:
     @app.command("quantize")
     @guarded
-    @config_options(CalibratedConfig, exclude={"method", "overrides", "calibration", "pack"})
+    @config_options(CalibratedConfig, exclude={"method", "overrides", "calibration", "pack"},
+                    names={"sym": "--sym/--asym"})
     def quantize_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the quantised model"),
-        method: str = typer.Option("gptq", "--method", help="a registered quantizer: rtn | gptq | awq | "
+        method: str = typer.Option(QuantizeStage.default_method, "--method", help="a registered quantizer: rtn | gptq | awq | "
                                                             "smoothquant | ... | none (with --gguf-type)"),
-        calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
-                                                                              "(default: builtin:calib)"),
-        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
-        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP["calibration"]),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help=CALIBRATION_HELP["num_samples"]),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
@@ -45,25 +49,48 @@ def register(app: typer.Typer) -> None:
                  if v is not None}
         if dense:
             cfg["pack"] = False
+        if gguf_type is not None:
+            _check_gguf_type(gguf_type)
         if method != "none":
             entry = QUANTIZERS.get(method, where="--method")
             if calib and "calibration" in entry.config.model_fields:
                 cfg["calibration"] = {**calib, **cfg.get("calibration", {})}
-            cfg = QUANTIZERS.validate(cfg, where="quantize", user_errors=True)  # fail on a bad setting before the model loads
+            names = {**{k: flag_name(k) for k in cfg}, **CALIBRATION_FLAGS, "pack": "--dense", "sym": "--sym/--asym"}
+            # every bad setting (and a missing calibration file) fails here, before the model loads
+            cfg = validate_flags(QUANTIZERS.validate, cfg, names, f"quantize --method {method}")
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
         m, tok = load_model(model, dtype="float32", device="cpu")
         if method == "none":
             summary: dict[str, Any] = {}
             save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0")
         else:
-            summary = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, save_format=save_format,
-                               gguf_type=gguf_type or "q8_0").summary()
+            report = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, save_format=save_format,
+                              gguf_type=gguf_type or "q8_0")
+            summary = report.summary()
         if gguf_type is not None:
             gguf = out_dir / "model.gguf"
             summary.update(gguf_type=gguf_type, gguf_mb=round(gguf.stat().st_size / 2**20, 3), out=str(gguf))
         else:
             summary["out_dir"] = str(out_dir)
+        fallbacks = report.group_size_fallbacks() if method != "none" else {}
         if as_json:
-            print_json(summary)
-        else:
-            out.print(kv_table(f"quantize {method}" + (" -> gguf" if gguf_type else ""), summary))
+            print_json({**summary, "group_size_fallback_modules": fallbacks})
+            return
+        out.print(kv_table(f"quantize {method}" + (" -> gguf" if gguf_type else ""), summary))
+        if fallbacks:
+            used = sorted(set(fallbacks.values()), reverse=True)
+            out.print(f"{len(fallbacks)} layers whose width group size {report.config['group_size']} does not divide "
+                      f"use group size {' / '.join(map(str, used))} (-1 = per channel); each is listed in "
+                      "quantization_config.dynamic (on_indivisible_group: fallback).", highlight=False)
+
+
+def _check_gguf_type(gguf_type: str) -> None:
+    from typing import get_args
+
+    from qingzhou.errors import RecipeError
+    from qingzhou.recipes.stages.quantize import QuantizeStage
+
+    choices = get_args(QuantizeStage.model_fields["gguf_type"].annotation)
+    if gguf_type not in choices:
+        raise RecipeError(f"unknown GGUF type {gguf_type!r}.", where="--gguf-type",
+                          hint=f"Use one of {', '.join(choices)}.")

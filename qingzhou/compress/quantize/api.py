@@ -9,7 +9,7 @@ from torch import nn
 
 from qingzhou.compress.driver import run_method, write_outputs
 from qingzhou.compress.quantize.config import QuantizeConfig
-from qingzhou.compress.quantize.plan import build_plan
+from qingzhou.compress.quantize.plan import resolve_plan
 from qingzhou.compress.quantize.registry import QUANTIZERS
 from qingzhou.errors import RecipeError
 from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR, save_quantized
@@ -33,12 +33,17 @@ class QuantizeReport:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def group_size_fallbacks(self) -> dict[str, int]:
+        """Group size used per module where the requested one did not divide its width."""
+        return {name: m["group_size"] for name, m in self.modules.items() if "group_size_requested" in m}
+
     def summary(self) -> dict[str, Any]:
         """Headline numbers (what a metrics.json or a CLI table shows)."""
         return {
             "method": self.method, "bits": self.config.get("bits"), "group_size": self.config.get("group_size"),
             "sym": self.config.get("sym"), "quantized_linears": len(self.modules),
             "skipped_linears": len(self.skipped), "unfed_linears": len(self.unfed),
+            "group_size_fallbacks": len(self.group_size_fallbacks()),
             "warnings": len(self.warnings), "seconds": round(self.seconds, 2),
             "linear_mb_before": round(self.linear_bytes_before / 2**20, 3),
             "linear_mb_after": round(self.linear_bytes_after / 2**20, 3),
@@ -59,7 +64,14 @@ def quantize(
     is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
     `report.json`, as every verb saves.
     """
-    run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=build_plan, where="quantize")
+    requested: dict[str, int] = {}  # group size asked for, where on_indivisible_group changed it
+
+    def plan_layers(model: nn.Module, cfg: Any) -> tuple[dict[str, Any], list[str]]:
+        plan, skipped, changed = resolve_plan(model, cfg)
+        requested.update(changed)
+        return plan, skipped
+
+    run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=plan_layers, where="quantize")
     cfg, plan, result = run.cfg, run.plan, run.result
     modules = dict(model.named_modules())
     report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=run.skipped,
@@ -70,6 +82,8 @@ def quantize(
     for name, r in result["modules"].items():
         s = plan[name]
         report.modules[name] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym, **r}
+        if name in requested:  # on_indivisible_group changed it (also in quantization_config.dynamic)
+            report.modules[name]["group_size_requested"] = requested[name]
     if "linear_bytes_after" in result:  # the method installed its own layers (bitsandbytes)
         report.linear_bytes_after = result["linear_bytes_after"]
     elif cfg.pack:

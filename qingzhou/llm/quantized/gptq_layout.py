@@ -87,7 +87,7 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
         in_f, out_f = g_idx.shape[0], qweight.shape[1]
         bits = qweight.shape[0] // -(-in_f // 32)  # rows = ceil(in/32) * bits
         bias = state.get(f"{prefix}.bias")
-        layer = QuantLinear(in_f, out_f, bits, qc.get("group_size", -1), bias=bias is not None,
+        layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias is not None,
                             n_groups=state[f"{prefix}.scales"].shape[0])
         if bias is not None:
             layer.bias = torch.empty_like(bias)
@@ -102,3 +102,16 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
         model.tie_weights()
     setattr(model, QUANT_ATTR, qc)
     return model.to(device).eval()
+
+
+def _group_size(qc: dict[str, Any], name: str) -> int:
+    """The group size of module `name`: its `+:regex` entry in GPTQModel's `dynamic` map (a
+    per-module override, e.g. a group-size fallback) if one matches, else the global one."""
+    import re
+
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        if pattern.startswith("-:") or "group_size" not in override:  # "-:" = left unquantised
+            continue
+        if re.match(pattern.removeprefix("+:"), name):
+            return int(override["group_size"])
+    return int(qc.get("group_size", -1))
