@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qingzhou.compress.prune.config import _check_regex as check_regex
-from qingzhou.data.calibration import CalibrationConfig
+from qingzhou.compress.settings import LayerwiseSettings
 
 
 class MoefyEvalConfig(BaseModel):
@@ -20,7 +20,7 @@ class MoefyEvalConfig(BaseModel):
     top_k: list[int] | None = Field(None, description="experts per token to measure (default: k, k/2, k/4)")
 
 
-class MoefyConfig(BaseModel):
+class MoefyConfig(LayerwiseSettings):
     """Split every decoder FFN into `num_experts` experts of co-activated neurons and run only the
     `top_k` experts a router picks for each token (MoEfication, Zhang et al. 2022; BMCook)."""
 
@@ -44,10 +44,6 @@ class MoefyConfig(BaseModel):
     seed: int = 0
     skip: list[str] = Field(default_factory=list, description="regexes of MLP names left dense, "
                                                               r"e.g. 'layers\.0\.mlp'")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    device: str | None = Field(None, description="where each layer is calibrated; default cuda if available")
-    batch_size: int = Field(8, ge=1)
-    offload_inputs: bool = False
     evaluate: MoefyEvalConfig | None = Field(None, description="also measure perplexity for several top_k")
 
     @field_validator("skip")

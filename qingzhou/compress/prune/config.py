@@ -11,7 +11,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qingzhou.data.calibration import CalibrationConfig
+from qingzhou.compress.settings import LayerwiseSettings
 
 
 def _check_regex(v: str) -> str:
@@ -102,13 +102,9 @@ class PruneConfig(BaseModel):
         return self
 
 
-class CalibratedPruneConfig(PruneConfig):
+class CalibratedPruneConfig(LayerwiseSettings, PruneConfig):
     """Settings of methods that walk the decoder layers with calibration data (Wanda, SparseGPT,
     and any method with `owl`)."""
 
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    device: str | None = Field(None, description="where each layer is calibrated; default cuda if available")
-    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
-    offload_inputs: bool = Field(False, description="keep cached layer inputs on CPU between passes")
     true_sequential: bool = Field(True, description="prune attention before the MLP within each layer, "
                                                     "each group seeing the already-pruned inputs")

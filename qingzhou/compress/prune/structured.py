@@ -27,16 +27,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from qingzhou.compress.prune.registry import register_pruner
-from qingzhou.data.calibration import CalibrationConfig
+from qingzhou.compress.settings import LayerwiseSettings
 
 ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-class StructuredConfig(BaseModel):
+class StructuredConfig(LayerwiseSettings):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     method: Literal["structured"] = "structured"
@@ -46,10 +46,6 @@ class StructuredConfig(BaseModel):
     mlp_multiple: int = Field(1, ge=1, description="round the kept MLP width down to a multiple of this "
                                                    "(e.g. 64 for efficient GPU shapes)")
     layers: int = Field(0, ge=0, description="number of decoder layers removed (lowest block importance)")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    device: str | None = Field(None, description="where each layer is calibrated; default cuda if available")
-    batch_size: int = Field(8, ge=1)
-    offload_inputs: bool = False
 
 
 @dataclass

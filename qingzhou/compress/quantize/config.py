@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qingzhou.data.calibration import CalibrationConfig
+from qingzhou.compress.settings import LayerwiseSettings
 
 # Group sizes a layer may fall back to when `group_size` does not divide its input width, largest
 # first: the sizes GPTQ kernels (exllama, marlin) accept besides -1 (see QuantizeConfig).
@@ -103,11 +103,6 @@ class QuantizeConfig(BaseModel):
         return v
 
 
-class CalibratedConfig(QuantizeConfig):
+class CalibratedConfig(LayerwiseSettings, QuantizeConfig):
     """Settings of methods that walk the decoder layers with calibration data."""
 
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    device: str | None = Field(None, description="where each layer is calibrated; default cuda if available")
-    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
-    offload_inputs: bool = Field(False, description="keep cached layer inputs on CPU between passes "
-                                                    "(least accelerator memory)")
