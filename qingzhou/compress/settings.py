@@ -6,9 +6,36 @@ descriptions exist once; `LayerwiseOptions.from_config` reads them from any of t
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qingzhou.data.calibration import CalibrationConfig
+
+
+def check_regex(v: str) -> str:
+    """`v` if it compiles as a Python regular expression, else a ValueError naming it."""
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {v!r}: {e}") from e
+    return v
+
+
+class ModuleRule(BaseModel):
+    """Base of per-module overrides: the first rule whose `pattern` matches (re.search on the full
+    module name, e.g. `model.layers.3.mlp.down_proj`) wins; unset fields keep the global value,
+    `skip: true` leaves the module untouched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return check_regex(v)
 
 
 class LayerwiseSettings(BaseModel):

@@ -5,8 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qingzhou.compress.prune.config import _check_regex as check_regex
-from qingzhou.compress.settings import LayerwiseSettings
+from qingzhou.compress.settings import LayerwiseSettings, check_regex
 
 
 class MoefyEvalConfig(BaseModel):

@@ -11,15 +11,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qingzhou.compress.settings import LayerwiseSettings
-
-
-def _check_regex(v: str) -> str:
-    try:
-        re.compile(v)
-    except re.error as e:
-        raise ValueError(f"invalid regular expression {v!r}: {e}") from e
-    return v
+from qingzhou.compress.settings import LayerwiseSettings, ModuleRule, check_regex
 
 
 def parse_nm(v: str | None) -> tuple[int, int] | None:
@@ -35,21 +27,11 @@ def parse_nm(v: str | None) -> tuple[int, int] | None:
     return n, mm
 
 
-class PruneOverride(BaseModel):
-    """Per-module settings: the first override whose `pattern` matches (re.search on the full
-    module name, e.g. `model.layers.3.mlp.down_proj`) wins; unset fields keep the global value."""
+class PruneOverride(ModuleRule):
+    """Per-module sparsity (see `ModuleRule` for how rules match)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    pattern: str
     sparsity: float | None = Field(None, ge=0, lt=1)
     nm: str | None = None
-    skip: bool = False
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, v: str) -> str:
-        return _check_regex(v)
 
     @field_validator("nm")
     @classmethod
@@ -87,7 +69,7 @@ class PruneConfig(BaseModel):
     @field_validator("skip")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        return [_check_regex(p) for p in v]
+        return [check_regex(p) for p in v]
 
     @field_validator("nm")
     @classmethod

@@ -5,38 +5,23 @@ Each method's own config subclasses `QuantizeConfig` in the method's file and ad
 """
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qingzhou.compress.settings import LayerwiseSettings
+from qingzhou.compress.settings import LayerwiseSettings, ModuleRule, check_regex
 
 # Group sizes a layer may fall back to when `group_size` does not divide its input width, largest
 # first: the sizes GPTQ kernels (exllama, marlin) accept besides -1 (see QuantizeConfig).
 FALLBACK_GROUP_SIZES = (128, 64, 32)
 
 
-class ModuleOverride(BaseModel):
-    """Per-module settings: the first override whose `pattern` matches (re.search on the module's
-    full name, e.g. `model.layers.3.mlp.down_proj`) wins; unset fields keep the global value."""
+class ModuleOverride(ModuleRule):
+    """Per-module bits / group size / symmetry (see `ModuleRule` for how rules match)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    pattern: str
     bits: int | None = Field(None, ge=2, le=8)
     group_size: int | None = None
     sym: bool | None = None
-    skip: bool = False
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {v!r}: {e}") from e
-        return v
 
     @field_validator("group_size")
     @classmethod
@@ -95,12 +80,7 @@ class QuantizeConfig(BaseModel):
     @field_validator("skip")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"invalid regular expression {p!r}: {e}") from e
-        return v
+        return [check_regex(p) for p in v]
 
 
 class CalibratedConfig(LayerwiseSettings, QuantizeConfig):
