@@ -137,3 +137,18 @@ def calibration_help() -> dict[str, str]:
     return {"calibration": f"builtin:NAME or a .jsonl/.json/.txt (default: {f['source'].default})",
             "num_samples": f"calibration samples (default: {f['num_samples'].default})",
             "seq_len": f"tokens per calibration sample (default: {f['seq_len'].default})"}
+
+
+def method_config(registry: Any, method: str, flags: dict[str, Any], calibration: dict[str, Any],
+                  *, names: dict[str, str] | None = None, where: str) -> Any:
+    """The validated config of `method` from the flags a user gave (generated flags, `-s` pairs and
+    the three calibration flags, kept only when the method calibrates): every bad setting, and a
+    missing calibration file, fails here, before any model loads, naming the flag."""
+    from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
+
+    cfg = {"method": method, **flags}
+    calibration = {k: v for k, v in calibration.items() if v is not None}
+    if calibration and "calibration" in registry.get(method, where="--method").config.model_fields:
+        cfg["calibration"] = {**calibration, **cfg.get("calibration", {})}
+    flag_names = {**{k: flag_name(k) for k in cfg}, **CALIBRATION_FLAGS, **(names or {})}
+    return validate_flags(registry.validate, cfg, flag_names, f"{where} --method {method}")

@@ -11,8 +11,7 @@ from typing import Any, Optional
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json, table
-from qingzhou.cli.config_options import calibration_help, config_options, flag_name, parse_sets
-from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
+from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.prune.config import CalibratedPruneConfig
 from qingzhou.compress.prune.structured import StructuredConfig
 from qingzhou.recipes.stages.prune import PruneStage
@@ -44,19 +43,10 @@ def register(app: typer.Typer) -> None:
         from qingzhou.compress.prune import PRUNERS, prune
         from qingzhou.llm import load_model
 
-        cfg: dict[str, Any] = {"method": method, **(settings or {}), **parse_sets(sets)}
-        calib = {k: v for k, v in {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}.items()
-                 if v is not None}
-        fields = PRUNERS.get(method, where="--method").config.model_fields
-        if calib and "calibration" in fields:
-            cfg["calibration"] = {**calib, **cfg.get("calibration", {})}
-        if owl:
-            cfg["owl"] = {}
-        if skip:
-            cfg["skip"] = ["lm_head", "embed", *skip]
-        names = {**{k: flag_name(k) for k in cfg}, **CALIBRATION_FLAGS, "owl": "--owl"}
-        # every bad setting (and a missing calibration file) fails here, before the model loads
-        cfg = validate_flags(PRUNERS.validate, cfg, names, f"prune --method {method}")
+        flags = {**(settings or {}), **parse_sets(sets), **({"owl": {}} if owl else {}),
+                 **({"skip": ["lm_head", "embed", *skip]} if skip else {})}
+        cfg = method_config(PRUNERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
+                            names={"owl": "--owl"}, where="prune")
         m, tok = load_model(model, dtype="float32", device="cpu")
         report = prune(m, cfg, tokenizer=tok, output_dir=out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}

@@ -11,8 +11,7 @@ from typing import Any, Optional
 import typer
 
 from qingzhou.cli.common import guarded, kv_table, out, print_json
-from qingzhou.cli.config_options import calibration_help, config_options, flag_name, parse_sets
-from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
+from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.quantize.config import CalibratedConfig
 from qingzhou.recipes.stages.quantize import QuantizeStage
 
@@ -44,20 +43,12 @@ def register(app: typer.Typer) -> None:
         from qingzhou.compress.quantize.api import save_compressed
         from qingzhou.llm import load_model
 
-        cfg: dict[str, Any] = {"method": method, **(settings or {}), **parse_sets(sets)}
-        calib = {k: v for k, v in {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}.items()
-                 if v is not None}
-        if dense:
-            cfg["pack"] = False
+        flags = {**(settings or {}), **parse_sets(sets), **({"pack": False} if dense else {})}
         if gguf_type is not None:
             _check_gguf_type(gguf_type)
         if method != "none":
-            entry = QUANTIZERS.get(method, where="--method")
-            if calib and "calibration" in entry.config.model_fields:
-                cfg["calibration"] = {**calib, **cfg.get("calibration", {})}
-            names = {**{k: flag_name(k) for k in cfg}, **CALIBRATION_FLAGS, "pack": "--dense", "sym": "--sym/--asym"}
-            # every bad setting (and a missing calibration file) fails here, before the model loads
-            cfg = validate_flags(QUANTIZERS.validate, cfg, names, f"quantize --method {method}")
+            cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
+                                names={"pack": "--dense", "sym": "--sym/--asym"}, where="quantize")
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
         m, tok = load_model(model, dtype="float32", device="cpu")
         if method == "none":
