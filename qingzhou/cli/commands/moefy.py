@@ -27,11 +27,15 @@ def register(app: typer.Typer) -> None:
         eval_windows: int = typer.Option(8, "--eval-windows"),
         eval_seq_len: int = typer.Option(512, "--eval-seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
         from qingzhou.compress.moefy import moefy, save_moefied
+        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
+
+        check_output_dir(out_dir, force)  # before minutes of loading and clustering
 
         cfg: dict = {"num_experts": experts, "top_k": top_k, "router": router, "cluster_on": cluster_on,
                      "device": device,
@@ -40,7 +44,7 @@ def register(app: typer.Typer) -> None:
             cfg["evaluate"] = {"text": eval_text, "max_windows": eval_windows, "seq_len": eval_seq_len}
         m, tok = load_model(model, dtype="float32", device="cpu")
         report = moefy(m, cfg, tokenizer=tok)
-        save_moefied(m, tok, out_dir)
+        save_moefied(m, tok, out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json({**summary, "quality": report.quality})

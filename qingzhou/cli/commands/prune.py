@@ -28,11 +28,15 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(512, "--seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Prune MODEL and save a plain transformers folder (zeros in place, or smaller if structured)."""
         from qingzhou.compress.prune import prune
+        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model, save_model
+
+        check_output_dir(out_dir, force)  # before minutes of loading and calibration
 
         cfg: dict = {"method": method, "device": device,
                      "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
@@ -44,7 +48,7 @@ def register(app: typer.Typer) -> None:
                 cfg["skip"] = ["lm_head", "embed", *skip]
         m, tok = load_model(model, dtype="float32", device="cpu")
         report = prune(m, cfg, tokenizer=tok)
-        save_model(m, tok, out_dir)
+        save_model(m, tok, out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json(report.to_dict() if per_layer else summary)

@@ -28,11 +28,15 @@ def register(app: typer.Typer) -> None:
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
         device: Optional[str] = typer.Option(None, "--device"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense) folder."""
         from qingzhou.compress.quantize import quantize, save_quantized
+        from qingzhou.io import atomic_dir, check_output_dir
         from qingzhou.llm import load_model
+
+        check_output_dir(out_dir, force)  # before minutes of loading and calibration
 
         cfg = {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "skip": skip,
                "on_indivisible_group": on_indivisible_group, "pack": not dense}
@@ -44,17 +48,18 @@ def register(app: typer.Typer) -> None:
             from qingzhou.compress.quantize.formats.gguf import export_gguf
 
             summary = {} if method == "none" else quantize(m, cfg, tokenizer=tok).summary()
-            info = export_gguf(m, tok, out_dir / "model.gguf", gguf_type)  # type: ignore[arg-type]
-            summary.update(gguf_type=gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3), out=info["path"])
+            with atomic_dir(out_dir, overwrite=force, what="gguf export") as tmp:
+                info = export_gguf(m, tok, tmp / "model.gguf", gguf_type)  # type: ignore[arg-type]
+            summary.update(gguf_type=gguf_type, gguf_mb=round(info["bytes"] / 2**20, 3), out=str(out_dir / "model.gguf"))
             print_json(summary) if as_json else out.print(kv_table(f"quantize {method} -> gguf", summary))
             return
         report = quantize(m, cfg, tokenizer=tok)
         if dense:
             from qingzhou.llm import save_model
 
-            save_model(m, tok, out_dir)
+            save_model(m, tok, out_dir, overwrite=force)
         else:
-            save_quantized(m, out_dir, tok)
+            save_quantized(m, out_dir, tok, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json(summary)

@@ -91,14 +91,16 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: DistillConfig | dict[str, Any],
             data: Any, *, output_dir: str | Path, resume: bool = True,
             callbacks: list[Callable[[int, dict[str, Any]], None]] | None = None,
-            base_source: str | None = None) -> DistillReport:
+            base_source: str | None = None, checkpoint_dir: str | Path | None = None,
+            overwrite: bool = False) -> DistillReport:
     """Train `student` towards `teacher` on `data` with the one fine-tuning loop.
 
     `cfg`: a `DistillConfig` or a dict, nested (`train: {method: full, ...}`) or flat (keys that are
     not distillation settings are the loop's). `data`: anything `finetune` takes (source string,
     DataConfig, rows, PreparedData). The student (or its adapter) is saved under `output_dir` like a
     fine-tune; `distill.json` there holds the report. Returns a `DistillReport` (`.model` is the
-    trained student).
+    trained student). `checkpoint_dir` and `overwrite` are the fine-tuning loop's (where
+    checkpoints go; whether an earlier output folder is started over).
     """
     from accelerate import PartialState
 
@@ -106,13 +108,17 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
     from qingzhou.compress.distill.objective import DistillObjective, held_out_kl, keep_zeros, pruned_masks
     from qingzhou.compress.distill.teacher_cache import open_or_build
     from qingzhou.finetune.config import parse_finetune_config
-    from qingzhou.finetune.loop import finetune, prepare_training_data
+    from qingzhou.finetune.checkpoint import checkpoint_root
+    from qingzhou.finetune.loop import claim_output_dir, finetune, prepare_training_data
     from qingzhou.io import atomic_write_json
 
     t0 = time.perf_counter()
     cfg = parse_distill_config(cfg)
     train_cfg = parse_finetune_config(cfg.train)
     _check_pair(student, teacher)
+    # before the teacher cache is built: a refused output folder should fail in a second
+    claim_output_dir(Path(output_dir), Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_root(output_dir),
+                     resume=resume, overwrite=overwrite)
     # only a multi-process launch needs accelerate's state here; creating it early in a single
     # process could pin a device choice before the loop's Accelerator(cpu=...) makes its own
     state = PartialState() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
@@ -145,7 +151,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
         masks = pruned_masks(student) if cfg.keep_sparsity and train_cfg.method == "full" else {}
         with keep_zeros(student, masks):
             result = finetune(student, tokenizer, prepared, train_cfg, output_dir=output_dir, resume=resume,
-                              callbacks=callbacks, base_source=base_source, loss_fn=objective)
+                              callbacks=callbacks, base_source=base_source, loss_fn=objective,
+                              checkpoint_dir=checkpoint_dir, overwrite=overwrite)
         forwards["train"] = objective.teacher_forwards
         kl_after = held_out_kl(result.model, teacher, prepared.eval, pad_id, max_rows=cfg.kl_rows)
         forwards["eval"] = calls[0] - forwards["cache"] - forwards["train"]
