@@ -141,6 +141,8 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False, what: str = "") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
+    aside: Path | None = None
+    swapped = False
     try:
         yield tmp
         write_marker(tmp, what)
@@ -151,10 +153,16 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False, what: str = "") -> 
             os.replace(path, aside)
             fault_point(f"swap {path.name}")
             os.replace(tmp, path)
+            swapped = True
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
+        if aside is not None and not swapped:
+            if path.exists():  # the old folder was never moved: drop the empty placeholder
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # interrupted between the two renames: put the old folder back
+                os.replace(aside, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

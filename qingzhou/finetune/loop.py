@@ -414,7 +414,9 @@ def finetune(
         data={**prepared.stats, "fingerprint": data_fp}, model=unwrapped,
     )
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "config": cfg.model_dump()})
+        # paths relative to the file's own folder: it may be a temp folder renamed later (recipe stages)
+        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "output_dir": ".", "artifact_dir": artifact,
+                                                        "config": cfg.model_dump()})
     return result
 
 

@@ -57,6 +57,8 @@ STAGE_FILE = "stage.json"
 CHECKPOINTS = "checkpoints"
 # settings that change how often a stage saves or what it prints, never what it produces
 NOT_IDENTITY = frozenset({"progress", "save_every", "save_every_minutes", "keep_checkpoints", "resume"})
+# settings naming folders a stage writes (caches), not inputs: their contents are not fingerprinted
+NOT_INPUTS = frozenset({"kind", "name", "cache_dir"})
 
 
 @dataclass
@@ -104,8 +106,9 @@ def input_hashes(cfg: StageConfig) -> dict[str, str]:
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
+            for k, v in value.items():
+                if k not in NOT_INPUTS:
+                    walk(v)
         elif isinstance(value, list):
             for v in value:
                 walk(v)
@@ -117,7 +120,7 @@ def input_hashes(cfg: StageConfig) -> dict[str, str]:
             except OSError:
                 pass
 
-    walk({k: v for k, v in cfg.to_recipe().items() if k not in {"kind", "name"}})
+    walk(cfg.to_recipe())
     return found
 
 

@@ -170,7 +170,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
                            parameters=sum(p.numel() for p in {id(p): p for p in student.parameters()}.values()),
                            sparsity=sparsity, seconds=time.perf_counter() - t0)
     if main:
-        atomic_write_json(Path(output_dir) / "distill.json", report.to_dict())
+        record = report.to_dict()  # paths relative to the file's own folder (it may be renamed, as recipe stages are)
+        record["finetune"].update(output_dir=".", artifact_dir=result.artifact)
+        atomic_write_json(Path(output_dir) / "distill.json", record)
     return report
 
 
