@@ -114,6 +114,18 @@ def check_output_dir(path: str | Path, overwrite: bool = False, *, flag: str = "
     return path
 
 
+def check_output_file(path: str | Path, overwrite: bool = False, *, flag: str = "--force") -> Path:
+    """Refuse to overwrite an existing file unless asked (`overwrite`, the CLI's `flag`), and a
+    folder always; call before the work whose result goes there."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError("this output path is a folder, not a file.", where=str(path), hint="Name a file.")
+    if path.exists() and not overwrite:
+        raise OutputError("the output file exists.", where=str(path),
+                          hint=f"Choose another name, or pass {flag} to overwrite it.")
+    return path
+
+
 def discard_dir(path: str | Path, *, require_marker: bool = True) -> None:
     """Remove a folder qingzhou wrote: first renamed aside (one atomic step, so no reader ever sees
     it half deleted), then deleted. Refuses a folder without qingzhou's marker unless the caller

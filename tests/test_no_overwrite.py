@@ -146,3 +146,12 @@ def test_finetune_output_folder_rules(tmp_path, user_folder):
     again = finetune(tiny_model("llama"), tok, data, cfg, output_dir=out, overwrite=True)
     assert again.resumed_from is None and not (out / "checkpoints").exists()
     shutil.rmtree(out)
+
+
+def test_result_files_and_compare_folders_are_not_overwritten(tmp_path, user_folder):
+    existing = user_folder / "thesis.tex"
+    res = runner.invoke(app, ["bench", "--model", "no-such-model", "--out", str(existing)])
+    assert res.exit_code == 2 and "the output file exists" in res.stderr and "--force" in res.stderr, res.output
+    res = runner.invoke(app, ["compare", str(tmp_path / "no-run"), "--out", str(user_folder), "--force"])
+    assert res.exit_code == 2 and "not written by qingzhou" in res.stderr, res.output
+    assert _untouched(user_folder)

@@ -202,3 +202,22 @@ def test_interrupted_distill_stage_continues_from_its_checkpoint(tmp_path, tiny_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = run_recipe(str(recipe), tmp_path / "run", resume=True, progress=False, log=lambda m: None)
     assert [s["resumed"] for s in again.stages] == [True, True]
+
+
+def test_time_based_checkpoints_are_on_by_default(tmp_path):
+    """Without `save_every`, training still checkpoints every `save_every_minutes` (10 by default),
+    so Ctrl-C or a crash loses at most that much; here a tiny interval makes it every step."""
+    from qingzhou.data import DataConfig, prepare_data
+    from qingzhou.finetune import finetune, parse_finetune_config
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+
+    assert parse_finetune_config({"method": "lora"}).save_every_minutes == 10
+    assert parse_finetune_config({"method": "lora"}).save_every == 0
+    tok = byte_tokenizer()
+    data = prepare_data(DataConfig(source="<records>", eval_fraction=0, cache=False), tok, records=ROWS)
+    finetune(tiny_model("llama"), tok, data, {"method": "lora", "max_steps": 4, "batch_size": 4, "progress": False,
+                                              "save_every_minutes": 1e-9}, output_dir=tmp_path / "t")
+    assert sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    finetune(tiny_model("llama"), tok, data, {"method": "lora", "max_steps": 4, "batch_size": 4, "progress": False},
+             output_dir=tmp_path / "quick")  # a short run never reaches the 10 minutes
+    assert not (tmp_path / "quick" / "checkpoints").exists()
