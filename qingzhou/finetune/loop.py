@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -368,10 +369,9 @@ def finetune(
                 metrics["eval_loss"] = ev
             progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{_peak_memory_mb(device_type):,.0f}")
             fault_point(f"step {step}")
-            stopping = _stop_requested(stop, accelerator)
-            due = step != cfg.max_steps and (
-                (cfg.save_every and step % cfg.save_every == 0)
-                or (cfg.save_every_minutes and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes))
+            timely = bool(cfg.save_every_minutes) and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
+            stopping, timely = _any_process(accelerator, stop.requested, timely)  # every process saves, or none
+            due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
             if due or stopping:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
@@ -383,7 +383,7 @@ def finetune(
             elif step % 10 == 0 and accelerator.is_main_process:  # early metrics for dashboards / the runner
                 atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
             if stopping:
-                raise Interrupted(stop.signum, f"stopped at step {step}/{cfg.max_steps}; checkpoint saved in {ckpt_root}. "
+                raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; checkpoint saved in {ckpt_root}. "
                                                "Run the same command again to continue from it.")
             for cb in callbacks or []:
                 cb(step, metrics)
@@ -443,19 +443,15 @@ def claim_output_dir(output_dir: Path, ckpt_root: Path, *, resume: bool, overwri
         write_marker(output_dir, "finetune")
 
 
-def _stop_requested(stop: Any, accelerator: Any) -> bool:
-    """Whether any process got SIGINT/SIGTERM (all processes must agree, or the save would hang)."""
+def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process: a checkpoint or a stop must happen on all of
+    them or the collective save would wait forever (a signal or a clock reaches one process first)."""
     if accelerator.num_processes == 1:
-        return stop.requested
+        return flags
     import torch
 
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-    if requested and stop.signum is None:
-        import signal
-
-        stop.signum = signal.SIGTERM
-    return requested
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+    return tuple(bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist())
 
 
 class _null:
