@@ -29,9 +29,12 @@ def guarded(fn):
                 raise
             err.print(f"[bold red]{e.kind}:[/] {e.render()}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: completed stages are kept; rerun with --resume to continue.")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (qingzhou.signals.Interrupted): say how to go on
+            from rich.markup import escape
+
+            message = getattr(e, "message", "") or "completed stages are kept; rerun with --resume to continue."
+            err.print(f"[yellow]interrupted[/]: {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
     return wrapper
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -53,14 +52,16 @@ def run(
     recipe: str = typer.Argument(..., help="recipe YAML file or built-in recipe name"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/NAME-TIMESTAMP)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a key: -s stages.1.perplexity.seq_len=256"),
-    resume: bool = typer.Option(False, "--resume", help="skip stages already complete in --out"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out: unchanged complete stages are "
+                                                        "kept, an interrupted fine-tune continues from its checkpoint"),
+    force: bool = typer.Option(False, "--force", help="start the run in --out over (only a folder qingzhou wrote)"),
     as_json: bool = JsonOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Run a recipe: every stage in order, artifacts and run.json in the run directory."""
     from qingzhou.recipes.runner import run_recipe
 
-    result = run_recipe(recipe, out_dir, overrides=set_, resume=resume, progress=progress)
+    result = run_recipe(recipe, out_dir, overrides=set_, resume=resume, progress=progress, overwrite=force)
     if as_json:
         print_json(result.to_dict())
         return
@@ -125,8 +126,11 @@ def recipes_cp(name: str, dest: Path, force: bool = typer.Option(False, "--force
         dest = dest / src.name
     if dest.exists() and not force:
         raise RecipeError(f"{dest} already exists.", hint="Pass --force to overwrite it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    if dest.is_dir():
+        raise RecipeError(f"{dest} is a folder.", hint="Name a file to copy the recipe to.")
+    from qingzhou.io import atomic_write_text
+
+    atomic_write_text(dest, src.read_text(encoding="utf-8"))
     out.print(f"copied {name} -> {dest}")
 
 

@@ -48,7 +48,7 @@ def save_examples(path: Path, examples: list[Example], meta: dict[str, Any]) -> 
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat_ids = np.array([t for e in examples for t in e.input_ids], dtype=np.int32)
     flat_labels = np.array([t for e in examples for t in e.labels], dtype=np.int32)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=True, what="data cache") as tmp:  # a cache entry of ours: replaceable
         save_file({"input_ids": flat_ids, "labels": flat_labels, "offsets": offsets}, str(tmp / "tokens.safetensors"))
         atomic_write_json(tmp / "meta.json", meta)
     return path

@@ -6,11 +6,10 @@ each checkpoint folder appears atomically, so "the latest folder" is always a co
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from qingzhou.io import atomic_dir, atomic_write_json
+from qingzhou.io import atomic_dir, atomic_write_json, discard_dir
 
 PREFIX = "step-"
 
@@ -19,8 +18,9 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    root = checkpoint_root(output_dir)
+def latest_checkpoint(output_dir: str | Path | None = None, *, root: str | Path | None = None) -> Path | None:
+    """The newest complete checkpoint under `root` (default `<output_dir>/checkpoints`), or None."""
+    root = Path(root) if root is not None else checkpoint_root(output_dir)
     if not root.is_dir():
         return None
     done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file())
@@ -70,26 +70,28 @@ def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: Any, optimizer: Any, loop_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+def save_checkpoint(output_dir: str | Path | None, step: int, model: Any, optimizer: Any, loop_state: dict[str, Any],
+                    keep: int = 2, *, root: str | Path | None = None) -> Path:
+    """Write checkpoint `step` atomically under `root` (default `<output_dir>/checkpoints`) and
+    prune all but the newest `keep`."""
     import torch
     from safetensors.torch import save_file
 
-    root = checkpoint_root(output_dir)
+    root = Path(root) if root is not None else checkpoint_root(output_dir)
     path = root / f"{PREFIX}{step:07d}"
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=True, what="checkpoint") as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / "optimizer.json", opt_meta)
         atomic_write_json(tmp / "state.json", {**loop_state, "step": step})
     for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard_dir(old, require_marker=False)  # renamed aside first: a crash mid-delete leaves no half checkpoint
     return path
 
 

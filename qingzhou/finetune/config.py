@@ -36,7 +36,9 @@ class FinetuneConfig(BaseModel):
                                                 "measured about 15% slower on CPU, so off by default")
     eval_every: int = Field(0, ge=0, description="steps between eval-loss measurements (0: only before and after)")
     eval_batches: int | None = Field(None, gt=0, description="cap the eval batches (None: whole held-out split)")
-    save_every: int = Field(0, ge=0, description="steps between resumable checkpoints (0: none)")
+    save_every: int = Field(0, ge=0, description="steps between resumable checkpoints (0: only the time-based ones)")
+    save_every_minutes: float = Field(10.0, ge=0, description="also checkpoint after this much training time, so "
+                                                              "Ctrl-C or a crash loses at most that much (0: off)")
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     seed: int = 0

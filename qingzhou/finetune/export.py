@@ -48,11 +48,13 @@ def _load_base(source: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
 
 
-def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any = None) -> ExportResult:
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any = None, *,
+                  overwrite: bool = False) -> ExportResult:
     """Merge the peft adapter at `adapter_dir` into its base and save the merged model to `out_dir`.
 
     `base_model` is a loaded model (it is modified in place) or a path/alias; by default the
-    adapter's recorded `base_model_name_or_path`.
+    adapter's recorded `base_model_name_or_path`. A non-empty `out_dir` is replaced only with
+    `overwrite=True`, and only if qingzhou wrote it.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     cfg_file = adapter_dir / "adapter_config.json"
@@ -64,7 +66,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any 
     adapter_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     peft_type = str(adapter_cfg.get("peft_type", "")).upper()
     if peft_type in PROMPT_TYPES or peft_type not in MERGEABLE:
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite, what="adapter copy") as tmp:
             shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         kind = peft_type.lower().replace("_", " ") or "these"
         return ExportResult(str(out_dir), False, peft_type, WHY_NOT.format(kind=kind))
@@ -77,7 +79,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any 
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, what="merged model") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if (adapter_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -25,14 +26,15 @@ from qingzhou.data.packing import Example, collate
 from qingzhou.data.prepare import DataConfig, PreparedData, prepare_data
 from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
-from qingzhou.finetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qingzhou.finetune.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from qingzhou.finetune.config import FinetuneConfig
 from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
-from qingzhou.io import atomic_dir, atomic_write_json
+from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import keep_bnb_4bit_layout
+from qingzhou.signals import Interrupted, fault_point, graceful_stop
 
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 
@@ -224,6 +226,8 @@ def finetune(
     callbacks: list[Callable[[int, dict[str, Any]], None]] | None = None,
     base_source: str | None = None,
     loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `model` (full, LoRA family, QLoRA, IA3 or prompt-based) and save the result.
 
@@ -236,12 +240,21 @@ def finetune(
     target tokens)` replaces next-token cross-entropy in training (distillation plugs in here; the
     held-out loss stays cross-entropy); if it is an `nn.Module`, its parameters (e.g. hidden-state
     projections) are trained and checkpointed with the model's.
+
+    Checkpoints are written every `save_every` steps and every `save_every_minutes` of training,
+    and when SIGINT/SIGTERM arrives (at the end of the current step; then `Interrupted` is raised);
+    `checkpoint_dir` puts them elsewhere than `<output_dir>/checkpoints` (the recipe runner keeps
+    them outside its temporary stage folder). A non-empty `output_dir` must be an earlier
+    `finetune` output (it is continued with resume=True); `overwrite=True` starts such a folder
+    over; a folder qingzhou did not write is never used.
     """
     import torch
     from accelerate import Accelerator
 
     cfg = parse_finetune_config(cfg)
     output_dir = Path(output_dir)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_root(output_dir)
+    claim_output_dir(output_dir, ckpt_root, resume=resume, overwrite=overwrite)
     prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
         raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
@@ -292,7 +305,7 @@ def finetune(
 
     state: dict[str, Any] = {"train_loss": [], "eval_loss": [], "eval_loss_before": None, "tokens": 0, "seconds": 0.0}
     start_step, resumed_from = 0, None
-    ckpt = latest_checkpoint(output_dir) if resume else None
+    ckpt = latest_checkpoint(root=ckpt_root) if resume and not overwrite else None
     if ckpt is not None:
         loaded = load_checkpoint(ckpt, ckpt_module, optimizer)
         if loaded.get("data_fingerprint") != data_fp or loaded.get("method") != cfg.method:
@@ -311,8 +324,9 @@ def finetune(
     model.train()
     t0, tokens0 = time.perf_counter(), state["tokens"]
     progress = _progress(cfg.progress and accelerator.is_main_process)
+    last_save = time.perf_counter()
     # opt-in: SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
-    with progress, fused_training_ops(unwrapped, enabled=cfg.fused_ops):
+    with progress, fused_training_ops(unwrapped, enabled=cfg.fused_ops), graceful_stop() as stop:
         task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-", mem="-")
         for step in range(start_step + 1, cfg.max_steps + 1):
             micro = [[prepared.train[i] for i in plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
@@ -355,15 +369,23 @@ def finetune(
                 state["eval_loss"].append((step, ev))
                 metrics["eval_loss"] = ev
             progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{_peak_memory_mb(device_type):,.0f}")
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+            fault_point(f"step {step}")
+            timely = bool(cfg.save_every_minutes) and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
+            stopping, timely = _any_process(accelerator, stop.requested, timely)  # every process saves, or none
+            due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
+            if due or stopping:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(output_dir, step, ckpt_module, optimizer,
+                    save_checkpoint(None, step, ckpt_module, optimizer,
                                     {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": data_fp},
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, root=ckpt_root)
                     atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+                last_save = time.perf_counter()
             elif step % 10 == 0 and accelerator.is_main_process:  # early metrics for dashboards / the runner
                 atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+            if stopping:
+                raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; checkpoint saved in {ckpt_root}. "
+                                               "Run the same command again to continue from it.")
             for cb in callbacks or []:
                 cb(step, metrics)
 
@@ -380,7 +402,7 @@ def finetune(
         for pc in unwrapped.peft_config.values():
             pc.base_model_name_or_path = base_source
     if accelerator.is_main_process:
-        with atomic_dir(artifact_dir) as tmp:
+        with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
             unwrapped.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     result = FinetuneResult(
@@ -393,8 +415,44 @@ def finetune(
         data={**prepared.stats, "fingerprint": data_fp}, model=unwrapped,
     )
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "config": cfg.model_dump()})
+        # paths relative to the file's own folder: it may be a temp folder renamed later (recipe stages)
+        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "output_dir": ".", "artifact_dir": artifact,
+                                                        "config": cfg.model_dump()})
     return result
+
+
+def claim_output_dir(output_dir: Path, ckpt_root: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty output folder that is not an earlier fine-tune's, and one that is when
+    it is neither resumed nor overwritten; mark the folder as ours. With `overwrite`, the old
+    checkpoints go (the run starts over)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError("the output path is a file, not a folder.", where=str(output_dir))
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not is_qingzhou_dir(output_dir):
+            raise OutputError("the output folder is not empty and was not written by qingzhou; it is never used "
+                              "for output.", where=str(output_dir), hint="Choose a new (or empty) folder.")
+        if not resume and not overwrite:
+            raise OutputError("the output folder holds an earlier fine-tune.", where=str(output_dir),
+                              hint="Resume it (resume=True), start it over (overwrite=True, --force), or choose "
+                                   "another folder.")
+    if overwrite and ckpt_root.is_dir():
+        import shutil
+
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not is_qingzhou_dir(output_dir):
+        write_marker(output_dir, "finetune")
+
+
+def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process: a checkpoint or a stop must happen on all of
+    them or the collective save would wait forever (a signal or a clock reaches one process first)."""
+    if accelerator.num_processes == 1:
+        return flags
+    import torch
+
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+    return tuple(bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist())
 
 
 class _null:

@@ -64,7 +64,9 @@ class StageContext:
     """Passed to every stage function.
 
     `work_dir` is a temp folder that becomes `final_dir` only once the stage has finished, so
-    stages write artifacts into `work_dir` and refer to them by their `final_dir` path.
+    stages write artifacts into `work_dir` and refer to them by their `final_dir` path. A crash
+    removes `work_dir`; what must survive one (training checkpoints) goes to `checkpoint_dir`,
+    beside it, which the runner keeps until the stage has completed.
     """
 
     run_dir: Path
@@ -76,6 +78,22 @@ class StageContext:
     history: list[dict[str, Any]] = field(default_factory=list)
     cache: ModelCache = field(default_factory=ModelCache)
     new_model_ref: ModelRef | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_identity: dict[str, Any] = field(default_factory=dict)
+
+    CHECKPOINT_OWNER = "owner.json"  # in checkpoint_dir: the inputs the checkpoints were made from
+
+    def checkpoints(self) -> Path:
+        """The folder for this stage's training checkpoints, created on first use with a record of
+        the stage's inputs (the runner discards checkpoints made from other inputs)."""
+        if self.checkpoint_dir is None:
+            return self.work_dir / "checkpoints"
+        owner = self.checkpoint_dir / self.CHECKPOINT_OWNER
+        if not owner.is_file():
+            from qingzhou.io import atomic_write_json
+
+            atomic_write_json(owner, self.checkpoint_identity)
+        return self.checkpoint_dir
 
     def get_model(self):
         """The current (model, tokenizer), loaded or taken from memory."""

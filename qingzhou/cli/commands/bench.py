@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(3, "--repeats"),
         fast: str = typer.Option("auto", "--fast", help="static-cache + compiled decode: auto (CUDA only) | on | off"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
+        force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -35,6 +36,10 @@ def register(app: typer.Typer) -> None:
         if fast not in choices:
             raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
 
+        if out_file:
+            from qingzhou.io import check_output_file
+
+            check_output_file(out_file, force)  # before the model loads
         mdl, tok = load_model(model, dtype=dtype, device=device)
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])

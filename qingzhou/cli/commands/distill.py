@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device"),
         seed: int = typer.Option(0, "--seed"),
         resume: bool = typer.Option(True, "--resume/--no-resume"),
+        force: bool = typer.Option(False, "--force", help="start over in an --out folder holding an earlier run"),
+        save_every: Optional[int] = typer.Option(None, "--save-every", help="also checkpoint every N steps"),
+        save_every_minutes: float = typer.Option(10.0, "--save-every-minutes",
+                                                 help="checkpoint after this much training time (0: off); Ctrl-C "
+                                                      "and SIGTERM save one too"),
         sets: list[str] = typer.Option(None, "--set", "-s", help="other training fields, KEY=VALUE (repeatable)"),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     ) -> None:
@@ -41,9 +46,12 @@ def register(app: typer.Typer) -> None:
         from qingzhou.cli.commands.finetune import _parse_sets
         from qingzhou.finetune.distill import distill, parse_distill_config
         from qingzhou.data import DataConfig
+        from qingzhou.finetune.checkpoint import checkpoint_root
+        from qingzhou.finetune.loop import claim_output_dir
         from qingzhou.llm import load_model
 
         fields = {"method": method, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
+                  "save_every_minutes": save_every_minutes, **({"save_every": save_every} if save_every else {}),
                   "progress": not as_json, "divergence": divergence, "temperature": temperature,
                   "kd_ratio": kd_ratio, "top_k": top_k or None, "cache_dir": cache_dir,
                   "hidden": {"weight": hidden_weight} if hidden_weight > 0 else None}
@@ -51,9 +59,11 @@ def register(app: typer.Typer) -> None:
             fields["learning_rate"] = learning_rate
         cfg = parse_distill_config({**fields, **_parse_sets(sets)})
         data_cfg = DataConfig(source=data, format=data_format, max_length=max_length, packing=packing, seed=seed)
+        claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the models load
         s_model, tok = load_model(student, device=device)
         t_model, _ = load_model(teacher, device=device)
-        report = distill(s_model, t_model, tok, cfg, data_cfg, output_dir=out_dir, resume=resume, base_source=student)
+        report = distill(s_model, t_model, tok, cfg, data_cfg, output_dir=out_dir, resume=resume, base_source=student,
+                         overwrite=force)
         if as_json:
             print_json(report.to_dict())
             return

@@ -26,6 +26,7 @@ def register_eval(eval_app: typer.Typer) -> None:
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="folder with tasks/*.jsonl, cmmlu/ ..."),
         source: str = typer.Option("auto", "--source", help="auto | local | hub"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
+        force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
         list_: bool = typer.Option(False, "--list", help="list the shipped tasks and exit"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -43,6 +44,10 @@ def register_eval(eval_app: typer.Typer) -> None:
 
         for name in tasks:  # a typo fails now, not after loading the model
             load_task(name)
+        if out_file:
+            from qingzhou.io import check_output_file
+
+            check_output_file(out_file, force)
         mdl, tok = load_model(model, dtype=dtype, device=device)
         result = evaluate(mdl, tok, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                           seed=seed, data_dir=data_dir, source=source, progress=progress)

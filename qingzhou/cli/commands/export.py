@@ -19,12 +19,15 @@ def register(app: typer.Typer) -> None:
         adapter: Path = typer.Argument(..., help="peft adapter folder (e.g. runs/finetune/adapter)"),
         out_dir: Path = typer.Argument(..., help="where to write the merged model"),
         base: Optional[str] = typer.Option(None, "--base", help="base model (default: the one recorded in the adapter)"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Merge an adapter into its base and save a plain transformers model (prompt adapters are copied)."""
         from qingzhou.finetune import export_merged
+        from qingzhou.io import check_output_dir
 
-        result = export_merged(adapter, out_dir, base_model=base)
+        check_output_dir(out_dir, force)
+        result = export_merged(adapter, out_dir, base_model=base, overwrite=force)
         if as_json:
             print_json(result.to_dict())
         else:

@@ -45,23 +45,31 @@ def register(app: typer.Typer) -> None:
         template: Optional[str] = typer.Option(None, "--template", help="chat template: name, .jinja file or Jinja text"),
         skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="count and skip rows missing a field"),
         eval_fraction: float = typer.Option(0.05, "--eval-fraction"),
-        save_every: int = typer.Option(0, "--save-every", help="checkpoint every N steps (resumable)"),
+        save_every: Optional[int] = typer.Option(None, "--save-every", help="also checkpoint every N steps"),
+        save_every_minutes: float = typer.Option(10.0, "--save-every-minutes",
+                                                 help="checkpoint after this much training time (0: off); Ctrl-C "
+                                                      "and SIGTERM save one too"),
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
         mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto | no | bf16 | fp16"),
         device: str = typer.Option("auto", "--device"),
         seed: int = typer.Option(0, "--seed"),
         resume: bool = typer.Option(True, "--resume/--no-resume"),
+        force: bool = typer.Option(False, "--force", help="start over in an --out folder holding an earlier fine-tune"),
         sets: list[str] = typer.Option(None, "--set", "-s", help="other method fields, KEY=VALUE (repeatable)"),
         as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     ) -> None:
         """Fine-tune a model; writes a peft adapter (or full model) and metrics.json to --out."""
         from qingzhou.data import DataConfig
         from qingzhou.finetune import finetune, parse_finetune_config
+        from qingzhou.finetune.checkpoint import checkpoint_root
+        from qingzhou.finetune.loop import claim_output_dir
         from qingzhou.llm import load_model
 
         fields = {"method": method, "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum,
-                  "save_every": save_every, "gradient_checkpointing": gradient_checkpointing,
+                  "save_every_minutes": save_every_minutes, "gradient_checkpointing": gradient_checkpointing,
                   "mixed_precision": mixed_precision, "seed": seed, "progress": not as_json}
+        if save_every is not None:
+            fields["save_every"] = save_every
         if learning_rate is not None:
             fields["learning_rate"] = learning_rate
         if r is not None:
@@ -71,8 +79,9 @@ def register(app: typer.Typer) -> None:
         cfg = parse_finetune_config({**fields, **_parse_sets(sets)})
         data_cfg = DataConfig(source=data, format=data_format, template=template, max_length=max_length, packing=packing,
                               skip_bad_rows=skip_bad_rows, eval_fraction=eval_fraction, seed=seed)
+        claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the model loads
         mdl, tok = load_model(model, device=device)
-        result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model)
+        result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model, overwrite=force)
         summary = result.to_dict()
         if as_json:
             print_json(summary)

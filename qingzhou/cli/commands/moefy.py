@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         eval_windows: int = typer.Option(8, "--eval-windows"),
         eval_seq_len: int = typer.Option(512, "--eval-seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
@@ -41,10 +42,12 @@ def register(app: typer.Typer) -> None:
         settings = validate_flags(MoefyConfig.model_validate, cfg, {**_FLAGS, **CALIBRATION_FLAGS}, "moefy")
 
         from qingzhou.compress.moefy import moefy
+        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
+        check_output_dir(out_dir, force)  # before minutes of loading and clustering
         m, tok = load_model(model, dtype="float32", device="cpu")  # only once every setting is valid
-        report = moefy(m, settings, tokenizer=tok, output_dir=out_dir)
+        report = moefy(m, settings, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json({**summary, "quality": report.quality})

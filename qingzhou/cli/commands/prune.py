@@ -36,19 +36,22 @@ def register(app: typer.Typer) -> None:
         seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s comparison=row"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
         """Prune MODEL and save a plain transformers folder (zeros in place, or smaller if structured)."""
         from qingzhou.compress.prune import PRUNERS, prune
+        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
         flags = {**(settings or {}), **parse_sets(sets), **({"owl": {}} if owl else {}),
                  **({"skip": ["lm_head", "embed", *skip]} if skip else {})}
         cfg = method_config(PRUNERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                             names={"owl": "--owl"}, where="prune")
+        check_output_dir(out_dir, force)  # before minutes of loading and calibration
         m, tok = load_model(model, dtype="float32", device="cpu")
-        report = prune(m, cfg, tokenizer=tok, output_dir=out_dir)
+        report = prune(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json(report.to_dict() if per_layer else summary)

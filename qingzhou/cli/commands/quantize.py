@@ -35,12 +35,14 @@ def register(app: typer.Typer) -> None:
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
+        force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
         """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense, or GGUF) folder."""
         from qingzhou.compress.quantize import QUANTIZERS, quantize
         from qingzhou.compress.quantize.api import save_compressed
+        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
         flags = {**(settings or {}), **parse_sets(sets), **({"pack": False} if dense else {})}
@@ -50,12 +52,13 @@ def register(app: typer.Typer) -> None:
             cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                                 names={"pack": "--dense", "sym": "--sym/--asym"}, where="quantize")
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
+        check_output_dir(out_dir, force)  # before minutes of loading and calibration
         m, tok = load_model(model, dtype="float32", device="cpu")
         if method == "none":
             summary: dict[str, Any] = {}
-            save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0")
+            save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0", overwrite=force)
         else:
-            report = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, save_format=save_format,
+            report = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force, save_format=save_format,
                               gguf_type=gguf_type or "q8_0")
             summary = report.summary()
         if gguf_type is not None:

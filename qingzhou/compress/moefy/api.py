@@ -142,7 +142,7 @@ def neuron_features(mlp: nn.Module, layout: MLPLayout, acts: torch.Tensor, clust
 
 
 def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None, output_dir: str | Path | None = None) -> MoefyReport:
+          tokenizer: Any = None, output_dir: str | Path | None = None, overwrite: bool = False) -> MoefyReport:
     """MoEfy every decoder FFN of `model` in place and report routing and (optionally) quality.
 
     `calib`: calibration samples (token tensors, an [N, T] tensor, strings, or None to load
@@ -179,7 +179,7 @@ def moefy(model: nn.Module, cfg: MoefyConfig | dict[str, Any], calib: Any = None
         from qingzhou.compress.driver import write_outputs
         from qingzhou.compress.moefy.saving import save_moefied
 
-        write_outputs(output_dir, report, lambda folder: save_moefied(model, tokenizer, folder))
+        write_outputs(output_dir, report, lambda folder: save_moefied(model, tokenizer, folder, overwrite=overwrite))
     return report
 
 

@@ -31,7 +31,7 @@ def moefication_spec(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "ffns": ffns}
 
 
-def save_moefied(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_moefied(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write the dense weights (`qingzhou.llm.save_model`), the router weights and the spec."""
     from safetensors.torch import save_file
 
@@ -45,7 +45,7 @@ def save_moefied(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     tensors = {f"{name}.router.{k}": v.detach().cpu().contiguous()
                for name, m in moe_modules(model).items() for k, v in m.router.state_dict().items()}
     with restore_dense(model):
-        out_dir = save_model(model, tokenizer, out_dir)
+        out_dir = save_model(model, tokenizer, out_dir, overwrite=overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=out_dir)
     os.close(fd)
     save_file(tensors, tmp)

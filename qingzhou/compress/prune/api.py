@@ -48,7 +48,7 @@ class PruneReport:
 
 
 def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None, output_dir: str | Path | None = None) -> Any:
+          tokenizer: Any = None, output_dir: str | Path | None = None, overwrite: bool = False) -> Any:
     """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
 
     `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
@@ -75,7 +75,7 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
     if output_dir is not None:
         from qingzhou.llm import save_model
 
-        write_outputs(output_dir, report, lambda folder: save_model(model, tokenizer, folder))
+        write_outputs(output_dir, report, lambda folder: save_model(model, tokenizer, folder, overwrite=overwrite))
     return report
 
 

@@ -54,6 +54,7 @@ class QuantizeReport:
 def quantize(
     model: nn.Module, cfg: QuantizeConfig | dict[str, Any], calib: Any = None, *, tokenizer: Any = None,
     output_dir: str | Path | None = None, save_format: str = "gptq", gguf_type: str = "q8_0",
+    overwrite: bool = False,
 ) -> QuantizeReport:
     """Quantise the decoder-layer linears of `model` in place and report what happened.
 
@@ -62,7 +63,8 @@ def quantize(
     `tokenizer`). With `cfg.pack` (default) the linears become `QuantLinear` modules holding the
     GPTQ-layout tensors; otherwise they stay dense, fake-quantised. Given `output_dir`, the model
     is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
-    `report.json`, as every verb saves.
+    `report.json`, as every verb saves (a non-empty `output_dir` only with `overwrite`, and only
+    if qingzhou wrote it).
     """
     requested: dict[str, int] = {}  # group size asked for, where on_indivisible_group changed it
 
@@ -99,23 +101,27 @@ def quantize(
     report.seconds = run.seconds
     setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, run.skipped))
     if output_dir is not None:
-        write_outputs(output_dir, report, lambda folder: save_compressed(model, tokenizer, folder, save_format, gguf_type))
+        write_outputs(output_dir, report,
+                      lambda folder: save_compressed(model, tokenizer, folder, save_format, gguf_type, overwrite=overwrite))
     return report
 
 
-def save_compressed(model: nn.Module, tokenizer: Any, folder: Path, save_format: str = "gptq",
-                    gguf_type: str = "q8_0") -> Path:
-    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`."""
+def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_format: str = "gptq",
+                    gguf_type: str = "q8_0", *, overwrite: bool = False) -> Path:
+    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`,
+    atomically (a non-empty `folder` only with `overwrite`, and only if qingzhou wrote it)."""
     if save_format == "gptq":
-        return save_quantized(model, tokenizer, folder)
+        return save_quantized(model, tokenizer, folder, overwrite=overwrite)
     if save_format == "dense":
         from qingzhou.llm import save_model
 
-        return save_model(model, tokenizer, folder)
+        return save_model(model, tokenizer, folder, overwrite=overwrite)
     if save_format == "gguf":
         from qingzhou.compress.quantize.formats.gguf import export_gguf
+        from qingzhou.io import atomic_dir
 
-        export_gguf(model, tokenizer, Path(folder) / "model.gguf", gguf_type)
+        with atomic_dir(folder, overwrite=overwrite, what="gguf export") as tmp:
+            export_gguf(model, tokenizer, tmp / "model.gguf", gguf_type)
         return Path(folder)
     raise RecipeError(f"unknown save format {save_format!r}.", where="save_format", hint="Valid: gptq, dense, gguf.")
 

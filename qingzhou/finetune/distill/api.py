@@ -90,14 +90,16 @@ def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
 def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: DistillConfig | dict[str, Any],
             data: Any, *, output_dir: str | Path, resume: bool = True,
             callbacks: list[Callable[[int, dict[str, Any]], None]] | None = None,
-            base_source: str | None = None) -> DistillReport:
+            base_source: str | None = None, checkpoint_dir: str | Path | None = None,
+            overwrite: bool = False) -> DistillReport:
     """Train `student` towards `teacher` on `data` with the one fine-tuning loop.
 
     `cfg`: a `DistillConfig` or a dict, nested (`train: {method: full, ...}`) or flat (keys that are
     not distillation settings are the loop's). `data`: anything `finetune` takes (source string,
     DataConfig, rows, PreparedData). The student (or its adapter) is saved under `output_dir` like a
     fine-tune; `distill.json` there holds the report. Returns a `DistillReport` (`.model` is the
-    trained student).
+    trained student). `checkpoint_dir` and `overwrite` are the fine-tuning loop's (where
+    checkpoints go; whether an earlier output folder is started over).
     """
     from accelerate import PartialState
 
@@ -109,7 +111,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
         pruned_masks,
     )
     from qingzhou.finetune.distill.teacher_cache import open_or_build
-    from qingzhou.finetune.loop import finetune, prepare_training_data
+    from qingzhou.finetune.checkpoint import checkpoint_root
+    from qingzhou.finetune.loop import claim_output_dir, finetune, prepare_training_data
     from qingzhou.finetune.methods import parse_finetune_config
     from qingzhou.io import atomic_write_json
     from qingzhou.llm.devices import keep_bnb_4bit_layout
@@ -120,6 +123,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
     _check_pair(student, teacher)
     for model in (student, teacher):  # 4-bit layers: compute dtype kept, the student trainable after held_out_kl
         keep_bnb_4bit_layout(model)
+    # before the teacher cache is built: a refused output folder should fail in a second
+    claim_output_dir(Path(output_dir), Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_root(output_dir),
+                     resume=resume, overwrite=overwrite)
     # only a multi-process launch needs accelerate's state here; creating it early in a single
     # process could pin a device choice before the loop's Accelerator(cpu=...) makes its own
     state = PartialState() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
@@ -152,7 +158,8 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
         masks = pruned_masks(student) if cfg.keep_sparsity and train_cfg.method == "full" else {}
         with keep_zeros(student, masks):
             result = finetune(student, tokenizer, prepared, train_cfg, output_dir=output_dir, resume=resume,
-                              callbacks=callbacks, base_source=base_source, loss_fn=objective)
+                              callbacks=callbacks, base_source=base_source, loss_fn=objective,
+                              checkpoint_dir=checkpoint_dir, overwrite=overwrite)
         forwards["train"] = objective.teacher_forwards
         kl_after = held_out_kl(result.model, teacher, prepared.eval, pad_id, max_rows=cfg.kl_rows)
         forwards["eval"] = calls[0] - forwards["cache"] - forwards["train"]
@@ -170,7 +177,9 @@ def distill(student: nn.Module, teacher: nn.Module, tokenizer: Any, cfg: Distill
                            parameters=sum(p.numel() for p in {id(p): p for p in student.parameters()}.values()),
                            sparsity=sparsity, seconds=time.perf_counter() - t0)
     if main:
-        atomic_write_json(Path(output_dir) / "distill.json", report.to_dict())
+        record = report.to_dict()  # paths relative to the file's own folder (it may be renamed, as recipe stages are)
+        record["finetune"].update(output_dir=".", artifact_dir=result.artifact)
+        atomic_write_json(Path(output_dir) / "distill.json", record)
     return report
 
 

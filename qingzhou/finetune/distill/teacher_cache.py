@@ -124,7 +124,7 @@ def build_teacher_cache(teacher: torch.nn.Module, rows: Sequence[Any], path: str
         buf_v.clear()
         buf_i.clear()
 
-    with eval_mode(teacher), atomic_dir(path) as tmp, \
+    with eval_mode(teacher), atomic_dir(path, overwrite=True, what="teacher cache") as tmp, \
             progress_bar(len(order), "teacher top-k", enabled=progress) as advance:
         for start in range(0, len(order), batch_size):
             chunk = [rows[i] for i in order[start:start + batch_size]]

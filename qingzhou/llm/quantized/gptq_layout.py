@@ -24,14 +24,15 @@ WEIGHTS = "model.safetensors"
 QUANT_ATTR = "qingzhou_quantization"  # model attribute holding the quantization_config to save
 
 
-def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
-    """Write `model` (with `QuantLinear` modules from `quantize`) as a GPTQ-layout folder, atomically."""
+def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` (with `QuantLinear` modules from `quantize`) as a GPTQ-layout folder, atomically
+    (a non-empty `folder` only with `overwrite=True`, and only if qingzhou wrote it)."""
     qc = getattr(model, QUANT_ATTR, None)
     if qc is None or not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ModelLoadError("model has no packed quantised layers.", where=str(folder),
                              hint="Run quantize(model, cfg) with pack=True first.")
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=overwrite, what="quantized model") as tmp:
         state = _dedupe_tied(model, model.state_dict())
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "quantizer": "qingzhou"})

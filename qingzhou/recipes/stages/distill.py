@@ -82,8 +82,9 @@ def run_distill(cfg: DistillStage, ctx: StageContext) -> StageResult:
                             allow_pickle=ref.allow_pickle)
     data = cfg.data if isinstance(cfg.data, DataConfig) else DataConfig(source=cfg.data, seed=ctx.seed)
     base = ctx.model_ref.source if ctx.model_ref else None
+    # checkpoints beside the stage folder: the temp folder goes on a crash, they must not
     report = distill(model, teacher, tokenizer, cfg.settings, data, output_dir=ctx.work_dir, resume=cfg.resume,
-                     base_source=base)
+                     base_source=base, checkpoint_dir=ctx.checkpoints())
     del teacher
     result = report.finetune
     ctx.set_model_artifact(result.artifact, result.model, tokenizer)

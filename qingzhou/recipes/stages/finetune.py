@@ -63,7 +63,9 @@ def run_finetune(cfg: FinetuneStage, ctx: StageContext) -> StageResult:
     method_cfg = cfg.method_config(ctx.seed)
     before = _answers(model, tokenizer, cfg.show_prompts, cfg.max_new_tokens) if cfg.show_prompts else []
     base = ctx.model_ref.source if ctx.model_ref else None
-    result = finetune(model, tokenizer, data, method_cfg, output_dir=ctx.work_dir, resume=cfg.resume, base_source=base)
+    # checkpoints beside the stage folder: the temp folder goes on a crash, they must not
+    result = finetune(model, tokenizer, data, method_cfg, output_dir=ctx.work_dir, resume=cfg.resume, base_source=base,
+                      checkpoint_dir=ctx.checkpoints())
     metrics: dict[str, Any] = {k: v for k, v in result.to_dict().items() if k not in {"output_dir", "artifact_dir"}}
     if cfg.show_prompts:
         after = _answers(result.model, tokenizer, cfg.show_prompts, cfg.max_new_tokens)

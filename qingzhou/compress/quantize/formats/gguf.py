@@ -42,7 +42,7 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFType = "q8_0",
-                *, pre: str | None = None) -> dict[str, Any]:
+                *, pre: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `model` (dense, or with qingzhou `QuantLinear` layers, dequantised) to `path`.
 
     `pre` is llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, e.g. "smollm", "llama-bpe",
@@ -50,7 +50,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     when the tokenizer splits with plain byte-level GPT-2 rules (what transformers applies), else
     "default"; pass the model family's name when you know it.
     Returns a small summary (path, bytes, tensor types). Raises `ModelLoadError` for architectures
-    other than Llama/Mistral, naming the supported ones.
+    other than Llama/Mistral, naming the supported ones. An existing file at `path` is replaced
+    only with `overwrite=True`.
     """
     import gguf
 
@@ -62,6 +63,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
         raise ModelLoadError(f"unknown GGUF type {qtype!r}.", where="gguf_type", hint="Use f32, f16, q8_0 or q4_0.")
     rope = _rope(cfg)
     path = Path(path)
+    if path.exists() and not (overwrite and path.is_file()):
+        from qingzhou.io import OutputError
+
+        raise OutputError("the output file exists." if path.is_file() else "the output path is a folder.", where=str(path),
+                          hint="Choose another path" + (", or pass overwrite=True (--force) to replace it." if path.is_file() else "."))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
