@@ -56,10 +56,10 @@ SERVER = r"""
 import json, os, runpy, signal, sys, traceback
 import qingzhou.cli.main, qingzhou.recipes.runner, qingzhou.finetune.loop, qingzhou.finetune.export, qingzhou.llm
 import qingzhou.eval.perplexity, qingzhou.data.prepare, peft, accelerate, transformers
-from qingzhou.recipes.registry import load_stages
-from qingzhou.compress.quantize.registry import load_quantizers
-from qingzhou.compress.prune.registry import load_pruners
-load_stages(); load_quantizers(); load_pruners()
+from qingzhou.recipes.registry import STAGES
+from qingzhou.compress.quantize.registry import QUANTIZERS
+from qingzhou.compress.prune.registry import PRUNERS
+STAGES.load(); QUANTIZERS.load(); PRUNERS.load()
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
