@@ -34,6 +34,7 @@ class MethodRun:
     extra: dict[str, Any] = field(default_factory=dict)  # what `before_run` returned (e.g. OWL ratios)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    bytes_before: int = 0  # parameter bytes of the planned modules before the method ran
 
 
 def run_method(model: Any, cfg: Any, calib: Any, tokenizer: Any, *, registry: Registry[Any],
@@ -54,6 +55,8 @@ def run_method(model: Any, cfg: Any, calib: Any, tokenizer: Any, *, registry: Re
     wants = needs_data(cfg, entry) if needs_data else entry.meta.get("needs_calibration", True)
     samples = calibration_samples(calib, cfg, tokenizer, where) if wants else None
     run = MethodRun(cfg, entry, plan, skipped, samples)
+    modules = dict(model.named_modules())
+    run.bytes_before = sum(p.numel() * p.element_size() for n in plan for p in modules[n].parameters())
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -79,7 +79,7 @@ def quantize(
     report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=run.skipped,
                             warnings=run.warnings, packed=cfg.pack, calibration=result.get("calibration", {}))
     report.unfed = list(report.calibration.get("unfed", []))
-    report.linear_bytes_before = sum(_linear_bytes(modules[n]) for n in plan)
+    report.linear_bytes_before = run.bytes_before
     quantized = {name: r.pop("quantized") for name, r in result["modules"].items() if "quantized" in r}
     for name, r in result["modules"].items():
         s = plan[name]
@@ -124,10 +124,6 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_f
             export_gguf(model, tokenizer, tmp / "model.gguf", gguf_type)
         return Path(folder)
     raise RecipeError(f"unknown save format {save_format!r}.", where="save_format", hint="Valid: gptq, dense, gguf.")
-
-
-def _linear_bytes(m: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
 def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
