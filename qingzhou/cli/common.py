@@ -1,16 +1,24 @@
-"""Shared CLI plumbing: error printing, --json output, tables. Commands stay a few lines each."""
+"""Shared CLI plumbing: error printing, shared options, --json output, tables. Commands stay a few
+lines each.
+
+Every user error reaches the terminal as one paragraph and exit code 2. Its text is printed with
+rich markup escaped: paths and values come from the user, and `[red]` in a file name (or `[bnb]` in
+a pip hint) is text, not a style.
+"""
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from qingzhou.errors import QingzhouError
+from qingzhou.errors import DeviceError, QingzhouError, UsageError
 
 STATE = {"debug": False}
 out = Console()
@@ -27,13 +35,68 @@ def guarded(fn):
         except QingzhouError as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]{e.kind}:[/] {e.render()}", highlight=False, soft_wrap=True)
+            print_error(e.kind, e.render())
+            raise typer.Exit(2) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+            # a path the user gave that is in the way, not writable, or a file where a folder must be
+            if STATE["debug"]:
+                raise
+            target = f"{e.filename}: " if e.filename else ""
+            print_error("file error", f"{target}{e.strerror or e}.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: completed stages are kept; rerun with --resume to continue.")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def print_error(kind: str, text: str) -> None:
+    """One paragraph on stderr: `kind:` in bold red, the (escaped) text after it."""
+    err.print(f"[bold red]{escape(kind)}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+# Options every model-loading command takes: the same arguments `load_model` has.
+AllowPickleOpt = typer.Option(False, "--allow-pickle", help="load pickle weights (.bin/.pt): they can run code; only for trusted files")
+TrustRemoteCodeOpt = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code (auto_map); only for trusted authors")
+StrictOpt = typer.Option(True, "--strict/--no-strict", help="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
+
+
+def load_options(allow_pickle: bool, trust_remote_code: bool, strict: bool) -> dict[str, bool]:
+    """The `load_model` keyword arguments of the shared options."""
+    return {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "strict": strict}
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Fail now, not after loading a model, when `device` is unknown or not on this machine."""
+    if device and device.strip().lower() not in ("auto", "cpu"):
+        from qingzhou.llm.devices import resolve_device
+
+        try:
+            resolve_device(device)
+        except DeviceError as e:
+            raise DeviceError(e.message, where=flag, hint=e.hint) from None
+
+
+def check_out_dir(path: Path | str | None, flag: str = "OUT") -> None:
+    """An output folder must not be an existing file (checked before any work starts)."""
+    if path is None:
+        return
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p} is a file, but a folder is needed here.", where=flag,
+                             hint="Choose another output folder.")
+
+
+def check_out_file(path: Path | str | None, flag: str = "--out") -> None:
+    """An output file must not be an existing folder, nor lie under a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, but a file is needed here.", where=flag)
+    check_out_dir(path.parent, flag)
 
 
 def print_json(obj: Any) -> None:
@@ -46,6 +109,7 @@ def emit_result(result: dict[str, Any], out_file: Any, as_json: bool) -> bool:
     if out_file:
         from qingzhou.io import atomic_write_json
 
+        check_out_file(out_file)
         atomic_write_json(out_file, result)
     if as_json:
         print_json(result)

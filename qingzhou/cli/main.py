@@ -12,9 +12,24 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from qingzhou._version import __version__
-from qingzhou.cli.common import STATE, err, guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    STATE,
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    err,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 app = typer.Typer(help="轻舟 qingzhou: pretrain, adapt, compress and measure LLMs on modest hardware.", no_args_is_help=True, add_completion=False)
 recipes_app = typer.Typer(help="Built-in recipes: list, show, copy.", no_args_is_help=True)
@@ -60,15 +75,16 @@ def run(
     """Run a recipe: every stage in order, artifacts and run.json in the run directory."""
     from qingzhou.recipes.runner import run_recipe
 
+    check_out_dir(out_dir, "--out")
     result = run_recipe(recipe, out_dir, overrides=set_, resume=resume, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return
     rows = [{"stage": s["label"], "kind": s["kind"], "seconds": s["seconds"], "resumed": s["resumed"]} for s in result.stages]
-    out.print(table(f"run {result.status}: {result.run_dir}", rows))
+    out.print(table(escape(f"run {result.status}: {result.run_dir}"), rows))
     report = result.run_dir / "report.md"
     if report.exists():
-        out.print(f"report: {report}")
+        out.print(f"report: {escape(str(report))}")
 
 
 @app.command()
@@ -81,7 +97,7 @@ def validate(
     from qingzhou.recipes.schema import load_recipe
 
     r = load_recipe(recipe, set_)
-    out.print(f"[green]ok[/]: {r.source} ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
+    out.print(f"[green]ok[/]: {escape(str(r.source))} ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
 
 
 # -------------------------------------------------------------------------------------- recipes
@@ -127,7 +143,7 @@ def recipes_cp(name: str, dest: Path, force: bool = typer.Option(False, "--force
         raise RecipeError(f"{dest} already exists.", hint="Pass --force to overwrite it.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
-    out.print(f"copied {name} -> {dest}")
+    out.print(escape(f"copied {name} -> {dest}"))
 
 
 # ---------------------------------------------------------------------------------- env, models
@@ -174,13 +190,17 @@ def generate(
     dtype: str = DtypeOpt,
     seed: int = typer.Option(0, "--seed"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
+    strict: bool = StrictOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Generate a reply to PROMPT with a model."""
     from qingzhou.llm import generate as generate_fn
     from qingzhou.llm import load_model
 
-    m, tok = load_model(model, dtype=dtype, device=device)
+    check_device(device)
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
     printer = (lambda s: out.print(s, end="", highlight=False, markup=False)) if stream and not as_json else None
     res = generate_fn(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat="auto" if chat is None else chat, system=system, seed=seed, stream=printer)
     if as_json:
@@ -205,6 +225,9 @@ def eval_ppl(
     batch_size: int = typer.Option(1, "--batch-size"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
+    strict: bool = StrictOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity of a model on a text: non-overlapping windows, token-level NLL."""
@@ -212,8 +235,9 @@ def eval_ppl(
     from qingzhou.eval.perplexity import perplexity
     from qingzhou.llm import load_model
 
+    check_device(device)
     text = load_text(data)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
     res = perplexity(m, tok, text, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=not as_json)
     if as_json:
         print_json({"model": model, "data": data, **res.to_dict()})

@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import emit_result, guarded, kv_table, out, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_file,
+    emit_result,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +35,9 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(3, "--repeats"),
         fast: str = typer.Option("auto", "--fast", help="static-cache + compiled decode: auto (CUDA only) | on | off"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -34,8 +49,9 @@ def register(app: typer.Typer) -> None:
         choices = {"auto": "auto", "on": True, "off": False}
         if fast not in choices:
             raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
-
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+        check_device(device)
+        check_out_file(out_file)
+        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])
         result["config"]["model"] = model

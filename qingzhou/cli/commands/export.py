@@ -6,7 +6,17 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,12 +29,16 @@ def register(app: typer.Typer) -> None:
         adapter: Path = typer.Argument(..., help="peft adapter folder (e.g. runs/finetune/adapter)"),
         out_dir: Path = typer.Argument(..., help="where to write the merged model"),
         base: Optional[str] = typer.Option(None, "--base", help="base model (default: the one recorded in the adapter)"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Merge an adapter into its base and save a plain transformers model (prompt adapters are copied)."""
         from qingzhou.finetune import export_merged
 
-        result = export_merged(adapter, out_dir, base_model=base)
+        check_out_dir(out_dir, "OUT_DIR")
+        result = export_merged(adapter, out_dir, base_model=base, **load_options(allow_pickle, trust_remote_code, strict))
         if as_json:
             print_json(result.to_dict())
         else:

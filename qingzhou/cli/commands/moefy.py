@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +39,9 @@ def register(app: typer.Typer) -> None:
         eval_windows: int = typer.Option(8, "--eval-windows"),
         eval_seq_len: int = typer.Option(512, "--eval-seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
@@ -38,7 +53,9 @@ def register(app: typer.Typer) -> None:
                      "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
         if eval_text:
             cfg["evaluate"] = {"text": eval_text, "max_windows": eval_windows, "seq_len": eval_seq_len}
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        check_device(device)
+        check_out_dir(out_dir, "OUT_DIR")
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = moefy(m, cfg, tokenizer=tok)
         save_moefied(m, tok, out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}

@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +40,9 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(512, "--seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Prune MODEL and save a plain transformers folder (zeros in place, or smaller if structured)."""
@@ -42,7 +57,9 @@ def register(app: typer.Typer) -> None:
             cfg.update(sparsity=sparsity, nm=nm, owl={} if owl else None)
             if skip:
                 cfg["skip"] = ["lm_head", "embed", *skip]
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        check_device(device)
+        check_out_dir(out_dir, "OUT_DIR")
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = prune(m, cfg, tokenizer=tok)
         save_model(m, tok, out_dir)
         summary = {**report.summary(), "out_dir": str(out_dir)}

@@ -6,7 +6,18 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +39,9 @@ def register(app: typer.Typer) -> None:
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
         device: Optional[str] = typer.Option(None, "--device"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense) folder."""
@@ -39,7 +53,9 @@ def register(app: typer.Typer) -> None:
         if method != "rtn":
             cfg.update(device=device, calibration={"source": calibration, "num_samples": num_samples,
                                                    "seq_len": seq_len})
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        check_device(device)
+        check_out_dir(out_dir, "OUT_DIR")
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         if gguf_type is not None:
             from qingzhou.compress.quantize.formats.gguf import export_gguf
 
