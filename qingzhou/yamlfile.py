@@ -35,7 +35,10 @@ def parse(text: str, source: str, *, error: type[QingzhouError] = RecipeError) -
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
-        raise error(f"malformed YAML: {e.problem or e}" + (f" ({e.context})" if e.context else ""),
+        context = e.context or ""
+        if context and e.context_mark is not None and e.context_mark is not mark:
+            context += f" started at line {e.context_mark.line + 1}"
+        raise error(f"malformed YAML: {e.problem or e}" + (f" ({context})" if context else ""),
                     where=f"{source}:{line}") from None
     except yaml.YAMLError as e:
         raise error(f"malformed YAML: {e}", where=source) from None

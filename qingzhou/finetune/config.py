@@ -62,7 +62,7 @@ def parse_finetune_config(data: dict[str, Any] | FinetuneConfig) -> FinetuneConf
     if isinstance(data, FinetuneConfig):
         return data
     method = data.get("method", "lora")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise RecipeError(f"unknown fine-tuning method '{method}'.", where="method", hint=did_you_mean(str(method), METHODS))
     try:
         return METHODS[method].config.model_validate({**data, "method": method})

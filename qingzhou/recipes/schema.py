@@ -156,7 +156,7 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
         kind = raw.get("kind")
         if kind is None:
             raise RecipeError("stage has no 'kind'.", where=_where(source, lines, path), hint=f"Valid kinds: {', '.join(sorted(stages))}.")
-        if kind not in stages:
+        if not isinstance(kind, str) or kind not in stages:
             raise RecipeError(f"unknown stage kind '{kind}'.", where=_where(source, lines, (*path, "kind")), hint=did_you_mean(str(kind), stages))
         spec = stages[kind]
         try:
