@@ -127,3 +127,22 @@ def test_every_builtin_recipe_training_data_resolves_and_tokenizes():
                 assert len(prepared.train) > 0, (name, data.source)
                 checked.append(name)
     assert {"compress_chain", "prune_structured25_distill", "quickstart"} <= set(checked)
+
+
+def test_missing_inputs_fail_at_validation_naming_stage_key_and_line(tmp_path):
+    """Every file a recipe names is checked before any model loads (and before torch is imported):
+    a missing data file of the third stage is reported at its key, not after two stages ran."""
+    recipe = write(tmp_path, GOOD + "  - kind: finetune\n    method: lora\n    data:\n      source: data/missing.jsonl\n")
+    code = ("import sys\nfrom qingzhou.errors import RecipeError\nfrom qingzhou.recipes.schema import load_recipe\n"
+            f"try:\n    load_recipe({str(recipe)!r})\nexcept RecipeError as e:\n    print(e)\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    assert "r.yaml:12: stages.2.data.source (finetune stage): data file not found: data/missing.jsonl" in out[0]
+    assert load_recipe(recipe, check_inputs=False).stages[2].kind == "finetune"  # the schema itself is fine
+
+
+def test_non_utf8_recipe_names_the_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.lstrip().replace("seq_len: 128", "seq_len: 128  # d\xe9j\xe0 vu").encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml:8: the file is not UTF-8 text \(byte 0xe9 at line 8, column 24\)"):
+        load_recipe(path)
