@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from qingzhou.cli.main import app
@@ -331,7 +333,7 @@ EVIL_TEMPLATES = {
     "mro-walk": "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{% if c.__name__ == 'Popen' %}"
                 "{{ c(['touch', 'PWNED']) }}{% endif %}{% endfor %}",
     "attr-filter": "{{ (lipsum|attr('__globals__'))['os'].system('touch PWNED') }}",
-    "getitem": "{{ self['__init__']['__globals__']['os'].system('touch PWNED') }}",
+    "getitem": "{{ cycler['__init__']['__globals__']['os'].system('touch PWNED') }}",
 }
 # private names built at render time: invisible to the load-time check, refused by the sandbox
 EVIL_DYNAMIC = {
@@ -383,9 +385,6 @@ def test_sandboxed_rendering_still_renders_lm_eval_prompts():
 
 # ---------------------------------------------------------------------- property-based fuzz
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 KEYS = ["kind", "name", "model", "device", "dtype", "data", "source", "method", "bits", "group_size", "sparsity",
         "perplexity", "seq_len", "max_windows", "tasks", "calibration", "teacher", "adapter", "prompts", "nm",
@@ -517,3 +516,11 @@ def test_fuzz_rendering_returns_text_or_a_task_error(template):
         assert isinstance(render(template, doc), str)
     except TaskError:
         pass
+
+
+def test_markup_in_a_path_prints_as_text(paths, tmp_path, monkeypatch):
+    """A successful command's tables show user paths literally (`[red]` is no style, `[/b]` no crash)."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli(["quantize", paths["tiny"], "[red]q[/b]", "--method", "rtn", "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    assert "│ [red]q[/b] " in r.stdout and (tmp_path / "[red]q[/b]" / "config.json").is_file()

@@ -118,24 +118,29 @@ def emit_result(result: dict[str, Any], out_file: Any, as_json: bool) -> bool:
 
 def table(title: str | None, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    t = Table(title=title, show_lines=False)
+    t = Table(title=escape(title) if title else title, show_lines=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(escape(str(c)))
     for r in rows:
         t.add_row(*[_fmt(r.get(c)) for c in columns])
     return t
 
 
 def kv_table(title: str | None, data: dict[str, Any]) -> Table:
-    t = Table(title=title, show_header=False)
+    t = Table(title=escape(title) if title else title, show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     for k, v in data.items():
-        t.add_row(str(k), _fmt(v))
+        t.add_row(escape(str(k)), _fmt(v))
     return t
 
 
 def _fmt(v: Any) -> str:
+    """A cell as text, markup escaped (cells hold user paths and prompts)."""
+    return escape(_text(v))
+
+
+def _text(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -143,7 +148,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+        return ", ".join(f"{k}={_text(x)}" for k, x in v.items())
     if isinstance(v, list):
-        return ", ".join(_fmt(x) for x in v)
+        return ", ".join(_text(x) for x in v)
     return str(v)

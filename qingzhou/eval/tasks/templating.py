@@ -61,9 +61,9 @@ class _TaskSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-            if max(left.bit_length(), 1) * right > MAX_POWER_BITS:
-                raise SecurityError(f"{left!r} ** {right!r} is too large a number")
+        if (operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0
+                and max(left.bit_length(), 1) * right > MAX_POWER_BITS):
+            raise SecurityError(f"{left!r} ** {right!r} is too large a number")
         if operator == "*":
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
