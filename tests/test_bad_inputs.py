@@ -31,6 +31,7 @@ class Case:
     id: str
     args: tuple[str, ...]  # {name} is replaced by the path of fixture file `name`
     expect: tuple[str, ...]  # substrings of the error paragraph (file, key, stage, what was expected)
+    usage: bool = False  # refused by the command-line parser itself (click's "Invalid value" box)
 
 
 def _recipe(body: str) -> str:
@@ -276,6 +277,15 @@ CASES = [
     Case("task-data-dir-missing", ("eval", "tasks", "corpus_cloze", "-m", "{tiny}", *T, "--data-dir", "{root}/nodata"), ("--data-dir", "nodata")),
     Case("tasks-out-is-a-folder", ("eval", "tasks", "corpus_cloze", "-m", "{tiny}", *T, "--out", "{root}"), ("--out", "is a folder")),
     Case("bench-bad-fast", ("bench", "-m", "{tiny}", "--fast", "maybe"), ("--fast", "'maybe'")),
+    # ------------------------------------------------------------------ numbers out of range
+    Case("generate-negative-tokens", ("generate", "hi", "-m", "{tiny}", *T, "-n", "-1"), ("--max-new-tokens",), usage=True),
+    Case("ppl-zero-seq-len", ("eval", "ppl", "{text.txt}", "-m", "{tiny}", *T, "--seq-len", "0"), ("--seq-len",), usage=True),
+    Case("bench-zero-batch", ("bench", "-m", "{tiny}", *T, "-b", "0"), ("--batch-size",), usage=True),
+    Case("moefy-top-k-above-experts", ("moefy", "{tiny}", "{root}/m2", "--experts", "4", "--top-k", "8"), ("top_k=8", "num_experts=4")),
+    Case("prune-bad-nm", ("prune", "{tiny}", "{root}/p2", "--nm", "2-4"), ("nm", "'2:4'", "'2-4'")),
+    Case("quantize-bits-9", ("quantize", "{tiny}", "{root}/q4", "--method", "rtn", "--bits", "9"), ("bits", "got 9")),
+    Case("finetune-negative-steps", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "--max-steps", "-1", "-o", "{root}/ft8"), ("max_steps", "greater than 0")),
+    Case("tasks-negative-fewshot", ("eval", "tasks", "corpus_cloze", "-m", "{tiny}", *T, "-k", "-1"), ("num_fewshot",)),
 ]
 
 
@@ -287,7 +297,12 @@ def test_there_are_at_least_40_cases():
 def test_bad_input_is_one_paragraph_exit_2(case: Case, paths, monkeypatch):
     monkeypatch.chdir(paths["root"])  # relative paths in the recipes resolve inside the fixture folder
     args = [_fmt(a, paths) for a in case.args]
-    assert_one_paragraph(run_cli(args), [_fmt(e, paths) for e in case.expect])
+    r = run_cli(args)
+    if case.usage:
+        assert r.exit_code == 2 and "Traceback" not in r.output and isinstance(r.exception, SystemExit), r.output
+        assert "Invalid value" in r.stderr and all(e in r.stderr for e in case.expect), r.stderr
+    else:
+        assert_one_paragraph(r, [_fmt(e, paths) for e in case.expect])
 
 
 def test_bad_inputs_leave_no_output_behind(paths):
@@ -524,3 +539,25 @@ def test_markup_in_a_path_prints_as_text(paths, tmp_path, monkeypatch):
     r = run_cli(["quantize", paths["tiny"], "[red]q[/b]", "--method", "rtn", "--group-size", "32"])
     assert r.exit_code == 0, r.output
     assert "│ [red]q[/b] " in r.stdout and (tmp_path / "[red]q[/b]" / "config.json").is_file()
+
+
+def test_every_flag_a_message_names_exists():
+    """Hints must not advertise flags no command has (they once named --allow-pickle and
+    --trust-remote-code before any command took them)."""
+    from typer.main import get_command
+
+    flags: set[str] = set()
+
+    def walk(command) -> None:
+        for param in getattr(command, "params", []):
+            flags.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(get_command(app))
+    assert {"--allow-pickle", "--trust-remote-code", "--no-strict"} <= flags
+    package = Path(__file__).resolve().parents[1] / "qingzhou"
+    external = {"--no-deps", "--upgrade"}  # pip's, in install hints
+    named = {(m.group(1), f.name) for f in package.rglob("*.py")
+             for m in re.finditer(r"['\"(\s](--[a-z][a-z0-9-]*)", f.read_text(encoding="utf-8"))}
+    assert sorted((flag, f) for flag, f in named if flag not in flags | external) == []

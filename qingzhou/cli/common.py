@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -37,6 +38,12 @@ def guarded(fn):
                 raise
             print_error(e.kind, e.render())
             raise typer.Exit(2) from None
+        except ValidationError as e:
+            # settings built from flags (`moefy --top-k 8 --experts 4`) that a config model refuses
+            if STATE["debug"]:
+                raise
+            print_error("settings error", settings_problems(e))
+            raise typer.Exit(2) from None
         except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
             # a path the user gave that is in the way, not writable, or a file where a folder must be
             if STATE["debug"]:
@@ -49,6 +56,17 @@ def guarded(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def settings_problems(e: ValidationError) -> str:
+    """`Title: key: problem (got value); ...` for a pydantic error, one line."""
+    problems = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        got = err.get("input")
+        shown = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict | list) else ""
+        problems.append(f"{key}: {err['msg']}{shown}")
+    return f"{e.title}: " + "; ".join(problems) + "."
 
 
 def print_error(kind: str, text: str) -> None:

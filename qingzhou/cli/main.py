@@ -182,8 +182,8 @@ def models_ls(as_json: bool = JsonOpt) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="the prompt (the chat template is applied for chat models)"),
     model: str = ModelOpt,
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy"),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="apply the chat template (default: when the tokenizer has one)"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt (chat models)"),
     device: str = DeviceOpt,
@@ -220,9 +220,9 @@ def generate(
 def eval_ppl(
     data: str = typer.Argument(..., help="text file, builtin:corpus, or hf:DATASET:SPLIT"),
     model: str = ModelOpt,
-    seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: int = typer.Option(2048, "--seq-len", min=2, help="window length in tokens"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="evaluate only the first N windows"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     allow_pickle: bool = AllowPickleOpt,

@@ -57,7 +57,8 @@ def validate_method_config(data: dict[str, Any], specs: dict[str, Any], what: st
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<settings>"
             got = err.get("input")
-            shown = f" (got {got!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list) else ""
+            shown = f" (got {got!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list) \
+                and repr(got) not in err["msg"] else ""
             problems.append(f"{key}: {err['msg']}{shown}")
         raise RecipeError(f"invalid {what} settings: " + "; ".join(problems) + ".", where=f"{method}") from None
 
