@@ -77,6 +77,8 @@ FILES: dict[str, str | bytes] = {
     "model_pickle.yaml": _recipe("  - kind: load\n    model: {pickle_only}\n"),
     "teacher.yaml": _recipe(LOAD + "  - kind: distill\n    teacher: teachers/big.gguf\n"),
     "export_adapter.yaml": _recipe(LOAD + "  - kind: export\n    adapter: runs/none/adapter\n"),
+    "three_layers.yaml": _recipe("  - kind: load\n    model: {three_layers}\n    device: cpu\n"
+                                 "  - kind: eval\n    perplexity: {data: {text.txt}, seq_len: 16, max_windows: 1}\n"),
     "ok.yaml": _recipe(LOAD + "  - kind: eval\n    perplexity: {data: {text.txt}, seq_len: 16, max_windows: 1}\n"),
     "[red]markup[/b].yaml": "name: x\nstages:\n  - kind: load\n    model: [smollm2\n",
     # data
@@ -224,6 +226,8 @@ CASES = [
     Case("recipe-model-pickle", ("validate", "{model_pickle.yaml}"), ("stages.0.model", "pickle", "--allow-pickle")),
     Case("recipe-teacher-missing", ("validate", "{teacher.yaml}"), ("teacher.yaml:7", "stages.1.teacher", "distill stage", "teachers/big.gguf")),
     Case("recipe-export-adapter-missing", ("validate", "{export_adapter.yaml}"), ("stages.1.adapter", "runs/none/adapter")),
+    Case("run-weights-do-not-match-config", ("run", "{three_layers.yaml}", "--out", "{root}/run-3"),
+         ("three_layers", "missing from the checkpoint", "model.layers.2.", "strict: false")),
     Case("run-out-is-a-file", ("run", "{ok.yaml}", "--out", "{a_file}"), ("--out", "a_file", "is a file")),
     Case("run-out-under-a-file", ("run", "{ok.yaml}", "--out", "{a_file}/run"), ("--out", "a_file", "is a file")),
     Case("recipes-cp-exists", ("recipes", "cp", "quickstart", "{ok.yaml}"), ("already exists", "--force")),
@@ -282,8 +286,8 @@ CASES = [
     Case("ppl-zero-seq-len", ("eval", "ppl", "{text.txt}", "-m", "{tiny}", *T, "--seq-len", "0"), ("--seq-len",), usage=True),
     Case("bench-zero-batch", ("bench", "-m", "{tiny}", *T, "-b", "0"), ("--batch-size",), usage=True),
     Case("moefy-top-k-above-experts", ("moefy", "{tiny}", "{root}/m2", "--experts", "4", "--top-k", "8"), ("top_k=8", "num_experts=4")),
-    Case("prune-bad-nm", ("prune", "{tiny}", "{root}/p2", "--nm", "2-4"), ("nm", "'2:4'", "'2-4'")),
-    Case("quantize-bits-9", ("quantize", "{tiny}", "{root}/q4", "--method", "rtn", "--bits", "9"), ("bits", "got 9")),
+    Case("prune-bad-nm", ("prune", "{tiny}", "{root}/p2", "--nm", "2-4"), ("nm", "2:4", "got '2-4'")),
+    Case("quantize-bits-9", ("quantize", "{tiny}", "{root}/q4", "--method", "rtn", "--bits", "9"), ("RTNConfig", "bits", "got 9")),
     Case("finetune-negative-steps", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "--max-steps", "-1", "-o", "{root}/ft8"), ("max_steps", "greater than 0")),
     Case("tasks-negative-fewshot", ("eval", "tasks", "corpus_cloze", "-m", "{tiny}", *T, "-k", "-1"), ("num_fewshot",)),
 ]
@@ -318,6 +322,16 @@ def test_strict_can_be_switched_off(paths):
     missing layer freshly initialised)."""
     r = run_cli(["generate", "hi", "-m", paths["three_layers"], "--device", "cpu", "-n", "2", "--no-stream", "--no-strict"])
     assert r.exit_code == 0, r.output
+
+
+def test_strict_false_in_a_load_stage_opts_in(paths, tmp_path):
+    recipe = yaml.safe_load(Path(paths["three_layers.yaml"]).read_text())
+    recipe["stages"][0]["strict"] = False
+    path = tmp_path / "loose.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = run_cli(["run", str(path), "--out", str(tmp_path / "run"), "--json", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["stages"][0]["metrics"]["layers"] == 3
 
 
 def test_the_bitsandbytes_hint_survives_printing(capsys):

@@ -64,7 +64,8 @@ def settings_problems(e: ValidationError) -> str:
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "settings"
         got = err.get("input")
-        shown = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict | list) else ""
+        shown = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict | list) \
+            and repr(got) not in err["msg"] else ""
         problems.append(f"{key}: {err['msg']}{shown}")
     return f"{e.title}: " + "; ".join(problems) + "."
 

@@ -45,22 +45,10 @@ def validate_method_config(data: dict[str, Any], specs: dict[str, Any], what: st
     (`specs[name].config`); an unknown method names the closest registered one."""
     from qingzhou.errors import RecipeError, did_you_mean
 
-    from pydantic import ValidationError
-
     method = data.get("method")
     if not isinstance(method, str) or method not in specs:
         raise RecipeError(f"unknown {what} method {method!r}.", where="method", hint=did_you_mean(str(method), specs))
-    try:
-        return specs[method].config.model_validate(data)
-    except ValidationError as e:  # a bad value from the CLI or a notebook dict: name the key and the value
-        problems = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<settings>"
-            got = err.get("input")
-            shown = f" (got {got!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list) \
-                and repr(got) not in err["msg"] else ""
-            problems.append(f"{key}: {err['msg']}{shown}")
-        raise RecipeError(f"invalid {what} settings: " + "; ".join(problems) + ".", where=f"{method}") from None
+    return specs[method].config.model_validate(data)  # a bad value: ValidationError (the CLI prints it as one paragraph)
 
 
 class MethodStage(StageConfig):
