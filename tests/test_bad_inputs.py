@@ -32,6 +32,7 @@ class Case:
     args: tuple[str, ...]  # {name} is replaced by the path of fixture file `name`
     expect: tuple[str, ...]  # substrings of the error paragraph (file, key, stage, what was expected)
     usage: bool = False  # refused by the command-line parser itself (click's "Invalid value" box)
+    absent: str = ""  # a device type the case needs to be missing (skipped on machines that have it)
 
 
 def _recipe(body: str) -> str:
@@ -218,8 +219,8 @@ CASES = [
     Case("recipe-unknown-task", ("validate", "{bad_task.yaml}"), ("bad_task.yaml:8", "stages.1.tasks.0", "arc_easyy", "Did you mean 'arc_easy'")),
     Case("recipe-task-file-missing", ("validate", "{task_file_missing.yaml}"), ("task_file_missing.yaml:7", "stages.1.tasks.0", "tasks/mine.yaml")),
     Case("recipe-data-dir-missing", ("validate", "{data_dir.yaml}"), ("data_dir.yaml:8", "stages.1.data_dir", "no/such/folder")),
-    Case("recipe-stage-device-npu", ("validate", "{stage_npu.yaml}"), ("stage_npu.yaml:9", "stages.1.device", "quantize stage", "'npu'", "not available")),
-    Case("recipe-load-device-cuda", ("run", "{load_cuda.yaml}", "--out", "{root}/run-cuda"), ("load_cuda.yaml:5", "stages.0.device", "'cuda'", "not available")),
+    Case("recipe-stage-device-npu", ("validate", "{stage_npu.yaml}"), ("stage_npu.yaml:9", "stages.1.device", "quantize stage", "'npu'", "not available"), absent="npu"),
+    Case("recipe-load-device-cuda", ("run", "{load_cuda.yaml}", "--out", "{root}/run-cuda"), ("load_cuda.yaml:5", "stages.0.device", "'cuda'", "not available"), absent="cuda"),
     Case("recipe-unknown-device", ("validate", "{load_unknown_device.yaml}"), ("stages.0.device", "unknown device 'tpu'")),
     Case("recipe-model-missing", ("validate", "{model_missing.yaml}"), ("model_missing.yaml:4", "stages.0.model", "./models/nope")),
     Case("recipe-model-file-suffix-not-hub", ("validate", "{model_suffix.yaml}"), ("stages.0.model", "org/weights.safetensors", "no model found")),
@@ -242,14 +243,14 @@ CASES = [
     Case("model-missing-layer", ("generate", "hi", "-m", "{three_layers}", *T), ("three_layers", "missing", "model.layers.2.", "--no-strict")),
     Case("model-wrong-shapes", ("generate", "hi", "-m", "{wide_mlp}", *T), ("wide_mlp", "wrong shape", "mlp.down_proj.weight", "[64, 128]")),
     Case("model-remote-code", ("generate", "hi", "-m", "{remote_code}", *T), ("auto_map", "--trust-remote-code")),
-    Case("device-cuda-generate", ("generate", "hi", "-m", "{tiny}", "--device", "cuda"), ("--device", "'cuda'", "not available")),
+    Case("device-cuda-generate", ("generate", "hi", "-m", "{tiny}", "--device", "cuda"), ("--device", "'cuda'", "not available"), absent="cuda"),
     Case("device-unknown", ("eval", "ppl", "{text.txt}", "-m", "{tiny}", "--device", "tpu"), ("--device", "unknown device 'tpu'")),
     Case("dtype-unknown", ("generate", "hi", "-m", "{tiny}", *T, "--dtype", "float64"), ("unknown dtype 'float64'",)),
-    Case("device-cuda-quantize", ("quantize", "{tiny}", "{root}/q-out", "--device", "cuda"), ("--device", "'cuda'", "not available")),
-    Case("device-npu-prune", ("prune", "{tiny}", "{root}/p-out", "--device", "npu"), ("--device", "'npu'", "not available")),
-    Case("device-cuda-moefy", ("moefy", "{tiny}", "{root}/m-out", "--device", "cuda:0"), ("--device", "'cuda:0'", "not available")),
-    Case("device-cuda-finetune", ("finetune", "{rows.jsonl}", "-m", "{tiny}", "--device", "cuda", "-o", "{root}/ft"), ("--device", "not available")),
-    Case("device-cuda-bench", ("bench", "-m", "{tiny}", "--device", "cuda"), ("--device", "not available")),
+    Case("device-cuda-quantize", ("quantize", "{tiny}", "{root}/q-out", "--device", "cuda"), ("--device", "'cuda'", "not available"), absent="cuda"),
+    Case("device-npu-prune", ("prune", "{tiny}", "{root}/p-out", "--device", "npu"), ("--device", "'npu'", "not available"), absent="npu"),
+    Case("device-cuda-moefy", ("moefy", "{tiny}", "{root}/m-out", "--device", "cuda:0"), ("--device", "'cuda:0'", "not available"), absent="cuda"),
+    Case("device-cuda-finetune", ("finetune", "{rows.jsonl}", "-m", "{tiny}", "--device", "cuda", "-o", "{root}/ft"), ("--device", "not available"), absent="cuda"),
+    Case("device-cuda-bench", ("bench", "-m", "{tiny}", "--device", "cuda"), ("--device", "not available"), absent="cuda"),
     Case("quantize-out-is-a-file", ("quantize", "{tiny}", "{a_file}", "--method", "rtn"), ("OUT_DIR", "a_file", "is a file")),
     Case("prune-out-is-a-file", ("prune", "{tiny}", "{a_file}"), ("OUT_DIR", "a_file", "is a file")),
     Case("quantize-bad-group-size", ("quantize", "{tiny}", "{root}/q2", "--method", "rtn", "--group-size", "0"), ("group_size", "got 0")),
@@ -299,6 +300,11 @@ def test_there_are_at_least_40_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_paragraph_exit_2(case: Case, paths, monkeypatch):
+    if case.absent:
+        from qingzhou.llm.devices import is_available
+
+        if is_available(case.absent):
+            pytest.skip(f"this machine has {case.absent}")
     monkeypatch.chdir(paths["root"])  # relative paths in the recipes resolve inside the fixture folder
     args = [_fmt(a, paths) for a in case.args]
     r = run_cli(args)
