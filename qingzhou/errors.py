@@ -24,12 +24,18 @@ class QingzhouError(Exception):
     def render(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.hint:
-            text += f" {self.hint}"
+            text += ("" if text.rstrip().endswith((".", "?", "!", ":", ";")) else ".") + f" {self.hint}"
         return text
 
 
 class RecipeError(QingzhouError):
     kind = "recipe error"
+
+
+class TaskError(RecipeError):
+    """A task file (eval task YAML) that cannot be used: schema, template or sandbox refusal."""
+
+    kind = "task error"
 
 
 class DataError(QingzhouError):
@@ -42,6 +48,12 @@ class ModelLoadError(QingzhouError):
 
 class DeviceError(QingzhouError):
     kind = "device error"
+
+
+class UsageError(QingzhouError):
+    """A command-line argument that cannot work (an output folder that is a file, ...)."""
+
+    kind = "usage error"
 
 
 def closest(word: str, candidates: Iterable[str]) -> str | None:

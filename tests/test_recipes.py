@@ -29,9 +29,19 @@ stages:
 """
 
 
+def _inputs_here(name: str) -> bool:
+    """Check a shipped recipe's inputs too, unless it reads the shared data folder (../shared/data
+    from the repository root, as in CI) and that folder is not there."""
+    from qingzhou.recipes.schema import find_recipe
+
+    from conftest import SHARED_DATA
+
+    return SHARED_DATA.is_dir() or "../shared/data" not in find_recipe(name).read_text()
+
+
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_every_shipped_recipe_validates(name):
-    recipe = load_recipe(name)
+    recipe = load_recipe(name, check_inputs=_inputs_here(name))
     assert recipe.stages and recipe.stages[0].kind == "load"
 
 
@@ -85,8 +95,8 @@ def test_validation_does_not_import_torch():
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_resolved_recipe_round_trips(tmp_path, name):
-    r = load_recipe(name)
-    again = load_recipe(write(tmp_path, r.to_yaml()))
+    r = load_recipe(name, check_inputs=_inputs_here(name))
+    again = load_recipe(write(tmp_path, r.to_yaml()), check_inputs=_inputs_here(name))
     assert again.to_dict() == r.to_dict()
 
 
@@ -110,10 +120,29 @@ def test_every_builtin_recipe_training_data_resolves_and_tokenizes():
 
     tok, checked = byte_tokenizer(), []
     for name in builtin_recipes():
-        for stage in load_recipe(name).stages:
+        for stage in load_recipe(name, check_inputs=_inputs_here(name)).stages:
             data = getattr(stage, "data", None)
             if isinstance(data, DataConfig) and not data.source.startswith(("hub:", "/")):
                 prepared = prepare_data(data, tok)
                 assert len(prepared.train) > 0, (name, data.source)
                 checked.append(name)
     assert {"compress_chain", "prune_structured25_distill", "quickstart"} <= set(checked)
+
+
+def test_missing_inputs_fail_at_validation_naming_stage_key_and_line(tmp_path):
+    """Every file a recipe names is checked before any model loads (and before torch is imported):
+    a missing data file of the third stage is reported at its key, not after two stages ran."""
+    recipe = write(tmp_path, GOOD + "  - kind: finetune\n    method: lora\n    data:\n      source: data/missing.jsonl\n")
+    code = ("import sys\nfrom qingzhou.errors import RecipeError\nfrom qingzhou.recipes.schema import load_recipe\n"
+            f"try:\n    load_recipe({str(recipe)!r})\nexcept RecipeError as e:\n    print(e)\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-1] == "False"
+    assert "r.yaml:12: stages.2.data.source (finetune stage): data file not found: data/missing.jsonl" in out[0]
+    assert load_recipe(recipe, check_inputs=False).stages[2].kind == "finetune"  # the schema itself is fine
+
+
+def test_non_utf8_recipe_names_the_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.lstrip().replace("seq_len: 128", "seq_len: 128  # d\xe9j\xe0 vu").encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"latin1.yaml:8: the file is not UTF-8 text \(byte 0xe9 at line 8, column 24\)"):
+        load_recipe(path)

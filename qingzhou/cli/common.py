@@ -1,16 +1,25 @@
-"""Shared CLI plumbing: error printing, --json output, tables. Commands stay a few lines each."""
+"""Shared CLI plumbing: error printing, shared options, --json output, tables. Commands stay a few
+lines each.
+
+Every user error reaches the terminal as one paragraph and exit code 2. Its text is printed with
+rich markup escaped: paths and values come from the user, and `[red]` in a file name (or `[bnb]` in
+a pip hint) is text, not a style.
+"""
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from qingzhou.errors import QingzhouError
+from qingzhou.errors import DeviceError, QingzhouError, UsageError
 
 STATE = {"debug": False}
 out = Console()
@@ -27,7 +36,20 @@ def guarded(fn):
         except QingzhouError as e:
             if STATE["debug"]:
                 raise
-            err.print(f"[bold red]{e.kind}:[/] {e.render()}", highlight=False, soft_wrap=True)
+            print_error(e.kind, e.render())
+            raise typer.Exit(2) from None
+        except ValidationError as e:
+            # settings built from flags (`moefy --top-k 8 --experts 4`) that a config model refuses
+            if STATE["debug"]:
+                raise
+            print_error("settings error", settings_problems(e))
+            raise typer.Exit(2) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+            # a path the user gave that is in the way, not writable, or a file where a folder must be
+            if STATE["debug"]:
+                raise
+            target = f"{e.filename}: " if e.filename else ""
+            print_error("file error", f"{target}{e.strerror or e}.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (qingzhou.signals.Interrupted): say how to go on
             from rich.markup import escape
@@ -37,6 +59,66 @@ def guarded(fn):
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
     return wrapper
+
+
+def settings_problems(e: ValidationError) -> str:
+    """`Title: key: problem (got value); ...` for a pydantic error, one line."""
+    problems = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        got = err.get("input")
+        shown = f" (got {got!r})" if err["type"] != "missing" and not isinstance(got, dict | list) \
+            and repr(got) not in err["msg"] else ""
+        problems.append(f"{key}: {err['msg']}{shown}")
+    return f"{e.title}: " + "; ".join(problems) + "."
+
+
+def print_error(kind: str, text: str) -> None:
+    """One paragraph on stderr: `kind:` in bold red, the (escaped) text after it."""
+    err.print(f"[bold red]{escape(kind)}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+# Options every model-loading command takes: the same arguments `load_model` has.
+AllowPickleOpt = typer.Option(False, "--allow-pickle", help="load pickle weights (.bin/.pt): they can run code; only for trusted files")
+TrustRemoteCodeOpt = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code (auto_map); only for trusted authors")
+StrictOpt = typer.Option(True, "--strict/--no-strict", help="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
+
+
+def load_options(allow_pickle: bool, trust_remote_code: bool, strict: bool) -> dict[str, bool]:
+    """The `load_model` keyword arguments of the shared options."""
+    return {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "strict": strict}
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Fail now, not after loading a model, when `device` is unknown or not on this machine."""
+    if device and device.strip().lower() not in ("auto", "cpu"):
+        from qingzhou.llm.devices import resolve_device
+
+        try:
+            resolve_device(device)
+        except DeviceError as e:
+            raise DeviceError(e.message, where=flag, hint=e.hint) from None
+
+
+def check_out_dir(path: Path | str | None, flag: str = "OUT") -> None:
+    """An output folder must not be an existing file (checked before any work starts)."""
+    if path is None:
+        return
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"{p} is a file, but a folder is needed here.", where=flag,
+                             hint="Choose another output folder.")
+
+
+def check_out_file(path: Path | str | None, flag: str = "--out") -> None:
+    """An output file must not be an existing folder, nor lie under a file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, but a file is needed here.", where=flag)
+    check_out_dir(path.parent, flag)
 
 
 def print_json(obj: Any) -> None:
@@ -49,6 +131,7 @@ def emit_result(result: dict[str, Any], out_file: Any, as_json: bool) -> bool:
     if out_file:
         from qingzhou.io import atomic_write_json
 
+        check_out_file(out_file)
         atomic_write_json(out_file, result)
     if as_json:
         print_json(result)
@@ -57,24 +140,29 @@ def emit_result(result: dict[str, Any], out_file: Any, as_json: bool) -> bool:
 
 def table(title: str | None, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    t = Table(title=title, show_lines=False)
+    t = Table(title=escape(title) if title else title, show_lines=False)
     for c in columns:
-        t.add_column(c)
+        t.add_column(escape(str(c)))
     for r in rows:
         t.add_row(*[_fmt(r.get(c)) for c in columns])
     return t
 
 
 def kv_table(title: str | None, data: dict[str, Any]) -> Table:
-    t = Table(title=title, show_header=False)
+    t = Table(title=escape(title) if title else title, show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     for k, v in data.items():
-        t.add_row(str(k), _fmt(v))
+        t.add_row(escape(str(k)), _fmt(v))
     return t
 
 
 def _fmt(v: Any) -> str:
+    """A cell as text, markup escaped (cells hold user paths and prompts)."""
+    return escape(_text(v))
+
+
+def _text(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -82,7 +170,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+        return ", ".join(f"{k}={_text(x)}" for k, x in v.items())
     if isinstance(v, list):
-        return ", ".join(_fmt(x) for x in v)
+        return ", ".join(_text(x) for x in v)
     return str(v)

@@ -3,7 +3,7 @@
 `@config_options(QuantizeConfig, exclude={"overrides"})` adds one `--flag` per simple field of the
 config to a Typer command (as LitGPT's CLI derives its flags from the config signature). Every
 generated flag defaults to "not given"; the command receives only the flags the user set, in a
-`settings` dict, and the method's own config fills in the rest, so `qingzhou quantize --help`
+`settings` dict, and the method's own config fills in the rest, so the command's help text
 shows the config's defaults and descriptions and can never disagree with the Python API.
 Fields a flag cannot express (nested models, lists of models) stay reachable through
 `-s key=value` / `--set key=value`.

@@ -11,9 +11,24 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from qingzhou._version import __version__
-from qingzhou.cli.common import STATE, err, guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    STATE,
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    err,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 app = typer.Typer(help="轻舟 qingzhou: pretrain, adapt, compress and measure LLMs on modest hardware.", no_args_is_help=True, add_completion=False)
 recipes_app = typer.Typer(help="Built-in recipes: list, show, copy.", no_args_is_help=True)
@@ -61,15 +76,16 @@ def run(
     """Run a recipe: every stage in order, artifacts and run.json in the run directory."""
     from qingzhou.recipes.runner import run_recipe
 
+    check_out_dir(out_dir, "--out")
     result = run_recipe(recipe, out_dir, overrides=set_, resume=resume, progress=progress, overwrite=force)
     if as_json:
         print_json(result.to_dict())
         return
     rows = [{"stage": s["label"], "kind": s["kind"], "seconds": s["seconds"], "resumed": s["resumed"]} for s in result.stages]
-    out.print(table(f"run {result.status}: {result.run_dir}", rows))
+    out.print(table(escape(f"run {result.status}: {result.run_dir}"), rows))
     report = result.run_dir / "report.md"
     if report.exists():
-        out.print(f"report: {report}")
+        out.print(f"report: {escape(str(report))}")
 
 
 @app.command()
@@ -82,7 +98,7 @@ def validate(
     from qingzhou.recipes.schema import load_recipe
 
     r = load_recipe(recipe, set_)
-    out.print(f"[green]ok[/]: {r.source} ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
+    out.print(f"[green]ok[/]: {escape(str(r.source))} ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
 
 
 # -------------------------------------------------------------------------------------- recipes
@@ -131,7 +147,7 @@ def recipes_cp(name: str, dest: Path, force: bool = typer.Option(False, "--force
     from qingzhou.io import atomic_write_text
 
     atomic_write_text(dest, src.read_text(encoding="utf-8"))
-    out.print(f"copied {name} -> {dest}")
+    out.print(escape(f"copied {name} -> {dest}"))
 
 
 # ---------------------------------------------------------------------------------- env, models
@@ -170,21 +186,25 @@ def models_ls(as_json: bool = JsonOpt) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="the prompt (the chat template is applied for chat models)"),
     model: str = ModelOpt,
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy"),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="apply the chat template (default: when the tokenizer has one)"),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt (chat models)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     seed: int = typer.Option(0, "--seed"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="print tokens as they come"),
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
+    strict: bool = StrictOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Generate a reply to PROMPT with a model."""
     from qingzhou.llm import generate as generate_fn
     from qingzhou.llm import load_model
 
-    m, tok = load_model(model, dtype=dtype, device=device)
+    check_device(device)
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
     printer = (lambda s: out.print(s, end="", highlight=False, markup=False)) if stream and not as_json else None
     res = generate_fn(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat="auto" if chat is None else chat, system=system, seed=seed, stream=printer)
     if as_json:
@@ -204,11 +224,14 @@ def generate(
 def eval_ppl(
     data: str = typer.Argument(..., help="text file, builtin:corpus, or hf:DATASET:SPLIT"),
     model: str = ModelOpt,
-    seq_len: int = typer.Option(2048, "--seq-len", help="window length in tokens"),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
-    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: int = typer.Option(2048, "--seq-len", min=2, help="window length in tokens"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="evaluate only the first N windows"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    allow_pickle: bool = AllowPickleOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
+    strict: bool = StrictOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity of a model on a text: non-overlapping windows, token-level NLL."""
@@ -216,8 +239,9 @@ def eval_ppl(
     from qingzhou.eval.perplexity import perplexity
     from qingzhou.llm import load_model
 
+    check_device(device)
     text = load_text(data)
-    m, tok = load_model(model, dtype=dtype, device=device)
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
     res = perplexity(m, tok, text, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=not as_json)
     if as_json:
         print_json({"model": model, "data": data, **res.to_dict()})

@@ -56,8 +56,12 @@ def load_records(source: str | Path | Iterable[dict[str, Any]], *, split: str = 
     path = Path(text).expanduser()
     if path.exists():
         return _load_file(path, split)
-    if path.suffix.lower() in LOCAL_SUFFIXES or text.startswith((".", "/", "~")):
-        raise DataError("data file not found.", where=text, hint="Check the path (relative paths are from the working directory).")
+    from qingzhou.paths import is_hub_id
+
+    if not is_hub_id(text.partition(":")[0]):  # a typo in a path must not become a hub request ("org/name[:config]")
+        raise DataError("data file not found.", where=text,
+                        hint="Check the path (relative paths are from the working directory); "
+                             "a hub data set is 'org/name' or 'hub:name'.")
     return _load_hub(text, split)
 
 

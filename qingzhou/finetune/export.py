@@ -35,26 +35,27 @@ class ExportResult:
         return asdict(self)
 
 
-def _load_base(source: str) -> Any:
+def _load_base(source: str, **load_kw: Any) -> Any:
     try:
         from qingzhou.llm import load_model  # the project's loader (aliases, GGUF, safetensors only)
     except ImportError:
         load_model = None
     if load_model is not None:
-        model, _ = load_model(source)
+        model, _ = load_model(source, **load_kw)
         return model
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
 
 
-def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any = None, *,
-                  overwrite: bool = False) -> ExportResult:
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any = None, *, overwrite: bool = False,
+                  allow_pickle: bool = False, trust_remote_code: bool = False, strict: bool = True) -> ExportResult:
     """Merge the peft adapter at `adapter_dir` into its base and save the merged model to `out_dir`.
 
     `base_model` is a loaded model (it is modified in place) or a path/alias; by default the
     adapter's recorded `base_model_name_or_path`. A non-empty `out_dir` is replaced only with
-    `overwrite=True`, and only if qingzhou wrote it.
+    `overwrite=True`, and only if qingzhou wrote it. An adapter saved only as pickle
+    (adapter_model.bin) is refused unless `allow_pickle`; the other flags go to `load_model`.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     cfg_file = adapter_dir / "adapter_config.json"
@@ -63,7 +64,10 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any 
             raise ModelLoadError("this is a full model, not an adapter: there is nothing to merge.", where=str(adapter_dir),
                                  hint="Use the folder directly as the model.")
         raise ModelLoadError("no adapter_config.json here.", where=str(adapter_dir), hint="Point at a peft adapter folder.")
+    from qingzhou.llm.loading import check_adapter
+
     adapter_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    check_adapter(adapter_dir, str(adapter_dir), allow_pickle)
     peft_type = str(adapter_cfg.get("peft_type", "")).upper()
     if peft_type in PROMPT_TYPES or peft_type not in MERGEABLE:
         with atomic_dir(out_dir, overwrite=overwrite, what="adapter copy") as tmp:
@@ -75,7 +79,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base_model: Any 
         source = str(base_model or adapter_cfg.get("base_model_name_or_path") or "")
         if not source:
             raise ModelLoadError("the adapter does not record its base model.", where=str(cfg_file), hint="Pass base_model.")
-        base_model = _load_base(source)
+        base_model = _load_base(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, strict=strict)
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()

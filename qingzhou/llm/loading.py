@@ -1,12 +1,14 @@
 """Load a causal LM and its tokenizer from an alias, a local folder, a .gguf file or a hub id.
 
 Safety defaults: pickle weights (`.bin`, `.pt`) are refused and `trust_remote_code` is off unless
-the caller asks, since both run arbitrary code from the model's author.
+the caller asks, since both run arbitrary code from the model's author. Loading is strict: a
+checkpoint whose tensors do not match the architecture its config describes (missing, unexpected
+or mis-shaped tensors) is an error naming them, not a model with randomly initialised layers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import re
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 from qingzhou.errors import ModelLoadError
 from qingzhou.llm.aliases import ALIASES, resolve_alias
+from qingzhou.paths import is_hub_id
 
 
 def quantized_loaders() -> dict[str, Callable[..., Any]]:
@@ -33,7 +36,6 @@ def folder_extensions() -> dict[str, Callable[[Any, Path], Any]]:
     return {SPEC_FILE: apply_moefication}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 @dataclass
@@ -78,17 +80,34 @@ def resolve_source(source: str, *, allow_pickle: bool = False) -> ModelSource:
             raise ModelLoadError(f"GGUF file not found: {path}", where=requested)
         return ModelSource("gguf", str(path.resolve()), requested, [str(path.resolve())])
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return ModelSource("adapter", str(path.resolve()), requested, sorted(str(p) for p in path.glob("adapter_model.safetensors")))
+        return check_adapter(path.resolve(), requested, allow_pickle)
     if path.is_dir():
         return _check_folder(path.resolve(), requested, allow_pickle)
     if path.exists():
-        raise ModelLoadError(f"'{path}' is a file but not a .gguf model.", hint="Pass a model folder, a .gguf file, a hub id or an alias.")
-    if HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        raise ModelLoadError(f"'{path}' is a file but not a .gguf model.", where=requested,
+                             hint="Pass a model folder, a .gguf file, a hub id or an alias.")
+    if is_hub_id(str(source)):
         return ModelSource("hub", str(source), requested)
     raise ModelLoadError(
-        f"no model found at '{requested}'.",
+        f"no model found at '{requested}' (no such file or folder).",
         hint=f"Expected a local folder with config.json and *.safetensors, a .gguf file, a hub id like 'org/name', or an alias ({', '.join(ALIASES)}).",
     )
+
+
+def check_adapter(path: Path, requested: str, allow_pickle: bool = False) -> ModelSource:
+    """A peft adapter folder: its weights must be safetensors unless pickle is allowed."""
+    path = Path(path)
+    safetensors = sorted(str(p) for p in path.glob("adapter_model*.safetensors"))
+    pickles = sorted(str(p) for p in path.glob("adapter_model*") if p.suffix in PICKLE_SUFFIXES)
+    if not safetensors and pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"the adapter in {path} is saved only as pickle ({', '.join(Path(p).name for p in pickles)}), which can run arbitrary code when loaded.",
+            where=requested,
+            hint="Re-save it with safe_serialization=True, or pass --allow-pickle (allow_pickle=True) if you trust the source.",
+        )
+    if not safetensors and not pickles:
+        raise ModelLoadError(f"the adapter folder {path} has no weights (adapter_model.safetensors).", where=requested)
+    return ModelSource("adapter", str(path), requested, safetensors or pickles)
 
 
 def _check_folder(path: Path, requested: str, allow_pickle: bool) -> ModelSource:
@@ -100,7 +119,7 @@ def _check_folder(path: Path, requested: str, allow_pickle: bool) -> ModelSource
         raise ModelLoadError(
             f"{path} holds only pickle weights ({', '.join(Path(p).name for p in pickles)}), which can run arbitrary code when loaded.",
             where=requested,
-            hint="Convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the source.",
+            hint="Convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source.",
         )
     if not safetensors and not pickles:
         raise ModelLoadError(f"{path} has a config.json but no weight files (*.safetensors).", where=requested)
@@ -112,7 +131,7 @@ def _check_remote_code(config: dict[str, Any], requested: str, trust_remote_code
         raise ModelLoadError(
             "this model's config asks for custom Python code from its repository (auto_map), which qingzhou does not run by default.",
             where=requested,
-            hint="Pass trust_remote_code=True (--trust-remote-code) only if you trust its author.",
+            hint="Pass --trust-remote-code (trust_remote_code=True) only if you trust its author.",
         )
 
 
@@ -124,12 +143,19 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     revision: str | None = None,
+    strict: bool = True,
 ):
     """Load `(model, tokenizer)` ready for inference on `device` in `dtype`.
 
     `source`: a registry alias (see `qingzhou.llm.ALIASES`), a local Hugging Face folder, a
     `.gguf` file (dequantised by transformers' GGUF support) or a hub id. A GGUF-loaded model has its
     GGUF quantizer state dropped, so it behaves (and saves) as a plain dense model.
+
+    `strict` (default): tensors the architecture needs but the checkpoint lacks, tensors it has
+    but the architecture does not use, and tensors of the wrong shape raise ModelLoadError naming
+    them (keys the model class declares ignorable, and tied weights, are not counted). With
+    `strict=False` such a model loads with those tensors freshly initialised, as transformers does
+    (and transformers' load report says which). GPTQ-layout folders are always loaded strictly.
     """
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -138,7 +164,7 @@ def load_model(
 
     src = resolve_source(source, allow_pickle=allow_pickle)
     if src.kind == "adapter":
-        return _load_adapter(src, dtype, device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return _load_adapter(src, dtype, device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, strict=strict)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -158,9 +184,13 @@ def load_model(
         if quant_method in quantized_loaders():
             model = quantized_loaders()[quant_method](src.path, dtype=torch_dtype, device=dev)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                src.folder, dtype=torch_dtype, use_safetensors=None if (allow_pickle or src.kind == "gguf") else True, **common
-            )
+            with _quiet_load_report(strict):
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    src.folder, dtype=torch_dtype, use_safetensors=None if (allow_pickle or src.kind == "gguf") else True,
+                    output_loading_info=True, ignore_mismatched_sizes=True, **common
+                )
+            if strict:
+                check_loading_info(model, info, where=f"{source} ({src.path})")
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # corrupt/missing files, bad config
@@ -178,6 +208,65 @@ def load_model(
     return model, tokenizer
 
 
+def check_loading_info(model: Any, info: dict[str, Any], where: str) -> None:
+    """Raise ModelLoadError when a checkpoint does not fill the architecture exactly.
+
+    `info` is transformers' `output_loading_info`: missing, unexpected and mismatched keys. Keys
+    matching the model class's `_keys_to_ignore_on_load_*` patterns and tied weights (filled from
+    the tensor they are tied to) are not problems.
+    """
+    import re
+
+    def ignorable(keys: Any, patterns: Any) -> list[str]:
+        regexes = [re.compile(p) for p in (patterns or ())]
+        return sorted(k for k in keys if not any(r.search(k) for r in regexes))
+
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) | set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in ignorable(info.get("missing_keys", ()), getattr(model, "_keys_to_ignore_on_load_missing", None)) if k not in tied]
+    unexpected = ignorable(info.get("unexpected_keys", ()), getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+    mismatched = sorted(info.get("mismatched_keys", ()), key=lambda m: m[0])
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the architecture needs are missing from the checkpoint ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the checkpoint are not used by the architecture ({_names(unexpected)})")
+    if mismatched:
+        shapes = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+        problems.append(f"{len(mismatched)} tensor(s) have the wrong shape ({_names(shapes)})")
+    raise ModelLoadError(
+        "the weights do not match the architecture in config.json: " + "; ".join(problems) + ".",
+        where=where,
+        hint="Check that config.json belongs to these weights (layers, sizes). Pass --no-strict (strict=False, "
+             "`strict: false` in a load stage) to load anyway with those tensors freshly initialised.",
+    )
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@contextlib.contextmanager
+def _quiet_load_report(strict: bool):
+    """Drop transformers' load-report warning while loading strictly: check_loading_info turns the
+    same facts into one error paragraph, and the table would print before it. (A filter, not a
+    level: transformers runs extra checks when its logger's level is raised.)"""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    if strict:
+        logger.addFilter(no_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_report)
+
+
 def _apply_folder_extensions(model: Any, folder: Path) -> Any:
     for name, apply in folder_extensions().items():
         if (folder / name).is_file():
@@ -190,7 +279,10 @@ def _load_adapter(src: ModelSource, dtype: str, device: str, **kw):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    cfg = json.loads((Path(src.path) / "adapter_config.json").read_text())
+    try:
+        cfg = json.loads((Path(src.path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"adapter_config.json cannot be read: {_first_line(e)}", where=src.path) from None
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError("adapter_config.json does not say which base model it adapts (base_model_name_or_path).", where=src.path)

@@ -20,6 +20,7 @@ class ModelRef:
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    strict: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +49,7 @@ class ModelCache:
                 device=ref.device,
                 trust_remote_code=ref.trust_remote_code,
                 allow_pickle=ref.allow_pickle,
+                strict=ref.strict,
             )
             self.ref = ref
         return self.model, self.tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qingzhou import yamlfile
 from qingzhou.errors import RecipeError, closest, did_you_mean
 from qingzhou.recipes.registry import STAGES, StageConfig, builtin_recipe_dir
 
@@ -51,37 +52,8 @@ class Recipe:
 
 # ---------------------------------------------------------------------------------------- lines
 
-
-def key_lines(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document, e.g. ('stages', 1, 'lr'), to its 1-based line."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                child = (*path, key.value)
-                lines[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                walk(value, (*path, i))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _where(source: str, lines: dict[tuple, int], path: tuple) -> str:
-    dotted = ".".join(str(p) for p in path) or "<top level>"
-    for cut in range(len(path), -1, -1):
-        if path[:cut] in lines:
-            return f"{source}:{lines[path[:cut]]}: {dotted}"
-    return f"{source}: {dotted}"
+key_lines = yamlfile.key_lines
+_where = yamlfile.where
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -183,7 +155,7 @@ def validate_recipe(data: Any, *, source: str = "<recipe>", text: str | None = N
         kind = raw.get("kind")
         if kind is None:
             raise RecipeError("stage has no 'kind'.", where=_where(source, lines, path), hint=f"Valid kinds: {', '.join(sorted(STAGES))}.")
-        if kind not in STAGES:
+        if not isinstance(kind, str) or kind not in STAGES:
             raise RecipeError(f"unknown stage kind '{kind}'.", where=_where(source, lines, (*path, "kind")), hint=did_you_mean(str(kind), STAGES))
         spec = STAGES.get(kind)
         try:
@@ -210,21 +182,22 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise RecipeError(f"no recipe file or built-in recipe named '{name_or_path}'.", hint=did_you_mean(str(name_or_path), builtin))
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file or built-in recipe name."""
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check_inputs: bool = True) -> Recipe:
+    """Read, override and validate a recipe file or built-in recipe name.
+
+    With `check_inputs` (the default) every file, folder, model, task and device the recipe names
+    is checked too (`check_recipe_inputs`), so a typo fails here and not after a model has loaded.
+    """
     path = find_recipe(name_or_path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
-        raise RecipeError(f"malformed YAML: {e.problem or e}" + (f" ({e.context})" if e.context else ""), where=f"{path}:{line}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"malformed YAML: {e}", where=str(path)) from None
+    data, text = yamlfile.load(path)
     if data is None:
         raise RecipeError("the recipe file is empty.", where=str(path))
     for override in overrides:
         if isinstance(data, dict):
             apply_override(data, override)
-    return validate_recipe(data, source=str(path), text=text, overrides=list(overrides))
+    recipe = validate_recipe(data, source=str(path), text=text, overrides=list(overrides))
+    if check_inputs:
+        from qingzhou.recipes.inputs import check_recipe_inputs
+
+        check_recipe_inputs(recipe, text)
+    return recipe

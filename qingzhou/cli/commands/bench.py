@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import emit_result, guarded, kv_table, out, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_file,
+    emit_result,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -16,14 +28,17 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2", "--model", "-m", help="alias, local HF folder, .gguf file or hub id"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] | npu | mlu | xpu | musa | mps"),
         dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
-        batch_sizes: list[int] = typer.Option([1, 8], "--batch-size", "-b", help="repeat for several"),
-        prompt_tokens: int = typer.Option(128, "--prompt-tokens"),
-        new_tokens: int = typer.Option(32, "--new-tokens"),
-        warmup: int = typer.Option(1, "--warmup"),
-        repeats: int = typer.Option(3, "--repeats"),
+        batch_sizes: list[int] = typer.Option([1, 8], "--batch-size", "-b", min=1, help="repeat for several"),
+        prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1),
+        new_tokens: int = typer.Option(32, "--new-tokens", min=2),
+        warmup: int = typer.Option(1, "--warmup", min=0),
+        repeats: int = typer.Option(3, "--repeats", min=1),
         fast: str = typer.Option("auto", "--fast", help="static-cache + compiled decode: auto (CUDA only) | on | off"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -35,12 +50,13 @@ def register(app: typer.Typer) -> None:
         choices = {"auto": "auto", "on": True, "off": False}
         if fast not in choices:
             raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
-
+        check_device(device)
+        check_out_file(out_file)
         if out_file:
             from qingzhou.io import check_output_file
 
             check_output_file(out_file, force)  # before the model loads
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])
         result["config"]["model"] = model

@@ -37,4 +37,4 @@ def register(app: typer.Typer) -> None:
         title += "".join(f"; {c}: {v}" for c, v in shared.items())
         out.print(table(title, result.display_rows(columns)))
         for name, path in result.files.items():
-            out.print(f"{name}: {path}")
+            out.print(f"{name}: {path}", markup=False, highlight=False)

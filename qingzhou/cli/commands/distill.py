@@ -7,7 +7,18 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +50,9 @@ def register(app: typer.Typer) -> None:
         save_every_minutes: float = typer.Option(10.0, "--save-every-minutes",
                                                  help="checkpoint after this much training time (0: off); Ctrl-C "
                                                       "and SIGTERM save one too"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         sets: list[str] = typer.Option(None, "--set", "-s", help="other training fields, KEY=VALUE (repeatable)"),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     ) -> None:
@@ -59,9 +73,12 @@ def register(app: typer.Typer) -> None:
             fields["learning_rate"] = learning_rate
         cfg = parse_distill_config({**fields, **_parse_sets(sets)})
         data_cfg = DataConfig(source=data, format=data_format, max_length=max_length, packing=packing, seed=seed)
+        check_device(device)
+        check_out_dir(out_dir, "--out")
+        opts = load_options(allow_pickle, trust_remote_code, strict)
         claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the models load
-        s_model, tok = load_model(student, device=device)
-        t_model, _ = load_model(teacher, device=device)
+        s_model, tok = load_model(student, device=device, **opts)
+        t_model, _ = load_model(teacher, device=device, **opts)
         report = distill(s_model, t_model, tok, cfg, data_cfg, output_dir=out_dir, resume=resume, base_source=student,
                          overwrite=force)
         if as_json:

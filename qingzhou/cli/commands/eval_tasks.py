@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import emit_result, guarded, out, print_json, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_file,
+    emit_result,
+    guarded,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 
 def register_eval(eval_app: typer.Typer) -> None:
@@ -27,6 +39,9 @@ def register_eval(eval_app: typer.Typer) -> None:
         source: str = typer.Option("auto", "--source", help="auto | local | hub"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         list_: bool = typer.Option(False, "--list", help="list the shipped tasks and exit"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -44,11 +59,17 @@ def register_eval(eval_app: typer.Typer) -> None:
 
         for name in tasks:  # a typo fails now, not after loading the model
             load_task(name)
+        check_device(device)
+        check_out_file(out_file)
+        if data_dir is not None and not data_dir.is_dir():
+            from qingzhou.errors import DataError
+
+            raise DataError(f"folder not found: {data_dir}", where="--data-dir")
         if out_file:
             from qingzhou.io import check_output_file
 
             check_output_file(out_file, force)
-        mdl, tok = load_model(model, dtype=dtype, device=device)
+        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = evaluate(mdl, tok, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                           seed=seed, data_dir=data_dir, source=source, progress=progress)
         result["config"]["model"] = model

@@ -6,7 +6,17 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,14 +30,18 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., help="where to write the merged model"),
         base: Optional[str] = typer.Option(None, "--base", help="base model (default: the one recorded in the adapter)"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Merge an adapter into its base and save a plain transformers model (prompt adapters are copied)."""
         from qingzhou.finetune import export_merged
         from qingzhou.io import check_output_dir
 
+        check_out_dir(out_dir, "OUT_DIR")
         check_output_dir(out_dir, force)
-        result = export_merged(adapter, out_dir, base_model=base, overwrite=force)
+        result = export_merged(adapter, out_dir, base_model=base, overwrite=force, **load_options(allow_pickle, trust_remote_code, strict))
         if as_json:
             print_json(result.to_dict())
         else:

@@ -6,7 +6,18 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -55,6 +66,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         resume: bool = typer.Option(True, "--resume/--no-resume"),
         force: bool = typer.Option(False, "--force", help="start over in an --out folder holding an earlier fine-tune"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         sets: list[str] = typer.Option(None, "--set", "-s", help="other method fields, KEY=VALUE (repeatable)"),
         as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     ) -> None:
@@ -79,8 +93,10 @@ def register(app: typer.Typer) -> None:
         cfg = parse_finetune_config({**fields, **_parse_sets(sets)})
         data_cfg = DataConfig(source=data, format=data_format, template=template, max_length=max_length, packing=packing,
                               skip_bad_rows=skip_bad_rows, eval_fraction=eval_fraction, seed=seed)
+        check_device(device)
+        check_out_dir(out_dir, "--out")
         claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the model loads
-        mdl, tok = load_model(model, device=device)
+        mdl, tok = load_model(model, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model, overwrite=force)
         summary = result.to_dict()
         if as_json:

@@ -6,7 +6,19 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +40,9 @@ def register(app: typer.Typer) -> None:
         eval_seq_len: int = typer.Option(512, "--eval-seq-len"),
         device: Optional[str] = typer.Option(None, "--device"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
@@ -45,8 +60,10 @@ def register(app: typer.Typer) -> None:
         from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
+        check_device(settings.device)
+        check_out_dir(out_dir, "OUT_DIR")
         check_output_dir(out_dir, force)  # before minutes of loading and clustering
-        m, tok = load_model(model, dtype="float32", device="cpu")  # only once every setting is valid
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = moefy(m, settings, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:

@@ -10,7 +10,19 @@ from typing import Any, Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json, table
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+    table,
+)
 from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.prune.config import CalibratedPruneConfig
 from qingzhou.compress.prune.structured import StructuredConfig
@@ -37,6 +49,9 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s comparison=row"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
@@ -49,8 +64,10 @@ def register(app: typer.Typer) -> None:
                  **({"skip": ["lm_head", "embed", *skip]} if skip else {})}
         cfg = method_config(PRUNERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                             names={"owl": "--owl"}, where="prune")
+        check_device(getattr(cfg, "device", None))
+        check_out_dir(out_dir, "OUT_DIR")
         check_output_dir(out_dir, force)  # before minutes of loading and calibration
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = prune(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:

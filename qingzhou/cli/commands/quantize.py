@@ -10,7 +10,18 @@ from typing import Any, Optional
 
 import typer
 
-from qingzhou.cli.common import guarded, kv_table, out, print_json
+from qingzhou.cli.common import (
+    AllowPickleOpt,
+    StrictOpt,
+    TrustRemoteCodeOpt,
+    check_device,
+    check_out_dir,
+    guarded,
+    kv_table,
+    load_options,
+    out,
+    print_json,
+)
 from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.quantize.config import CalibratedConfig
 from qingzhou.recipes.stages.quantize import QuantizeStage
@@ -36,6 +47,9 @@ def register(app: typer.Typer) -> None:
                                                 "instead of a GPTQ folder; --method none = export only"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
+        allow_pickle: bool = AllowPickleOpt,
+        trust_remote_code: bool = TrustRemoteCodeOpt,
+        strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
@@ -52,8 +66,10 @@ def register(app: typer.Typer) -> None:
             cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                                 names={"pack": "--dense", "sym": "--sym/--asym"}, where="quantize")
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
+        check_device(getattr(cfg, "device", None) if method != "none" else None)
+        check_out_dir(out_dir, "OUT_DIR")
         check_output_dir(out_dir, force)  # before minutes of loading and calibration
-        m, tok = load_model(model, dtype="float32", device="cpu")
+        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         if method == "none":
             summary: dict[str, Any] = {}
             save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0", overwrite=force)

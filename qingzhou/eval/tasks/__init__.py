@@ -8,26 +8,31 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from qingzhou.errors import RecipeError, did_you_mean
+from qingzhou import yamlfile
+from qingzhou.errors import TaskError, did_you_mean
 from qingzhou.eval.tasks.spec import TaskSpec
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
 def _read_spec(path: Path) -> TaskSpec:
+    """Read, validate and bind a task file; errors name `file:line: key`."""
+    data, text = yamlfile.load(path, error=TaskError)
+    lines = yamlfile.key_lines(text)
+    if not isinstance(data, dict):
+        raise TaskError(f"a task file must be a mapping (task, kind, metrics, ...), got {type(data).__name__}.",
+                        where=str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"invalid YAML: {e}", where=str(path)) from None
-    try:
-        return TaskSpec.model_validate(data)
+        spec = TaskSpec.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise RecipeError(f"{first['msg']} (key {key!r}).", where=str(path)) from None
+        loc = tuple(first["loc"])
+        got = first.get("input")
+        detail = f" (got {got!r})" if first["type"] != "missing" and not isinstance(got, dict | list) else ""
+        raise TaskError(f"{first['msg']}{detail}.", where=yamlfile.where(str(path), lines, loc)) from None
+    return spec.bind_source(str(path), lines)
 
 
 @lru_cache(maxsize=1)
@@ -48,11 +53,11 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml"):
         if not candidate.is_file():
-            raise RecipeError(f"task file {str(candidate)!r} not found.")
+            raise TaskError(f"task file {str(candidate)!r} not found.")
         return _read_spec(candidate)
     tasks = builtin_tasks()
     if str(name_or_path) not in tasks:
-        raise RecipeError(f"unknown task {str(name_or_path)!r}.", where="tasks",
+        raise TaskError(f"unknown task {str(name_or_path)!r}.", where="tasks",
                           hint=did_you_mean(str(name_or_path), tasks))
     return _read_spec(tasks[str(name_or_path)])
 

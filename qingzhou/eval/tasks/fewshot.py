@@ -37,5 +37,5 @@ def sample_shots(pool: list[dict[str, Any]], n: int, rng: random.Random, sampler
 def build_prefix(spec: TaskSpec, doc: dict[str, Any], shots: list[dict[str, Any]]) -> str:
     """Description + solved shots, each followed by the few-shot delimiter; the row's text follows."""
     kind = KINDS.get(spec.kind, where=spec.task).obj
-    description = render(spec.description, doc) if spec.description else ""
+    description = render(spec.description, doc, where=spec.where("description")) if spec.description else ""
     return description + "".join(kind.shot(spec, s) + spec.fewshot_delimiter for s in shots)

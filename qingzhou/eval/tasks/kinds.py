@@ -41,7 +41,7 @@ def register_kind(name: str, request_type: str, shot, requests):
 
 
 def text(spec: TaskSpec, doc: dict) -> str:
-    return render(spec.doc_to_text, doc)
+    return render(spec.doc_to_text, doc, where=spec.where("doc_to_text"))
 
 
 # ---------------------------------------------------------------- multiple choice (ARC, PIQA ...)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 TaskKindName = Literal["multiple_choice", "partial_choice", "loglikelihood", "generate_until", "rolling"]
 
@@ -76,6 +76,27 @@ class TaskSpec(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
     reference: str = Field("", description="where the prompt and scoring come from")
+    _source: str = PrivateAttr("<task>")
+    _lines: dict = PrivateAttr(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        """`file:line: key` of a key of this task file (for error messages)."""
+        from qingzhou.yamlfile import where
+
+        return where(self._source, self._lines, tuple(key.split(".")))
+
+    def bind_source(self, source: str, lines: dict) -> TaskSpec:
+        """Remember the file this spec came from, and check every template and field expression in
+        it (syntax, sandbox rules), so a broken or malicious task file fails before any model loads."""
+        from qingzhou.eval.tasks.templating import check_expression, check_template
+
+        self._source, self._lines = source, lines
+        for key in ("doc_to_text", "description"):
+            check_template(getattr(self, key), self.where(key))
+        for name, src in (("local", self.local), ("hub", self.hub)):
+            for field, expression in (src.fields if src else {}).items():
+                check_expression(expression, self.where(f"{name}.fields.{field}"))
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:

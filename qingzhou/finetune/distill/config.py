@@ -64,5 +64,9 @@ def parse_distill_config(data: DistillConfig | dict[str, Any]) -> DistillConfig:
     if isinstance(data, DistillConfig):
         return data
     own = set(DistillConfig.model_fields)
+    if not isinstance(data.get("train", {}), dict):
+        from qingzhou.errors import RecipeError
+
+        raise RecipeError(f"`train` must be a mapping of training settings, got {data['train']!r}.", where="train")
     train = {**data.get("train", {}), **{k: v for k, v in data.items() if k not in own}}
     return DistillConfig.model_validate({**{k: v for k, v in data.items() if k in own}, "train": train})

@@ -79,7 +79,7 @@ def run_distill(cfg: DistillStage, ctx: StageContext) -> StageResult:
     ref = teacher_ref(cfg.teacher, ctx)
     # loaded apart from the run's model cache, which holds the student
     teacher, _ = load_model(ref.source, dtype=ref.dtype, device=ref.device, trust_remote_code=ref.trust_remote_code,
-                            allow_pickle=ref.allow_pickle)
+                            allow_pickle=ref.allow_pickle, strict=ref.strict)
     data = cfg.data if isinstance(cfg.data, DataConfig) else DataConfig(source=cfg.data, seed=ctx.seed)
     base = ctx.model_ref.source if ctx.model_ref else None
     # checkpoints beside the stage folder: the temp folder goes on a crash, they must not

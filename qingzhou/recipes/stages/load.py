@@ -16,6 +16,7 @@ class LoadStage(StageConfig):
     device: str = Field("auto", description="auto | cpu | cuda[:N] | npu | mlu | xpu | musa | mps")
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    strict: bool = Field(True, description="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
 
 
 @register_stage("load", LoadStage)
@@ -24,7 +25,7 @@ def run_load(cfg: LoadStage, ctx: StageContext) -> StageResult:
     from qingzhou.llm import describe_model, resolve_source
 
     source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
-    ref = ModelRef(str(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.allow_pickle)
+    ref = ModelRef(str(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.allow_pickle, cfg.strict)
     model, tokenizer = ctx.cache.get(ref)
     ctx.set_model(ref, model, tokenizer)
     return StageResult(metrics=describe_model(model), data_hashes=source.hashes())
