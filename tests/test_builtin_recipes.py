@@ -112,7 +112,7 @@ def check_stage(stage: dict[str, Any], spec: dict[str, Any], run_dir: Path, tiny
         samples = json.loads((work / "samples.json").read_text())
         assert [s["prompt"] for s in samples] == spec["prompts"], where
     elif kind == "report":
-        assert (work / "report.md").is_file() and all(Path(p).is_file() for p in m.get("plots", [])), where
+        assert (work / "report.md").is_file() and all((run_dir / p).is_file() for p in m.get("plots", [])), where
     else:
         raise AssertionError(f"{where}: a shipped recipe uses stage kind {kind!r}; add its check to check_stage")
 

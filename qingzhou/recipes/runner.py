@@ -413,7 +413,9 @@ def run_recipe(
         record["finished_at"] = _now()
         atomic_write_json(run_dir / "run.json", record)
         cache.clear()
-    return RunResult(run_dir, record["status"], record["stages"], notes)
+    # run.json keeps run-relative paths (portable); the caller gets model references it can load
+    stages = [{**st, "model_out": _ref_from_disk(st.get("model_out"), run_dir)} for st in record["stages"]]
+    return RunResult(run_dir, record["status"], stages, notes)
 
 
 def _resume_hint(recipe: Recipe, run_dir: Path, current: str | None) -> str:
