@@ -21,9 +21,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the pruned model"),
         method: Optional[str] = typer.Option(None, "--method", help="magnitude | wanda | sparsegpt | structured "
-                                             "[default: wanda, as the recipe stage]"),
-        sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights removed "
-                                                 "(unstructured) [default: the config's, 0.5]"),
+                                             "(default: wanda, as the recipe stage)"),
+        sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights removed, "
+                                                 "unstructured (default: 0.5)"),
         nm: Optional[str] = typer.Option(None, "--nm", help="semi-structured pattern, e.g. 2:4 or 4:8"),
         owl: bool = typer.Option(False, "--owl", help="outlier-weighted per-layer sparsity (unstructured)"),
         skip: list[str] = typer.Option([], "--skip", help="regex of module names left dense (repeatable), "
@@ -32,9 +32,9 @@ def register(app: typer.Typer) -> None:
         mlp: Optional[float] = typer.Option(None, "--mlp", help="structured: fraction of MLP channels removed"),
         layers: Optional[int] = typer.Option(None, "--layers", help="structured: number of decoder layers removed"),
         calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
-                                                  "[default: builtin:calib]"),
-        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples [default: 128]"),
-        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample [default: 512]"),
+                                                  "(default: builtin:calib)"),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
         device: Optional[str] = typer.Option(None, "--device"),
         per_layer: bool = typer.Option(False, "--per-layer", help="also print the sparsity of every layer"),
         as_json: bool = typer.Option(False, "--json"),

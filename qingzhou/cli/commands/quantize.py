@@ -22,19 +22,19 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the quantised model"),
         method: Optional[str] = typer.Option(None, "--method", help="rtn | gptq | awq | smoothquant | none (with "
-                                             "--gguf-type) [default: gptq, as the recipe stage]"),
-        bits: Optional[int] = typer.Option(None, "--bits", help="bits per weight [default: the method's; gptq: 4]"),
+                                             "--gguf-type) (default: gptq, as the recipe stage)"),
+        bits: Optional[int] = typer.Option(None, "--bits", help="bits per weight (default: the method's; gptq: 4)"),
         group_size: Optional[int] = typer.Option(None, "--group-size", help="input columns per scale, -1 = per "
-                                                 "output channel [default: the method's; gptq: 128]"),
-        sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="[default: the method's; gptq: asym]"),
+                                                 "output channel (default: the method's; gptq: 128)"),
+        sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="(default: the method's; gptq: asym)"),
         calibration: Optional[str] = typer.Option(None, "--calibration", help="builtin:calib or a .jsonl/.json/.txt "
-                                                  "[default: builtin:calib]"),
-        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples [default: 128]"),
-        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample [default: 512]"),
+                                                  "(default: builtin:calib)"),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help="calibration samples (default: 128)"),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per calibration sample (default: 512)"),
         skip: list[str] = typer.Option([], "--skip", help="regex of module names to keep in full precision"),
         on_indivisible_group: Optional[str] = typer.Option(
             None, "--on-indivisible-group", help="fallback | per_channel | ragged | error: for layers the group size "
-                                                 "does not divide [default: fallback, to 64/32 or per-channel]"),
+                                                 "does not divide (default: fallback, to 64/32 or per-channel)"),
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
                                                 "instead of a GPTQ folder; --method none = export only"),
