@@ -73,6 +73,9 @@ def test_recipe_prune_then_distill_from_the_base_model(tmp_path, tiny_llama_dir,
     assert all(math.isfinite(kl) and kl > 1e-4 for kl in (kl_before, kl_after)) and abs(kl_after - kl_before) > 1e-3
     assert metrics["kl_before"] == pytest.approx(kl_before, abs=6e-5)  # reported rounded to 4 decimals
     assert metrics["kl_after"] == pytest.approx(kl_after, abs=6e-5)
+    report = json.loads((tmp_path / "run" / "03-distill" / "distill.json").read_text())  # unrounded
+    assert report["kl_before"] == pytest.approx(kl_before, rel=1e-5)
+    assert report["kl_after"] == pytest.approx(kl_after, rel=1e-5)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "03-distill" / "model")
     assert student.config.num_key_value_heads == 1 and student.config.intermediate_size == 64
     assert (tmp_path / "run" / "03-distill" / "distill.json").is_file()

@@ -124,9 +124,19 @@ local: {path: ROWS}
 
 
 @pytest.mark.skipif(not (DATA / "tasks").is_dir(), reason="shared data not present")
-def test_every_shipped_local_task_runs_on_real_rows(tok):
+def test_every_shipped_local_task_runs_on_real_rows(tok, monkeypatch):
     model = tiny()
     tasks = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada_openai", "cmmlu"]
+    scored: list[dict] = []  # every request's log-likelihood, per evaluate() call (recorded, not replaced)
+    original = HFLM.loglikelihood
+
+    def recording(self, requests):
+        answers = original(self, requests)
+        scored[-1].update(zip(requests, (lp for lp, _ in answers)))
+        return answers
+
+    monkeypatch.setattr(HFLM, "loglikelihood", recording)
+    scored.append({})
     out = evaluate(model, tok, tasks, limit=3, num_fewshot=1, data_dir=DATA, batch_size=16, progress=False)
     for name in tasks:
         res = out["results"][name]
@@ -142,8 +152,12 @@ def test_every_shipped_local_task_runs_on_real_rows(tok):
     assert out["results"]["lambada_openai"]["metrics"]["perplexity"] > 1.0
     assert len(out["results"]["cmmlu"]["subjects"]) == 67
     assert out["config"]["num_fewshot"] == 1 and out["config"]["device"] == "cpu"
-    # batching must not change any number: the same run, one request per forward pass
+    # batching must not change any number: the same run, one request per forward pass, gives the
+    # same log-likelihood for every request (padding, shared contexts and the one-token cache at work)
+    scored.append({})
     one = evaluate(model, tok, tasks, limit=3, num_fewshot=1, data_dir=DATA, batch_size=1, progress=False)
+    assert len(scored[0]) > 800 and scored[1].keys() == scored[0].keys()
+    assert [scored[1][k] for k in scored[0]] == pytest.approx(list(scored[0].values()), rel=1e-4, abs=1e-4)
     for name in tasks:
         assert one["results"][name]["metrics"] == pytest.approx(out["results"][name]["metrics"], rel=1e-4), name
     # zero-shot ARC-Easy on the first rows of the file, scored by hand from the LM's log-likelihoods

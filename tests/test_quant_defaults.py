@@ -100,28 +100,42 @@ def test_cli_default_flags_quantize_an_indivisible_model(tmp_path, wide_dir):
     assert "12 layers" in table.output and "use group size 64" in table.output
 
 
-def test_cli_defaults_are_the_configs():
-    """Every quantisation flag defaults to None (the method config decides), and the defaults the
-    help text names are the config's."""
+def stated_defaults(command: str) -> tuple[dict, dict]:
+    """(click default, default named in the help text) of each option of a CLI command."""
     import typer.main
 
+    params = typer.main.get_command(app).commands[command].params
+    found = {p.name: re.search(r"\(default: ([^,;)]+)", p.help or "") for p in params}
+    return {p.name: p.default for p in params}, {k: m.group(1) for k, m in found.items() if m}
+
+
+def test_cli_defaults_are_the_configs():
+    """Every quantize/prune setting flag defaults to None (the method config decides), and the
+    defaults the help text names are the config's."""
+    from qingzhou.compress.prune.wanda import WandaConfig
     from qingzhou.data.calibration import CalibrationConfig
+    from qingzhou.recipes.stages.prune import PruneStage
     from qingzhou.recipes.stages.quantize import QuantizeStage
 
-    command = typer.main.get_command(app).commands["quantize"]
-    params = {p.name: p for p in command.params}
-    assert params["method"].default == QuantizeStage.default_method
-    for name in ("bits", "group_size", "sym", "on_indivisible_group", "calibration", "num_samples",
-                 "seq_len", "device"):
-        assert params[name].default is None, name
-    stated = {name: re.search(r"\(default: ([^)]+)\)", params[name].help).group(1)
-              for name in ("bits", "group_size", "on_indivisible_group", "calibration", "num_samples", "seq_len")}
-    fields, calib = GPTQConfig.model_fields, CalibrationConfig.model_fields
-    assert stated == {"bits": str(fields["bits"].default),
-                      "group_size": str(fields["group_size"].default),
-                      "on_indivisible_group": fields["on_indivisible_group"].default,
-                      "calibration": calib["source"].default, "num_samples": str(calib["num_samples"].default),
-                      "seq_len": str(calib["seq_len"].default)}
+    calib = CalibrationConfig.model_fields
+    calib_stated = {"calibration": calib["source"].default, "num_samples": str(calib["num_samples"].default),
+                    "seq_len": str(calib["seq_len"].default)}
+    defaults, stated = stated_defaults("quantize")
+    assert defaults["method"] == QuantizeStage.default_method
+    for name in ("bits", "group_size", "sym", "on_indivisible_group", "calibration", "num_samples", "seq_len",
+                 "device"):
+        assert defaults[name] is None, name
+    fields = GPTQConfig.model_fields
+    assert {k: stated[k] for k in ("bits", "group_size", "sym", "on_indivisible_group", *calib_stated)} == {
+        "bits": str(fields["bits"].default), "group_size": str(fields["group_size"].default),
+        "sym": str(fields["sym"].default).lower(), "on_indivisible_group": fields["on_indivisible_group"].default,
+        **calib_stated}
+    defaults, stated = stated_defaults("prune")
+    assert defaults["method"] == PruneStage.default_method
+    for name in ("sparsity", "nm", "heads", "mlp", "layers", "calibration", "num_samples", "seq_len"):
+        assert defaults[name] is None, name
+    assert {k: stated[k] for k in ("sparsity", *calib_stated)} == {
+        "sparsity": str(WandaConfig.model_fields["sparsity"].default), **calib_stated}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
