@@ -33,7 +33,7 @@ from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
-from qingzhou.llm.devices import keep_bnb_4bit_layout
+from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
 
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
@@ -69,16 +69,14 @@ class FinetuneResult:
 
 
 def resolve_mixed_precision(choice: str, device_type: str) -> str:
-    """'auto' picks bf16 on GPUs that support it, fp16 on older GPUs, no elsewhere (CPU bf16 is slow)."""
+    """'auto' picks bf16 on accelerators that support it (the device layer's capability table),
+    fp16 on those that do not (older GPUs), no on the CPU (bf16 there is slow) and Apple MPS."""
     if choice != "auto":
         return choice
-    import torch
-
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device_type in {"npu", "xpu", "mlu", "musa"}:
-        return "bf16"
-    return "no"
+    if device_type in {"cpu", "mps"} or device_type not in CAPABILITIES:
+        return "no"
+    caps = capabilities(device_type)
+    return "bf16" if caps.bf16 else "fp16" if caps.fp16 else "no"
 
 
 def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
@@ -126,16 +124,6 @@ class BatchPlan:
         perm = self._permutation(epoch)
         start = idx * self.global_bs + self.rank * self.bs
         return [perm[(start + j) % self.n] for j in range(self.bs)]
-
-
-def _peak_memory_mb(device_type: str) -> float:
-    import torch
-
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _make_optimizer(params: list[tuple[str, Any]], cfg: FinetuneConfig) -> Any:
@@ -248,22 +236,77 @@ def finetune(
     `finetune` output (it is continued with resume=True); `overwrite=True` starts such a folder
     over; a folder qingzhou did not write is never used.
     """
-    import torch
-    from accelerate import Accelerator
-
     cfg = parse_finetune_config(cfg)
     output_dir = Path(output_dir)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else checkpoint_root(output_dir)
     claim_output_dir(output_dir, ckpt_root, resume=resume, overwrite=overwrite)
+    s = _setup(model, tokenizer, data, cfg, output_dir, ckpt_root, loss_fn)
+    if resume and not overwrite:
+        _resume(s)
+    _start(s)
+    progress = _progress(cfg.progress and s.accelerator.is_main_process)
+    # opt-in: SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
+    with progress, fused_training_ops(s.unwrapped, enabled=cfg.fused_ops), graceful_stop() as stop:
+        task = progress.add_task("train", total=cfg.max_steps, completed=s.start_step, loss="-", tps="-", mem="-")
+        for step in range(s.start_step + 1, cfg.max_steps + 1):
+            step_loss = _train_step(s, step)
+            _after_step(s, step, step_loss, stop, progress, task, callbacks)
+    return _save(s, base_source)
+
+
+@dataclass
+class _Session:
+    """One training run between the phases of `finetune`: what setup built and what the steps change."""
+
+    cfg: FinetuneConfig
+    output_dir: Path
+    ckpt_root: Path
+    tokenizer: Any
+    prepared: PreparedData
+    pad_id: int
+    accelerator: Any
+    deepspeed: bool
+    mixed: str
+    model: Any  # as accelerate prepared it (DDP / DeepSpeed wrapper, or the model itself)
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]]
+    ckpt_module: Any  # what checkpoints hold
+    use_cache: bool | None  # the model's own setting, restored before saving
+    trainable: int
+    total: int
+    state: dict[str, Any] = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "eval_loss_before": None,
+                                                          "tokens": 0, "seconds": 0.0})
+    start_step: int = 0
+    resumed_from: int | None = None
+    plan: BatchPlan | None = None
+    t0: float = 0.0  # perf_counter when this process started training, and the token count then
+    tokens0: int = 0
+    last_save: float = 0.0
+
+    def evaluate(self) -> float | None:
+        return evaluate_loss(self.model, self.prepared.eval, self.pad_id, self.cfg.batch_size, self.accelerator,
+                             self.cfg.eval_batches)
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.accelerator.device)
+
+
+def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | list[dict], cfg: FinetuneConfig,
+           output_dir: Path, ckpt_root: Path, loss_fn: Callable[[Any, dict[str, Any]], tuple[Any, int]] | None) -> _Session:
+    """Data, accelerator, method (adapter / QLoRA / ...), optimizer and scheduler: everything a step needs."""
+    import torch
+    from accelerate import Accelerator
+
     prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
         raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
                           where="packing", hint="Set packing: false for prompt-based methods.")
     if not prepared.train:
         raise RecipeError("no training rows.", where="data")
-    data_fp = prepared.fingerprint
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch_device().type
     mixed = resolve_mixed_precision(cfg.mixed_precision, device_type)
     # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU).
     # Not under a DeepSpeed launch: there the engine owns the device and the process group.
@@ -272,10 +315,10 @@ def finetune(
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     if deepspeed:
         _configure_deepspeed(accelerator, cfg)
+    reset_peak_memory(accelerator.device)
     torch.manual_seed(cfg.seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pad_id = tokenizer.pad_token_id
 
     model = build_method(keep_bnb_4bit_layout(model), cfg)  # a 4-bit base must stay trainable after evaluation
     if cfg.gradient_checkpointing:
@@ -302,122 +345,145 @@ def finetune(
     unwrapped = accelerator.unwrap_model(model)
     # what checkpoints hold: the model, plus the loss's own parameters when it has any
     ckpt_module = torch.nn.ModuleDict({"model": unwrapped, "loss_fn": loss_fn}) if extra else unwrapped
+    return _Session(cfg=cfg, output_dir=output_dir, ckpt_root=ckpt_root, tokenizer=tokenizer, prepared=prepared,
+                    pad_id=tokenizer.pad_token_id, accelerator=accelerator, deepspeed=deepspeed, mixed=mixed,
+                    model=model, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                    ckpt_module=ckpt_module, use_cache=use_cache, trainable=trainable, total=total)
 
-    state: dict[str, Any] = {"train_loss": [], "eval_loss": [], "eval_loss_before": None, "tokens": 0, "seconds": 0.0}
-    start_step, resumed_from = 0, None
-    ckpt = latest_checkpoint(root=ckpt_root) if resume and not overwrite else None
-    if ckpt is not None:
-        loaded = load_checkpoint(ckpt, ckpt_module, optimizer)
-        if loaded.get("data_fingerprint") != data_fp or loaded.get("method") != cfg.method:
-            raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
-                              hint="Use a new output folder, or resume=False to start over.")
-        start_step = resumed_from = loaded["step"]
-        state.update({k: loaded[k] for k in state if k in loaded})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(start_step):
-                scheduler.step()
 
-    plan = BatchPlan(len(prepared.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
-    if state["eval_loss_before"] is None:
-        state["eval_loss_before"] = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
-    model.train()
-    t0, tokens0 = time.perf_counter(), state["tokens"]
-    progress = _progress(cfg.progress and accelerator.is_main_process)
-    last_save = time.perf_counter()
-    # opt-in: SwiGLU/RMSNorm that keep fewer activations, on the covered architectures, while training only
-    with progress, fused_training_ops(unwrapped, enabled=cfg.fused_ops), graceful_stop() as stop:
-        task = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-", mem="-")
-        for step in range(start_step + 1, cfg.max_steps + 1):
-            micro = [[prepared.train[i] for i in plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
-            batches = [{k: v.to(accelerator.device) for k, v in collate(rows, pad_id, packed=prepared.packed).items()} for rows in micro]
-            local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-            counts = accelerator.reduce(torch.tensor([local_targets], device=accelerator.device), reduction="sum")
-            step_targets = max(1, int(counts.item()))
-            loss_sum = 0.0
-            for a, batch in enumerate(batches):
-                sync = a == len(batches) - 1
-                if deepspeed:  # the engine reads its accumulation boundary from accelerate's flag
-                    accelerator.gradient_state._set_sync_gradients(sync)
-                ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
-                with ctx:
-                    with accelerator.autocast():
-                        loss, _ = loss_fn(model, batch)
-                    # DDP averages gradients over processes, so scale by world size to get sum / step_targets.
-                    # The DeepSpeed engine steps itself at its accumulation boundary (gas = grad_accum)
-                    # and must not divide by gas again: the loss is already normalised per step.
-                    accelerator.backward(loss * accelerator.num_processes / step_targets,
-                                         **({"scale_wrt_gas": False} if deepspeed else {}))
-                loss_sum += float(loss.detach())
-                state["tokens"] += sum(len(r) for r in micro[a]) * accelerator.num_processes
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+def _resume(s: _Session) -> None:
+    """Continue from the newest checkpoint, if any: weights, optimizer, RNG, loop state, scheduler."""
+    ckpt = latest_checkpoint(root=s.ckpt_root)
+    if ckpt is None:
+        return
+    loaded = load_checkpoint(ckpt, s.ckpt_module, s.optimizer)
+    if loaded.get("data_fingerprint") != s.prepared.fingerprint or loaded.get("method") != s.cfg.method:
+        raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
+                          hint="Use a new output folder, or resume=False to start over.")
+    s.start_step = s.resumed_from = loaded["step"]
+    s.state.update({k: loaded[k] for k in s.state if k in loaded})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(s.start_step):
+            s.scheduler.step()
 
-            step_loss = float(accelerator.reduce(torch.tensor([loss_sum], device=accelerator.device), reduction="sum").item()) / step_targets
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"training loss became {step_loss} at step {step}; lower learning_rate or use bf16/fp32.")
-            elapsed = state["seconds"] + time.perf_counter() - t0
-            tps = (state["tokens"] - tokens0) / max(time.perf_counter() - t0, 1e-9)
-            metrics = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps}
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                state["train_loss"].append((step, step_loss))
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
-                ev = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
-                state["eval_loss"].append((step, ev))
-                metrics["eval_loss"] = ev
-            progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{_peak_memory_mb(device_type):,.0f}")
-            fault_point(f"step {step}")
-            timely = bool(cfg.save_every_minutes) and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
-            stopping, timely = _any_process(accelerator, stop.requested, timely)  # every process saves, or none
-            due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
-            if due or stopping:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(None, step, ckpt_module, optimizer,
-                                    {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": data_fp},
-                                    keep=cfg.keep_checkpoints, root=ckpt_root)
-                    atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
-                last_save = time.perf_counter()
-            elif step % 10 == 0 and accelerator.is_main_process:  # early metrics for dashboards / the runner
-                atomic_write_json(output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
-            if stopping:
-                raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; checkpoint saved in {ckpt_root}. "
-                                               "Run the same command again to continue from it.")
-            for cb in callbacks or []:
-                cb(step, metrics)
 
-    seconds = state["seconds"] + time.perf_counter() - t0
-    eval_after = evaluate_loss(model, prepared.eval, pad_id, cfg.batch_size, accelerator, cfg.eval_batches)
+def _start(s: _Session) -> None:
+    """The batch plan, the held-out loss before training (once per run, not per resume), the clocks."""
+    acc = s.accelerator
+    s.plan = BatchPlan(len(s.prepared.train), s.cfg.batch_size, acc.num_processes, acc.process_index, s.cfg.seed)
+    if s.state["eval_loss_before"] is None:
+        s.state["eval_loss_before"] = s.evaluate()
+    s.model.train()
+    s.t0, s.tokens0 = time.perf_counter(), s.state["tokens"]
+    s.last_save = time.perf_counter()
+
+
+def _train_step(s: _Session, step: int) -> float:
+    """One optimizer step (all its micro-batches): returns the step's loss per target token."""
+    import torch
+
+    cfg, acc, train = s.cfg, s.accelerator, s.prepared.train
+    micro = [[train[i] for i in s.plan.rows((step - 1) * cfg.grad_accum + a)] for a in range(cfg.grad_accum)]
+    batches = [{k: v.to(acc.device) for k, v in collate(rows, s.pad_id, packed=s.prepared.packed).items()} for rows in micro]
+    local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    counts = acc.reduce(torch.tensor([local_targets], device=acc.device), reduction="sum")
+    step_targets = max(1, int(counts.item()))
+    loss_sum = 0.0
+    for a, batch in enumerate(batches):
+        sync = a == len(batches) - 1
+        if s.deepspeed:  # the engine reads its accumulation boundary from accelerate's flag
+            acc.gradient_state._set_sync_gradients(sync)
+        ctx = acc.no_sync(s.model) if not sync and acc.num_processes > 1 else _null()
+        with ctx:
+            with acc.autocast():
+                loss, _ = s.loss_fn(s.model, batch)
+            # DDP averages gradients over processes, so scale by world size to get sum / step_targets.
+            # The DeepSpeed engine steps itself at its accumulation boundary (gas = grad_accum)
+            # and must not divide by gas again: the loss is already normalised per step.
+            acc.backward(loss * acc.num_processes / step_targets, **({"scale_wrt_gas": False} if s.deepspeed else {}))
+        loss_sum += float(loss.detach())
+        s.state["tokens"] += sum(len(r) for r in micro[a]) * acc.num_processes
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+    step_loss = float(acc.reduce(torch.tensor([loss_sum], device=acc.device), reduction="sum").item()) / step_targets
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(f"training loss became {step_loss} at step {step}; lower learning_rate or use bf16/fp32.")
+    return step_loss
+
+
+def _after_step(s: _Session, step: int, step_loss: float, stop: Any, progress: Any, task: Any,
+                callbacks: list[Callable[[int, dict[str, Any]], None]] | None) -> None:
+    """The cadence after a step: log, evaluate, show progress, checkpoint (by steps, by minutes, or on
+    a signal, then `Interrupted`), early metrics.json, callbacks."""
+    cfg, acc, state = s.cfg, s.accelerator, s.state
+    elapsed = state["seconds"] + time.perf_counter() - s.t0
+    tps = (state["tokens"] - s.tokens0) / max(time.perf_counter() - s.t0, 1e-9)
+    metrics = {"loss": step_loss, "lr": s.scheduler.get_last_lr()[0], "tokens_per_s": tps}
+    if step % cfg.log_every == 0 or step == cfg.max_steps:
+        state["train_loss"].append((step, step_loss))
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+        ev = s.evaluate()
+        state["eval_loss"].append((step, ev))
+        metrics["eval_loss"] = ev
+    progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{s.peak_memory_mb():,.0f}")
+    fault_point(f"step {step}")
+    timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes
+    stopping, timely = _any_process(acc, stop.requested, timely)  # every process saves, or none
+    due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
+    if due or stopping:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(None, step, s.ckpt_module, s.optimizer,
+                            {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint},
+                            keep=cfg.keep_checkpoints, root=s.ckpt_root)
+            atomic_write_json(s.output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+        s.last_save = time.perf_counter()
+    elif step % 10 == 0 and acc.is_main_process:  # early metrics for dashboards / the runner
+        atomic_write_json(s.output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
+    if stopping:
+        raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; checkpoint saved in {s.ckpt_root}. "
+                                       "Run the same command again to continue from it.")
+    for cb in callbacks or []:
+        cb(step, metrics)
+
+
+def _save(s: _Session, base_source: str | None) -> FinetuneResult:
+    """Held-out loss after training, the artifact (adapter or model + tokenizer), the result and metrics.json."""
+    cfg, acc, state, unwrapped = s.cfg, s.accelerator, s.state, s.unwrapped
+    seconds = state["seconds"] + time.perf_counter() - s.t0
+    eval_after = s.evaluate()
     if eval_after is not None:
         state["eval_loss"].append((cfg.max_steps, eval_after))
-    if use_cache is not None:  # training ran without a KV cache; the saved/returned model decodes with one
-        unwrapped.config.use_cache = use_cache
+    if s.use_cache is not None:  # training ran without a KV cache; the saved/returned model decodes with one
+        unwrapped.config.use_cache = s.use_cache
     artifact = "model" if cfg.method == "full" else "adapter"
-    artifact_dir = output_dir / artifact
-    accelerator.wait_for_everyone()
+    artifact_dir = s.output_dir / artifact
+    acc.wait_for_everyone()
     if base_source and hasattr(unwrapped, "peft_config"):
         for pc in unwrapped.peft_config.values():
             pc.base_model_name_or_path = base_source
-    if accelerator.is_main_process:
+    if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
             unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            s.tokenizer.save_pretrained(tmp)
     result = FinetuneResult(
-        method=cfg.method, output_dir=str(output_dir), artifact_dir=str(artifact_dir), artifact=artifact,
+        method=cfg.method, output_dir=str(s.output_dir), artifact_dir=str(artifact_dir), artifact=artifact,
         steps=cfg.max_steps, train_loss=state["train_loss"], eval_loss=state["eval_loss"],
         eval_loss_before=state["eval_loss_before"], eval_loss_after=eval_after,
-        tokens_per_s=(state["tokens"] - tokens0) / max(seconds - state["seconds"], 1e-9),
-        train_tokens=state["tokens"], seconds=seconds, peak_memory_mb=_peak_memory_mb(device_type),
-        trainable_params=trainable, total_params=total, resumed_from=resumed_from, mixed_precision=mixed,
-        data={**prepared.stats, "fingerprint": data_fp}, model=unwrapped,
+        tokens_per_s=(state["tokens"] - s.tokens0) / max(seconds - state["seconds"], 1e-9),
+        train_tokens=state["tokens"], seconds=seconds, peak_memory_mb=s.peak_memory_mb(),
+        trainable_params=s.trainable, total_params=s.total, resumed_from=s.resumed_from, mixed_precision=s.mixed,
+        data={**s.prepared.stats, "fingerprint": s.prepared.fingerprint}, model=unwrapped,
     )
-    if accelerator.is_main_process:
+    if acc.is_main_process:
         # paths relative to the file's own folder: it may be a temp folder renamed later (recipe stages)
-        atomic_write_json(output_dir / "metrics.json", {**result.to_dict(), "output_dir": ".", "artifact_dir": artifact,
-                                                        "config": cfg.model_dump()})
+        atomic_write_json(s.output_dir / "metrics.json", {**result.to_dict(), "output_dir": ".", "artifact_dir": artifact,
+                                                          "config": cfg.model_dump()})
     return result
 
 

@@ -3,8 +3,9 @@
 The swap is the bnb quantizer's own in-memory path (`compress/quantize/bnb.py`), so QLoRA works on
 a model qingzhou loaded from any source (GGUF included) and quantises exactly the linears
 `quantize(model, {"method": "bnb"})` would; peft's k-bit preparation then freezes the base and
-keeps norms in fp32. On a CUDA machine the weights are quantised straight onto the GPU; elsewhere
-on the model's device (CPU needs bitsandbytes >= 0.46).
+keeps norms in fp32. The weights are quantised straight onto the device the training loop will run
+on (`llm.devices.resolve_device`: the first accelerator, else the CPU, which needs bitsandbytes >= 0.46);
+a device bitsandbytes does not run on is a `DeviceError` before any work starts.
 """
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ from typing import Any
 
 
 def quantize_base_4bit(model: Any, *, quant_type: str = "nf4", double_quant: bool = True, compute_dtype: str = "auto") -> Any:
-    import torch
     from peft import prepare_model_for_kbit_training
 
     from qingzhou.compress.quantize.bnb import BnbConfig, quantize_in_place
-    from qingzhou.llm.devices import require_bitsandbytes
+    from qingzhou.llm.devices import require_bitsandbytes, resolve_device
 
-    require_bitsandbytes("QLoRA")
-    device = "cuda" if torch.cuda.is_available() else next(model.parameters()).device.type
+    device = resolve_device("auto")  # where `finetune` will train
+    require_bitsandbytes("QLoRA", device)
     cfg = BnbConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
     quantize_in_place(model, cfg, device)
     model.to(device)

@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from qingzhou.compress.quantize.config import QuantizeConfig
 from qingzhou.compress.quantize.registry import register_quantizer
+from qingzhou.llm.devices import bitsandbytes_device, import_bitsandbytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -48,33 +49,8 @@ class BnbConfig(QuantizeConfig):
         return self
 
 
-def require_bnb(device: str) -> str:
-    """The concrete device bitsandbytes will run on; `DeviceError` unless it is installed and
-    usable there (CUDA, or CPU with bitsandbytes >= 0.46)."""
-    from qingzhou.llm.devices import require, resolve_device
-
-    if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
-    device = resolve_device(device)
-    require("bitsandbytes", device)
-    return device
-
-
-def import_bitsandbytes() -> Any:
-    """`import bitsandbytes`, without the deprecation warnings its first import emits (they would
-    otherwise land in the first quantize report's warnings)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes
-    return bitsandbytes
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+# The device checks live in the device layer; the stage code calls them by this module's old name.
+require_bnb = bitsandbytes_device
 
 
 def _compute_dtype(cfg: BnbConfig, device: str) -> Any:
@@ -142,7 +118,7 @@ def bnb_linear(linear: nn.Linear, cfg: BnbConfig, device: str) -> nn.Module:
 def quantize_in_place(model: nn.Module, cfg: BnbConfig, device: str | None = None) -> dict[str, Any]:
     """Swap the selected linears of `model` for bitsandbytes layers on `device` (default: where the
     model is) and mark the model as bnb-quantised. Returns {"modules", "linear_bytes_after", ...}."""
-    device = require_bnb(device or _model_device(model, cfg))
+    device = bitsandbytes_device(device or _model_device(model, cfg))
     names, keep = dense_linears(model, cfg)
     modules: dict[str, dict[str, Any]] = {}
     after = 0
@@ -193,7 +169,7 @@ def load_bnb(source: str, cfg: BnbConfig | dict[str, Any], *, trust_remote_code:
     from qingzhou.llm.loading import resolve_source
 
     cfg = cfg if isinstance(cfg, BnbConfig) else BnbConfig.model_validate({"method": "bnb", **cfg})
-    device = require_bnb(cfg.device)
+    device = bitsandbytes_device(cfg.device)
     src = resolve_source(source)
     extra: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
