@@ -47,17 +47,31 @@ def _default_text(field: Any) -> str:
         else str(field.default)
 
 
+def _other_defaults(name: str, first: Any, configs: list[type[BaseModel]]) -> str:
+    """'; ia3: 0.003, full: 2e-05' where a method's own config changes the default of `name`."""
+    shown = _default_text(first)
+    others = []
+    for config in configs:
+        field = config.model_fields.get(name)
+        method = config.model_fields.get("method")
+        if field is not None and method is not None and isinstance(method.default, str) \
+                and _default_text(field) != shown:
+            others.append(f"{method.default}: {_default_text(field)}")
+    return "; " + ", ".join(others) if others else ""
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
 def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] = (),
-                    names: dict[str, str] | None = None) -> list[inspect.Parameter]:
+                    names: dict[str, str | tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
     """One keyword parameter (a Typer option defaulting to None) per flag-able field of the
     `configs` (a field several configs share gets one flag, described by the first). `names`
     overrides a flag's spelling (`{"sym": "--sym/--asym"}`)."""
     params = []
     seen = set(exclude)
+    configs = list(configs)
     fields = [(n, f) for config in configs for n, f in config.model_fields.items()]
     for name, field in fields:
         if name in seen:
@@ -71,9 +85,9 @@ def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] =
         if choices:
             help_text = f"{' | '.join(choices)}" + (f": {help_text}" if help_text else "")
             scalar = str
-        help_text += f" (default: {_default_text(field)})"
+        help_text += f" (default: {_default_text(field)}{_other_defaults(name, field, configs)})"
         if names and name in names:
-            decls = (names[name],)
+            decls = (names[name],) if isinstance(names[name], str) else tuple(names[name])
         elif scalar is bool:
             decls = (f"{flag}/--no-{name.replace('_', '-')}",)
         else:
@@ -85,14 +99,16 @@ def flag_parameters(configs: Iterable[type[BaseModel]], exclude: Iterable[str] =
 
 
 def config_options(*configs: type[BaseModel], exclude: Iterable[str] = (),
-                   names: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                   names: dict[str, str | tuple[str, ...]] | None = None,
+                   target: str = "settings") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for a Typer command `fn(..., settings: dict)`: adds the configs' flags and passes
-    the ones the user gave as `settings` (field name -> value)."""
+    the ones the user gave as `settings` (field name -> value). Stack it with another `target`
+    (`data_settings`) to fill a second config from its own flags."""
     exclude = set(exclude)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(fn, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "settings"]
+        own = [p for p in signature.parameters.values() if p.name != target]
         taken = {p.name for p in own}
         extra = flag_parameters(configs, exclude | taken, names)
 
@@ -100,7 +116,7 @@ def config_options(*configs: type[BaseModel], exclude: Iterable[str] = (),
         def command(*args: Any, **kwargs: Any) -> Any:
             settings = {p.name: kwargs.pop(p.name) for p in extra}
             settings = {k: v for k, v in settings.items() if v is not None and v != []}
-            return fn(*args, settings=settings, **kwargs)
+            return fn(*args, **{target: settings}, **kwargs)
 
         command.__signature__ = signature.replace(parameters=own + extra)  # type: ignore[attr-defined]
         command.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in extra}}
@@ -109,17 +125,17 @@ def config_options(*configs: type[BaseModel], exclude: Iterable[str] = (),
     return decorate
 
 
-def parse_sets(sets: list[str]) -> dict[str, Any]:
+def parse_sets(sets: list[str] | None) -> dict[str, Any]:
     """`-s key=value` pairs (dotted keys nest: calibration.num_samples=16), values read as YAML."""
     import yaml
 
     from qingzhou.errors import RecipeError
 
     out: dict[str, Any] = {}
-    for item in sets:
+    for item in sets or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise RecipeError(f"expected key=value, got {item!r}.", where="--set")
+            raise RecipeError(f"bad --set '{item}'.", hint="Expected KEY=VALUE, e.g. --set dropout=0.1.")
         node = out
         *parents, leaf = key.split(".")
         for part in parents:

@@ -14,21 +14,8 @@ import typer
 from rich.markup import escape
 
 from qingzhou._version import __version__
-from qingzhou.cli.common import (
-    STATE,
-    AllowPickleOpt,
-    StrictOpt,
-    TrustRemoteCodeOpt,
-    check_device,
-    check_out_dir,
-    err,
-    guarded,
-    kv_table,
-    load_options,
-    out,
-    print_json,
-    table,
-)
+from qingzhou.cli.common import (STATE, AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, err,
+                                 guarded, kv_table, load_options, out, print_json, table)
 
 app = typer.Typer(help="轻舟 qingzhou: pretrain, adapt, compress and measure LLMs on modest hardware.", no_args_is_help=True, add_completion=False)
 recipes_app = typer.Typer(help="Built-in recipes: list, show, copy.", no_args_is_help=True)

@@ -99,15 +99,10 @@ def check_adapter(path: Path, requested: str, allow_pickle: bool = False) -> Mod
     path = Path(path)
     safetensors = sorted(str(p) for p in path.glob("adapter_model*.safetensors"))
     pickles = sorted(str(p) for p in path.glob("adapter_model*") if p.suffix in PICKLE_SUFFIXES)
-    if not safetensors and pickles and not allow_pickle:
-        raise ModelLoadError(
-            f"the adapter in {path} is saved only as pickle ({', '.join(Path(p).name for p in pickles)}), which can run arbitrary code when loaded.",
-            where=requested,
-            hint="Re-save it with safe_serialization=True, or pass --allow-pickle (allow_pickle=True) if you trust the source.",
-        )
-    if not safetensors and not pickles:
-        raise ModelLoadError(f"the adapter folder {path} has no weights (adapter_model.safetensors).", where=requested)
-    return ModelSource("adapter", str(path), requested, safetensors or pickles)
+    return _weights_source("adapter", path, requested, safetensors, pickles, allow_pickle,
+                           pickled=f"the adapter in {path} is saved only as pickle",
+                           fix="Re-save it with safe_serialization=True",
+                           missing=f"the adapter folder {path} has no weights (adapter_model.safetensors).")
 
 
 def _check_folder(path: Path, requested: str, allow_pickle: bool) -> ModelSource:
@@ -115,15 +110,22 @@ def _check_folder(path: Path, requested: str, allow_pickle: bool) -> ModelSource
         raise ModelLoadError(f"{path} has no config.json.", where=requested, hint="Expected a Hugging Face model folder (save_pretrained output).")
     safetensors = sorted(str(p) for p in path.glob("*.safetensors"))
     pickles = sorted(str(p) for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and ("model" in p.name or "pytorch" in p.name))
+    return _weights_source("folder", path, requested, safetensors, pickles, allow_pickle,
+                           pickled=f"{path} holds only pickle weights", fix="Convert them to safetensors",
+                           missing=f"{path} has a config.json but no weight files (*.safetensors).")
+
+
+def _weights_source(kind: str, path: Path, requested: str, safetensors: list[str], pickles: list[str],
+                    allow_pickle: bool, *, pickled: str, fix: str, missing: str) -> ModelSource:
+    """The weights of a folder: safetensors, or pickle files only when the caller allows them
+    (they can run arbitrary code when loaded); none at all is an error too."""
     if not safetensors and pickles and not allow_pickle:
         raise ModelLoadError(
-            f"{path} holds only pickle weights ({', '.join(Path(p).name for p in pickles)}), which can run arbitrary code when loaded.",
-            where=requested,
-            hint="Convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source.",
-        )
+            f"{pickled} ({', '.join(Path(p).name for p in pickles)}), which can run arbitrary code when loaded.",
+            where=requested, hint=f"{fix}, or pass --allow-pickle (allow_pickle=True) if you trust the source.")
     if not safetensors and not pickles:
-        raise ModelLoadError(f"{path} has a config.json but no weight files (*.safetensors).", where=requested)
-    return ModelSource("folder", str(path), requested, safetensors or pickles)
+        raise ModelLoadError(missing, where=requested)
+    return ModelSource(kind, str(path), requested, safetensors or pickles)
 
 
 def _check_remote_code(config: dict[str, Any], requested: str, trust_remote_code: bool) -> None:

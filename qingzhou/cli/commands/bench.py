@@ -6,19 +6,8 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import (
-    AllowPickleOpt,
-    StrictOpt,
-    TrustRemoteCodeOpt,
-    check_device,
-    check_out_file,
-    emit_result,
-    guarded,
-    kv_table,
-    load_options,
-    out,
-    table,
-)
+from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
+                                 emit_result, guarded, kv_table, load_options, out, table)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,19 +6,8 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import (
-    AllowPickleOpt,
-    StrictOpt,
-    TrustRemoteCodeOpt,
-    check_device,
-    check_out_file,
-    emit_result,
-    guarded,
-    load_options,
-    out,
-    print_json,
-    table,
-)
+from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
+                                 emit_result, guarded, load_options, out, print_json, table)
 
 
 def register_eval(eval_app: typer.Typer) -> None:

@@ -6,17 +6,8 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import (
-    AllowPickleOpt,
-    StrictOpt,
-    TrustRemoteCodeOpt,
-    check_out_dir,
-    guarded,
-    kv_table,
-    load_options,
-    out,
-    print_json,
-)
+from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_out_dir, guarded, kv_table,
+                                 load_options, out, print_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,18 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from qingzhou.cli.common import (
-    AllowPickleOpt,
-    StrictOpt,
-    TrustRemoteCodeOpt,
-    check_device,
-    check_out_dir,
-    guarded,
-    kv_table,
-    load_options,
-    out,
-    print_json,
-)
+from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, guarded,
+                                 kv_table, load_options, out, print_json)
 from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.quantize.config import CalibratedConfig
 from qingzhou.recipes.stages.quantize import QuantizeStage
