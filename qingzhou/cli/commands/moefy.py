@@ -2,47 +2,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, guarded,
                                  kv_table, load_options, out, print_json, table)
+from qingzhou.cli.config_options import calibration_help, config_options, flag_name
+from qingzhou.compress.moefy.config import MoefyConfig, MoefyEvalConfig
+
+CALIBRATION_HELP = calibration_help()
+EVAL = MoefyEvalConfig.model_fields
 
 
 def register(app: typer.Typer) -> None:
     @app.command("moefy")
     @guarded
+    @config_options(MoefyConfig, exclude={"calibration", "skip", "evaluate"}, names={"num_experts": "--experts"})
     def moefy_cmd(
         model: str = typer.Argument(..., help="alias (smollm2), HF folder, .gguf file or hub id"),
         out_dir: Path = typer.Argument(..., help="where to write the moefied model"),
-        experts: int = typer.Option(8, "--experts", help="k: experts per FFN"),
-        top_k: int = typer.Option(4, "--top-k", help="e: experts run per token (FFN compute kept = e/k)"),
-        router: str = typer.Option("centroid", "--router", help="centroid | trained"),
-        cluster_on: str = typer.Option("activations", "--cluster-on", help="activations | weights"),
-        calibration: str = typer.Option("builtin:calib", "--calibration", help="builtin:calib or a .jsonl/.json/.txt"),
-        num_samples: int = typer.Option(128, "--num-samples"),
-        seq_len: int = typer.Option(512, "--seq-len"),
+        calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP["calibration"]),
+        num_samples: Optional[int] = typer.Option(None, "--num-samples", help=CALIBRATION_HELP["num_samples"]),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
         eval_text: Optional[str] = typer.Option(None, "--eval-text", help="also measure perplexity for e = k, k/2, k/4 "
                                                                           "on this text (builtin:corpus, a file ...)"),
-        eval_windows: int = typer.Option(8, "--eval-windows"),
-        eval_seq_len: int = typer.Option(512, "--eval-seq-len"),
-        device: Optional[str] = typer.Option(None, "--device"),
+        eval_windows: Optional[int] = typer.Option(None, "--eval-windows",
+                                                   help=f"(default: {EVAL['max_windows'].default})"),
+        eval_seq_len: Optional[int] = typer.Option(None, "--eval-seq-len",
+                                                   help=f"(default: {EVAL['seq_len'].default})"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         allow_pickle: bool = AllowPickleOpt,
         trust_remote_code: bool = TrustRemoteCodeOpt,
         strict: bool = StrictOpt,
         as_json: bool = typer.Option(False, "--json"),
+        settings: dict[str, Any] | None = None,
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
         from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
-        from qingzhou.compress.moefy.config import MoefyConfig
 
-        cfg: dict = {"num_experts": experts, "top_k": top_k, "router": router, "cluster_on": cluster_on,
-                     "device": device,
-                     "calibration": {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}}
+        cfg: dict[str, Any] = dict(settings or {})
+        calib = {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}
+        if any(v is not None for v in calib.values()):
+            cfg["calibration"] = {k: v for k, v in calib.items() if v is not None}
         if eval_text:
-            cfg["evaluate"] = {"text": eval_text, "max_windows": eval_windows, "seq_len": eval_seq_len}
+            cfg["evaluate"] = {k: v for k, v in {"text": eval_text, "max_windows": eval_windows,
+                                                 "seq_len": eval_seq_len}.items() if v is not None}
         settings = validate_flags(MoefyConfig.model_validate, cfg, {**_FLAGS, **CALIBRATION_FLAGS}, "moefy")
 
         from qingzhou.compress.moefy import moefy
@@ -58,11 +63,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({**summary, "quality": report.quality})
             return
-        out.print(kv_table(f"moefy k={experts} e={top_k}", summary))
+        out.print(kv_table(f"moefy k={settings.num_experts} e={settings.top_k}", summary))
         if report.quality:
             out.print(table("perplexity vs FFN compute kept", report.quality))
 
 
-_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "router": "--router", "cluster_on": "--cluster-on",
-          "device": "--device", "evaluate.text": "--eval-text", "evaluate.max_windows": "--eval-windows",
-          "evaluate.seq_len": "--eval-seq-len"}
+_FLAGS = {**{name: flag_name(name) for name in MoefyConfig.model_fields}, "num_experts": "--experts",
+          "evaluate.text": "--eval-text", "evaluate.max_windows": "--eval-windows", "evaluate.seq_len": "--eval-seq-len"}
