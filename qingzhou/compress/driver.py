@@ -15,10 +15,21 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qingzhou.errors import RecipeError
 from qingzhou.registry import Entry, Registry
+
+
+class Report(Protocol):
+    """What every verb returns: all of its numbers (`to_dict`, report.json) and the headline ones
+    (`summary`, metrics.json and the CLI table). The reports of quantize, prune (both the in-place
+    report and structured pruning's shape report, whose numbers differ), moefy, finetune and
+    distill all follow it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def summary(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -78,7 +89,7 @@ def calibration_samples(calib: Any, cfg: Any, tokenizer: Any, where: str) -> lis
     return samples(calib, getattr(cfg, "calibration", None), tokenizer, method=cfg.method, where=where)
 
 
-def write_outputs(output_dir: str | Path, report: Any, write_model: Callable[[Path], Any]) -> Path:
+def write_outputs(output_dir: str | Path, report: Report, write_model: Callable[[Path], Any]) -> Path:
     """The one way a verb saves: the model (by `write_model(folder)`, which writes atomically),
     then `metrics.json` (the report's headline numbers) and `report.json` (all of it) beside it."""
     from qingzhou.io import atomic_write_json

@@ -67,6 +67,12 @@ class FinetuneResult:
         # not dataclasses.asdict: it would deep-copy the model
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers (the CLI table)."""
+        keys = ("method", "artifact_dir", "steps", "eval_loss_before", "eval_loss_after", "tokens_per_s",
+                "peak_memory_mb", "trainable_params", "seconds", "resumed_from")
+        return {k: getattr(self, k) for k in keys}
+
 
 def resolve_mixed_precision(choice: str, device_type: str) -> str:
     """'auto' picks bf16 on accelerators that support it (the device layer's capability table),

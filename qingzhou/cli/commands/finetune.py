@@ -60,13 +60,10 @@ def register(app: typer.Typer) -> None:
         claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the model loads
         mdl, tok = load_model(model, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model, overwrite=force)
-        summary = result.to_dict()
         if as_json:
-            print_json(summary)
+            print_json(result.to_dict())
             return
-        keys = ["method", "artifact_dir", "steps", "eval_loss_before", "eval_loss_after", "tokens_per_s",
-                "peak_memory_mb", "trainable_params", "seconds", "resumed_from"]
-        out.print(kv_table(f"finetune {method} on {data}", {k: summary[k] for k in keys}))
+        out.print(kv_table(f"finetune {method} on {data}", result.summary()))
 
 
 def data_config(source: str, flags: dict[str, Any] | None, seed: int) -> Any:

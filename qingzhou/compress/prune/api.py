@@ -14,6 +14,7 @@ from qingzhou.compress.prune.config import CalibratedPruneConfig, PruneConfig
 from qingzhou.compress.prune.masks import Target
 from qingzhou.compress.prune.plan import build_plan, layer_index
 from qingzhou.compress.prune.registry import PRUNERS, parse_config
+from qingzhou.compress.prune.structured import StructuredReport
 
 
 @dataclass
@@ -48,7 +49,8 @@ class PruneReport:
 
 
 def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
-          tokenizer: Any = None, output_dir: str | Path | None = None, overwrite: bool = False) -> Any:
+          tokenizer: Any = None, output_dir: str | Path | None = None,
+          overwrite: bool = False) -> PruneReport | StructuredReport:
     """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
 
     `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
