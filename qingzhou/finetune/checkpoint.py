@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qingzhou.io import atomic_dir, atomic_write_json, discard_dir
+from qingzhou.llm.devices import rng_states, set_rng_states
 
 PREFIX = "step-"
 
@@ -74,16 +75,12 @@ def save_checkpoint(output_dir: str | Path | None, step: int, model: Any, optimi
                     keep: int = 2, *, root: str | Path | None = None) -> Path:
     """Write checkpoint `step` atomically under `root` (default `<output_dir>/checkpoints`) and
     prune all but the newest `keep`."""
-    import torch
     from safetensors.torch import save_file
 
     root = Path(root) if root is not None else checkpoint_root(output_dir)
     path = root / f"{PREFIX}{step:07d}"
     opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
+    rng = rng_states()
     with atomic_dir(path, overwrite=True, what="checkpoint") as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -111,10 +108,5 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: Any) -> dict[str, A
             params[n].copy_(t.to(params[n].device, params[n].dtype))
     opt = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text()))
     optimizer.load_state_dict(opt)
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    set_rng_states(load_file(str(path / "rng.safetensors")))
     return json.loads((path / "state.json").read_text())

@@ -283,6 +283,33 @@ def peak_memory_mb(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rng_states() -> dict[str, Any]:
+    """The random-number states of the CPU and of every accelerator present (`{"cpu": ..., "cuda0":
+    ...}`), what a checkpoint saves so a resumed run draws the same numbers."""
+    import torch
+
+    states = {"cpu": torch.get_rng_state()}
+    for device_type in DETECTION_ORDER:
+        module = getattr(torch, device_type, None)
+        if device_type != "cpu" and is_available(device_type) and hasattr(module, "get_rng_state_all"):
+            states.update({f"{device_type}{i}": s for i, s in enumerate(module.get_rng_state_all())})
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore `rng_states()`; accelerator states apply only where the same number of devices of
+    that kind is present (a checkpoint moved to another machine keeps the CPU state)."""
+    import torch
+
+    torch.set_rng_state(states["cpu"])
+    for device_type in DETECTION_ORDER:
+        module = getattr(torch, device_type, None)
+        saved = [states[k] for k in sorted(states) if k.startswith(device_type) and k[len(device_type):].isdigit()]
+        if device_type != "cpu" and saved and is_available(device_type) and hasattr(module, "set_rng_state_all") \
+                and len(saved) == module.device_count():
+            module.set_rng_state_all(saved)
+
+
 def peak_memory_source(device: Any) -> str:
     """What `peak_memory_mb(device)` measures, for reports: e.g. 'cuda max_memory_allocated'."""
     module = _memory_backend(device)
