@@ -41,6 +41,12 @@ def _umask() -> int:
     return mask
 
 
+def set_default_mode(path: str | Path) -> None:
+    """Give a file made by `tempfile.mkstemp` (mode 0600) the mode `open()` would have given it
+    (0666 less the umask) before it is renamed into place."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` via a temp file in the same folder and a rename."""
     path = Path(path)
@@ -51,7 +57,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        set_default_mode(tmp)  # mkstemp makes 0600; give the file normal permissions
         fault_point(f"write {path.name}")
         os.replace(tmp, path)
     except BaseException:

@@ -24,6 +24,31 @@ WHY_NOT = (
 )
 
 
+BASE_NOTE = "qingzhou_base.json"  # beside adapter_config.json: what the user asked for, what was recorded
+GGUF_BASE_NOTE = (
+    "base_model_name_or_path is a GGUF file: peft (AutoPeftModelForCausalLM) and transformers cannot load a base "
+    "from a .gguf path. qingzhou loads this adapter as is (qingzhou.load_model('<this folder>')); with peft, load "
+    "the base yourself (AutoModelForCausalLM.from_pretrained(<its folder>, gguf_file=<its name>)) and pass it to "
+    "PeftModel.from_pretrained(base, '<this folder>'), or save a Hugging Face copy of the base and record that."
+)
+
+
+def record_base(peft_model: Any, base_source: str) -> dict[str, Any]:
+    """Write where the base model lives into every adapter config of `peft_model`
+    (`base_model_name_or_path`), resolved so other programs find it: an alias like `smollm2` means
+    nothing to peft, which would send it to the hub, and a relative path breaks once the folder
+    moves (`recorded_source`). Returns the note saved as `BASE_NOTE` beside the adapter."""
+    from qingzhou.llm.loading import recorded_source
+
+    recorded = recorded_source(base_source)
+    for pc in peft_model.peft_config.values():
+        pc.base_model_name_or_path = recorded
+    note: dict[str, Any] = {"requested": str(base_source), "base_model_name_or_path": recorded}
+    if recorded.lower().endswith(".gguf"):
+        note["note"] = GGUF_BASE_NOTE
+    return note
+
+
 @dataclass
 class ExportResult:
     out_dir: str

@@ -28,6 +28,7 @@ from qingzhou.data.templates import IGNORE_INDEX
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from qingzhou.finetune.config import FinetuneConfig
+from qingzhou.finetune.export import BASE_NOTE, record_base
 from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
@@ -470,13 +471,13 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     artifact = "model" if cfg.method == "full" else "adapter"
     artifact_dir = s.output_dir / artifact
     acc.wait_for_everyone()
-    if base_source and hasattr(unwrapped, "peft_config"):
-        for pc in unwrapped.peft_config.values():
-            pc.base_model_name_or_path = base_source
+    base_note = record_base(unwrapped, base_source) if base_source and hasattr(unwrapped, "peft_config") else None
     if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
             unwrapped.save_pretrained(tmp, safe_serialization=True)
             s.tokenizer.save_pretrained(tmp)
+            if base_note is not None:
+                atomic_write_json(tmp / BASE_NOTE, base_note)
     result = FinetuneResult(
         method=cfg.method, output_dir=str(s.output_dir), artifact_dir=str(artifact_dir), artifact=artifact,
         steps=cfg.max_steps, train_loss=state["train_loss"], eval_loss=state["eval_loss"],

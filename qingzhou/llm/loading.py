@@ -16,6 +16,7 @@ from typing import Any
 
 from qingzhou.errors import ModelLoadError
 from qingzhou.llm.aliases import ALIASES, resolve_alias
+from qingzhou.llm.gguf_meta import record_gguf_tokenizer
 from qingzhou.paths import is_hub_id
 
 
@@ -92,6 +93,16 @@ def resolve_source(source: str, *, allow_pickle: bool = False) -> ModelSource:
         f"no model found at '{requested}' (no such file or folder).",
         hint=f"Expected a local folder with config.json and *.safetensors, a .gguf file, a hub id like 'org/name', or an alias ({', '.join(ALIASES)}).",
     )
+
+
+def recorded_source(source: str) -> str:
+    """What to write where another program must find this model again (an adapter's
+    `base_model_name_or_path`): an alias resolved to what it names (a hub id, or the .gguf file
+    or folder it points at), a local path made absolute, a hub id as given. Only qingzhou knows
+    its aliases; peft would send `smollm2` to the hub."""
+    target = resolve_alias(str(source)) or str(source)
+    path = Path(target).expanduser()
+    return str(path.resolve()) if path.exists() else target
 
 
 def check_adapter(path: Path, requested: str, allow_pickle: bool = False) -> ModelSource:
@@ -199,6 +210,7 @@ def load_model(
         raise ModelLoadError(f"could not load the model: {_first_line(e)}", where=f"{source} ({src.path})") from e
     if src.kind == "gguf":
         drop_quantizer_state(model)
+        record_gguf_tokenizer(tokenizer, src.path)  # llama.cpp's pre-tokenizer name, for a GGUF export
     if src.kind == "folder":
         model = _apply_folder_extensions(model, Path(src.path))
     keep_bnb_4bit_layout(model)  # a bitsandbytes-quantised folder: see the device layer

@@ -131,8 +131,21 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
 
     Per-module differences go into GPTQModel's `dynamic` map (`-:regex` = not quantised,
     `+:regex` = other bits/group size), which gptqmodel and vLLM both honour.
+
+    What the loaders check, and why the block looks as it does:
+    * `damp_percent` only where damping was used (GPTQ, AWQ's gptq solver) and inside (0, 1):
+      transformers' `GPTQConfig` and GPTQModel refuse anything else ("damp_percent must between
+      0 and 1"), while both fill in their own default when it is absent. The value actually
+      configured also goes to `meta.damp_percent`, where GPTQModel itself records it;
+    * `checkpoint_format: gptq` is the v1 zero-point convention: `qzeros` holds `zero - 1`
+      (`pack.pack_qzeros`), and the grid keeps asymmetric zeros in [1, 2**bits - 1] so no stored
+      value wraps. There is no standard key saying so beyond the format name, so
+      `meta.qzeros_convention` states it (a top-level `zero_point` would mean AWQ's "not sym");
+    * `meta.quantizer` follows the `tool:version` form GPTQModel and optimum write.
     """
     import re
+
+    from qingzhou._version import __version__
 
     dynamic: dict[str, dict[str, Any]] = {}
     for name in skipped:
@@ -140,6 +153,8 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
     for name, s in plan.items():
         if (s.bits, s.group_size, s.sym) != (cfg.bits, cfg.group_size, cfg.sym):
             dynamic[f"+:^{re.escape(name)}$"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+    meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method,
+                            "qzeros_convention": QZEROS_V1}
     qc: dict[str, Any] = {
         "quant_method": "gptq",
         "bits": cfg.bits,
@@ -148,12 +163,30 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
         "static_groups": bool(getattr(cfg, "static_groups", False)),
         "sym": cfg.sym,
         "true_sequential": bool(getattr(cfg, "true_sequential", True)),
-        "damp_percent": float(getattr(cfg, "damp_percent", 0.0)),
         "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
-        "meta": {"quantizer": ["qingzhou"], "method": cfg.method},
+        "meta": meta,
     }
+    damp = _damping(cfg)
+    if damp is not None:
+        meta["damp_percent"] = damp
+        if 0 < damp < 1:
+            qc["damp_percent"] = damp
     if dynamic:
         qc["dynamic"] = dynamic
     return qc
+
+
+QZEROS_V1 = ("gptq v1: qzeros stores zero - 1; asymmetric zero points are kept in [1, 2**bits - 1], "
+             "so no stored value wraps (symmetric: zero = 2**(bits-1))")
+
+
+def _damping(cfg: QuantizeConfig) -> float | None:
+    """The Hessian damping `cfg` quantised with, or None for methods that use none (RTN, AWQ's
+    own clip search): a method's config names it `damp_percent`, and a `solver` other than
+    "gptq" (AWQ's default) does not use it."""
+    damp = getattr(cfg, "damp_percent", None)
+    if damp is None or getattr(cfg, "solver", "gptq") != "gptq":
+        return None
+    return float(damp)

@@ -4,7 +4,14 @@ Per quantised linear `<name>`: `<name>.qweight` int32 [in*bits/32, out] (codes p
 input dim), `<name>.qzeros` int32 [groups, out*bits/32] (zero points packed along the output dim,
 stored as `zero - 1`: the v1 "gptq" checkpoint_format), `<name>.scales` float16 [groups, out],
 `<name>.g_idx` int32 [in], and `<name>.bias` if any. Everything else is saved as in a dense model,
-and config.json gains `quantization_config` (see `api.quantization_config`).
+and config.json gains `quantization_config` (see `api.quantization_config`) and names the model class
+in `architectures`, as `save_pretrained` would.
+
+Tensors that are not quantised (embeddings, norms, an untied lm_head) keep the model's dtype, fp32
+for a model loaded in fp32: casting them to fp16 would shrink SmolLM2's folder from ~171 to ~115 MB
+but change what `load_quantized` rebuilds (the logits of the saved model would no longer equal those
+of the model in memory, which the round-trip tests hold to 1e-5). Quantise a model loaded in
+float16/bfloat16 to get 16-bit tensors.
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path, *, over
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "quantizer": "qingzhou"})
         config = model.config.to_dict()
+        # save_pretrained would set it; vLLM and transformers' pipelines pick the model class from it
+        config["architectures"] = [type(model).__name__]
         config["quantization_config"] = qc
         atomic_write_json(tmp / "config.json", config)
         gen = getattr(model, "generation_config", None)

@@ -6,8 +6,10 @@ What llama.cpp and transformers' GGUF loader need, and why each detail matters:
   halves apart, llama.cpp interleaves them) and transformers' loader undoes that permutation, so
   we apply the same permutation here or every attention score would be wrong after loading;
 * `llama.*` hyper-parameters (context, width, heads, kv heads, rms eps, rope base/dims, vocab);
-* the tokenizer as `tokenizer.ggml.*` (BPE tokens, token types, merges, special ids, chat
-  template), read from the fast tokenizer's own JSON so nothing is re-derived;
+* the tokenizer as `tokenizer.ggml.*` (BPE tokens, token types - special added tokens as
+  CONTROL -, merges, special ids, chat template), read from the fast tokenizer's own JSON so
+  nothing is re-derived, and `tokenizer.ggml.pre`, llama.cpp's name for the pre-tokenizer, found
+  as its converter finds it (see `gguf_pre`);
 * Q8_0/Q4_0 blocks are 32 wide along each row: a tensor whose row length is not a multiple of 32
   stays F16, norms stay F32, as llama.cpp's converter does. With `q4_0` the embeddings and output
   head use Q8_0 (llama.cpp also keeps them at higher precision; they are the most sensitive).
@@ -28,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from qingzhou.compress.quantize.formats.gguf_pre import llama_cpp_pre
 from qingzhou.errors import ModelLoadError
+from qingzhou.io import set_default_mode
 
 GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
 SUPPORTED = ("llama", "mistral")  # model_type values written as general.architecture=llama
@@ -46,10 +50,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     """Write `model` (dense, or with qingzhou `QuantLinear` layers, dequantised) to `path`.
 
     `pre` is llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, e.g. "smollm", "llama-bpe",
-    "qwen2"): it picks the regex llama.cpp splits text with before BPE. By default it is "gpt-2"
-    when the tokenizer splits with plain byte-level GPT-2 rules (what transformers applies), else
-    "default"; pass the model family's name when you know it.
-    Returns a small summary (path, bytes, tensor types). Raises `ModelLoadError` for architectures
+    "qwen2"): it picks the regex llama.cpp splits text with before BPE and how it detokenises.
+    By default it is the name in the GGUF the model was loaded from, else the one llama.cpp's
+    converter would write (`gguf_pre.llama_cpp_pre`); pass it to override.
+    Returns a small summary (path, bytes, tensor types, pre-tokenizer and where that name came
+    from). The file gets normal permissions (0666 less the umask). Raises `ModelLoadError` for architectures
     other than Llama/Mistral, naming the supported ones. An existing file at `path` is replaced
     only with `overwrite=True`.
     """
@@ -72,6 +77,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     types: dict[str, int] = {}
+    pre, pre_source = (pre, "argument") if pre else llama_cpp_pre(tokenizer)
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         _write_hparams(w, cfg, rope, qtype)
@@ -90,12 +96,14 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        set_default_mode(tmp)  # mkstemp made it 0600; serving tools run as other users
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return {"path": str(path), "bytes": path.stat().st_size, "gguf_type": qtype, "tensor_types": types}
+    return {"path": str(path), "bytes": path.stat().st_size, "gguf_type": qtype, "tensor_types": types,
+            "pre_tokenizer": pre, "pre_tokenizer_from": pre_source}
 
 
 def _rope(cfg: Any) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -> None:
+def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
     """BPE vocabulary, merges and special ids from a fast tokenizer (`tokenizer.ggml.model = gpt2`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -160,7 +168,7 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -
         types[idx] = _TOKEN_CONTROL if special else _TOKEN_USER
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or _guess_pre(spec.get("pre_tokenizer")))
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     if merges:
@@ -176,13 +184,6 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         w.add_chat_template(template)
-
-
-def _guess_pre(pre_tokenizer: dict[str, Any] | None) -> str:
-    """"gpt-2" for a bare byte-level pre-tokenizer with GPT-2's regex, else llama.cpp's "default"."""
-    if pre_tokenizer and pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True):
-        return "gpt-2"
-    return "default"
 
 
 def _permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
