@@ -82,12 +82,9 @@ def _data(value: str, stage: dict[str, Any], earlier: list[dict[str, Any]]) -> N
 
     if _builtin(value) or value.startswith("hub:") or is_hub_id(value.partition(":")[0]):
         return
-    path = _file(value, "data file")
     from qingzhou.data.sources import LOCAL_SUFFIXES
 
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
-        raise DataError(f"unsupported data file type '{path.suffix}': {value}",
-                        hint=f"Supported: {', '.join(sorted(LOCAL_SUFFIXES))}.")
+    _typed_file(value, "data", sorted(LOCAL_SUFFIXES), f"Supported: {', '.join(sorted(LOCAL_SUFFIXES))}.")
 
 
 def _template(value: str, stage: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
@@ -101,10 +98,14 @@ CALIBRATION_SUFFIXES = (".jsonl", ".json", ".txt", ".raw", ".md")
 def _calibration(value: str, stage: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
     if _builtin(value):
         return
-    path = _file(value, "calibration file")
-    if path.suffix.lower() not in CALIBRATION_SUFFIXES:
-        raise DataError(f"unsupported calibration file type '{path.suffix}': {value}",
-                        hint=f"Use {', '.join(CALIBRATION_SUFFIXES)} or builtin:calib.")
+    _typed_file(value, "calibration", CALIBRATION_SUFFIXES, f"Use {', '.join(CALIBRATION_SUFFIXES)} or builtin:calib.")
+
+
+def _typed_file(value: str, what: str, suffixes: Any, hint: str) -> None:
+    """`value` must be an existing `what` file with one of `suffixes`."""
+    path = _file(value, f"{what} file")
+    if path.suffix.lower() not in suffixes:
+        raise DataError(f"unsupported {what} file type '{path.suffix}': {value}", hint=hint)
 
 
 def _task(value: str, stage: dict[str, Any], earlier: list[dict[str, Any]]) -> None:
