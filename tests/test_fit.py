@@ -198,3 +198,30 @@ def test_solved_plan_beats_uniform_at_its_size(measured):
     uniform_loss = sum(s.errors[uniform] for s in sens.values())
     assert plan.loss <= uniform_loss
     assert len(set(plan.choice.values())) > 1  # the budget is spent unevenly, not uniformly
+
+
+def test_fit_plan_quantizes_within_budget(tmp_path):
+    import torch
+
+    from qingzhou.compress.fit.api import fit
+    from qingzhou.compress.quantize.api import quantize
+    from qingzhou.finetune.testing import tiny_model
+    from qingzhou.llm.quantized.gptq_layout import save_quantized
+
+    model = tiny_model("qwen2")
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(5, 272, (32,), generator=gen) for _ in range(4)]
+    lins = _linears(model)
+    w3 = model_bytes(model, {n: Option(3, 32) for n in lins})
+    w4 = model_bytes(model, {n: Option(4, 32) for n in lins})
+    budget = (w3 + w4) // 2
+    with pytest.raises(RecipeError, match="smallest reachable size"):
+        fit(model, model_bytes(model, {n: Option(2, -1) for n in lins}) - 1, {"method": "rtn"}, calib)
+    result = fit(model, budget, {"method": "rtn"}, calib)
+    assert set(result.choice) == set(lins)
+    assert w3 < result.predicted_bytes <= budget  # spends the budget: more than the 3-bit plan
+    assert len(set(result.choice.values())) > 1
+    quantize(model, result.quantize_config())
+    save_quantized(model, None, tmp_path / "q")
+    header_len, written = _file_tensors(tmp_path / "q" / "model.safetensors")
+    assert sum(written.values()) == result.predicted_bytes <= budget

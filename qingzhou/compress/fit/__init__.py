@@ -8,5 +8,6 @@ from qingzhou._lazy import lazy_exports
 __getattr__, __all__ = lazy_exports(__name__, {
     ".storage": "Option KEEP linear_bytes option_space options_for model_bytes",
     ".solve": "Plan solve_choice",
+    ".api": "fit FitResult plan_overrides",
     ".sensitivity": "LinearSensitivity SensitivityCollector measure_sensitivity",
 })
