@@ -1,0 +1,121 @@
+"""The exact allocation: each linear picks one option, minimise the summed loss within a byte budget.
+
+This is a multiple-choice knapsack. It is solved by dynamic programming over the budget, not by a
+greedy bits-per-loss rule, because greedy plans are not optimal once options differ in both cost
+and loss (a 3-bit g32 can beat a 4-bit g128 at fewer bytes), and the issue asks for the best plan
+that meets the budget, provably.
+
+Discretisation that never breaks the budget: every item's cheapest option is paid up front, and the
+rest of each cost is rounded *up* to a multiple of `resolution` bytes while the remaining budget is
+rounded *down*. Any plan the DP accepts therefore fits in real bytes. With `resolution` = the greatest
+common divisor of the costs (the default when the state table stays below `max_states`) nothing is
+rounded and the plan is exactly optimal; a coarser resolution only ever discards plans that are
+within `resolution` bytes per item of the budget. numpy only (torch-free).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+
+from qingzhou.errors import RecipeError
+
+# state-table width above which the budget grid is coarsened (time and memory grow with it:
+# items x states bytes for the back-pointers)
+MAX_STATES = 1 << 18
+
+
+@dataclass
+class Plan:
+    """The chosen option per item, its total cost (bytes) and loss, and the grid it was solved on."""
+
+    choice: dict[Hashable, Hashable]
+    cost: int
+    loss: float
+    budget: int
+    resolution: int
+    exact: bool = field(default=True)
+
+
+def solve_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]], budget: int, *,
+                 resolution: int | None = None, max_states: int = MAX_STATES) -> Plan:
+    """Minimise sum(loss) over one option per item subject to sum(cost) <= `budget`.
+
+    `table[item][option] = (cost in bytes, loss)`. Raises `RecipeError` when even the cheapest
+    option of every item exceeds `budget`, naming that smallest reachable size.
+    `resolution`: bytes per DP state (None: exact if it fits in `max_states`, else coarsened).
+    """
+    import numpy as np
+
+    items = list(table)
+    opts: list[list[Hashable]] = [list(table[i]) for i in items]
+    if any(not o for o in opts):
+        empty = next(i for i, o in zip(items, opts) if not o)
+        raise RecipeError(f"item {empty!r} has no option to choose from.", where="fit")
+    costs = [[int(table[i][o][0]) for o in os_] for i, os_ in zip(items, opts)]
+    losses = [[float(table[i][o][1]) for o in os_] for i, os_ in zip(items, opts)]
+    base = sum(min(c) for c in costs)
+    if base > budget:
+        raise RecipeError(
+            f"no plan fits in {budget} bytes ({budget / 2**20:.2f} MiB): the smallest reachable size "
+            f"is {base} bytes ({base / 2**20:.2f} MiB).",
+            where="fit budget", hint=f"Give a budget of at least {base} bytes, or allow cheaper options.")
+    extra = [[c - min(cs) for c in cs] for cs in costs]
+    room = budget - base
+    exact_res = reduce(math.gcd, [e for es in extra for e in es], 0) or 1
+    if resolution is None:
+        resolution = exact_res
+        if room // resolution + 1 > max_states:
+            resolution = -(-room // (max_states - 1))
+    units = room // resolution
+    width = units + 1
+    best = np.zeros(width)  # best[u]: least loss of the items so far within u units
+    back = np.zeros((len(items), width), dtype=np.int32)
+    for k, (es, ls) in enumerate(zip(extra, losses)):
+        new = np.full(width, np.inf)
+        arg = np.zeros(width, dtype=np.int32)
+        for j, (e, loss) in enumerate(zip(es, ls)):
+            w = -(-e // resolution)  # cost rounded up: the plan can only be cheaper than it looks
+            if w > units:
+                continue
+            cand = np.full(width, np.inf)
+            cand[w:] = best[: width - w] + loss
+            better = cand < new
+            new[better] = cand[better]
+            arg[better] = j
+        best, back[k] = new, arg
+    u = units
+    choice: dict[Hashable, Hashable] = {}
+    cost, loss = 0, 0.0
+    for k in range(len(items) - 1, -1, -1):
+        j = int(back[k, u])
+        choice[items[k]] = opts[k][j]
+        cost += costs[k][j]
+        loss += losses[k][j]
+        u -= -(-extra[k][j] // resolution)
+    choice = {i: choice[i] for i in items}
+    return Plan(choice=choice, cost=cost, loss=loss, budget=budget, resolution=resolution,
+                exact=resolution == exact_res)
+
+
+def brute_force(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]], budget: int) -> float:
+    """The least total loss within `budget` by enumerating every plan (tests, tiny tables only);
+    inf when none fits."""
+    import itertools
+
+    items = list(table)
+    best = math.inf
+    for combo in itertools.product(*(list(table[i].values()) for i in items)):
+        if sum(c for c, _ in combo) <= budget:
+            best = min(best, sum(loss for _, loss in combo))
+    return best
+
+
+def total_cost(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]],
+               choice: Mapping[Hashable, Hashable]) -> int:
+    """Bytes of a plan."""
+    return sum(int(table[i][o][0]) for i, o in choice.items())
+
+
+__all__: Sequence[str] = ("Plan", "solve_choice", "brute_force", "total_cost", "MAX_STATES")
