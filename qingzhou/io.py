@@ -47,6 +47,15 @@ def set_default_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def _default_modes(folder: Path) -> None:
+    """Give every file written into a new folder the mode `open()` would have given it: some
+    writers (safetensors, `tempfile.mkstemp`) create 0600 files, which a serving process running
+    as another user or in a container could not read."""
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            set_default_mode(f)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` via a temp file in the same folder and a rename."""
     path = Path(path)
@@ -163,6 +172,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False, what: str = "") -> 
     swapped = False
     try:
         yield tmp
+        _default_modes(tmp)
         write_marker(tmp, what)
         fault_point(f"commit {path.name}")
         if path.exists():

@@ -155,3 +155,19 @@ def test_result_files_and_compare_folders_are_not_overwritten(tmp_path, user_fol
     res = runner.invoke(app, ["compare", str(tmp_path / "no-run"), "--out", str(user_folder), "--force"])
     assert res.exit_code == 2 and "not written by qingzhou" in res.stderr, res.output
     assert _untouched(user_folder)
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    """safetensors creates its files 0600; every file of a folder qingzhou writes gets the mode
+    open() would give it (0666 less the umask), so another user or a serving container can read it."""
+    import os
+
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+    from qingzhou.llm import save_model
+
+    mask = os.umask(0)
+    os.umask(mask)
+    folder = save_model(tiny_model("llama"), byte_tokenizer(), tmp_path / "m")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask)
