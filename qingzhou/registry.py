@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from qingzhou.errors import QingzhouError, RecipeError, did_you_mean
 
@@ -39,12 +39,6 @@ class Entry(Generic[T]):
     config: type[BaseModel] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
-
-    def __getattr__(self, key: str) -> Any:  # entry.needs_calibration reads meta
-        meta = self.__dict__.get("meta", {})
-        if key in meta:
-            return meta[key]
-        raise AttributeError(key)
 
 
 class Registry(Generic[T]):
@@ -133,38 +127,19 @@ class Registry(Generic[T]):
         return self.get(name)
 
     # ------------------------------------------------------------------ configs
-    def validate(self, data: dict[str, Any] | BaseModel, *, key: str = "method", where: str | None = None,
-                 user_errors: bool = False) -> Any:
+    def validate(self, data: dict[str, Any] | BaseModel, *, key: str = "method", where: str | None = None) -> Any:
         """Validate a plain dict (YAML, CLI flags) into the typed config of the entry its `key`
         names. A config object that is already typed passes through: each config is validated
-        exactly once, wherever it enters. A bad setting raises pydantic's ValidationError (the
-        recipe loader maps its locations to YAML lines), or with `user_errors` (the CLI) a
-        one-paragraph user error naming the key."""
+        exactly once, wherever it enters. A bad setting raises pydantic's ValidationError, which
+        the recipe loader maps to YAML lines and the CLI to flag names."""
         if isinstance(data, BaseModel):
             return data
         entry = self.get(str(data.get(key)), where=where or key)
         if entry.config is None:
             raise RuntimeError(f"{self.what} {entry.name!r} takes no config")
-        try:
-            return entry.config.model_validate(data)
-        except ValidationError as e:
-            if not user_errors:
-                raise
-            raise config_error(e, entry.config, where or self.what, self._error) from None
+        return entry.config.model_validate(data)
 
     def configs(self) -> dict[str, type[BaseModel]]:
         """name -> config class, for entries that take one."""
         return {e.name: e.config for e in self.entries() if e.config is not None}
 
-
-def config_error(e: ValidationError, config: type[BaseModel], where: str,
-                 error: type[QingzhouError] = RecipeError) -> QingzhouError:
-    """The first problem of a pydantic error as a one-paragraph user error: the key path, what was
-    wrong, and for an unknown key the closest valid one."""
-    first = e.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    hint = None
-    if first["type"] == "extra_forbidden":
-        hint = did_you_mean(str(first["loc"][-1]), config.model_fields)
-    more = f" ({e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-    return error(f"{first['msg'].rstrip('.')}{more}.", where=f"{where}: {key}" if key else where, hint=hint)

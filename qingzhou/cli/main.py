@@ -161,7 +161,7 @@ def models_ls(as_json: bool = JsonOpt) -> None:
     """List model aliases."""
     from qingzhou.llm.aliases import ALIASES
 
-    rows = [{"alias": a.name, "description": a.description} for a in ALIASES.entries()]
+    rows = [{"alias": a.name, "description": a.meta["description"]} for a in ALIASES.entries()]
     print_json(rows) if as_json else out.print(table("model aliases", rows))
 
 
