@@ -49,10 +49,6 @@ class BnbConfig(QuantizeConfig):
         return self
 
 
-# The device checks live in the device layer; the stage code calls them by this module's old name.
-require_bnb = bitsandbytes_device
-
-
 def _compute_dtype(cfg: BnbConfig, device: str) -> Any:
     import torch
 

@@ -80,11 +80,10 @@ def run_quantize(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
 def _load_bnb(cfg: QuantizeStage, ctx: StageContext) -> StageResult:
     """bitsandbytes quantises at load time: re-load the current model's source through it and save
     with transformers' bnb serialisation (save_format is not used)."""
-    from qingzhou.compress.quantize.bnb import BnbConfig, load_bnb, require_bnb, save_bnb
+    from qingzhou.compress.quantize.bnb import BnbConfig, load_bnb, save_bnb
     from qingzhou.io import atomic_write_json
 
-    bcfg: BnbConfig = cfg.settings
-    require_bnb(bcfg.device)
+    bcfg: BnbConfig = cfg.settings  # load_bnb checks that bitsandbytes runs on bcfg.device first
     ref = ctx.model_ref
     if ref is None:
         from qingzhou.errors import RecipeError
