@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
 def data_config(source: str, flags: dict[str, Any] | None, seed: int) -> Any:
     """The validated DataConfig of the data flags (a bad value names its flag, before any model loads)."""
     from qingzhou.cli.config_options import flag_name
-    from qingzhou.cli.flags import validate_flags
+    from qingzhou.cli.config_options import validate_flags
     from qingzhou.data.prepare import DataConfig
 
     fields = {"source": source, "seed": seed, **(flags or {})}

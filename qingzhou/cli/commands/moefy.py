@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         settings: dict[str, Any] | None = None,
     ) -> None:
         """Split every FFN of MODEL into experts with a router; save it (dense weights + moefication.json)."""
-        from qingzhou.cli.flags import CALIBRATION_FLAGS, validate_flags
+        from qingzhou.cli.config_options import CALIBRATION_FLAGS, validate_flags
 
         cfg: dict[str, Any] = dict(settings or {})
         calib = {"source": calibration, "num_samples": num_samples, "seq_len": seq_len}
@@ -51,12 +51,10 @@ def register(app: typer.Typer) -> None:
         settings = validate_flags(MoefyConfig.model_validate, cfg, {**_FLAGS, **CALIBRATION_FLAGS}, "moefy")
 
         from qingzhou.compress.moefy import moefy
-        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
         check_device(settings.device)
-        check_out_dir(out_dir, "OUT_DIR")
-        check_output_dir(out_dir, force)  # before minutes of loading and clustering
+        check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and clustering
         m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = moefy(m, settings, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
