@@ -100,8 +100,10 @@ def check_device(device: str | None, flag: str = "--device") -> None:
             raise DeviceError(e.message, where=flag, hint=e.hint) from None
 
 
-def check_out_dir(path: Path | str | None, flag: str = "OUT") -> None:
-    """An output folder must not be an existing file (checked before any work starts)."""
+def check_out_dir(path: Path | str | None, flag: str = "OUT", force: bool | None = None) -> None:
+    """An output folder must not be an existing file (checked before any work starts). With
+    `force` given (the command has `--force`), also qingzhou's ownership rule: a non-empty folder
+    only with `--force`, and only one qingzhou wrote (`io.check_output_dir`)."""
     if path is None:
         return
     path = Path(path)
@@ -109,16 +111,25 @@ def check_out_dir(path: Path | str | None, flag: str = "OUT") -> None:
         if p.exists() and not p.is_dir():
             raise UsageError(f"{p} is a file, but a folder is needed here.", where=flag,
                              hint="Choose another output folder.")
+    if force is not None:
+        from qingzhou.io import check_output_dir
+
+        check_output_dir(path, force)
 
 
-def check_out_file(path: Path | str | None, flag: str = "--out") -> None:
-    """An output file must not be an existing folder, nor lie under a file."""
+def check_out_file(path: Path | str | None, flag: str = "--out", force: bool | None = None) -> None:
+    """An output file must not be an existing folder, nor lie under a file; with `force` given,
+    an existing file is replaced only with `--force` (`io.check_output_file`)."""
     if path is None:
         return
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path} is a folder, but a file is needed here.", where=flag)
     check_out_dir(path.parent, flag)
+    if force is not None:
+        from qingzhou.io import check_output_file
+
+        check_output_file(path, force)
 
 
 def print_json(obj: Any) -> None:

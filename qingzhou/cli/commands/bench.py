@@ -40,11 +40,7 @@ def register(app: typer.Typer) -> None:
         if fast not in choices:
             raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
         check_device(device)
-        check_out_file(out_file)
-        if out_file:
-            from qingzhou.io import check_output_file
-
-            check_output_file(out_file, force)  # before the model loads
+        check_out_file(out_file, force=force)  # before the model loads
         mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])

@@ -49,15 +49,11 @@ def register_eval(eval_app: typer.Typer) -> None:
         for name in tasks:  # a typo fails now, not after loading the model
             load_task(name)
         check_device(device)
-        check_out_file(out_file)
+        check_out_file(out_file, force=force)
         if data_dir is not None and not data_dir.is_dir():
             from qingzhou.errors import DataError
 
             raise DataError(f"folder not found: {data_dir}", where="--data-dir")
-        if out_file:
-            from qingzhou.io import check_output_file
-
-            check_output_file(out_file, force)
         mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = evaluate(mdl, tok, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                           seed=seed, data_dir=data_dir, source=source, progress=progress)

@@ -28,10 +28,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge an adapter into its base and save a plain transformers model (prompt adapters are copied)."""
         from qingzhou.finetune import export_merged
-        from qingzhou.io import check_output_dir
 
-        check_out_dir(out_dir, "OUT_DIR")
-        check_output_dir(out_dir, force)
+        check_out_dir(out_dir, "OUT_DIR", force)
         result = export_merged(adapter, out_dir, base_model=base, overwrite=force, **load_options(allow_pickle, trust_remote_code, strict))
         if as_json:
             print_json(result.to_dict())

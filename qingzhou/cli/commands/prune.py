@@ -46,7 +46,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Prune MODEL and save a plain transformers folder (zeros in place, or smaller if structured)."""
         from qingzhou.compress.prune import PRUNERS, prune
-        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
         flags = {**(settings or {}), **parse_sets(sets), **({"owl": {}} if owl else {}),
@@ -54,8 +53,7 @@ def register(app: typer.Typer) -> None:
         cfg = method_config(PRUNERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                             names={"owl": "--owl"}, where="prune")
         check_device(getattr(cfg, "device", None))
-        check_out_dir(out_dir, "OUT_DIR")
-        check_output_dir(out_dir, force)  # before minutes of loading and calibration
+        check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
         m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = prune(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}

@@ -46,7 +46,6 @@ def register(app: typer.Typer) -> None:
         """Quantise the decoder linears of MODEL and save a GPTQ-layout (or dense, or GGUF) folder."""
         from qingzhou.compress.quantize import QUANTIZERS, quantize
         from qingzhou.compress.quantize.api import save_compressed
-        from qingzhou.io import check_output_dir
         from qingzhou.llm import load_model
 
         flags = {**(settings or {}), **parse_sets(sets), **({"pack": False} if dense else {})}
@@ -57,8 +56,7 @@ def register(app: typer.Typer) -> None:
                                 names={"pack": "--dense", "sym": "--sym/--asym"}, where="quantize")
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
         check_device(getattr(cfg, "device", None) if method != "none" else None)
-        check_out_dir(out_dir, "OUT_DIR")
-        check_output_dir(out_dir, force)  # before minutes of loading and calibration
+        check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
         m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         if method == "none":
             summary: dict[str, Any] = {}
