@@ -11,8 +11,8 @@ follows `llm/quantized/pack.py` and `gptq_layout.py` exactly:
 * `g_idx`   int32 [in];
 * `bias`    [out] in its own float dtype (QuantLinear keeps it so logits match exactly).
 
-`keep` leaves the linear dense: weight (and bias) in the model's dtype. Torch-free at import, so a
-budget can be checked before a model loads.
+`keep` leaves the linear dense: weight (and bias) in the model's dtype. The packing arithmetic and
+the group count come from the runtime itself (`pack.packed_rows`, `QuantScheme.groups`).
 """
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qingzhou.llm.quantized.grid import QuantScheme
+from qingzhou.llm.quantized.pack import packed_rows  # the packing's own arithmetic, not a copy of it
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-_WORD = 32
 INT32, FP16 = 4, 2
 BITS = (2, 3, 4, 8)  # the widths every GPTQ runtime loads
 GROUP_SIZES = (32, 64, 128, -1)  # the group sizes exllama/marlin/vLLM and torch's kernel accept
@@ -48,17 +50,6 @@ class Option:
 KEEP = Option()
 
 
-def packed_rows(n: int, bits: int) -> int:
-    """int32 rows holding `n` values of `bits` bits (same as `pack.packed_rows`, torch-free)."""
-    return -(-n // _WORD) * bits
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    """Groups along the input dim (`QuantScheme.groups`): a trailing partial group counts as one."""
-    gs = group_size if group_size > 0 else in_features
-    return -(-in_features // gs)
-
-
 def linear_bytes(in_features: int, out_features: int, option: Option, *, bias_bytes: int = 0,
                  dtype_bytes: int = 4) -> int:
     """Bytes `save_quantized` writes for one linear under `option`.
@@ -69,7 +60,7 @@ def linear_bytes(in_features: int, out_features: int, option: Option, *, bias_by
     if option.keep:
         return in_features * out_features * dtype_bytes + bias
     bits = int(option.bits)  # type: ignore[arg-type]
-    groups = n_groups(in_features, option.group_size)
+    groups = QuantScheme(bits=bits, group_size=option.group_size).groups(in_features)
     qweight = packed_rows(in_features, bits) * out_features * INT32
     qzeros = groups * packed_rows(out_features, bits) * INT32
     scales = groups * out_features * FP16
