@@ -150,3 +150,20 @@ def test_pretrain_learns_and_resumes_exactly(shards, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "straight/model")
     assert model.config.vocab_size == len(tok)
     assert json.loads((tmp_path / "straight/metrics.json").read_text())["steps"] == 24
+
+
+def test_preprocess_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    path, _ = _corpus(tmp_path)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["preprocess", str(path), str(tmp_path / "out"), "--vocab-size", "10"])
+    assert bad.exit_code == 2 and "--vocab-size" in bad.output and "Traceback" not in bad.output
+    ok = runner.invoke(app, ["preprocess", str(path), str(path), str(tmp_path / "out"), "--vocab-size", "300",
+                             "--min-chars", "50", "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    assert report["documents"] == 66 and report["exact_duplicates"] == 33  # the second copy is all duplicates
+    assert read_index(tmp_path / "out")["vocab_size"] == report["vocab_size"]
