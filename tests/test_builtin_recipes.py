@@ -57,6 +57,12 @@ def tiny_overrides(raw: dict[str, Any], model_dir: Path) -> list[str]:
             out += [f"{at}.top_k=8", f"{at}.kl_rows=4"] if kind == "distill" else []
         elif kind == "generate":
             out.append(f"{at}.max_new_tokens={NEW_TOKENS}")
+        elif kind == "preprocess":
+            out.append(f"{at}.vocab_size=512")
+        elif kind == "pretrain":
+            out += [f"{at}.max_steps={STEPS}", f"{at}.batch_size=2", f"{at}.seq_len={SEQ}", f"{at}.eval_windows={WINDOWS}",
+                    f"{at}.eval_every=1", f"{at}.save_every=0", f"{at}.architecture.hidden_size=32",
+                    f"{at}.architecture.intermediate_size=64", f"{at}.architecture.num_hidden_layers=1"]
     return out
 
 
@@ -111,6 +117,11 @@ def check_stage(stage: dict[str, Any], spec: dict[str, Any], run_dir: Path, tiny
     elif kind == "generate":
         samples = json.loads((work / "samples.json").read_text())
         assert [s["prompt"] for s in samples] == spec["prompts"], where
+    elif kind == "preprocess":
+        assert m["train_tokens"] > 0 and m["val_documents"] >= 1 and (work / "data" / "index.json").is_file(), where
+    elif kind == "pretrain":
+        assert m["steps"] == STEPS and (work / "model" / "model.safetensors").is_file(), where
+        assert len(m["val_perplexity"]) == STEPS + 1 and all(math.isfinite(p) for _, p in m["val_perplexity"]), where
     elif kind == "report":
         assert (work / "report.md").is_file() and all((run_dir / p).is_file() for p in m.get("plots", [])), where
     else:

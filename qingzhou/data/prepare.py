@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +50,7 @@ class DataConfig(BaseModel):
 class PreparedData:
     """Training and held-out rows (packed if asked) plus counts for the run report."""
 
-    train: list[Example]
+    train: Sequence[Example]  # a list, or windows read lazily from token shards
     eval: list[Example]
     packed: bool
     stats: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +60,9 @@ class PreparedData:
         """Hash of the exact rows, so a resumed run can check it sees the same data."""
         import hashlib
 
+        lazy = getattr(self.train, "fingerprint", None)  # memory-mapped shards name themselves
+        if isinstance(lazy, str):
+            return lazy
         h = hashlib.sha256()
         for ex in self.train:
             h.update(repr((ex.input_ids, ex.labels, ex.position_ids)).encode())

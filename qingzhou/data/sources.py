@@ -19,9 +19,11 @@ from qingzhou.registry import Registry
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 # every data set shipped in the package (one registry for training data, calibration and corpora):
-# instruction pairs, English calibration texts, an industry-flavoured corpus
+# instruction pairs, English calibration texts, an industry-flavoured corpus, and 12 Wikipedia
+# articles (one per line; CC BY-SA, see builtin/wiki_demo.NOTICE) for pretraining from scratch
 BUILTIN: Registry[str] = Registry("built-in data set", error=DataError)
-for _name, _file in {"industry-qa": "industry_qa.jsonl", "calib": "calib.jsonl", "corpus": "corpus.txt"}.items():
+for _name, _file in {"industry-qa": "industry_qa.jsonl", "calib": "calib.jsonl", "corpus": "corpus.txt",
+                     "wiki-demo": "wiki_demo.txt"}.items():
     BUILTIN.add(_name, _file)
 LOCAL_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".txt", ".text", ".md"}
 
