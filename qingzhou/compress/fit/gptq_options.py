@@ -1,0 +1,115 @@
+"""GPTQ's own output error for every (bits, group size) option of one linear, in one column loop.
+
+`fit` must rank options by the error the quantizer that applies the plan will actually leave, and
+GPTQ's error differs from RTN's by a different amount at every width (GPTQ recovers most at 3 bits,
+little at 8). Running `gptq_quantize_weight` once per option would cost SmolLM2 12 solver runs per
+linear (~25 CPU-minutes). This runs them together, with exactly the solver's arithmetic for its
+default static groups (`GPTQConfig.static_groups`):
+
+* the Hessian's damped inverse Cholesky factor and the act-order permutation depend only on H, so
+  they are computed once per linear, not once per option;
+* GPTQ's rows are independent given that factor (each output row pushes its own rounding error
+  onto its own later columns), so the K options are K stacked copies of W, each row with its
+  option's per-column scale, zero and `maxq`, walked by one column loop: the loop's Python
+  overhead is paid once and its vector ops are K times longer.
+
+Per option the group grids come from `grid.find_params` on the original weight, weighed by the
+Hessian diagonal when `hessian_clip` (as the solver does), and the result is the solver's
+`QuantizedWeight`; `tests/test_fit.py` checks both against `gptq_quantize_weight` option by option.
+The error reported is `tr((W - Q) H (W - Q)^T)` on the undamped H, the same measure as RTN's in
+`sensitivity.py`, so the two are comparable.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qingzhou.compress.fit.storage import Option
+from qingzhou.compress.hessian import damped_inverse_cholesky, solver_hessian
+from qingzhou.llm.quantized.grid import QuantizedWeight, QuantScheme, find_params
+
+
+@dataclass
+class OptionResult:
+    """One option's GPTQ result: its output error and (if asked) its quantised weight."""
+
+    error: float
+    quantized: QuantizedWeight | None = None
+
+
+@torch.no_grad()
+def gptq_option_errors(
+    weight: torch.Tensor, H: torch.Tensor, options: Sequence[Option], *, sym: bool = False,
+    clip_search: bool = True, block_size: int = 128, damp_percent: float = 0.01, act_order: bool = True,
+    hessian_clip: bool = True, clip_grid: int = 100, keep_weights: bool = False, name: str = "",
+) -> dict[Option, OptionResult]:
+    """GPTQ (static groups) of `weight` [out, in] under every non-keep option, in one pass.
+
+    `H`: the linear's proxy Hessian (`HessianAccumulator.H`). Returns {option: OptionResult};
+    `keep_weights` keeps each option's `QuantizedWeight` (codes uint8, the export's grid)."""
+    opts = [o for o in options if not o.keep]
+    if not opts:
+        return {}
+    W0 = weight.detach().float()
+    rows, cols = W0.shape
+    Hs = solver_hessian(H, W0.device)
+    hdiag = torch.diag(Hs).clone() if hessian_clip else None
+    schemes = [QuantScheme(bits=int(o.bits), group_size=o.group_size, sym=sym, clip_search=clip_search)  # type: ignore[arg-type]
+               for o in opts]
+    # per option: static group parameters from the original weight (the solver's `static_groups`)
+    grids: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for s in schemes:
+        gs, n_groups = s.effective_group_size(cols), s.groups(cols)
+        scales = torch.zeros(n_groups, rows, device=W0.device)
+        zeros = torch.zeros(n_groups, rows, device=W0.device)
+        for g in range(n_groups):
+            cut = slice(g * gs, (g + 1) * gs)
+            scales[g], zeros[g] = find_params(W0[:, cut], s.bits, s.sym, s.clip_search, grid=clip_grid,
+                                              col_weight=None if hdiag is None else hdiag[cut])
+        g_idx = torch.arange(cols, dtype=torch.int32) // gs
+        grids.append((scales, zeros, g_idx))
+    perm = torch.argsort(torch.diag(Hs), descending=True) if act_order else torch.arange(cols, device=W0.device)
+    Hp = Hs[perm][:, perm]
+    Hinv = damped_inverse_cholesky(Hp, damp_percent, name=name).chol_inv_upper
+    del Hp
+    K = len(opts)
+    W = W0[:, perm].repeat(K, 1)  # [K*rows, cols], option k in rows k*rows:(k+1)*rows
+    gl = [g.long().to(W0.device)[perm] for _, _, g in grids]
+    S = torch.cat([sc[g].T for (sc, _, _), g in zip(grids, gl)])  # per-element scale, permuted columns
+    Z = torch.cat([ze[g].T for (_, ze, _), g in zip(grids, gl)])
+    maxq = torch.cat([torch.full((rows,), float(s.maxq), device=W0.device) for s in schemes])
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):  # the solver's loop (gptq_solver.gptq_quantize_weight)
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            w, s, z = W1[:, i], S[:, col], Z[:, col]
+            q = torch.minimum(torch.clamp(torch.round(w / s) + z, min=0), maxq)
+            codes[:, col] = q
+            err = Err1[:, i]
+            torch.sub(w, (q - z).mul_(s), out=err)
+            err.div_(Hinv1[i, i])
+            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    del W, S, Z
+    codes = codes[:, torch.argsort(perm)]
+    Hf = H.detach().float().to(W0.device)
+    out: dict[Option, OptionResult] = {}
+    for k, (o, s, (scales, zeros, g_idx)) in enumerate(zip(opts, schemes, grids)):
+        c = codes[k * rows:(k + 1) * rows]
+        g = g_idx.long().to(W0.device)
+        Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
+        if not torch.isfinite(Q).all():
+            raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {o.label}")
+        E = W0 - Q
+        qw = None
+        if keep_weights:
+            qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),
+                                 zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx, scheme=s)
+        out[o] = OptionResult(float(((E @ Hf) * E).sum()), qw)
+    return out
