@@ -89,13 +89,14 @@ class FitReport:
         """The config that reproduces the plan with `quantize(model, cfg)`."""
         return {**self.config, "overrides": self.overrides, "on_indivisible_group": "error"}
 
-    def plan_recipe(self, model: str = "MODEL", *, load: dict[str, Any] | None = None) -> dict[str, Any]:
+    def plan_recipe(self, load: dict[str, Any] | None = None) -> dict[str, Any]:
         """A recipe (load + one quantize stage with per-module overrides) that reproduces the
-        weights fit wrote, given the same model and calibration."""
+        weights fit wrote, given the same model (`load`: the load stage's keys, e.g.
+        {"model": "smollm2", "dtype": "float32"}) and calibration."""
         return {"name": "fit-plan",
                 "description": f"qingzhou fit plan for {self.budget}: {len(self.choice)} linears, "
                                f"avg {self.avg_bits:.3f} bits, {self.predicted_file_bytes} bytes predicted",
-                "stages": [{"kind": "load", "model": model, **(load or {})},
+                "stages": [{"kind": "load", "model": "MODEL", **(load or {})},
                            {"kind": "quantize", "name": "fit-plan", **self.quantize_config()}]}
 
     def mix(self) -> dict[str, int]:
@@ -155,7 +156,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         tokenizer: Any = None, output_dir: str | Path | None = None, heldout: float | list[Any] = 0.1,
         neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
-        model_source: str | None = None) -> FitReport:
+        load_stage: dict[str, Any] | None = None) -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -167,6 +168,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     `neighbours`: budget factors whose plans are also solved and KL-checked (only those <= 1 can
     win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
+    `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
+    the model's `name_or_path`).
     Raises `RecipeError` naming the smallest reachable size (bits, speed) when no plan fits.
     """
     import torch
@@ -217,7 +220,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     seconds["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    costs, fixed, limit_of, describe = _cost_model(model, budget, linears, sens, per_linear, timing_cache)
+    costs, fixed, limit_of, describe = _cost_model(model, budget, cfg, linears, sens, timing_cache)
     table: dict[Any, dict[Any, tuple[int, float]]] = {REST: {KEEP: (fixed, 0.0)}}
     table.update({n: {o: (costs[n][o], e) for o, e in s.errors.items()} for n, s in sens.items()})
     smallest = sum(min(c for c, _ in row.values()) for row in table.values())
@@ -305,7 +308,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     if output_dir is not None:
         if not apply:
             raise RecipeError("output_dir needs apply=True (the folder holds the fitted model).", where="fit")
-        write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, model_source=model_source)
+        write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, load_stage=load_stage)
     return report
 
 
@@ -340,8 +343,8 @@ def _avg_bits(linears: dict[str, Any], choice: dict[str, Option]) -> float:
     return 8 * nbytes / weights
 
 
-def _cost_model(model: nn.Module, budget: Budget, linears: dict[str, Any], sens: dict[str, Any],
-                per_linear: dict[str, list[Option]], timing_cache: str | Path | None):
+def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, Any], sens: dict[str, Any],
+                timing_cache: str | Path | None):
     """(cost[linear][option] as ints, fixed cost of the rest, limit(budget) -> int, describe(cost) -> str)
     in the budget's own unit: bytes, bytes of the fitted linears, or nanoseconds per decode step."""
     if budget.kind == "max_size":
@@ -359,7 +362,7 @@ def _cost_model(model: nn.Module, budget: Budget, linears: dict[str, Any], sens:
     from qingzhou.compress.fit.timing import speed_table
     from qingzhou.llm.devices import torch_device
 
-    device = torch_device(budget.device)
+    device = torch_device(budget.device or getattr(cfg, "device", None))
     times, rest = speed_table(model, linears, {n: list(s.errors) for n, s in sens.items()}, device, timing_cache)
     costs = {n: {o: max(1, round(t * 1e9)) for o, t in times[n].items()} for n in sens}
     fixed = round(rest * 1e9)
@@ -420,7 +423,7 @@ def _home(m: nn.Module) -> Any:
 
 
 def write_fit_outputs(model: nn.Module, tokenizer: Any, report: FitReport, output_dir: str | Path, *,
-                      overwrite: bool = False, model_source: str | None = None) -> Path:
+                      overwrite: bool = False, load_stage: dict[str, Any] | None = None) -> Path:
     """The model folder (GPTQ layout, mixed bits in `quantization_config.dynamic`), `metrics.json`,
     `report.json` and `plan.yaml` (a recipe reproducing the weights), through `write_outputs`."""
     from qingzhou.compress.driver import write_outputs
@@ -435,13 +438,14 @@ def write_fit_outputs(model: nn.Module, tokenizer: Any, report: FitReport, outpu
         report.file_bytes = (folder / WEIGHTS).stat().st_size
 
     write_outputs(output_dir, report, write_model)
-    source = model_source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "MODEL")
-    atomic_write_text(output_dir / "plan.yaml", plan_yaml(report, source))
+    if load_stage is None:
+        load_stage = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or "MODEL")}
+    atomic_write_text(output_dir / "plan.yaml", plan_yaml(report, load_stage))
     return output_dir
 
 
-def plan_yaml(report: FitReport, model_source: str) -> str:
-    """`report.plan_recipe(model_source)` as YAML, with a comment saying what it reproduces."""
+def plan_yaml(report: FitReport, load_stage: dict[str, Any]) -> str:
+    """`report.plan_recipe(load_stage)` as YAML, with a comment saying what it reproduces."""
     import yaml
 
     head = ("# Written by `qingzhou fit`: this recipe reproduces the fitted model's weights exactly\n"
@@ -449,4 +453,4 @@ def plan_yaml(report: FitReport, model_source: str) -> str:
             "# (the `calibration` below; a fit called from Python with explicit samples used those).\n"
             f"# budget: {report.budget}; predicted file bytes {report.predicted_file_bytes}; "
             f"avg bits {report.avg_bits:.4f}; mix {report.mix()}\n")
-    return head + yaml.safe_dump(report.plan_recipe(model_source), sort_keys=False, width=120)
+    return head + yaml.safe_dump(report.plan_recipe(load_stage), sort_keys=False, width=120)
