@@ -133,16 +133,25 @@ class TimingTable:
 
 @torch.no_grad()
 def decode_step_seconds(model: nn.Module, device: torch.device, *, context: int = 32, repeats: int = 20) -> float:
-    """Median seconds of one batch-1 decode step of `model` (on `device`) after a `context`-token prompt."""
-    ids = torch.arange(1, context + 1, device=device)[None] % max(2, int(getattr(model.config, "vocab_size", 2)) - 1)
-    out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
-    nxt = ids[:, -1:]
+    """Median seconds of one batch-1 decode step of `model` (on `device`) after a `context`-token
+    prompt, with a static KV cache as `llm.generate` decodes (sized for every timed step, so each
+    attends over about the same `context` tokens)."""
+    from transformers import StaticCache
+
+    from qingzhou.llm.generate import cache_argument
+
+    arg = cache_argument(model)
+    vocab = max(2, int(getattr(model.config, "vocab_size", 2)))
+    ids = (torch.arange(1, context + 1, device=device) % (vocab - 1))[None]
+    extra: dict[str, Any] = {}
+    if arg is not None:
+        extra[arg] = StaticCache(config=model.config, max_cache_len=context + repeats + 8)
+    model(input_ids=ids, cache_position=torch.arange(context, device=device), use_cache=arg is not None, **extra)
+    nxt, pos = ids[:, -1:], torch.tensor([context], device=device)
 
     def step() -> None:
-        model(input_ids=nxt, past_key_values=past, use_cache=True)
-        if hasattr(past, "crop"):  # keep the cache at `context` tokens: every step costs the same
-            past.crop(context)
+        model(input_ids=nxt, cache_position=pos, use_cache=arg is not None, **extra)
+        pos.add_(1)
 
     return time_call(step, device, repeats=repeats, warmup=3)
 
