@@ -206,3 +206,16 @@ def test_fit_stage_needs_exactly_one_budget(tmp_path):
                                                             {"kind": "fit", "max_size": "80MB", "method": "awq"}]}))
     with pytest.raises(RecipeError, match="gptq or rtn"):
         load_recipe(str(path))
+
+
+def test_pareto_plot_and_front(tmp_path):
+    from qingzhou.compress.fit.plot import pareto_front, pareto_plot
+
+    rows = [{"label": "fit 3b", "size_mb": 70.0, "ppl": 27.0, "kind": "fit"},
+            {"label": "fit 4b", "size_bytes": 90_000_000, "ppl": 22.0, "kind": "fit"},
+            {"label": "w3g64", "size_mb": 71.0, "ppl": 32.3, "kind": "uniform"},
+            {"label": "Q3_K_M", "size_mb": 75.0, "ppl": 26.0, "kind": "llama.cpp"},
+            {"label": "none", "size_mb": 60.0, "ppl": None, "kind": "peer"}]
+    assert [r["label"] for r in pareto_front([r for r in rows if r["ppl"] is not None])] == ["fit 3b", "Q3_K_M", "fit 4b"]
+    out = pareto_plot(rows, tmp_path / "p" / "pareto.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
