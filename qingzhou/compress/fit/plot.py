@@ -56,8 +56,8 @@ def pareto_plot(rows: Iterable[Mapping[str, Any]], path: str | Path, *, title: s
     kinds = list(dict.fromkeys(str(r.get("kind", "peer")) for r in rows))
     peers = iter(_PEER_MARKERS)
     for kind in kinds:
-        pts = sorted(((_size_mb(r), float(r["ppl"]), str(r.get("label", ""))) for r in rows
-                      if str(r.get("kind", "peer")) == kind))
+        pts = sorted((_size_mb(r), float(r["ppl"]), str(r.get("label", ""))) for r in rows
+                      if str(r.get("kind", "peer")) == kind)
         marker, color = _STYLE.get(kind, (next(peers, "o"), None))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
                 linestyle="-" if kind == "fit" else "none", label=kind)
