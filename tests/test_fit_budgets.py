@@ -166,6 +166,8 @@ def test_speed_budget_uses_a_cached_timing_table(tmp_path):
     report = fit(model, Budget(min_tok_s=1.0, device="cpu"), {"method": "rtn"}, _calib(), apply=False,
                  timing_cache=tmp_path, neighbours=())
     assert report.predicted_tok_s >= 1.0
+    proxy = next(c for c in report.candidates if c["factor"] == 1.0)
+    assert report.predicted_tok_s == pytest.approx(1e9 / proxy["cost"])  # cost: ns per decode step, rest included
     assert (tmp_path / CACHE_FILE).stat().st_mtime_ns == before
 
 

@@ -267,7 +267,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
             r["kl"] = kl
         for r in candidates:
             if r["same_as"] is not None:
-                r["kl"] = seen_kl(candidates, r["same_as"])
+                r["kl"] = next(u["kl"] for u in unique if u["factor"] == r["same_as"])
         eligible = [r for r in candidates if r["eligible"] and r["kl"] is not None]
         winner = min(eligible, key=lambda r: (r["kl"], -r["factor"]))
         if winner is not best and winner["kl"] < best["kl"]:
@@ -285,7 +285,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
         sensitivities=sens, plan=plans[1.0])
     if budget.kind == "min_tok_s":
-        report.predicted_tok_s = 1.0 / (best["cost"] * 1e-9 + fixed * 1e-9) if best["cost"] + fixed > 0 else math.inf
+        report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 
     if apply:
         from qingzhou.compress.quantize.api import quantize
@@ -310,10 +310,6 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
             raise RecipeError("output_dir needs apply=True (the folder holds the fitted model).", where="fit")
         write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, load_stage=load_stage)
     return report
-
-
-def seen_kl(candidates: list[dict[str, Any]], factor: float) -> float | None:
-    return next(r["kl"] for r in candidates if r["factor"] == factor)
 
 
 def _options_of(in_features: int, space: list[Option]) -> list[Option]:
