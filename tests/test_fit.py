@@ -262,6 +262,10 @@ def test_gptq_option_errors_equal_the_solver_option_by_option():
         E = W - ref.weight
         assert r.error == pytest.approx(float(((E @ H) * E).sum()), rel=1e-5)
         errors.append((o, r.error))
+    # options solved in chunks (bounded memory) give the same results
+    chunked = gptq_option_errors(W, H, options, keep_weights=True, block_size=32, max_elements=48 * 128 * 5)
+    assert all(torch.equal(chunked[o].quantized.codes, r.quantized.codes) and chunked[o].error == r.error
+               for o, r in res.items())
     # GPTQ beats RTN on the output error it minimises, at every option
     from qingzhou.llm.quantized.grid import rtn_quantize_weight
 

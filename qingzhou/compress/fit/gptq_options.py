@@ -44,11 +44,13 @@ def gptq_option_errors(
     weight: torch.Tensor, H: torch.Tensor, options: Sequence[Option], *, sym: bool = False,
     clip_search: bool = True, block_size: int = 128, damp_percent: float = 0.01, act_order: bool = True,
     hessian_clip: bool = True, clip_grid: int = 100, keep_weights: bool = False, name: str = "",
+    max_elements: int = 1 << 26,
 ) -> dict[Option, OptionResult]:
     """GPTQ (static groups) of `weight` [out, in] under every non-keep option, in one pass.
 
     `H`: the linear's proxy Hessian (`HessianAccumulator.H`). Returns {option: OptionResult};
-    `keep_weights` keeps each option's `QuantizedWeight` (codes uint8, the export's grid)."""
+    `keep_weights` keeps each option's `QuantizedWeight` (codes uint8, the export's grid).
+    `max_elements`: at most this many stacked weights per column loop (options are chunked)."""
     opts = [o for o in options if not o.keep]
     if not opts:
         return {}
@@ -74,14 +76,45 @@ def gptq_option_errors(
     Hp = Hs[perm][:, perm]
     Hinv = damped_inverse_cholesky(Hp, damp_percent, name=name).chol_inv_upper
     del Hp
-    K = len(opts)
+    # options in chunks of at most `max_elements` stacked weights (a 7B down_proj x 12 options would
+    # hold ~11 GB per temporary); each chunk reuses the one factorisation
+    per = max(1, max_elements // max(rows * cols, 1))
+    codes_of: list[torch.Tensor] = []
+    for c0 in range(0, len(opts), per):
+        chunk = list(range(c0, min(c0 + per, len(opts))))
+        codes_of.extend(_column_loop(W0, perm, Hinv, [grids[k] for k in chunk], [schemes[k] for k in chunk],
+                                     block_size).split(rows))
+    Hf = H.detach().float().to(W0.device)
+    out: dict[Option, OptionResult] = {}
+    for k, (o, s, (scales, zeros, g_idx)) in enumerate(zip(opts, schemes, grids)):
+        c = codes_of[k]
+        g = g_idx.long().to(W0.device)
+        Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
+        if not torch.isfinite(Q).all():
+            raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {o.label}")
+        E = W0 - Q
+        qw = None
+        if keep_weights:
+            qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),
+                                 zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx, scheme=s)
+        out[o] = OptionResult(float(((E @ Hf) * E).sum()), qw)
+    return out
+
+
+def _column_loop(W0: torch.Tensor, perm: torch.Tensor, Hinv: torch.Tensor,
+                 grids: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], schemes: list[QuantScheme],
+                 block_size: int) -> torch.Tensor:
+    """GPTQ's column loop (`gptq_solver.gptq_quantize_weight`, static groups) over K stacked copies
+    of `W0`, copy k on option k's grid: codes [K*rows, cols] in the original column order."""
+    rows, cols = W0.shape
+    K = len(schemes)
     W = W0[:, perm].repeat(K, 1)  # [K*rows, cols], option k in rows k*rows:(k+1)*rows
     gl = [g.long().to(W0.device)[perm] for _, _, g in grids]
     S = torch.cat([sc[g].T for (sc, _, _), g in zip(grids, gl)])  # per-element scale, permuted columns
     Z = torch.cat([ze[g].T for (_, ze, _), g in zip(grids, gl)])
     maxq = torch.cat([torch.full((rows,), float(s.maxq), device=W0.device) for s in schemes])
     codes = torch.zeros_like(W)
-    for i1 in range(0, cols, block_size):  # the solver's loop (gptq_solver.gptq_quantize_weight)
+    for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
@@ -96,20 +129,4 @@ def gptq_option_errors(
             err.div_(Hinv1[i, i])
             W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    del W, S, Z
-    codes = codes[:, torch.argsort(perm)]
-    Hf = H.detach().float().to(W0.device)
-    out: dict[Option, OptionResult] = {}
-    for k, (o, s, (scales, zeros, g_idx)) in enumerate(zip(opts, schemes, grids)):
-        c = codes[k * rows:(k + 1) * rows]
-        g = g_idx.long().to(W0.device)
-        Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
-        if not torch.isfinite(Q).all():
-            raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {o.label}")
-        E = W0 - Q
-        qw = None
-        if keep_weights:
-            qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),
-                                 zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx, scheme=s)
-        out[o] = OptionResult(float(((E @ Hf) * E).sum()), qw)
-    return out
+    return codes[:, torch.argsort(perm)]
