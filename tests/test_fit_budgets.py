@@ -221,3 +221,23 @@ def test_pareto_plot_and_front(tmp_path):
     assert [r["label"] for r in pareto_front([r for r in rows if r["ppl"] is not None])] == ["fit 3b", "Q3_K_M", "fit 4b"]
     out = pareto_plot(rows, tmp_path / "p" / "pareto.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
+    from qingzhou.compress.fit import fit, uniform_bytes
+    from qingzhou.compress.quantize.api import quantize
+    from qingzhou.finetune.testing import tiny_model
+    from qingzhou.llm.quantized.gptq_layout import WEIGHTS, save_quantized
+
+    size = uniform_bytes(tiny_model("llama"), 3, 64)
+    uniform = tiny_model("llama")
+    quantize(uniform, {"method": "rtn", "bits": 3, "group_size": 64})
+    save_quantized(uniform, None, tmp_path / "u")
+    written = (tmp_path / "u" / WEIGHTS).stat().st_size
+    assert written <= size <= written + 512
+    report = fit(tiny_model("llama"), size, {"method": "rtn"}, _calib(), apply=False, neighbours=())
+    assert report.predicted_file_bytes <= size
+    from qingzhou.compress.fit.storage import Option
+
+    uniform_loss = sum(s.errors[Option(3, 64)] for s in report.sensitivities.values())  # 64 divides 64 and 128
+    assert report.loss <= uniform_loss  # the plan is never worse (by the measured loss) than uniform at its size

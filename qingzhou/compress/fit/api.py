@@ -139,7 +139,10 @@ def plan_overrides(choice: dict[str, Option]) -> list[dict[str, Any]]:
 
 def uniform_bytes(model: nn.Module, bits: int, group_size: int, *, skip: tuple[str, ...] = ()) -> int:
     """Bytes of `model.safetensors` for uniform `bits`/`group_size` quantisation of the decoder
-    linears (payload + header, exactly as written): the size a fit budget is compared against."""
+    linears (group sizes that do not divide a width fall back as `quantize` does): the exact
+    payload plus the header bound fit itself uses, so `fit(model, uniform_bytes(...))` can always
+    afford the uniform plan and is never given less room than it (the file as written is at most
+    a few hundred bytes smaller)."""
     from qingzhou.compress.calibrate import select_linears
     from qingzhou.compress.quantize.plan import fallback_group_size
 
@@ -149,7 +152,7 @@ def uniform_bytes(model: nn.Module, bits: int, group_size: int, *, skip: tuple[s
         gs = group_size if group_size == -1 or lin.in_features % group_size == 0 else \
             fallback_group_size(lin.in_features, group_size)
         plan[name] = Option(bits, gs)
-    return model_bytes(model, plan) + header_bytes_bound(model, {n: [o] for n, o in plan.items()}) - 7
+    return model_bytes(model, plan) + header_bytes_bound(model, {n: [o] for n, o in plan.items()})
 
 
 def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any = None, calib: Any = None, *,
