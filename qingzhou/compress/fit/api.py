@@ -168,8 +168,9 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     are the defaults of `quantization_config`, the plan sets every linear's own. `calib` as for
     `quantize()`. `heldout`: the fraction of the samples (from the end) kept out of the
     measurement for the KL check, or explicit held-out samples (then all of `calib` is used);
-    `neighbours`: budget factors whose plans are also solved and KL-checked (only those <= 1 can
-    win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
+    `neighbours`: factors on the budget's room above the fixed rest of the model (bytes of the
+    embeddings and norms, or the decode time outside the linears) whose plans are also solved and
+    KL-checked (only those <= 1 can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
@@ -231,10 +232,12 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     if smallest > limit:
         raise RecipeError(f"no plan meets {budget.describe()}: {describe(smallest)}.", where="fit budget",
                           hint="Relax the budget to at least that, allow cheaper options, or skip fewer linears.")
+    # a neighbour scales the room the plan distributes, not the whole budget: for SmolLM2 in fp32
+    # the embeddings alone are ~2/3 of the file, so "5% of the file" would be ~15% of the linears
     factors = sorted({1.0, *neighbours})
     plans: dict[float, Plan] = {}
     for f in factors:
-        lim = limit if f == 1.0 else limit_of(budget.scaled(f))
+        lim = limit if f == 1.0 else fixed + math.floor(f * (limit - fixed))
         if lim >= smallest:
             plans[f] = solve_choice(table, lim)
     seconds["solve"] = time.perf_counter() - t0

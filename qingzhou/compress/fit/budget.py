@@ -91,15 +91,6 @@ class Budget:
             return f"avg_bits {self.avg_bits:g}"
         return f"min_tok_s {self.min_tok_s:g} on {self.device or 'the default device'}"
 
-    def scaled(self, factor: float) -> Budget:
-        """The same kind of budget, `factor` times as generous (a speed budget asks for 1/factor
-        times the speed): the neighbouring budgets of the end-to-end check."""
-        if self.kind == "max_size":
-            return Budget(max_size=int(self.max_size * factor))  # type: ignore[operator]
-        if self.kind == "avg_bits":
-            return Budget(avg_bits=self.avg_bits * factor)  # type: ignore[operator]
-        return Budget(min_tok_s=self.min_tok_s / factor, device=self.device)  # type: ignore[operator]
-
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
