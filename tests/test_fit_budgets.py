@@ -247,3 +247,20 @@ def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
 
     uniform_loss = sum(s.errors[Option(3, 64)] for s in report.sensitivities.values())  # 64 divides 64 and 128
     assert report.loss <= uniform_loss  # the plan is never worse (by the measured loss) than uniform at its size
+
+
+def test_cli_fit_writes_the_model_and_its_plan(tmp_path, tiny_llama_dir):
+    from qingzhou.cli.main import app
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["fit", str(tiny_llama_dir), str(out), "--avg-bits", "4", "--method", "gptq",
+                                 "--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["budget_avg_bits"] == 4 and summary["avg_bits"] <= 4
+    assert summary["file_bytes"] == (out / "model.safetensors").stat().st_size
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert plan["stages"][0] == {"kind": "load", "model": str(tiny_llama_dir), "dtype": "float32"}
+    assert plan["stages"][1]["method"] == "gptq" and plan["stages"][1]["overrides"]
+    assert plan["stages"][1]["calibration"]["num_samples"] == 4 and plan["stages"][1]["device"] == "cpu"

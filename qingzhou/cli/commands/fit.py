@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
                                                   "tokens/s on --device (timing table measured once, cached)"),
         device: Optional[str] = typer.Option(None, "--device", help="where to calibrate, and the device a "
                                              "--min-tok-s budget is timed on (default: best available)"),
-        method: str = typer.Option("gptq", "--method", help="gptq | rtn: the quantizer measured and applied"),
+        method: str = typer.Option("gptq", "--method", help="gptq | rtn: the quantizer measured and applied "
+                                   "(rtn calibrates on CPU with the default calibration set)"),
         calibration: Optional[str] = typer.Option(None, "--calibration", help=CALIBRATION_HELP["calibration"]),
         num_samples: Optional[int] = typer.Option(None, "--num-samples", help=CALIBRATION_HELP["num_samples"]),
         seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
@@ -73,7 +74,8 @@ def register(app: typer.Typer) -> None:
             raise RecipeError(f"fit measures and applies gptq or rtn, not {method!r}.", where="--method")
         if not 0 <= heldout < 1:
             raise RecipeError(f"--heldout {heldout} must be in [0, 1).", where="--heldout")
-        flags = {**(settings or {}), **parse_sets(sets), **({"device": device} if device else {})}
+        takes_device = "device" in QUANTIZERS.get(method, where="--method").config.model_fields
+        flags = {**(settings or {}), **parse_sets(sets), **({"device": device} if device and takes_device else {})}
         cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples,
                                                         "seq_len": seq_len},
                             names={"sym": "--sym/--asym", "device": "--device"}, where="fit")
