@@ -79,25 +79,29 @@ def gptq_option_errors(
     # options in chunks of at most `max_elements` stacked weights (a 7B down_proj x 12 options would
     # hold ~11 GB per temporary); each chunk reuses the one factorisation
     per = max(1, max_elements // max(rows * cols, 1))
-    codes_of: list[torch.Tensor] = []
-    for c0 in range(0, len(opts), per):
-        chunk = list(range(c0, min(c0 + per, len(opts))))
-        codes_of.extend(_column_loop(W0, perm, Hinv, [grids[k] for k in chunk], [schemes[k] for k in chunk],
-                                     block_size).split(rows))
     Hf = H.detach().float().to(W0.device)
     out: dict[Option, OptionResult] = {}
-    for k, (o, s, (scales, zeros, g_idx)) in enumerate(zip(opts, schemes, grids)):
-        c = codes_of[k]
-        g = g_idx.long().to(W0.device)
-        Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
-        if not torch.isfinite(Q).all():
-            raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {o.label}")
-        E = W0 - Q
-        qw = None
-        if keep_weights:
-            qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),
-                                 zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx, scheme=s)
-        out[o] = OptionResult(float(((E @ Hf) * E).sum()), qw)
+    for c0 in range(0, len(opts), per):
+        chunk = list(range(c0, min(c0 + per, len(opts))))
+        codes = _column_loop(W0, perm, Hinv, [grids[k] for k in chunk], [schemes[k] for k in chunk], block_size)
+        E = torch.empty_like(codes)  # [K*rows, cols]: every option's W - Q, for one error matmul
+        for j, k in enumerate(chunk):
+            scales, zeros, g_idx = grids[k]
+            g = g_idx.long().to(W0.device)
+            c = codes[j * rows:(j + 1) * rows]
+            Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
+            if not torch.isfinite(Q).all():
+                raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {opts[k].label}")
+            torch.sub(W0, Q, out=E[j * rows:(j + 1) * rows])
+        errors = ((E @ Hf) * E).sum(1).view(len(chunk), rows).sum(1).tolist()
+        for j, k in enumerate(chunk):
+            qw = None
+            if keep_weights:
+                scales, zeros, g_idx = grids[k]
+                qw = QuantizedWeight(codes=codes[j * rows:(j + 1) * rows].to(torch.uint8).cpu(),
+                                     scales=scales.half().cpu(), zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx,
+                                     scheme=schemes[k])
+            out[opts[k]] = OptionResult(float(errors[j]), qw)
     return out
 
 
@@ -105,28 +109,31 @@ def _column_loop(W0: torch.Tensor, perm: torch.Tensor, Hinv: torch.Tensor,
                  grids: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], schemes: list[QuantScheme],
                  block_size: int) -> torch.Tensor:
     """GPTQ's column loop (`gptq_solver.gptq_quantize_weight`, static groups) over K stacked copies
-    of `W0`, copy k on option k's grid: codes [K*rows, cols] in the original column order."""
+    of `W0`, copy k on option k's grid: codes [K*rows, cols] in the original column order.
+
+    The weights are held transposed ([cols, K*rows]) so that each column, and the rows of the lazy
+    rank-1 update, are contiguous: the same per-element arithmetic as the solver, ~2x faster."""
     rows, cols = W0.shape
     K = len(schemes)
-    W = W0[:, perm].repeat(K, 1)  # [K*rows, cols], option k in rows k*rows:(k+1)*rows
+    WT = W0[:, perm].T.repeat(1, K).contiguous()  # [cols, K*rows], option k in k*rows:(k+1)*rows
     gl = [g.long().to(W0.device)[perm] for _, _, g in grids]
-    S = torch.cat([sc[g].T for (sc, _, _), g in zip(grids, gl)])  # per-element scale, permuted columns
-    Z = torch.cat([ze[g].T for (_, ze, _), g in zip(grids, gl)])
+    ST = torch.cat([sc[g] for (sc, _, _), g in zip(grids, gl)], dim=1)  # per-element scale, permuted columns
+    ZT = torch.cat([ze[g] for (_, ze, _), g in zip(grids, gl)], dim=1)
     maxq = torch.cat([torch.full((rows,), float(s.maxq), device=W0.device) for s in schemes])
-    codes = torch.zeros_like(W)
+    codes = torch.zeros_like(WT)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            w, s, z = W1[:, i], S[:, col], Z[:, col]
+            w, s, z = W1[i], ST[col], ZT[col]
             q = torch.minimum(torch.clamp(torch.round(w / s) + z, min=0), maxq)
-            codes[:, col] = q
-            err = Err1[:, i]
+            codes[col] = q
+            err = Err1[i]
             torch.sub(w, (q - z).mul_(s), out=err)
             err.div_(Hinv1[i, i])
-            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)]
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    return codes[torch.argsort(perm)].T
