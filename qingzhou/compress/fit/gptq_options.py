@@ -17,7 +17,10 @@ Per option the group grids come from `grid.find_params` on the original weight, 
 Hessian diagonal when `hessian_clip` (as the solver does), and the result is the solver's
 `QuantizedWeight`; `tests/test_fit.py` checks both against `gptq_quantize_weight` option by option.
 The error reported is `tr((W - Q) H (W - Q)^T)` on the undamped H, the same measure as RTN's in
-`sensitivity.py`, so the two are comparable.
+`sensitivity.py`, so the two are comparable. It comes from the loop itself: GPTQ's per-column
+losses `((w - q) / U_jj)^2` sum exactly to that quadratic form for the matrix it factorised
+(H + damping, dead diagonal set to 1), so subtracting the damping's share leaves the undamped error
+without a [rows x cols x cols] matmul per option.
 """
 from __future__ import annotations
 
@@ -74,17 +77,20 @@ def gptq_option_errors(
         grids.append((scales, zeros, g_idx))
     perm = torch.argsort(torch.diag(Hs), descending=True) if act_order else torch.arange(cols, device=W0.device)
     Hp = Hs[perm][:, perm]
-    Hinv = damped_inverse_cholesky(Hp, damp_percent, name=name).chol_inv_upper
+    inv = damped_inverse_cholesky(Hp, damp_percent, name=name)
+    Hinv = inv.chol_inv_upper
+    mean_diag = float(torch.diag(Hp).mean())
+    damp = inv.damp_percent * (mean_diag if mean_diag > 0 else 1.0)  # what the factorisation added to diag H
+    dead = torch.diag(H.detach().float().to(W0.device)) == 0  # solver_hessian set these to 1
     del Hp
     # options in chunks of at most `max_elements` stacked weights (a 7B down_proj x 12 options would
     # hold ~11 GB per temporary); each chunk reuses the one factorisation
     per = max(1, max_elements // max(rows * cols, 1))
-    Hf = H.detach().float().to(W0.device)
     out: dict[Option, OptionResult] = {}
     for c0 in range(0, len(opts), per):
         chunk = list(range(c0, min(c0 + per, len(opts))))
-        codes = _column_loop(W0, perm, Hinv, [grids[k] for k in chunk], [schemes[k] for k in chunk], block_size)
-        E = torch.empty_like(codes)  # [K*rows, cols]: every option's W - Q, for one error matmul
+        codes, loss = _column_loop(W0, perm, Hinv, [grids[k] for k in chunk], [schemes[k] for k in chunk],
+                                   block_size)
         for j, k in enumerate(chunk):
             scales, zeros, g_idx = grids[k]
             g = g_idx.long().to(W0.device)
@@ -92,24 +98,24 @@ def gptq_option_errors(
             Q = (c - zeros[g].T) * scales[g].T  # the loaders' arithmetic, as the solver returns it
             if not torch.isfinite(Q).all():
                 raise FloatingPointError(f"{name}: GPTQ produced non-finite weights for {opts[k].label}")
-            torch.sub(W0, Q, out=E[j * rows:(j + 1) * rows])
-        errors = ((E @ Hf) * E).sum(1).view(len(chunk), rows).sum(1).tolist()
-        for j, k in enumerate(chunk):
+            E2 = (W0 - Q).square_()
+            # GPTQ's column losses sum to tr(E H' E^T) for the H' it factorised (H + damp*I, dead
+            # diagonal set to 1): the undamped error without an extra [rows x cols x cols] matmul
+            error = float(loss[j * rows:(j + 1) * rows].sum()) - damp * float(E2.sum()) - float(E2[:, dead].sum())
             qw = None
             if keep_weights:
-                scales, zeros, g_idx = grids[k]
-                qw = QuantizedWeight(codes=codes[j * rows:(j + 1) * rows].to(torch.uint8).cpu(),
-                                     scales=scales.half().cpu(), zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx,
-                                     scheme=schemes[k])
-            out[opts[k]] = OptionResult(float(errors[j]), qw)
+                qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),
+                                     zeros=zeros.to(torch.int32).cpu(), g_idx=g_idx, scheme=schemes[k])
+            out[opts[k]] = OptionResult(max(error, 0.0), qw)
     return out
 
 
 def _column_loop(W0: torch.Tensor, perm: torch.Tensor, Hinv: torch.Tensor,
                  grids: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], schemes: list[QuantScheme],
-                 block_size: int) -> torch.Tensor:
+                 block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop (`gptq_solver.gptq_quantize_weight`, static groups) over K stacked copies
-    of `W0`, copy k on option k's grid: codes [K*rows, cols] in the original column order.
+    of `W0`, copy k on option k's grid: codes [K*rows, cols] in the original column order, and each
+    row's summed squared scaled error (the solver's `losses` * 2).
 
     The weights are held transposed ([cols, K*rows]) so that each column, and the rows of the lazy
     rank-1 update, are contiguous: the same per-element arithmetic as the solver, ~2x faster."""
@@ -121,6 +127,7 @@ def _column_loop(W0: torch.Tensor, perm: torch.Tensor, Hinv: torch.Tensor,
     ZT = torch.cat([ze[g] for (_, ze, _), g in zip(grids, gl)], dim=1)
     maxq = torch.cat([torch.full((rows,), float(s.maxq), device=W0.device) for s in schemes])
     codes = torch.zeros_like(WT)
+    loss = torch.zeros(WT.shape[1], device=W0.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = WT[i1:i2].clone()
@@ -135,5 +142,6 @@ def _column_loop(W0: torch.Tensor, perm: torch.Tensor, Hinv: torch.Tensor,
             torch.sub(w, (q - z).mul_(s), out=err)
             err.div_(Hinv1[i, i])
             W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        loss += Err1.square().sum(0)
         WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
-    return codes[torch.argsort(perm)].T
+    return codes[torch.argsort(perm)].T, loss
