@@ -32,6 +32,8 @@ _API = {
     "prune": "qingzhou.compress.prune",
     "distill": "qingzhou.finetune.distill",
     "moefy": "qingzhou.compress.moefy",
+    "fit": "qingzhou.compress.fit",
+    "Budget": "qingzhou.compress.fit",
     "load_text": "qingzhou.data.corpus",
     "run_recipe": "qingzhou.recipes.runner",
     "load_recipe": "qingzhou.recipes.schema",

@@ -9,7 +9,15 @@ import struct
 import pytest
 
 from qingzhou.compress.fit.solve import brute_force, solve_choice, total_cost
-from qingzhou.compress.fit.storage import KEEP, Option, linear_bytes, model_bytes, option_space, options_for
+from qingzhou.compress.fit.storage import (
+    KEEP,
+    Option,
+    header_bytes_bound,
+    linear_bytes,
+    model_bytes,
+    option_space,
+    options_for,
+)
 from qingzhou.errors import RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,10 +222,11 @@ def test_fit_plan_quantizes_within_budget(tmp_path):
     lins = _linears(model)
     w3 = model_bytes(model, {n: Option(3, 32) for n in lins})
     w4 = model_bytes(model, {n: Option(4, 32) for n in lins})
-    budget = (w3 + w4) // 2
+    # the budget is the file (payload + header): the header bound on top keeps the payload midway
+    budget = (w3 + w4) // 2 + header_bytes_bound(model, {n: option_space() for n in lins})
     with pytest.raises(RecipeError, match="smallest reachable size"):
-        fit(model, model_bytes(model, {n: Option(2, -1) for n in lins}) - 1, {"method": "rtn"}, calib)
-    result = fit(model, budget, {"method": "rtn"}, calib)
+        fit(model, model_bytes(model, {n: Option(2, -1) for n in lins}) - 1, {"method": "rtn"}, calib, apply=False)
+    result = fit(model, budget, {"method": "rtn"}, calib, apply=False, neighbours=())
     assert set(result.choice) == set(lins)
     assert w3 < result.predicted_bytes <= budget  # spends the budget: more than the 3-bit plan
     assert len(set(result.choice.values())) > 1
@@ -225,3 +234,41 @@ def test_fit_plan_quantizes_within_budget(tmp_path):
     save_quantized(model, None, tmp_path / "q")
     header_len, written = _file_tensors(tmp_path / "q" / "model.safetensors")
     assert sum(written.values()) == result.predicted_bytes <= budget
+
+
+def test_gptq_option_errors_equal_the_solver_option_by_option():
+    """The batched measurement is GPTQ itself: same codes and grid as `gptq_quantize_weight`
+    (static groups) for every option, and the error is tr((W-Q) H (W-Q)^T) of that result."""
+    import torch
+
+    from qingzhou.compress.fit.gptq_options import gptq_option_errors
+    from qingzhou.compress.quantize.gptq_solver import gptq_quantize_weight
+    from qingzhou.llm.quantized.grid import QuantScheme
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(512, 128, generator=gen) * torch.rand(128, generator=gen) * 3
+    H = 2 / X.shape[0] * X.T @ X
+    H[5, :] = H[:, 5] = 0  # a dead input channel
+    W = torch.randn(48, 128, generator=gen) * 0.05
+    options = [Option(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128)] + [KEEP]
+    res = gptq_option_errors(W, H, options, keep_weights=True, block_size=32)
+    assert set(res) == set(options) - {KEEP}
+    errors = []
+    for o, r in res.items():
+        ref = gptq_quantize_weight(W, H, QuantScheme(o.bits, o.group_size), block_size=32, static_groups=True,
+                                   hessian_clip=True)
+        assert torch.equal(r.quantized.codes, ref.quantized.codes), o
+        assert torch.equal(r.quantized.scales, ref.quantized.scales) and torch.equal(r.quantized.zeros, ref.quantized.zeros)
+        E = W - ref.weight
+        assert r.error == pytest.approx(float(((E @ H) * E).sum()), rel=1e-5)
+        errors.append((o, r.error))
+    # options solved in chunks (bounded memory) give the same results
+    chunked = gptq_option_errors(W, H, options, keep_weights=True, block_size=32, max_elements=48 * 128 * 5)
+    assert all(torch.equal(chunked[o].quantized.codes, r.quantized.codes) and chunked[o].error == r.error
+               for o, r in res.items())
+    # GPTQ beats RTN on the output error it minimises, at every option
+    from qingzhou.llm.quantized.grid import rtn_quantize_weight
+
+    for o, e in errors:
+        q = rtn_quantize_weight(W, QuantScheme(o.bits, o.group_size)).dequantize()
+        assert e < float((((W - q) @ H) * (W - q)).sum()), o

@@ -1,13 +1,15 @@
 """Fitting a model to a budget (issue 21): the exact storage cost of each per-linear option
-(`storage`), its measured loss (`sensitivity`), and the exact allocation (`solve`).
+(`storage`), its measured loss (`sensitivity`, GPTQ's own error via `gptq_options`), the budget
+kinds (`budget`), the speed table (`timing`), the exact allocation (`solve`) and the verb (`api`).
 Names resolve lazily (no torch at import)."""
 from __future__ import annotations
 
 from qingzhou._lazy import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
-    ".storage": "Option KEEP linear_bytes option_space options_for model_bytes",
+    ".storage": "Option KEEP linear_bytes option_space options_for model_bytes header_bytes_bound",
     ".solve": "Plan solve_choice",
-    ".api": "fit FitResult plan_overrides",
+    ".budget": "Budget parse_size",
+    ".api": "fit FitReport FitResult plan_overrides uniform_bytes fit_options",
     ".sensitivity": "LinearSensitivity SensitivityCollector measure_sensitivity",
 })

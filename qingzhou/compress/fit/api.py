@@ -1,45 +1,130 @@
-"""`fit(model, budget_bytes, cfg, calib)`: the per-linear plan of least measured error whose GPTQ
-export fits in `budget_bytes`, returned as the `overrides` that `quantize()` applies.
+"""`fit(model, budget, cfg, calib)`: the best per-linear quantisation plan that meets a budget, found
+by measurement, applied, checked end to end and saved.
 
-The plan is data, not an action: `fit` measures (`sensitivity`), costs (`storage`) and allocates
-(`solve`), and leaves the model untouched, so the same overrides reproduce the plan in a recipe or
-a notebook through the one `quantize()` verb. The budget is the whole safetensors payload (every
-tensor `save_quantized` writes, embeddings and norms included); the file adds only its header.
+Steps (one calibration pass, one solve per candidate budget, one apply):
+1. measure every option of every decoder linear (`sensitivity`: GPTQ's own output error per
+   (bits, group size), on the original model's activations);
+2. cost every option in the budget's unit (`budget`: file bytes, bits per weight, or measured
+   decode seconds from `timing`) and solve the multiple-choice knapsack exactly (`solve`), for the
+   budget and for a few neighbouring budgets;
+3. end-to-end check: KL of the final logits against the original model on held-out calibration
+   tokens, for each candidate plan assembled from the measured GPTQ weights; among the plans that
+   meet the budget the one of least KL wins (the summed per-linear proxy does not see how errors
+   compound through the layers);
+4. apply the winner with the one `quantize()` verb (the plan is `overrides`, so a recipe or a
+   notebook reproduces it exactly) and, given `output_dir`, write the GPTQ folder (per-module
+   bits in `quantization_config.dynamic`, as GPTQModel writes them), `metrics.json`,
+   `report.json` and `plan.yaml`.
+
+The applied GPTQ run uses all calibration samples, the held-out ones included: that is what the
+plan recipe's quantize stage does with the same calibration, so its weights are bit-identical to
+fit's. The candidates' KL (which picks the plan) is measured on samples the sensitivity pass never
+saw; `kl_applied` (the model as saved) is on the same tokens, which its GPTQ run did see, unless
+`heldout` gives separate samples.
 """
 from __future__ import annotations
 
+import copy
+import math
 import re
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qingzhou.compress.fit.budget import Budget
 from qingzhou.compress.fit.solve import Plan, solve_choice
-from qingzhou.compress.fit.storage import KEEP, Option, model_bytes
+from qingzhou.compress.fit.storage import KEEP, Option, header_bytes_bound, linear_bytes, model_bytes, option_space
+from qingzhou.errors import RecipeError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from torch import nn
 
     from qingzhou.compress.fit.sensitivity import LinearSensitivity
-    from qingzhou.compress.quantize.config import QuantizeConfig
 
 REST = "(rest of the model)"  # the tensors fit does not choose for: a fixed cost in the table
+FIT_BITS = (2, 3, 4, 8)
+FIT_GROUP_SIZES = (32, 64, 128)
+METHODS = ("gptq", "rtn")  # quantizers whose per-option error fit measures
+NEIGHBOURS = (0.95, 0.98, 1.02, 1.05)
+
+
+def fit_options() -> list[Option]:
+    """The default search space: bits {2, 3, 4, 8} x group {32, 64, 128}, plus keep."""
+    return option_space(FIT_BITS, FIT_GROUP_SIZES)
 
 
 @dataclass
-class FitResult:
-    """The chosen option per linear, as `quantize()` overrides, with its predicted payload bytes."""
+class FitReport:
+    """The chosen option per linear (as `quantize()` overrides), what it costs, and how it measured."""
 
+    budget: dict[str, Any]
     choice: dict[str, Option]
     overrides: list[dict[str, Any]]
-    predicted_bytes: int
-    budget_bytes: int
-    loss: float
+    predicted_bytes: int  # safetensors payload of the plan (every tensor save_quantized writes)
+    predicted_file_bytes: int  # payload + an upper bound on the file's header
+    avg_bits: float  # 8 * bytes of the fitted linears / their weights
+    loss: float  # summed measured output error of the plan
     config: dict[str, Any]
+    predicted_tok_s: float | None = None  # speed budgets: 1 / predicted decode seconds per token
+    kl: float | None = None  # held-out KL of the chosen plan (assembled from the measured weights)
+    kl_applied: float | None = None  # held-out KL of the model as applied and saved
+    chosen_by: str = "proxy"  # "proxy": least summed error; "kl": a neighbour had less KL
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    heldout_tokens: int = 0
+    calibration_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    file_bytes: int | None = None  # model.safetensors as written (with output_dir)
+    quantize: dict[str, Any] = field(default_factory=dict)  # the apply's QuantizeReport
+    warnings: list[str] = field(default_factory=list)
     sensitivities: dict[str, LinearSensitivity] = field(repr=False, default_factory=dict)
     plan: Plan | None = field(repr=False, default=None)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.budget.get("max_size")
 
     def quantize_config(self) -> dict[str, Any]:
         """The config that reproduces the plan with `quantize(model, cfg)`."""
         return {**self.config, "overrides": self.overrides, "on_indivisible_group": "error"}
+
+    def plan_recipe(self, load: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A recipe (load + one quantize stage with per-module overrides) that reproduces the
+        weights fit wrote, given the same model (`load`: the load stage's keys, e.g.
+        {"model": "smollm2", "dtype": "float32"}) and calibration."""
+        return {"name": "fit-plan",
+                "description": f"qingzhou fit plan for {self.budget}: {len(self.choice)} linears, "
+                               f"avg {self.avg_bits:.3f} bits, {self.predicted_file_bytes} bytes predicted",
+                "stages": [{"kind": "load", "model": "MODEL", **(load or {})},
+                           {"kind": "quantize", "name": "fit-plan", **self.quantize_config()}]}
+
+    def mix(self) -> dict[str, int]:
+        """How many linears took each option ({"w4g64": 120, "keep": 2, ...})."""
+        out: dict[str, int] = {}
+        for o in self.choice.values():
+            out[o.label] = out.get(o.label, 0) + 1
+        return dict(sorted(out.items()))
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers (metrics.json and the CLI table)."""
+        return {"method": self.config.get("method"), **{f"budget_{k}": v for k, v in self.budget.items()},
+                "predicted_bytes": self.predicted_file_bytes, "file_bytes": self.file_bytes,
+                "avg_bits": round(self.avg_bits, 4), "predicted_tok_s": (round(self.predicted_tok_s, 2)
+                                                                          if self.predicted_tok_s else None),
+                "kl": self.kl, "kl_applied": self.kl_applied, "chosen_by": self.chosen_by,
+                "linears": len(self.choice), "mix": self.mix(), "seconds": round(self.seconds.get("total", 0.0), 2)}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("sensitivities", "plan", "choice")}
+        out["choice"] = {n: o.label for n, o in self.choice.items()}
+        out["mix"] = self.mix()
+        out["errors"] = {n: {o.label: e for o, e in s.errors.items()} for n, s in self.sensitivities.items()}
+        return out
+
+
+# Kept for callers of the groundwork API.
+FitResult = FitReport
 
 
 def plan_overrides(choice: dict[str, Option]) -> list[dict[str, Any]]:
@@ -52,34 +137,322 @@ def plan_overrides(choice: dict[str, Option]) -> list[dict[str, Any]]:
     return out
 
 
-def fit(model: nn.Module, budget_bytes: int, cfg: QuantizeConfig | dict[str, Any] | None = None, calib: Any = None,
-        *, tokenizer: Any = None, options: list[Option] | None = None) -> FitResult:
-    """Measure every option of every decoder linear (not in `cfg.skip`) on the calibration set and
-    pick the plan of least summed output error whose export fits in `budget_bytes`.
+def uniform_bytes(model: nn.Module, bits: int, group_size: int, *, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of `model.safetensors` for uniform `bits`/`group_size` quantisation of the decoder
+    linears (group sizes that do not divide a width fall back as `quantize` does): the exact
+    payload plus the header bound fit itself uses, so `fit(model, uniform_bytes(...))` can always
+    afford the uniform plan and is never given less room than it (the file as written is at most
+    a few hundred bytes smaller)."""
+    from qingzhou.compress.calibrate import select_linears
+    from qingzhou.compress.quantize.plan import fallback_group_size
 
-    `cfg`: a quantize config (dict or typed, default RTN) giving the grid (`sym`, `clip_search`),
-    `skip` and, for calibrated methods, the engine settings; its `overrides` are replaced by the
-    plan. `calib` as for `quantize()`. Raises `RecipeError` naming the smallest reachable size when
-    no plan fits."""
+    chosen, _ = select_linears(model, list(skip), ())
+    plan = {}
+    for name, lin, _ in chosen:
+        gs = group_size if group_size == -1 or lin.in_features % group_size == 0 else \
+            fallback_group_size(lin.in_features, group_size)
+        plan[name] = Option(bits, gs)
+    return model_bytes(model, plan) + header_bytes_bound(model, {n: [o] for n, o in plan.items()})
+
+
+def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any = None, calib: Any = None, *,
+        tokenizer: Any = None, output_dir: str | Path | None = None, heldout: float | list[Any] = 0.1,
+        neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
+        overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
+        load_stage: dict[str, Any] | None = None) -> FitReport:
+    """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
+    min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
+
+    `cfg`: a quantize config (dict or typed; default `{"method": "gptq"}`, or rtn) giving the grid
+    (`sym`, `clip_search`), `skip`, the engine settings and `calibration`; `bits`/`group_size`
+    are the defaults of `quantization_config`, the plan sets every linear's own. `calib` as for
+    `quantize()`. `heldout`: the fraction of the samples (from the end) kept out of the
+    measurement for the KL check, or explicit held-out samples (then all of `calib` is used);
+    `neighbours`: factors on the budget's room above the fixed rest of the model (bytes of the
+    embeddings and norms, or the decode time outside the linears) whose plans are also solved and
+    KL-checked (only those <= 1 can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
+    `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
+    `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
+    the model's `name_or_path`).
+    Raises `RecipeError` naming the smallest reachable size (bits, speed) when no plan fits.
+    """
+    import torch
+
     from qingzhou.compress.calibrate import LayerwiseOptions, select_linears
     from qingzhou.compress.driver import calibration_samples
-    from qingzhou.compress.fit.sensitivity import measure_sensitivity
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.quantize.registry import QUANTIZERS
 
-    cfg = QUANTIZERS.validate(cfg or {"method": "rtn"})
+    t_start = time.perf_counter()
+    budget = Budget.parse(budget)
+    cfg = QUANTIZERS.validate(cfg if cfg is not None else {"method": "gptq"})
+    if cfg.method not in METHODS:
+        raise RecipeError(f"fit measures and applies {' or '.join(METHODS)}, not {cfg.method!r}.", where="method",
+                          hint="Use method: gptq (default) or rtn.")
+    if cfg.overrides:
+        raise RecipeError("fit writes the per-module overrides itself; the config must not have any.",
+                          where="overrides", hint="Use `skip` to keep modules out of the search.")
     chosen, _ = select_linears(model, cfg.skip, ())
-    targets = {name for name, _, _ in chosen}
+    if not chosen:
+        raise RecipeError("no full-precision nn.Linear left to fit in the decoder layers.", where="fit",
+                          hint="The model may already be compressed, or `skip` matches every linear.")
+    linears = {name: m for name, m, _ in chosen}
+    space = list(options) if options is not None else fit_options()
+    per_linear = {n: _options_of(m.in_features, space) for n, m in linears.items()}
+
     samples = calibration_samples(calib, cfg, tokenizer, "fit")
-    settings = {"device": getattr(cfg, "device", None), "batch_size": getattr(cfg, "batch_size", 8),
-                "offload_inputs": getattr(cfg, "offload_inputs", False)}
-    sens = measure_sensitivity(model, samples, options,
-                               layerwise=LayerwiseOptions(targets=targets.__contains__, **settings),
-                               sym=cfg.sym, clip_search=cfg.clip_search)
-    rest = model_bytes(model, {}) - sum(s.cost(KEEP) for s in sens.values())
-    table: dict[Any, dict[Any, tuple[int, float]]] = {REST: {KEEP: (rest, 0.0)}}
-    table.update({name: s.table() for name, s in sens.items()})
-    plan = solve_choice(table, budget_bytes)
-    choice = {n: o for n, o in plan.choice.items() if n != REST}
-    return FitResult(choice=choice, overrides=plan_overrides(choice), predicted_bytes=plan.cost,
-                     budget_bytes=budget_bytes, loss=plan.loss,
-                     config=cfg.model_dump(mode="json", exclude={"overrides"}), sensitivities=sens, plan=plan)
+    if isinstance(heldout, (int, float)) and not isinstance(heldout, bool):
+        n_held = min(len(samples) - 1, max(1, round(heldout * len(samples)))) if heldout > 0 else 0
+        measure, held = (samples[:-n_held], samples[-n_held:]) if n_held > 0 else (samples, [])
+    else:
+        held = calibration_samples(list(heldout), cfg, tokenizer, "fit heldout")
+        measure = samples
+    check = bool(held)
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    gptq = None
+    if cfg.method == "gptq":
+        gptq = {"block_size": cfg.block_size, "damp_percent": cfg.damp_percent, "act_order": cfg.act_order,
+                "hessian_clip": cfg.hessian_clip, "clip_grid": clip_grid}
+    collector = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq, keep_weights=check,
+                                     options_of=lambda name, m: per_linear[name])
+    engine = LayerwiseOptions(device=getattr(cfg, "device", None), batch_size=getattr(cfg, "batch_size", 8),
+                              offload_inputs=getattr(cfg, "offload_inputs", False), targets=linears.__contains__,
+                              true_sequential=False)  # weights are not written: one pass per layer suffices
+    sens = measure_sensitivity(model, measure, layerwise=engine, collector=collector)
+    seconds["sensitivity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    costs, fixed, limit_of, describe = _cost_model(model, budget, cfg, linears, sens, timing_cache)
+    table: dict[Any, dict[Any, tuple[int, float]]] = {REST: {KEEP: (fixed, 0.0)}}
+    table.update({n: {o: (costs[n][o], e) for o, e in s.errors.items()} for n, s in sens.items()})
+    smallest = sum(min(c for c, _ in row.values()) for row in table.values())
+    limit = limit_of(budget)
+    if smallest > limit:
+        raise RecipeError(f"no plan meets {budget.describe()}: {describe(smallest)}.", where="fit budget",
+                          hint="Relax the budget to at least that, allow cheaper options, or skip fewer linears.")
+    # a neighbour scales the room the plan distributes, not the whole budget: for SmolLM2 in fp32
+    # the embeddings alone are ~2/3 of the file, so "5% of the file" would be ~15% of the linears
+    factors = sorted({1.0, *neighbours})
+    plans: dict[float, Plan] = {}
+    for f in factors:
+        lim = limit if f == 1.0 else fixed + math.floor(f * (limit - fixed))
+        if lim >= smallest:
+            plans[f] = solve_choice(table, lim)
+    seconds["solve"] = time.perf_counter() - t0
+
+    def summary_of(plan: Plan) -> dict[str, Any]:
+        choice = {n: o for n, o in plan.choice.items() if n != REST}
+        return {"choice": choice, "payload": _payload(model, choice), "loss": plan.loss,
+                "avg_bits": _avg_bits(linears, choice), "cost": plan.cost}
+
+    candidates: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
+    for f, plan in plans.items():
+        s = summary_of(plan)
+        key = tuple(sorted((n, o.label) for n, o in s["choice"].items()))
+        row = {"factor": f, "eligible": f <= 1.0, "loss": s["loss"], "avg_bits": round(s["avg_bits"], 4),
+               "payload_bytes": s["payload"], "cost": s["cost"], "same_as": None, "kl": None}
+        if key in seen:
+            row["same_as"] = seen[key]["factor"]
+        else:
+            seen[key] = row
+        row["_choice"] = s["choice"]
+        candidates.append(row)
+
+    t0 = time.perf_counter()
+    best = next(r for r in candidates if r["factor"] == 1.0)
+    chosen_by = "proxy"
+    work = None
+    if check:
+        work = copy.deepcopy(model)
+        unique = [r for r in candidates if r["same_as"] is None]
+        kls = heldout_kl(model, work, held, [r["_choice"] for r in unique], collector.weights, cfg)
+        for r, kl in zip(unique, kls):
+            r["kl"] = kl
+        for r in candidates:
+            if r["same_as"] is not None:
+                r["kl"] = next(u["kl"] for u in unique if u["factor"] == r["same_as"])
+        eligible = [r for r in candidates if r["eligible"] and r["kl"] is not None]
+        winner = min(eligible, key=lambda r: (r["kl"], -r["factor"]))
+        if winner is not best and winner["kl"] < best["kl"]:
+            best, chosen_by = winner, "kl"
+    collector.weights.clear()
+    seconds["kl_check"] = time.perf_counter() - t0
+
+    choice: dict[str, Option] = best["_choice"]
+    report = FitReport(
+        budget=budget.to_dict(), choice=choice, overrides=plan_overrides(choice), predicted_bytes=best["payload_bytes"],
+        predicted_file_bytes=best["payload_bytes"] + header_bytes_bound(model, {n: [o] for n, o in choice.items()}),
+        avg_bits=_avg_bits(linears, choice), loss=best["loss"],
+        config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"], chosen_by=chosen_by,
+        candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
+        heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
+        sensitivities=sens, plan=plans[1.0])
+    if budget.kind == "min_tok_s":
+        report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
+
+    if apply:
+        from qingzhou.compress.quantize.api import quantize
+
+        t0 = time.perf_counter()
+        if work is not None:  # back to the original weights: the reference of the applied model's KL
+            with torch.no_grad():
+                for name, lin in linears.items():
+                    work.get_submodule(name).weight.copy_(lin.weight)
+        qreport = quantize(model, report.quantize_config(), samples, tokenizer=tokenizer)
+        report.quantize = qreport.to_dict()
+        report.quantize.pop("modules", None)
+        report.warnings = qreport.warnings
+        seconds["apply"] = time.perf_counter() - t0
+        if work is not None:
+            report.kl_applied = heldout_kl(work, model, held, [None], {}, cfg)[0]
+    del work
+    seconds["total"] = time.perf_counter() - t_start
+    report.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    if output_dir is not None:
+        if not apply:
+            raise RecipeError("output_dir needs apply=True (the folder holds the fitted model).", where="fit")
+        write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, load_stage=load_stage)
+    return report
+
+
+def _options_of(in_features: int, space: list[Option]) -> list[Option]:
+    """The options of one linear: the space's group sizes that divide its width; a width none
+    divides gets per-channel (-1) at each offered width instead, so it is still searched."""
+    from qingzhou.compress.fit.storage import options_for
+
+    opts = options_for(in_features, space)
+    if not any(not o.keep for o in opts):
+        bits = sorted({int(o.bits) for o in space if not o.keep})  # type: ignore[arg-type]
+        opts = [Option(b, -1) for b in bits] + [o for o in opts if o.keep]
+    return opts
+
+
+def _payload(model: nn.Module, choice: dict[str, Option]) -> int:
+    return model_bytes(model, choice)
+
+
+def _avg_bits(linears: dict[str, Any], choice: dict[str, Option]) -> float:
+    """8 * bytes the fitted linears' tensors take / their weight count (scales, zeros, g_idx, bias in)."""
+    nbytes = weights = 0
+    for name, lin in linears.items():
+        bias = lin.bias.element_size() if lin.bias is not None else 0
+        nbytes += linear_bytes(lin.in_features, lin.out_features, choice[name], bias_bytes=bias,
+                               dtype_bytes=lin.weight.element_size())
+        weights += lin.in_features * lin.out_features
+    return 8 * nbytes / weights
+
+
+def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, Any], sens: dict[str, Any],
+                timing_cache: str | Path | None):
+    """(cost[linear][option] as ints, fixed cost of the rest, limit(budget) -> int, describe(cost) -> str)
+    in the budget's own unit: bytes, bytes of the fitted linears, or nanoseconds per decode step."""
+    if budget.kind == "max_size":
+        costs = {n: {o: s.cost(o) for o in s.errors} for n, s in sens.items()}
+        fixed = model_bytes(model, {}) - sum(s.cost(KEEP) for s in sens.values())
+        header = header_bytes_bound(model, {n: list(s.errors) for n, s in sens.items()})
+        return (costs, fixed, lambda b: int(b.max_size) - header,
+                lambda c: f"the smallest reachable size is {c + header} bytes ({(c + header) / 1e6:.2f} MB, "
+                          f"{(c + header) / 2**20:.2f} MiB)")
+    if budget.kind == "avg_bits":
+        weights = sum(lin.in_features * lin.out_features for lin in linears.values())
+        costs = {n: {o: s.cost(o) for o in s.errors} for n, s in sens.items()}
+        return (costs, 0, lambda b: math.floor(b.avg_bits * weights / 8),
+                lambda c: f"the lowest reachable average is {8 * c / weights:.4f} bits per weight")
+    from qingzhou.compress.fit.timing import speed_table
+    from qingzhou.llm.devices import torch_device
+
+    device = torch_device(budget.device or getattr(cfg, "device", None))
+    times, rest = speed_table(model, linears, {n: list(s.errors) for n, s in sens.items()}, device, timing_cache)
+    costs = {n: {o: max(1, round(t * 1e9)) for o, t in times[n].items()} for n in sens}
+    fixed = round(rest * 1e9)
+    return (costs, fixed, lambda b: math.floor(1e9 / b.min_tok_s),
+            lambda c: f"the highest reachable speed is {1e9 / c:.2f} tokens/s on {device} (predicted)")
+
+
+def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], choices: list[dict[str, Option] | None],
+               weights: dict[str, dict[Option, Any]], cfg: Any) -> list[float]:
+    """Mean per-token KL(reference || plan) of the final logits on `held`, for each plan in
+    `choices` written into `work` from the measured `weights` (None: `work` as it is).
+
+    Batches run outer, plans inner, so the reference logits are computed once per batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from qingzhou.compress.calibrate import batch_samples
+    from qingzhou.llm.devices import torch_device
+
+    device = torch_device(getattr(cfg, "device", None))
+    modules = dict(work.named_modules())
+    originals: dict[str, torch.Tensor] = {}
+    if any(c is not None for c in choices):
+        originals = {n: modules[n].weight.detach().clone() for n in weights}
+    totals = [0.0] * len(choices)
+    tokens = 0
+    homes = (_home(reference), _home(work))
+    reference.to(device)
+    work.to(device)
+    reference.eval()
+    work.eval()
+    try:
+        with torch.no_grad():
+            for batch in batch_samples(held, 1):
+                ids = batch.to(device)
+                ref = F.log_softmax(reference(input_ids=ids).logits.float(), dim=-1)
+                for k, choice in enumerate(choices):
+                    if choice is not None:
+                        for name, o in choice.items():
+                            w = originals[name] if o.keep else weights[name][o].dequantize()
+                            modules[name].weight.copy_(w.to(modules[name].weight))
+                    logq = F.log_softmax(work(input_ids=ids).logits.float(), dim=-1)
+                    totals[k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
+                tokens += ids.numel()
+    finally:
+        for name, w in originals.items():
+            modules[name].weight.data.copy_(w)
+        for m, home in zip((reference, work), homes):
+            if home is not None:
+                m.to(home)
+    return [t / max(tokens, 1) for t in totals]
+
+
+def _home(m: nn.Module) -> Any:
+    from qingzhou.compress.calibrate import _module_device
+
+    return _module_device(m)
+
+
+def write_fit_outputs(model: nn.Module, tokenizer: Any, report: FitReport, output_dir: str | Path, *,
+                      overwrite: bool = False, load_stage: dict[str, Any] | None = None) -> Path:
+    """The model folder (GPTQ layout, mixed bits in `quantization_config.dynamic`), `metrics.json`,
+    `report.json` and `plan.yaml` (a recipe reproducing the weights), through `write_outputs`."""
+    from qingzhou.compress.driver import write_outputs
+    from qingzhou.compress.quantize.api import save_compressed
+    from qingzhou.io import atomic_write_text
+    from qingzhou.llm.quantized.gptq_layout import WEIGHTS
+
+    output_dir = Path(output_dir)
+
+    def write_model(folder: Path) -> None:
+        save_compressed(model, tokenizer, folder, "gptq", overwrite=overwrite)
+        report.file_bytes = (folder / WEIGHTS).stat().st_size
+
+    write_outputs(output_dir, report, write_model)
+    if load_stage is None:
+        load_stage = {"model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or "MODEL")}
+    atomic_write_text(output_dir / "plan.yaml", plan_yaml(report, load_stage))
+    return output_dir
+
+
+def plan_yaml(report: FitReport, load_stage: dict[str, Any]) -> str:
+    """`report.plan_recipe(load_stage)` as YAML, with a comment saying what it reproduces."""
+    import yaml
+
+    head = ("# Written by `qingzhou fit`: this recipe reproduces the fitted model's weights exactly\n"
+            "# (`qingzhou run plan.yaml OUT`), given the same model and the same calibration samples\n"
+            "# (the `calibration` below; a fit called from Python with explicit samples used those).\n"
+            f"# budget: {report.budget}; predicted file bytes {report.predicted_file_bytes}; "
+            f"avg bits {report.avg_bits:.4f}; mix {report.mix()}\n")
+    return head + yaml.safe_dump(report.plan_recipe(load_stage), sort_keys=False, width=120)

@@ -115,3 +115,73 @@ def model_bytes(model: nn.Module, choices: Mapping[str, Option]) -> int:
         total += linear_bytes(lin.in_features, lin.out_features, option, bias_bytes=bias,
                               dtype_bytes=lin.weight.element_size())
     return total
+
+
+# safetensors' dtype names (the header's "dtype" strings)
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
+              "int64": "I64", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+METADATA = {"format": "pt", "quantizer": "qingzhou"}  # what `save_quantized` writes
+
+
+def linear_tensors(name: str, in_features: int, out_features: int, option: Option, *, bias_dtype: str | None,
+                   dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(tensor name, safetensors dtype, shape) of each tensor one linear writes under `option`."""
+    bias = [(f"{name}.bias", bias_dtype, (out_features,))] if bias_dtype else []
+    if option.keep:
+        return [(f"{name}.weight", dtype, (out_features, in_features)), *bias]
+    bits = int(option.bits)  # type: ignore[arg-type]
+    groups = QuantScheme(bits=bits, group_size=option.group_size).groups(in_features)
+    return [(f"{name}.qweight", "I32", (packed_rows(in_features, bits), out_features)),
+            (f"{name}.qzeros", "I32", (groups, packed_rows(out_features, bits))),
+            (f"{name}.scales", "F16", (groups, out_features)),
+            (f"{name}.g_idx", "I32", (in_features,)), *bias]
+
+
+def header_bytes_bound(model: nn.Module, options: Mapping[str, Iterable[Option]]) -> int:
+    """An upper bound on what `model.safetensors` adds to its payload (8-byte length + JSON header,
+    padded to 8) for any plan giving linear `name` one of `options[name]`.
+
+    The header lists every tensor with its dtype, shape and byte offsets; it is bounded by writing
+    each entry with the widest of its options' shapes and offsets as long as the largest possible
+    file. For SmolLM2 it is ~60 KB against an 80 MB budget, but a budget must hold exactly."""
+    import json
+
+    modules = dict(model.named_modules())
+    fitted = set(options)
+    tensors: list[tuple[str, str, tuple[int, ...]]] = []
+    payload = 0
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        ptr = t.data_ptr() if t.numel() else id(t)
+        if t.numel() and ptr in seen:
+            continue
+        seen.add(ptr)
+        payload += t.numel() * t.element_size()
+        if key.rpartition(".")[0] not in fitted:
+            tensors.append((key, _st_dtype(t.dtype), tuple(t.shape)))
+    digits = len(str(4 * payload + 2**20))  # no plan is 4x the dense fp payload (8-bit + scales < 32 bits)
+
+    def size(entries: Iterable[tuple[str, str, tuple[int, ...]]]) -> int:
+        # each entry, its two offsets at `digits` digits, and the comma after it
+        return sum(_entry_len(n, d, s) + 2 * digits + 1 for n, d, s in entries)
+
+    total = size(tensors)
+    for name, opts in options.items():
+        lin = modules[name]
+        bias = _st_dtype(lin.bias.dtype) if getattr(lin, "bias", None) is not None else None
+        total += max(size(linear_tensors(name, lin.in_features, lin.out_features, o, bias_dtype=bias,
+                                         dtype=_st_dtype(lin.weight.dtype))) for o in opts)
+    meta = len(json.dumps({"__metadata__": METADATA}, separators=(",", ":")))  # with the braces
+    return 8 + total + meta + 7  # length prefix, entries, metadata and braces, padding to 8
+
+
+def _st_dtype(dtype: object) -> str:
+    return _ST_DTYPES.get(str(dtype).removeprefix("torch."), "BF16")
+
+
+def _entry_len(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Length of `"name":{"dtype":"..","shape":[..],"data_offsets":[,]}` without the offsets' digits."""
+    import json
+
+    return len(json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": []}},
+                          separators=(",", ":"))) - 2 + 1
