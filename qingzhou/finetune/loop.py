@@ -9,6 +9,10 @@ Design choices that matter for correctness:
   makes a resumed run match an uninterrupted one.
 * The scheduler is stepped by us once per optimizer step (accelerate's prepared scheduler would
   step once per process).
+* Under FSDP (an `accelerate launch` FSDP config, on GPUs or on CPU with gloo) the same loop runs
+  on sharded parameters: every process runs the same number of forward passes (collectives in
+  each), checkpoints are written per process (checkpoint.py), and the final artifact is the
+  gathered full state dict (`accelerator.get_state_dict`) saved by the main process.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, li
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
+from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_requested, is_sharded
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
@@ -99,7 +104,7 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     count = int((targets != IGNORE_INDEX).sum())
-    if fused_loss_supported(model):
+    if fused_loss_supported(model) and not is_sharded(model):  # a sharded head has no whole weight to multiply
         with head_bypassed(model) as head:
             hidden = model(**inputs, use_cache=False).logits
         hidden = hidden[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
@@ -157,14 +162,19 @@ def evaluate_loss(model: Any, rows: list[Example], pad_id: int, batch_size: int,
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    n_batches = -(-len(mine) // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    if is_sharded(model):  # each forward gathers shards from every process: all run as many, extras count 0
+        n_batches = int(accelerator.reduce(torch.tensor([n_batches], device=accelerator.device), reduction="max").item())
     with torch.no_grad():
-        for b, i in enumerate(range(0, len(mine), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_id, packed=False).items()}
+        for b in range(n_batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            weight = 1.0 if chunk else 0.0
+            batch = {k: v.to(accelerator.device) for k, v in collate(chunk or rows[:1], pad_id, packed=False).items()}
             with accelerator.autocast():
                 loss, n = token_loss_sum(model, batch)
-            total += torch.tensor([float(loss), n], dtype=torch.float64, device=accelerator.device)
+            total += torch.tensor([float(loss) * weight, n * weight], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else None
@@ -305,6 +315,7 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     """Data, accelerator, method (adapter / QLoRA / ...), optimizer and scheduler: everything a step needs."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
@@ -318,16 +329,25 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU).
     # Not under a DeepSpeed launch: there the engine owns the device and the process group.
     deepspeed = _deepspeed_launch()
-    on_cpu = device_type == "cpu" and next(model.parameters()).device.type == "cpu" and not deepspeed
+    # (FSDP's RAM-efficient loading leaves the weights of processes other than 0 on the meta device)
+    on_cpu = device_type == "cpu" and next(model.parameters()).device.type in {"cpu", "meta"} and not deepspeed
+    check_launch(accelerator_devices=None if device_type == "cpu" else _device_count(device_type))
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     if deepspeed:
         _configure_deepspeed(accelerator, cfg)
+    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator)
     reset_peak_memory(accelerator.device)
     torch.manual_seed(cfg.seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:  # before QLoRA quantises anything
+        check_fsdp_model(model, cfg, accelerator.state.fsdp_plugin)
     model = build_method(keep_bnb_4bit_layout(model), cfg)  # a 4-bit base must stay trainable after evaluation
+    if fsdp:  # the adapter's layers: what the method built must still be wrappable
+        check_fsdp_model(model, cfg, accelerator.state.fsdp_plugin)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing needs no input-grad hooks, so it works for frozen-base adapters too
         kwargs = {"use_reentrant": False}
@@ -363,7 +383,7 @@ def _resume(s: _Session) -> None:
     ckpt = latest_checkpoint(root=s.ckpt_root)
     if ckpt is None:
         return
-    loaded = load_checkpoint(ckpt, s.ckpt_module, s.optimizer)
+    loaded = load_checkpoint(ckpt, s.ckpt_module, s.optimizer, s.accelerator)
     if loaded.get("data_fingerprint") != s.prepared.fingerprint or loaded.get("method") != s.cfg.method:
         raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
                           hint="Use a new output folder, or resume=False to start over.")
@@ -444,10 +464,13 @@ def _after_step(s: _Session, step: int, step_loss: float, stop: Any, progress: A
     due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
     if due or stopping:
         acc.wait_for_everyone()
+        loop_state = {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint}
+        if is_sharded(s.ckpt_module):  # every process writes its shard
+            save_checkpoint(None, step, s.ckpt_module, s.optimizer, loop_state, keep=cfg.keep_checkpoints,
+                            root=s.ckpt_root, accelerator=acc)
+        elif acc.is_main_process:
+            save_checkpoint(None, step, s.ckpt_module, s.optimizer, loop_state, keep=cfg.keep_checkpoints, root=s.ckpt_root)
         if acc.is_main_process:
-            save_checkpoint(None, step, s.ckpt_module, s.optimizer,
-                            {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint},
-                            keep=cfg.keep_checkpoints, root=s.ckpt_root)
             atomic_write_json(s.output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
         s.last_save = time.perf_counter()
     elif step % 10 == 0 and acc.is_main_process:  # early metrics for dashboards / the runner
@@ -472,9 +495,12 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     artifact_dir = s.output_dir / artifact
     acc.wait_for_everyone()
     base_note = record_base(unwrapped, base_source) if base_source and hasattr(unwrapped, "peft_config") else None
+    # sharded: the whole state dict gathered on the main process (a collective: every process calls it);
+    # peft's save_pretrained picks the adapter's weights out of it
+    gathered = {"state_dict": acc.get_state_dict(s.model)} if is_sharded(unwrapped) else {}
     if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered)
             s.tokenizer.save_pretrained(tmp)
             if base_note is not None:
                 atomic_write_json(tmp / BASE_NOTE, base_note)
@@ -526,6 +552,13 @@ def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
 
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
     return tuple(bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist())
+
+
+def _device_count(device_type: str) -> int | None:
+    import torch
+
+    module = getattr(torch, device_type, None)
+    return module.device_count() if module is not None and hasattr(module, "device_count") else None
 
 
 class _null:
