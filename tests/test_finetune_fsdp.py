@@ -43,13 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def finetune_args(data: Path, model: Path, out: Path, method: str, batch: int) -> list[str]:
+def finetune_args(data: Path, model: Path, out: Path, method: str, batch: int, steps: int = 10,
+                  save_every: int = 5) -> list[str]:
     """`qingzhou finetune` for these tests: 10 steps, checkpoint at 5, a quarter held out."""
     lr = "1e-3" if method == "full" else "1e-2"
     extra = ["--set", "dropout=0.0"] if method == "lora" else []
     return ["-m", "qingzhou.cli.main", "finetune", str(data), "--model", str(model), "--method", method,
-            "--max-steps", "10", "-b", str(batch), "--lr", lr, "--eval-fraction", "0.25", "--no-cache",
-            "--save-every", "5", "--device", "cpu", "--out", str(out), "--json", *extra]
+            "--max-steps", str(steps), "-b", str(batch), "--lr", lr, "--eval-fraction", "0.25", "--no-cache",
+            "--save-every", str(save_every), "--device", "cpu", "--out", str(out), "--json", *extra]
 
 
 def launch(args: list[str], env: dict[str, str], *launch_flags: str, config: Path = FSDP_CPU,
@@ -155,3 +156,34 @@ def _weights_file(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_two_nodes_on_localhost_train_and_save(tmp_path, tiny_llama_dir, rows_file):
+    """2 "machines" x 2 processes, both on 127.0.0.1, started as two launches the way two real
+    nodes are (README: 'Training on several processes and machines'); FSDP shard-grad-op."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    port = str(_free_port())
+    args = finetune_args(rows_file, tiny_llama_dir, tmp_path / "nodes", "full", 2, steps=6, save_every=3)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--num_machines", "2",
+         "--num_processes", "4", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+         "--fsdp_reshard_after_forward", "false", *args],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, (out[-2000:], err[-4000:])
+    single_args = finetune_args(rows_file, tiny_llama_dir, tmp_path / "single", "full", 8, steps=6, save_every=3)
+    _ok(subprocess.run([sys.executable, *single_args], env=_env(), capture_output=True, text=True, timeout=600))
+    a = json.loads((tmp_path / "nodes" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert len(a["train_loss"]) == 6
+    for (_, la), (_, lb) in zip(a["train_loss"], b["train_loss"]):
+        assert abs(la - lb) < 1e-4
+    ckpt = tmp_path / "nodes" / "checkpoints" / "step-0000003"
+    assert len(list(ckpt.glob("trainable.rank*-of-00004.safetensors"))) == 4
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "nodes" / "model"), dtype=torch.float32)
+    ref = _weights(tmp_path / "single" / "model")
+    for name, p in model.state_dict().items():
+        assert (p - ref[name]).abs().max().item() < 1e-4, name

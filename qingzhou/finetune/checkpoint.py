@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qingzhou.finetune.sharding import is_sharded, local_view, shard_like
+from qingzhou.finetune.sharding import is_sharded, local_view, reshard, shard_like
 from qingzhou.io import atomic_dir, atomic_write_json, discard_dir
 from qingzhou.llm.devices import rng_states, set_rng_states
 
@@ -102,6 +102,7 @@ def save_checkpoint(output_dir: str | Path | None, step: int, model: Any, optimi
         _prune(root, keep)
         return path
     shards = (accelerator.process_index, accelerator.num_processes)
+    reshard(model)
     if not accelerator.is_main_process:
         _write_part(_shared_folder(accelerator, None), model, optimizer, shards)
         accelerator.wait_for_everyone()  # the main process commits after this
@@ -164,6 +165,8 @@ def load_checkpoint(path: str | Path, model: Any, optimizer: Any, accelerator: A
         raise RecipeError(f"checkpoint made by {made} cannot resume in {now}.", where=str(path),
                           hint="Resume with the launch config that made it, or start over in a new output folder.")
     shards = (accelerator.process_index, world) if sharded else None
+    if sharded:
+        reshard(model)
     weights = load_file(str(path / shard_name("trainable", shards)))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]

@@ -37,7 +37,7 @@ from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, li
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
-from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_requested, is_sharded
+from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_requested, is_sharded, reshard
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
@@ -497,7 +497,10 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     base_note = record_base(unwrapped, base_source) if base_source and hasattr(unwrapped, "peft_config") else None
     # sharded: the whole state dict gathered on the main process (a collective: every process calls it);
     # peft's save_pretrained picks the adapter's weights out of it
-    gathered = {"state_dict": acc.get_state_dict(s.model)} if is_sharded(unwrapped) else {}
+    gathered = {}
+    if is_sharded(unwrapped):
+        reshard(unwrapped)
+        gathered["state_dict"] = acc.get_state_dict(s.model)
     if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
             unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered)

@@ -104,10 +104,22 @@ def check_fsdp_model(model: Any, cfg: Any, plugin: Any) -> None:
 
 
 def is_sharded(model: Any) -> bool:
-    """True when the model's parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
+    """True when FSDP2 manages (part of) the model; its parameters are then DTensor shards, except
+    between a forward and the next backward under shard-grad-op (see `reshard`)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def reshard(model: Any) -> None:
+    """Put every FSDP2 module's parameters back into their sharded form. Under shard-grad-op
+    (`reshard_after_forward: false`) an evaluation forward leaves them gathered until the next
+    backward; checkpoints and the final gather must see the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def local_view(t: Any) -> Any:
@@ -129,5 +141,5 @@ def shard_like(value: Any, param: Any) -> Any:
     return value
 
 
-__all__ = ["fsdp_requested", "check_launch", "enable_fsdp_on_cpu", "check_fsdp_model", "is_sharded", "local_view",
+__all__ = ["fsdp_requested", "check_launch", "enable_fsdp_on_cpu", "check_fsdp_model", "is_sharded", "reshard", "local_view",
            "shard_like"]
