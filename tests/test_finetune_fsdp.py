@@ -187,3 +187,60 @@ def test_two_nodes_on_localhost_train_and_save(tmp_path, tiny_llama_dir, rows_fi
     ref = _weights(tmp_path / "single" / "model")
     for name, p in model.state_dict().items():
         assert (p - ref[name]).abs().max().item() < 1e-4, name
+
+
+# --- bad input: refused before training, one paragraph, exit 2 (what every process of a launch prints) ---
+
+def _fsdp_launch_env(**overrides: str) -> dict[str, str]:
+    """The variables `accelerate launch --config_file fsdp_cpu_gloo.yaml` exports to each process."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(FSDP_CPU), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    return {**env, **overrides}
+
+
+@pytest.mark.parametrize("extra,env,expect", [
+    (["--method", "qlora"], {}, ["QLoRA cannot be trained under FSDP", "method: qlora"]),
+    (["--method", "lora", "--optimizer", "adamw_8bit"], {}, ["adamw_8bit", "sharded parameters", "optimizer: adamw"]),
+    (["--method", "full"], {"FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen2DecoderLayer"},
+     ["names ['Qwen2DecoderLayer']", "fsdp_transformer_layer_cls_to_wrap", "candidates: LlamaDecoderLayer"]),
+    (["--method", "lora"], {"ACCELERATE_USE_FSDP": "false", "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "2",
+                            "GROUP_WORLD_SIZE": "2", "GROUP_RANK": "1"},
+     ["does not add up", "2 node(s) (num_machines) x 2 process(es)", "3 processes", "node 1"]),
+], ids=["qlora", "bnb-optimizer", "wrap-class", "node-count"])
+def test_bad_sharded_launch_is_refused_before_training(tmp_path, tiny_llama_dir, rows_file, extra, env, expect):
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    out = tmp_path / "out"
+    args = ["finetune", str(rows_file), "--model", str(tiny_llama_dir), "--max-steps", "2", "--device", "cpu",
+            "--out", str(out), "--no-cache", *extra]
+    res = CliRunner().invoke(app, args, env=_fsdp_launch_env(**env))
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    for piece in expect:
+        assert piece in text, (piece, text)
+    assert not (out / "checkpoints").exists() and not (out / "model").exists() and not (out / "adapter").exists()
+
+
+def test_wrap_check_names_a_model_without_layer_classes(monkeypatch):
+    """A model that declares no decoder-layer class (no _no_split_modules) and a config naming none."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from qingzhou.errors import RecipeError
+    from qingzhou.finetune.methods import parse_finetune_config
+    from qingzhou.finetune.sharding import check_fsdp_model
+
+    for key, value in _fsdp_launch_env().items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    with pytest.raises(RecipeError, match="found no layer class") as err:
+        check_fsdp_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), parse_finetune_config({"method": "full"}), plugin)
+    assert "SIZE_BASED_WRAP" in str(err.value)

@@ -37,7 +37,7 @@ from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, li
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
-from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_requested, is_sharded, reshard
+from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_plugin, is_sharded, reshard
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
@@ -317,6 +317,12 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    device_type = torch_device().type
+    # refuse a launch or an FSDP request that cannot work before any data work or process group
+    check_launch(accelerator_devices=None if device_type == "cpu" else _device_count(device_type))
+    fsdp = fsdp_plugin()
+    if fsdp is not None:  # before QLoRA quantises anything
+        check_fsdp_model(model, cfg, fsdp)
     prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
         raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
@@ -324,30 +330,25 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     if not prepared.train:
         raise RecipeError("no training rows.", where="data")
 
-    device_type = torch_device().type
     mixed = resolve_mixed_precision(cfg.mixed_precision, device_type)
     # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU).
     # Not under a DeepSpeed launch: there the engine owns the device and the process group.
     deepspeed = _deepspeed_launch()
     # (FSDP's RAM-efficient loading leaves the weights of processes other than 0 on the meta device)
     on_cpu = device_type == "cpu" and next(model.parameters()).device.type in {"cpu", "meta"} and not deepspeed
-    check_launch(accelerator_devices=None if device_type == "cpu" else _device_count(device_type))
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     if deepspeed:
         _configure_deepspeed(accelerator, cfg)
-    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        enable_fsdp_on_cpu(accelerator)
+    if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator, fsdp)
     reset_peak_memory(accelerator.device)
     torch.manual_seed(cfg.seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp:  # before QLoRA quantises anything
-        check_fsdp_model(model, cfg, accelerator.state.fsdp_plugin)
     model = build_method(keep_bnb_4bit_layout(model), cfg)  # a 4-bit base must stay trainable after evaluation
-    if fsdp:  # the adapter's layers: what the method built must still be wrappable
-        check_fsdp_model(model, cfg, accelerator.state.fsdp_plugin)
+    if fsdp is not None:  # what the method built must still be wrappable
+        check_fsdp_model(model, cfg, fsdp)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing needs no input-grad hooks, so it works for frozen-base adapters too
         kwargs = {"use_reentrant": False}

@@ -22,9 +22,14 @@ LAUNCH_HINT = ("Start every node with the same config and `--num_machines N --ma
                "(see README, 'Training on several processes and machines').")
 
 
-def fsdp_requested() -> bool:
-    """True under `accelerate launch` with an FSDP config (accelerate exports this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+def fsdp_plugin() -> Any:
+    """The FSDP settings of an `accelerate launch` with an FSDP config (accelerate exports them as
+    ACCELERATE_USE_FSDP / FSDP_* variables, and builds its own plugin from the same ones), or None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
 
 
 def check_launch(env: dict[str, str] | None = None, accelerator_devices: int | None = None) -> None:
@@ -53,12 +58,11 @@ def check_launch(env: dict[str, str] | None = None, accelerator_devices: int | N
             hint="Set num_processes to num_machines x the GPUs per node. " + LAUNCH_HINT)
 
 
-def enable_fsdp_on_cpu(accelerator: Any) -> None:
-    """Make a CPU/gloo accelerator (MULTI_CPU) shard with FSDP, as the launch config asked."""
+def enable_fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
+    """Make a CPU/gloo accelerator (MULTI_CPU) shard with FSDP `plugin`, as the launch config asked."""
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
 
-    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launch exported
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
@@ -141,5 +145,5 @@ def shard_like(value: Any, param: Any) -> Any:
     return value
 
 
-__all__ = ["fsdp_requested", "check_launch", "enable_fsdp_on_cpu", "check_fsdp_model", "is_sharded", "reshard", "local_view",
+__all__ = ["fsdp_plugin", "check_launch", "enable_fsdp_on_cpu", "check_fsdp_model", "is_sharded", "reshard", "local_view",
            "shard_like"]
