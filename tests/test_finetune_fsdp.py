@@ -97,6 +97,7 @@ def rows_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fsdp_matches_single_process_resumes_and_gathers(tmp_path, tiny_llama_dir, rows_file, method):
     import torch
@@ -158,6 +159,7 @@ def _weights_file(path: Path) -> dict:
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_train_and_save(tmp_path, tiny_llama_dir, rows_file):
     """2 "machines" x 2 processes, both on 127.0.0.1, started as two launches the way two real
     nodes are (README: 'Training on several processes and machines'); FSDP shard-grad-op."""

@@ -37,7 +37,8 @@ from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, li
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
-from qingzhou.finetune.sharding import check_fsdp_model, check_launch, enable_fsdp_on_cpu, fsdp_plugin, is_sharded, reshard
+from qingzhou.finetune.sharding import (check_fsdp_model, check_launch, count_deepspeed_cpu_processes, enable_fsdp_on_cpu,
+                                        fsdp_plugin, is_sharded, reshard)
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
@@ -145,6 +146,16 @@ def _make_optimizer(params: list[tuple[str, Any]], cfg: FinetuneConfig) -> Any:
     return build_optimizer(groups, cfg)
 
 
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's wrapper (and DeepSpeed's ZeRO optimizer, which is
+    no torch Optimizer but steps the param groups of the one it holds): what the schedule drives."""
+    import torch
+
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _make_scheduler(optimizer: Any, cfg: FinetuneConfig) -> Any:
     from transformers import get_scheduler
 
@@ -165,7 +176,7 @@ def evaluate_loss(model: Any, rows: list[Example], pad_id: int, batch_size: int,
     n_batches = -(-len(mine) // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    if is_sharded(model):  # each forward gathers shards from every process: all run as many, extras count 0
+    if accelerator.num_processes > 1:  # a sharded forward (FSDP, ZeRO-3) gathers from every process: all run as many, extras count 0
         n_batches = int(accelerator.reduce(torch.tensor([n_batches], device=accelerator.device), reduction="max").item())
     with torch.no_grad():
         for b in range(n_batches):
@@ -209,6 +220,30 @@ def _configure_deepspeed(accelerator: Any, cfg: FinetuneConfig) -> None:
     for ds in (plugin.deepspeed_config, plugin.hf_ds_config.config):
         ds.update(values)
     plugin.gradient_accumulation_steps = cfg.grad_accum
+
+
+def _check_deepspeed(cfg: FinetuneConfig, accelerator: Any) -> None:
+    """What a DeepSpeed run cannot do, refused before training.
+
+    Resumable checkpoints are not written under DeepSpeed: its ZeRO optimizer keeps a partitioned
+    state with its own objects (loss scaler, stage enums) that qingzhou's safetensors + JSON
+    checkpoints do not hold, and DeepSpeed's own checkpoints are pickles. A run asking for step
+    checkpoints is refused; time-based ones are skipped. The final artifact of a ZeRO-3 run is
+    gathered from its partitions, which DeepSpeed does only with 16-bit gathering on save enabled."""
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise RecipeError("a ZeRO-3 run's final model can only be gathered from its partitions with "
+                          "stage3_gather_16bit_weights_on_model_save on.",
+                          where="accelerate config (DEEPSPEED, zero_stage: 3), deepspeed_config.zero3_save_16bit_model",
+                          hint="Set zero3_save_16bit_model: true (as in examples/accelerate/deepspeed_zero3_offload.yaml).")
+    if cfg.save_every:
+        raise RecipeError("resumable checkpoints are not written under DeepSpeed (its partitioned ZeRO optimizer state "
+                          "has no safetensors form here; DeepSpeed's own checkpoints are pickles).",
+                          where=f"save_every: {cfg.save_every} (accelerate config: distributed_type DEEPSPEED)",
+                          hint="Set save_every: 0 to train without checkpoints, or use the FSDP config "
+                               "(examples/accelerate/fsdp.yaml), whose checkpoints are sharded and resumable.")
+    if cfg.save_every_minutes:
+        warnings.warn("no time-based checkpoints under DeepSpeed: an interrupted run starts over", stacklevel=3)
 
 
 def prepare_training_data(data: DataConfig | PreparedData | str | list[dict], tokenizer: Any, seed: int) -> PreparedData:
@@ -338,6 +373,9 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     on_cpu = device_type == "cpu" and next(model.parameters()).device.type in {"cpu", "meta"} and not deepspeed
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     if deepspeed:
+        _check_deepspeed(cfg, accelerator)
+        if device_type == "cpu":
+            count_deepspeed_cpu_processes(accelerator)
         _configure_deepspeed(accelerator, cfg)
     if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         enable_fsdp_on_cpu(accelerator, fsdp)
@@ -369,7 +407,7 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     total = sum(p.numel() for p in model.parameters())
     optimizer = _make_optimizer(named, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = _make_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, cfg)
+    scheduler = _make_scheduler(_torch_optimizer(optimizer), cfg)
     unwrapped = accelerator.unwrap_model(model)
     # what checkpoints hold: the model, plus the loss's own parameters when it has any
     ckpt_module = torch.nn.ModuleDict({"model": unwrapped, "loss_fn": loss_fn}) if extra else unwrapped
@@ -460,9 +498,14 @@ def _after_step(s: _Session, step: int, step_loss: float, stop: Any, progress: A
         metrics["eval_loss"] = ev
     progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{s.peak_memory_mb():,.0f}")
     fault_point(f"step {step}")
-    timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes
+    # no resumable checkpoints under DeepSpeed (see _refuse_deepspeed_checkpoints)
+    timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes \
+        and not s.deepspeed
     stopping, timely = _any_process(acc, stop.requested, timely)  # every process saves, or none
     due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
+    if stopping and s.deepspeed:
+        raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; no checkpoint "
+                                                         "(none are written under DeepSpeed).")
     if due or stopping:
         acc.wait_for_everyone()
         loop_state = {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint}
@@ -499,7 +542,7 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     # sharded: the whole state dict gathered on the main process (a collective: every process calls it);
     # peft's save_pretrained picks the adapter's weights out of it
     gathered = {}
-    if is_sharded(unwrapped):
+    if is_sharded(unwrapped) or s.deepspeed:  # ZeRO-3 holds partitions too; the engine gathers them
         reshard(unwrapped)
         gathered["state_dict"] = acc.get_state_dict(s.model)
     if acc.is_main_process:

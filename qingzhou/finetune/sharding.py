@@ -70,6 +70,20 @@ def enable_fsdp_on_cpu(accelerator: Any, plugin: Any) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def count_deepspeed_cpu_processes(accelerator: Any) -> None:
+    """Under a DeepSpeed launch on CPU (DS_ACCELERATOR=cpu, gloo) accelerate 1.15 joins the
+    process group but counts one process; take the count and ranks from the group itself, so the
+    batch settings and the loss normalisation see the real world."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not dist.is_initialized() or accelerator.num_processes == dist.get_world_size():
+        return
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):  # the second copies the first
+        shared["num_processes"], shared["process_index"] = dist.get_world_size(), dist.get_rank()
+        shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def check_fsdp_model(model: Any, cfg: Any, plugin: Any) -> None:
     """Refuse, before training, what FSDP cannot shard: 4-bit bitsandbytes weights (QLoRA), the
     bitsandbytes optimizers, FSDP version 1 (the loop and its checkpoints speak FSDP2), and a
@@ -145,5 +159,5 @@ def shard_like(value: Any, param: Any) -> Any:
     return value
 
 
-__all__ = ["fsdp_plugin", "check_launch", "enable_fsdp_on_cpu", "check_fsdp_model", "is_sharded", "reshard", "local_view",
+__all__ = ["fsdp_plugin", "check_launch", "enable_fsdp_on_cpu", "count_deepspeed_cpu_processes", "check_fsdp_model", "is_sharded", "reshard", "local_view",
            "shard_like"]
