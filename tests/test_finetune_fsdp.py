@@ -105,7 +105,9 @@ def test_fsdp_matches_single_process_resumes_and_gathers(tmp_path, tiny_llama_di
     artifact = "model" if method == "full" else "adapter"
     fault_log = tmp_path / "faults.log"
     # the uninterrupted 2-process FSDP run (full shard), logging its fault points
-    _ok(launch(finetune_args(rows_file, tiny_llama_dir, tmp_path / "fsdp", method, 2), _env(QINGZHOU_FAULT_LOG=str(fault_log))))
+    run = launch(finetune_args(rows_file, tiny_llama_dir, tmp_path / "fsdp", method, 2), _env(QINGZHOU_FAULT_LOG=str(fault_log)))
+    _ok(run)
+    assert run.stdout.count('"artifact_dir"') == 1  # the result printed once, by the main process
     # one process, the same global batch
     single = subprocess.run([sys.executable, *finetune_args(rows_file, tiny_llama_dir, tmp_path / "single", method, 4)],
                             env=_env(), capture_output=True, text=True, timeout=600)

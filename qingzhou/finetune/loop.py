@@ -498,7 +498,7 @@ def _after_step(s: _Session, step: int, step_loss: float, stop: Any, progress: A
         metrics["eval_loss"] = ev
     progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{s.peak_memory_mb():,.0f}")
     fault_point(f"step {step}")
-    # no resumable checkpoints under DeepSpeed (see _refuse_deepspeed_checkpoints)
+    # no resumable checkpoints under DeepSpeed (see _check_deepspeed)
     timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes \
         and not s.deepspeed
     stopping, timely = _any_process(acc, stop.requested, timely)  # every process saves, or none
