@@ -9,6 +9,10 @@ Design choices that matter for correctness:
   makes a resumed run match an uninterrupted one.
 * The scheduler is stepped by us once per optimizer step (accelerate's prepared scheduler would
   step once per process).
+* Under FSDP (an `accelerate launch` FSDP config, on GPUs or on CPU with gloo) the same loop runs
+  on sharded parameters: every process runs the same number of forward passes (collectives in
+  each), checkpoints are written per process (checkpoint.py), and the final artifact is the
+  gathered full state dict (`accelerator.get_state_dict`) saved by the main process.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, li
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
+from qingzhou.finetune.sharding import (check_fsdp_model, check_launch, count_deepspeed_cpu_processes, enable_fsdp_on_cpu,
+                                        fsdp_plugin, is_sharded, reshard)
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
@@ -99,7 +105,7 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     count = int((targets != IGNORE_INDEX).sum())
-    if fused_loss_supported(model):
+    if fused_loss_supported(model) and not is_sharded(model):  # a sharded head has no whole weight to multiply
         with head_bypassed(model) as head:
             hidden = model(**inputs, use_cache=False).logits
         hidden = hidden[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
@@ -140,6 +146,16 @@ def _make_optimizer(params: list[tuple[str, Any]], cfg: FinetuneConfig) -> Any:
     return build_optimizer(groups, cfg)
 
 
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's wrapper (and DeepSpeed's ZeRO optimizer, which is
+    no torch Optimizer but steps the param groups of the one it holds): what the schedule drives."""
+    import torch
+
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def _make_scheduler(optimizer: Any, cfg: FinetuneConfig) -> Any:
     from transformers import get_scheduler
 
@@ -157,14 +173,19 @@ def evaluate_loss(model: Any, rows: list[Example], pad_id: int, batch_size: int,
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    n_batches = -(-len(mine) // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    if accelerator.num_processes > 1:  # a sharded forward (FSDP, ZeRO-3) gathers from every process: all run as many, extras count 0
+        n_batches = int(accelerator.reduce(torch.tensor([n_batches], device=accelerator.device), reduction="max").item())
     with torch.no_grad():
-        for b, i in enumerate(range(0, len(mine), batch_size)):
-            if max_batches is not None and b >= max_batches:
-                break
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i : i + batch_size], pad_id, packed=False).items()}
+        for b in range(n_batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            weight = 1.0 if chunk else 0.0
+            batch = {k: v.to(accelerator.device) for k, v in collate(chunk or rows[:1], pad_id, packed=False).items()}
             with accelerator.autocast():
                 loss, n = token_loss_sum(model, batch)
-            total += torch.tensor([float(loss), n], dtype=torch.float64, device=accelerator.device)
+            total += torch.tensor([float(loss) * weight, n * weight], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return float(total[0] / total[1]) if total[1] > 0 else None
@@ -199,6 +220,30 @@ def _configure_deepspeed(accelerator: Any, cfg: FinetuneConfig) -> None:
     for ds in (plugin.deepspeed_config, plugin.hf_ds_config.config):
         ds.update(values)
     plugin.gradient_accumulation_steps = cfg.grad_accum
+
+
+def _check_deepspeed(cfg: FinetuneConfig, accelerator: Any) -> None:
+    """What a DeepSpeed run cannot do, refused before training.
+
+    Resumable checkpoints are not written under DeepSpeed: its ZeRO optimizer keeps a partitioned
+    state with its own objects (loss scaler, stage enums) that qingzhou's safetensors + JSON
+    checkpoints do not hold, and DeepSpeed's own checkpoints are pickles. A run asking for step
+    checkpoints is refused; time-based ones are skipped. The final artifact of a ZeRO-3 run is
+    gathered from its partitions, which DeepSpeed does only with 16-bit gathering on save enabled."""
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise RecipeError("a ZeRO-3 run's final model can only be gathered from its partitions with "
+                          "stage3_gather_16bit_weights_on_model_save on.",
+                          where="accelerate config (DEEPSPEED, zero_stage: 3), deepspeed_config.zero3_save_16bit_model",
+                          hint="Set zero3_save_16bit_model: true (as in examples/accelerate/deepspeed_zero3_offload.yaml).")
+    if cfg.save_every:
+        raise RecipeError("resumable checkpoints are not written under DeepSpeed (its partitioned ZeRO optimizer state "
+                          "has no safetensors form here; DeepSpeed's own checkpoints are pickles).",
+                          where=f"save_every: {cfg.save_every} (accelerate config: distributed_type DEEPSPEED)",
+                          hint="Set save_every: 0 to train without checkpoints, or use the FSDP config "
+                               "(examples/accelerate/fsdp.yaml), whose checkpoints are sharded and resumable.")
+    if cfg.save_every_minutes:
+        warnings.warn("no time-based checkpoints under DeepSpeed: an interrupted run starts over", stacklevel=3)
 
 
 def prepare_training_data(data: DataConfig | PreparedData | str | list[dict], tokenizer: Any, seed: int) -> PreparedData:
@@ -305,7 +350,14 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     """Data, accelerator, method (adapter / QLoRA / ...), optimizer and scheduler: everything a step needs."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
+    device_type = torch_device().type
+    # refuse a launch or an FSDP request that cannot work before any data work or process group
+    check_launch(accelerator_devices=None if device_type == "cpu" else _device_count(device_type))
+    fsdp = fsdp_plugin()
+    if fsdp is not None:  # before QLoRA quantises anything
+        check_fsdp_model(model, cfg, fsdp)
     prepared = prepare_training_data(data, tokenizer, cfg.seed)
     if prepared.packed and cfg.method in PROMPT_METHODS:
         raise RecipeError(f"packing cannot be combined with '{cfg.method}': virtual tokens would be shared by every packed sample.",
@@ -313,21 +365,28 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     if not prepared.train:
         raise RecipeError("no training rows.", where="data")
 
-    device_type = torch_device().type
     mixed = resolve_mixed_precision(cfg.mixed_precision, device_type)
     # cpu=True on CPU-only machines: under a multi-process launch accelerate then uses gloo (MULTI_CPU).
     # Not under a DeepSpeed launch: there the engine owns the device and the process group.
     deepspeed = _deepspeed_launch()
-    on_cpu = device_type == "cpu" and next(model.parameters()).device.type == "cpu" and not deepspeed
+    # (FSDP's RAM-efficient loading leaves the weights of processes other than 0 on the meta device)
+    on_cpu = device_type == "cpu" and next(model.parameters()).device.type in {"cpu", "meta"} and not deepspeed
     accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     if deepspeed:
+        _check_deepspeed(cfg, accelerator)
+        if device_type == "cpu":
+            count_deepspeed_cpu_processes(accelerator)
         _configure_deepspeed(accelerator, cfg)
+    if fsdp is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        enable_fsdp_on_cpu(accelerator, fsdp)
     reset_peak_memory(accelerator.device)
     torch.manual_seed(cfg.seed)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     model = build_method(keep_bnb_4bit_layout(model), cfg)  # a 4-bit base must stay trainable after evaluation
+    if fsdp is not None:  # what the method built must still be wrappable
+        check_fsdp_model(model, cfg, fsdp)
     if cfg.gradient_checkpointing:
         # non-reentrant checkpointing needs no input-grad hooks, so it works for frozen-base adapters too
         kwargs = {"use_reentrant": False}
@@ -348,7 +407,7 @@ def _setup(model: Any, tokenizer: Any, data: DataConfig | PreparedData | str | l
     total = sum(p.numel() for p in model.parameters())
     optimizer = _make_optimizer(named, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = _make_scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, cfg)
+    scheduler = _make_scheduler(_torch_optimizer(optimizer), cfg)
     unwrapped = accelerator.unwrap_model(model)
     # what checkpoints hold: the model, plus the loss's own parameters when it has any
     ckpt_module = torch.nn.ModuleDict({"model": unwrapped, "loss_fn": loss_fn}) if extra else unwrapped
@@ -363,7 +422,7 @@ def _resume(s: _Session) -> None:
     ckpt = latest_checkpoint(root=s.ckpt_root)
     if ckpt is None:
         return
-    loaded = load_checkpoint(ckpt, s.ckpt_module, s.optimizer)
+    loaded = load_checkpoint(ckpt, s.ckpt_module, s.optimizer, s.accelerator)
     if loaded.get("data_fingerprint") != s.prepared.fingerprint or loaded.get("method") != s.cfg.method:
         raise RecipeError(f"checkpoint {ckpt} was made with different data or method.", where="resume",
                           hint="Use a new output folder, or resume=False to start over.")
@@ -439,15 +498,23 @@ def _after_step(s: _Session, step: int, step_loss: float, stop: Any, progress: A
         metrics["eval_loss"] = ev
     progress.update(task, completed=step, loss=f"{step_loss:.4f}", tps=f"{tps:,.0f}", mem=f"{s.peak_memory_mb():,.0f}")
     fault_point(f"step {step}")
-    timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes
+    # no resumable checkpoints under DeepSpeed (see _check_deepspeed)
+    timely = bool(cfg.save_every_minutes) and time.perf_counter() - s.last_save >= 60 * cfg.save_every_minutes \
+        and not s.deepspeed
     stopping, timely = _any_process(acc, stop.requested, timely)  # every process saves, or none
     due = step != cfg.max_steps and (bool(cfg.save_every) and step % cfg.save_every == 0 or timely)
+    if stopping and s.deepspeed:
+        raise Interrupted(stop.signum or signal.SIGTERM, f"stopped at step {step}/{cfg.max_steps}; no checkpoint "
+                                                         "(none are written under DeepSpeed).")
     if due or stopping:
         acc.wait_for_everyone()
+        loop_state = {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint}
+        if is_sharded(s.ckpt_module):  # every process writes its shard
+            save_checkpoint(None, step, s.ckpt_module, s.optimizer, loop_state, keep=cfg.keep_checkpoints,
+                            root=s.ckpt_root, accelerator=acc)
+        elif acc.is_main_process:
+            save_checkpoint(None, step, s.ckpt_module, s.optimizer, loop_state, keep=cfg.keep_checkpoints, root=s.ckpt_root)
         if acc.is_main_process:
-            save_checkpoint(None, step, s.ckpt_module, s.optimizer,
-                            {**state, "seconds": elapsed, "method": cfg.method, "data_fingerprint": s.prepared.fingerprint},
-                            keep=cfg.keep_checkpoints, root=s.ckpt_root)
             atomic_write_json(s.output_dir / "metrics.json", {"step": step, **metrics, "train_loss": state["train_loss"]})
         s.last_save = time.perf_counter()
     elif step % 10 == 0 and acc.is_main_process:  # early metrics for dashboards / the runner
@@ -472,9 +539,15 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     artifact_dir = s.output_dir / artifact
     acc.wait_for_everyone()
     base_note = record_base(unwrapped, base_source) if base_source and hasattr(unwrapped, "peft_config") else None
+    # sharded: the whole state dict gathered on the main process (a collective: every process calls it);
+    # peft's save_pretrained picks the adapter's weights out of it
+    gathered = {}
+    if is_sharded(unwrapped) or s.deepspeed:  # ZeRO-3 holds partitions too; the engine gathers them
+        reshard(unwrapped)
+        gathered["state_dict"] = acc.get_state_dict(s.model)
     if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered)
             s.tokenizer.save_pretrained(tmp)
             if base_note is not None:
                 atomic_write_json(tmp / BASE_NOTE, base_note)
@@ -526,6 +599,13 @@ def _any_process(accelerator: Any, *flags: bool) -> tuple[bool, ...]:
 
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
     return tuple(bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist())
+
+
+def _device_count(device_type: str) -> int | None:
+    import torch
+
+    module = getattr(torch, device_type, None)
+    return module.device_count() if module is not None and hasattr(module, "device_count") else None
 
 
 class _null:

@@ -1,6 +1,7 @@
 """`qingzhou finetune`: adapt a model on a data set (full, LoRA family, QLoRA, IA3, prompt-based)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ def register(app: typer.Typer) -> None:
         claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the model loads
         mdl, tok = load_model(model, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model, overwrite=force)
+        if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: the result once, from the main process
+            return
         if as_json:
             print_json(result.to_dict())
             return
