@@ -1,0 +1,231 @@
+"""llama.cpp k-quant blocks (Q4_K, Q5_K, Q6_K) in numpy, byte-compatible with ggml.
+
+The `gguf` package can read (dequantise) k-quants but cannot write them, and llama.cpp's quality
+comes from its per-block scale search, not from the layout. So this is a port of ggml-quants.c
+(`quantize_row_q{4,5,6}_K_ref`, the path `llama-quantize` takes without an importance matrix) with
+its searches: `make_qkx2_quants` (weighted least squares over 21/16 candidate scales with a
+minimum, for Q4_K/Q5_K) and `make_qx_quants` (rmse_type 1, symmetric, 18 candidate scales, for
+Q6_K). Everything runs in float32 as the C code does, vectorised over all sub-blocks at once; only
+the summation order differs from C, which can flip a rare near-tie between two candidate scales.
+
+Layouts (QK_K = 256 weights per super-block, fp16 `d`/`dmin`):
+* Q4_K, 144 bytes: d, dmin, scales[12] (8 six-bit scales and 8 six-bit mins, packed as
+  `get_scale_min_k4` reads them), qs[128] (4-bit, two 32-wide sub-blocks per 32 bytes);
+* Q5_K, 176 bytes: as Q4_K plus qh[32] (the fifth bit, two bits per 64 weights) before qs;
+* Q6_K, 210 bytes: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8, one per 16
+  weights), d.
+Source: llama.cpp ggml/src/ggml-quants.c (MIT licence), as vendored by llama-cpp-python 0.3.36.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+QK_K = 256
+GROUP_MAX_EPS = np.float32(1e-15)
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+_F = np.float32
+
+
+def _rint(x: np.ndarray) -> np.ndarray:
+    """ggml's `nearest_int`: float32 round-half-to-even."""
+    return np.rint(x).astype(np.int32)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).astype(np.float16)
+
+
+def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric scale search for rows of `x` (n, m): returns (scale, the_min, L) as ggml does.
+
+    Starts from the min/max grid, then tries `nstep + 1` grids `(nmax + rmin + rdelta*i) / range`,
+    fitting scale and offset of each by weighted least squares, and keeps the lowest weighted
+    squared error. `the_min` is positive (dequantised value = scale * L - the_min).
+    """
+    x = x.astype(_F, copy=False)
+    w = weights.astype(_F, copy=False)
+    mn = np.minimum(x.min(axis=1), _F(0))
+    mx = x.max(axis=1)
+    sum_w = w.sum(axis=1, dtype=_F)
+    sum_x = (w * x).sum(axis=1, dtype=_F)
+    flat = mx == mn
+    rng = np.where(flat, _F(1), mx - mn).astype(_F)
+    iscale = (_F(nmax) / rng).astype(_F)
+    scale = (_F(1) / iscale).astype(_F)
+    L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+    diff = scale[:, None] * L.astype(_F) + mn[:, None] - x
+    best = (w * diff * diff).sum(axis=1, dtype=_F)
+    for step in range(nstep + 1):
+        num = _F(rmin) + _F(rdelta) * _F(step) + _F(nmax)
+        isc = (num / rng).astype(_F)
+        la = np.clip(_rint(isc[:, None] * (x - mn[:, None])), 0, nmax)
+        lf = la.astype(_F)
+        sum_l = (w * lf).sum(axis=1, dtype=_F)
+        sum_l2 = (w * lf * lf).sum(axis=1, dtype=_F)
+        sum_xl = (w * lf * x).sum(axis=1, dtype=_F)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = np.where(ok, D, _F(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_min = np.where(pos, _F(0), this_min)
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, _F(1)), this_scale)
+        d = this_scale[:, None] * lf + this_min[:, None] - x
+        err = (w * d * d).sum(axis=1, dtype=_F)
+        better = ok & (err < best)
+        L = np.where(better[:, None], la, L)
+        best = np.where(better, err, best)
+        scale = np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale = np.where(flat, _F(0), scale).astype(_F)
+    L = np.where(flat[:, None], 0, L)
+    return scale, (-mn).astype(_F), L
+
+
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric scale search (ggml `make_qx_quants`, rmse_type 1: weights x^2) for rows of `x`.
+
+    Returns (scale, L) with L in [0, 2*nmax) (value = scale * (L - nmax)).
+    """
+    x = x.astype(_F, copy=False)
+    n_rows = x.shape[0]
+    ax = np.abs(x)
+    idx = ax.argmax(axis=1)  # first maximum, as the C loop's strict `>`
+    amax = ax[np.arange(n_rows), idx]
+    mx = x[np.arange(n_rows), idx]
+    zero = amax < GROUP_MAX_EPS
+    mxs = np.where(zero, _F(1), mx).astype(_F)
+    w = x * x
+
+    def grid(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lv = np.clip(_rint(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = lv.astype(_F)
+        return lv, (w * x * lf).sum(axis=1, dtype=_F), (w * lf * lf).sum(axis=1, dtype=_F)
+
+    iscale = (_F(-nmax) / mxs).astype(_F)
+    lv, sumlx, suml2 = grid(iscale)
+    L = lv + nmax
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, _F(1)), _F(0)).astype(_F)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        isc = (-(_F(nmax) + _F(0.1) * _F(step)) / mxs).astype(_F)
+        lv, sumlx, suml2 = grid(isc)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(better[:, None], lv + nmax, L)
+        new_scale = sumlx / np.where(suml2 > 0, suml2, _F(1))
+        scale = np.where(better, new_scale, scale).astype(_F)
+        best = np.where(better, scale * sumlx, best)
+    scale = np.where(zero, _F(0), scale).astype(_F)
+    L = np.where(zero[:, None], 0, L)
+    return scale, L
+
+
+def _k4_scales(scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Super-block d/dmin and 6-bit per-sub-block scale/min codes (Q4_K, Q5_K)."""
+    max_scale = np.maximum(scales.max(axis=1), _F(0))
+    max_min = np.maximum(mins.max(axis=1), _F(0))
+    inv_scale = np.where(max_scale > 0, _F(63) / np.where(max_scale > 0, max_scale, _F(1)), _F(0)).astype(_F)
+    inv_min = np.where(max_min > 0, _F(63) / np.where(max_min > 0, max_min, _F(1)), _F(0)).astype(_F)
+    ls = np.minimum(_rint(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)  # uint8 cast, then MIN
+    lm = np.minimum(_rint(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+    return _f16(max_scale / _F(63)), _f16(max_min / _F(63)), ls, lm
+
+
+def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The 12-byte `scales` field: bytes 0-3 scale 0-3 (+ high bits of 4-7), 4-7 min 0-3 (+ high
+    bits of mins 4-7), 8-11 low nibbles of scale/min 4-7."""
+    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _requant_asym(x: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray,
+                  nmax: int) -> np.ndarray:
+    """Re-round each sub-block on the stored (fp16 x 6-bit) scale/min; sub-blocks with scale 0 keep L."""
+    dq = (d.astype(_F)[:, None] * ls.astype(_F))[:, :, None]
+    dm = (dmin.astype(_F)[:, None] * lm.astype(_F))[:, :, None]
+    safe = np.where(dq != 0, dq, _F(1))
+    new = np.clip(_rint((x + dm) / safe), 0, nmax)
+    return np.where(dq != 0, new, L).astype(np.uint8)
+
+
+def _asym_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    nb = x.shape[0]
+    sub = x.reshape(nb * 8, 32)
+    av_x = np.sqrt((sub * sub).sum(axis=1, dtype=_F) / _F(32)).astype(_F)
+    weights = av_x[:, None] + np.abs(sub)
+    scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
+    d, dmin, ls, lm = _k4_scales(scales.reshape(nb, 8), mins.reshape(nb, 8))
+    L = _requant_asym(x.reshape(nb, 8, 32), L.reshape(nb, 8, 32), d, dmin, ls, lm, nmax)
+    return d, dmin, _pack_k4_scales(ls, lm), L
+
+
+def quantize_q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 144) uint8 Q4_K blocks (`quantize_row_q4_K_ref`)."""
+    d, dmin, sc, L = _asym_blocks(x, 15, -1.0, 20)
+    L = L.reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qs], axis=1)
+
+
+def quantize_q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 176) uint8 Q5_K blocks (`quantize_row_q5_K_ref`)."""
+    d, dmin, sc, L = _asym_blocks(x, 31, -0.5, 15)
+    L = L.reshape(-1, 4, 2, 32)
+    lo, hi = L & 0xF, L >> 4
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c+h
+    qh = (hi << shifts[None, :, :, None]).sum(axis=(1, 2), dtype=np.uint32).astype(np.uint8)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qh, qs], axis=1)
+
+
+def quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 210) uint8 Q6_K blocks (`quantize_row_q6_K_ref`)."""
+    nb = x.shape[0]
+    scales, L = make_qx_quants(x.reshape(nb * 16, 16), 32)
+    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+    ia = np.abs(scales).argmax(axis=1)
+    max_scale = scales[np.arange(nb), ia]
+    zero = np.abs(max_scale) < GROUP_MAX_EPS
+    iscale = (_F(-128) / np.where(zero, _F(1), max_scale)).astype(_F)
+    d = _f16(np.where(zero, _F(0), _F(1) / iscale))
+    sc = np.minimum(_rint(iscale[:, None] * scales), 127).astype(np.int8)
+    sc = np.where(zero[:, None], np.int8(0), sc)
+    dj = (d.astype(_F)[:, None] * sc.astype(_F))[:, :, None]
+    safe = np.where(dj != 0, dj, _F(1))
+    new = np.clip(_rint(x.reshape(nb, 16, 16) / safe), -32, 31) + 32
+    L = np.where(dj != 0, new, L)
+    L = np.where(zero[:, None, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)
+    ql = np.concatenate([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
+                         (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], axis=2).reshape(nb, 128)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6))
+    return np.concatenate([ql, qh.reshape(nb, 64), sc.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+BLOCK_QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Q4_K": quantize_q4_k_blocks, "Q5_K": quantize_q5_k_blocks, "Q6_K": quantize_q6_k_blocks}
+
+
+def quantize_k(data: np.ndarray, kind: str, *, rows_per_chunk: int = 512) -> np.ndarray:
+    """Quantise a 2-D float array whose rows are a multiple of 256 long to `kind` ("Q4_K", ...).
+
+    Returns uint8 of shape (rows, row_bytes), the layout `gguf.GGUFWriter.add_tensor(raw_dtype=)`
+    and llama.cpp expect. Rows are processed in chunks so a large matrix needs little extra memory.
+    """
+    if data.ndim != 2 or data.shape[1] % QK_K:
+        raise ValueError(f"{kind} needs rows that are a multiple of {QK_K} long, got shape {data.shape}")
+    fn = BLOCK_QUANTIZERS[kind]
+    rows, cols = data.shape
+    out = np.empty((rows, cols // QK_K * BLOCK_BYTES[kind]), dtype=np.uint8)
+    for start in range(0, rows, rows_per_chunk):
+        chunk = np.ascontiguousarray(data[start:start + rows_per_chunk], dtype=_F)
+        out[start:start + chunk.shape[0]] = fn(chunk.reshape(-1, QK_K)).reshape(chunk.shape[0], -1)
+    return out
