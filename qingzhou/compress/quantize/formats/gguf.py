@@ -179,6 +179,7 @@ def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_custom_alignment(gguf.GGUF_DEFAULT_ALIGNMENT)  # llama.cpp's default, stated rather than implied
 
 
 def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:

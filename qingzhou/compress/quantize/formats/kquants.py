@@ -157,38 +157,47 @@ def _requant_asym(x: np.ndarray, L: np.ndarray, d: np.ndarray, dmin: np.ndarray,
     return np.where(dq != 0, new, L).astype(np.uint8)
 
 
-def _asym_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+def k4_parts(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K (nmax 15) / Q5_K (nmax 31) codes of (n_blocks, 256) float32 rows: (d, dmin, ls, lm, L).
+
+    d/dmin fp16 (n_blocks,), ls/lm the 6-bit scale/min codes (n_blocks, 8), L (n_blocks, 8, 32);
+    weight = d*ls*L - dmin*lm. Q4_K searches 21 grids from nmax-1, Q5_K 16 from nmax-0.5 (ggml's
+    `rmin`/`nstep`); each sub-block's importance is `sqrt(mean x^2) + |x|`.
+    """
+    rmin, nstep = {15: (-1.0, 20), 31: (-0.5, 15)}[nmax]
     nb = x.shape[0]
-    sub = x.reshape(nb * 8, 32)
+    sub = x.reshape(nb * 8, 32).astype(_F, copy=False)
     av_x = np.sqrt((sub * sub).sum(axis=1, dtype=_F) / _F(32)).astype(_F)
     weights = av_x[:, None] + np.abs(sub)
     scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
     d, dmin, ls, lm = _k4_scales(scales.reshape(nb, 8), mins.reshape(nb, 8))
     L = _requant_asym(x.reshape(nb, 8, 32), L.reshape(nb, 8, 32), d, dmin, ls, lm, nmax)
-    return d, dmin, _pack_k4_scales(ls, lm), L
+    return d, dmin, ls, lm, L
 
 
-def quantize_q4_k_blocks(x: np.ndarray) -> np.ndarray:
-    """(n_blocks, 256) float32 -> (n_blocks, 144) uint8 Q4_K blocks (`quantize_row_q4_K_ref`)."""
-    d, dmin, sc, L = _asym_blocks(x, 15, -1.0, 20)
+def pack_q4_k(d: np.ndarray, dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Q4_K bytes: d, dmin, scales[12], qs[128] (byte l of each 32 holds sub-blocks 2k and 2k+1)."""
     L = L.reshape(-1, 4, 2, 32)
     qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qs], axis=1)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
+                           _pack_k4_scales(ls, lm), qs], axis=1)
 
 
-def quantize_q5_k_blocks(x: np.ndarray) -> np.ndarray:
-    """(n_blocks, 256) float32 -> (n_blocks, 176) uint8 Q5_K blocks (`quantize_row_q5_K_ref`)."""
-    d, dmin, sc, L = _asym_blocks(x, 31, -0.5, 15)
+def pack_q5_k(d: np.ndarray, dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Q5_K bytes: d, dmin, scales[12], qh[32] (bit 2k+h of byte l = fifth bit of sub-block 2k+h,
+    weight l), qs[128] (low nibbles as Q4_K)."""
     L = L.reshape(-1, 4, 2, 32)
     lo, hi = L & 0xF, L >> 4
     qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
-    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c+h
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
     qh = (hi << shifts[None, :, :, None]).sum(axis=(1, 2), dtype=np.uint32).astype(np.uint8)
-    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qh, qs], axis=1)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
+                           _pack_k4_scales(ls, lm), qh, qs], axis=1)
 
 
-def quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
-    """(n_blocks, 256) float32 -> (n_blocks, 210) uint8 Q6_K blocks (`quantize_row_q6_K_ref`)."""
+def q6_k_parts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K codes of (n_blocks, 256) float32 rows: (d fp16 (n,), sc int8 (n, 16), L uint8 (n, 16, 16));
+    weight = d*sc*(L-32)."""
     nb = x.shape[0]
     scales, L = make_qx_quants(x.reshape(nb * 16, 16), 32)
     scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
@@ -203,11 +212,33 @@ def quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
     safe = np.where(dj != 0, dj, _F(1))
     new = np.clip(_rint(x.reshape(nb, 16, 16) / safe), -32, 31) + 32
     L = np.where(dj != 0, new, L)
-    L = np.where(zero[:, None, None], 0, L).astype(np.uint8).reshape(nb, 2, 4, 32)
+    return d, sc, np.where(zero[:, None, None], 0, L).astype(np.uint8)
+
+
+def pack_q6_k(d: np.ndarray, sc: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Q6_K bytes: ql[128], qh[64], scales[16], d. Per 128 weights (4 rows of 32): ql[l] = low
+    nibbles of rows 0 and 2, ql[32+l] of rows 1 and 3, qh[l] = the four 2-bit high parts."""
+    nb = d.shape[0]
+    L = L.reshape(nb, 2, 4, 32)
     ql = np.concatenate([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
                          (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], axis=2).reshape(nb, 128)
     qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6))
     return np.concatenate([ql, qh.reshape(nb, 64), sc.view(np.uint8), d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+def quantize_q4_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 144) uint8 Q4_K blocks (`quantize_row_q4_K_ref`)."""
+    return pack_q4_k(*k4_parts(x, 15))
+
+
+def quantize_q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 176) uint8 Q5_K blocks (`quantize_row_q5_K_ref`)."""
+    return pack_q5_k(*k4_parts(x, 31))
+
+
+def quantize_q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    """(n_blocks, 256) float32 -> (n_blocks, 210) uint8 Q6_K blocks (`quantize_row_q6_K_ref`)."""
+    return pack_q6_k(*q6_k_parts(x))
 
 
 BLOCK_QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
