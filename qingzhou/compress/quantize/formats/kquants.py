@@ -58,8 +58,10 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     L = np.clip(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     diff = scale[:, None] * L.astype(_F) + mn[:, None] - x
     best = (w * diff * diff).sum(axis=1, dtype=_F)
-    for step in range(nstep + 1):
+    for step in range(nstep + 1 if nstep >= 1 else 0):  # ggml returns the min/max grid for nstep < 1
         num = _F(rmin) + _F(rdelta) * _F(step) + _F(nmax)
+        # ggml reuses `min` as it improves, in the grid's offset and in its range alike
+        rng = np.where(flat, _F(1), mx - mn).astype(_F)
         isc = (num / rng).astype(_F)
         la = np.clip(_rint(isc[:, None] * (x - mn[:, None])), 0, nmax)
         lf = la.astype(_F)
