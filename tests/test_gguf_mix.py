@@ -163,3 +163,19 @@ def test_tensor_types_takes_hf_or_llama_cpp_names_and_refuses_unknown_ones(model
     with pytest.raises(ModelLoadError, match="q3_x"):
         export_gguf(model, tok, tmp_path / "y.gguf", "q4_k_m", tensor_types={"blk.0.attn_q": "q3_x"})
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_cli_exports_k_mix_and_names_the_types_for_a_wrong_one(tmp_path, tiny_llama_dir):
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["quantize", str(tiny_llama_dir), str(tmp_path / "g"), "--method", "none",
+                              "--gguf-type", "q4_k_m", "--json"])
+    assert res.exit_code == 0, res.output
+    f = gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).fields
+    assert f["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    res = runner.invoke(app, ["quantize", str(tiny_llama_dir), str(tmp_path / "h"), "--method", "none",
+                              "--gguf-type", "q4_k_s"])
+    assert res.exit_code == 2 and "q4_k_m" in res.output and "Traceback" not in res.output
