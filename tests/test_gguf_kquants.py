@@ -15,8 +15,9 @@ import pytest
 from gguf.quants import dequantize, quantize
 
 from qingzhou.compress.quantize.formats import kquants
-from qingzhou.compress.quantize.formats.kquants import (k4_parts, make_qkx2_quants, make_qx_quants, pack_q4_k,
-                                                        pack_q5_k, pack_q6_k, q6_k_parts, quantize_k)
+from qingzhou.compress.quantize.formats.kquants import (k4_parts, make_qkx2_quants, make_qx_quants, pack_q2_k,
+                                                        pack_q3_k, pack_q4_k, pack_q5_k, pack_q6_k, q2_k_parts,
+                                                        q3_k_parts, q6_k_parts, quantize_k)
 
 T = gguf.GGMLQuantizationType
 F = np.float32
@@ -60,12 +61,29 @@ def test_q6_k_bytes_read_back_by_gguf_as_our_codes():
     np.testing.assert_array_equal(dequantize(blocks, T.Q6_K), ours.reshape(x.shape))
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_q2_k_q3_k_bytes_read_back_by_gguf_as_our_codes():
+    x = _weights().reshape(-1, 256)
+    d, dmin, sc, mc, L = q2_k_parts(x)
+    assert L.max() <= 3 and sc.max() <= 15 and mc.max() <= 15
+    ours = (d.astype(F)[:, None] * sc.astype(F))[:, :, None] * L.astype(F) \
+        - (dmin.astype(F)[:, None] * mc.astype(F))[:, :, None]
+    blocks = pack_q2_k(d, dmin, sc, mc, L)
+    assert blocks.shape == (x.shape[0], 84)
+    np.testing.assert_array_equal(dequantize(blocks, T.Q2_K), ours.reshape(x.shape))
+    d, sc, L = q3_k_parts(x)
+    assert L.max() <= 7 and sc.max() <= 63
+    ours = (d.astype(F)[:, None] * (sc.astype(F) - 32))[:, :, None] * (L.astype(F) - 4)
+    blocks = pack_q3_k(d, sc, L)
+    assert blocks.shape == (x.shape[0], 110)
+    np.testing.assert_array_equal(dequantize(blocks, T.Q3_K), ours.reshape(x.shape))
+
+
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_zero_and_constant_blocks_come_back_exactly(kind):
     x = _weights()
     y = dequantize(quantize_k(x, kind), T[kind])
     assert np.all(y[1, :256] == 0.0)
-    assert np.abs(y[2, :256] + 0.25).max() < 2e-3  # one level of a fp16 scale
+    assert np.abs(y[2, :256] + 0.25).max() < (2e-2 if kind == "Q2_K" else 2e-3)  # ~one level of a fp16 scale
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_k(x[:, :320], kind)
 
@@ -199,7 +217,7 @@ def test_qx_search_equals_ggml_scalar_port():
 
 def test_the_search_beats_a_plain_grid_and_the_32_wide_formats():
     x = _weights(rows=128, cols=1024, seed=3)
-    err = {k: _rmse(dequantize(quantize_k(x, k), T[k]), x) for k in ("Q4_K", "Q5_K", "Q6_K")}
+    err = {k: _rmse(dequantize(quantize_k(x, k), T[k]), x) for k in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
     err.update({k: _rmse(dequantize(quantize(x, T[k]), T[k]), x) for k in ("Q4_0", "Q4_1", "Q5_1", "Q8_0")})
     # Q4_K without the search (nstep 0: min/max grid only), same layout and bits
     sub = x.reshape(-1, 32)
@@ -209,5 +227,5 @@ def test_the_search_beats_a_plain_grid_and_the_32_wide_formats():
     s2, m2, L2 = make_qkx2_quants(sub, w, 15, -1.0, 0.1, 20)
     searched = _rmse((s2[:, None] * L2 - m2[:, None]).reshape(x.shape), x)
     assert searched < 0.93 * plain, (searched, plain)
-    assert err["Q4_K"] < err["Q4_1"] < err["Q4_0"], err
+    assert err["Q4_K"] < err["Q4_1"] < err["Q4_0"] < err["Q3_K"] < err["Q2_K"], err
     assert err["Q5_K"] < err["Q5_1"] and err["Q6_K"] < 0.6 * err["Q5_K"] and err["Q8_0"] < err["Q6_K"], err

@@ -74,6 +74,21 @@ def test_q4_k_m_types_for_a_2048_wide_untied_model():
     assert {t for n, t in f16.items() if "norm" not in n} == {T.F16} and f16["output_norm.weight"] == T.F32
 
 
+def test_q3_k_m_and_q2_k_types_follow_llama_quantize():
+    shapes = _llama_shapes(32, 2048, 8192, 512, 32000, tied=False)  # n_head 32, n_head_kv 8: gqa 4
+    q3 = plan_types(shapes, "q3_k_m", n_layer=32, n_head=32, n_head_kv=8)
+    assert [q3[f"blk.{i}.attn_v.weight"] for i in (0, 1, 2, 31)] == [T.Q5_K, T.Q5_K, T.Q4_K, T.Q4_K]
+    assert [q3[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2, 31)] == [T.Q5_K, T.Q5_K, T.Q4_K, T.Q4_K]  # i < 32/16
+    assert q3["blk.5.attn_output.weight"] == T.Q4_K and q3["blk.5.attn_q.weight"] == T.Q3_K
+    assert q3["output.weight"] == T.Q6_K and q3["token_embd.weight"] == T.Q3_K
+    q2 = plan_types(shapes, "q2_k", n_layer=32, n_head=32, n_head_kv=8)
+    assert q2["blk.0.attn_v.weight"] == T.Q4_K  # gqa >= 4
+    assert plan_types(shapes, "q2_k", n_layer=32, n_head=32, n_head_kv=16)["blk.0.attn_v.weight"] == T.Q3_K
+    assert q2["blk.0.ffn_down.weight"] == q2["blk.0.attn_output.weight"] == T.Q3_K and q2["blk.0.ffn_up.weight"] == T.Q2_K
+    smol = plan_types(_llama_shapes(30, 576, 1536, 192, 49152, tied=True), "q3_k_m", n_layer=30, n_head=9, n_head_kv=3)
+    assert smol["blk.4.attn_q.weight"] == T.Q4_0 and smol["blk.4.attn_v.weight"] == T.Q5_0  # Q3_K -> Q4_0, Q4_K -> Q5_0
+
+
 def test_overrides_replace_the_rule_and_skip_its_layer_count_like_llama_quantize():
     shapes = _llama_shapes(8, 256, 512, 256, 300, tied=False)
     base = plan_types(shapes, "q4_k_m", n_layer=8)
@@ -101,7 +116,8 @@ def _fields(path):
     return r, {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize("qtype,ftype", [("f16", "MOSTLY_F16"), ("bf16", "MOSTLY_BF16"), ("q4_k_m", "MOSTLY_Q4_K_M"),
+@pytest.mark.parametrize("qtype,ftype", [("f16", "MOSTLY_F16"), ("bf16", "MOSTLY_BF16"), ("q2_k", "MOSTLY_Q2_K"),
+                                         ("q3_k_m", "MOSTLY_Q3_K_M"), ("q4_k_m", "MOSTLY_Q4_K_M"),
                                          ("q5_k_m", "MOSTLY_Q5_K_M"), ("q6_k", "MOSTLY_Q6_K")])
 def test_new_types_have_llama_cpp_keys_and_the_planned_tensors(model, tmp_path, qtype, ftype):
     tok, cfg = byte_tokenizer(), model.config
@@ -126,7 +142,7 @@ def test_new_types_have_llama_cpp_keys_and_the_planned_tensors(model, tmp_path, 
     got = {t.name: T(t.tensor_type).name for t in r.tensors}
     assert got == info["tensor_plan"]
     # each tensor reads back (gguf's dequantizer) close to the model weight it came from
-    bound = {"f16": 1e-3, "bf16": 8e-3, "q4_k_m": 0.12, "q5_k_m": 0.06, "q6_k": 0.03}[qtype]
+    bound = {"f16": 1e-3, "bf16": 8e-3, "q2_k": 0.45, "q3_k_m": 0.12, "q4_k_m": 0.12, "q5_k_m": 0.06, "q6_k": 0.03}[qtype]
     weight = model.model.layers[2].mlp.down_proj.weight.detach().numpy()
     t = next(t for t in r.tensors if t.name == "blk.2.ffn_down.weight")
     back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(weight.shape)

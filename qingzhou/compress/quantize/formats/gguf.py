@@ -1,5 +1,5 @@
-"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M,
-Q5_K_M, Q6_K, or a per-tensor mix).
+"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q2_K,
+Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, or a per-tensor mix).
 
 What llama.cpp and transformers' GGUF loader need, and why each detail matters:
 * llama.cpp tensor names (`token_embd`, `blk.N.attn_q`, ...). q/k weights are stored in llama.cpp's
@@ -17,7 +17,7 @@ What llama.cpp and transformers' GGUF loader need, and why each detail matters:
 
 The quantisation is byte-compatible with llama.cpp's tools: `gguf.quants.quantize` (the reference
 numpy port of ggml's kernels) for F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, and `kquants` (our port of
-ggml's k-quant scale searches) for Q4_K/Q5_K/Q6_K, which the gguf package cannot write. An f16 or
+ggml's k-quant scale searches) for Q2_K..Q6_K, which the gguf package cannot write. An f16 or
 bf16 file is the input llama.cpp's `llama-quantize` takes to make any of its other types.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from qingzhou.compress.quantize.formats.kquants import BLOCK_QUANTIZERS, quantiz
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import set_default_mode
 
-GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]
 SUPPORTED = ("llama", "mistral")  # model_type values written as general.architecture=llama
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",

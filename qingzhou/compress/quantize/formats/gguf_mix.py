@@ -10,8 +10,10 @@ multiple of 256, that is mostly Q5_0):
 * output.weight, and token_embd.weight when the embeddings are tied (no output.weight): Q8_0 if its
   rows are not a multiple of the default type's block, else Q6_K (unless the default is Q8_0);
 * Q4_K_M / Q5_K_M: attn_v.weight of the i-th layer -> Q6_K when use_more_bits(i, #attn_v), and
-  ffn_down.weight -> Q6_K when use_more_bits(i, n_layer); a 70B Llama (80 layers, GQA) has
-  Q4_K attn_v raised to Q5_K;
+  ffn_down.weight -> Q6_K when use_more_bits(i, n_layer);
+* Q3_K_M: attn_v Q5_K for the first two, else Q4_K; ffn_down Q5_K for i < n_layer/16, else Q4_K;
+  attn_output Q4_K. Q2_K: attn_v Q4_K with >= 4 query heads per kv head, else Q3_K; ffn_down and
+  attn_output Q3_K. A 70B Llama (80 layers, GQA) has Q3_K/Q4_K attn_v raised to Q5_K;
 * everything else: the file type's default (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0, F16, BF16, F32);
   1-D tensors and norms stay F32 (as `convert_hf_to_gguf.py` writes them);
 * then the shape fallback (`tensor_type_fallback`): a row length not divisible by the type's block
@@ -43,12 +45,13 @@ class FileType:
 FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in (
     FileType("f32", F.ALL_F32, T.F32), FileType("f16", F.MOSTLY_F16, T.F16), FileType("bf16", F.MOSTLY_BF16, T.BF16),
     FileType("q8_0", F.MOSTLY_Q8_0, T.Q8_0), FileType("q4_0", F.MOSTLY_Q4_0, T.Q4_0),
+    FileType("q2_k", F.MOSTLY_Q2_K, T.Q2_K), FileType("q3_k_m", F.MOSTLY_Q3_K_M, T.Q3_K),
     FileType("q4_k_m", F.MOSTLY_Q4_K_M, T.Q4_K), FileType("q5_k_m", F.MOSTLY_Q5_K_M, T.Q5_K),
     FileType("q6_k", F.MOSTLY_Q6_K, T.Q6_K),
 )}
 # tensor types a per-tensor override may name (all of them we can write)
 TENSOR_TYPES: dict[str, T] = {t.name.lower(): t for t in (
-    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)}
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}
 _FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 
 
@@ -72,7 +75,8 @@ def shape_fallback(t: T, ncols: int) -> T:
     return new if ncols % block_size(new) == 0 else T.F16
 
 
-def _rule(name: str, ncols: int, ft: FileType, state: dict[str, int], n_layer: int, tied: bool, is_70b: bool) -> T:
+def _rule(name: str, ncols: int, ft: FileType, state: dict[str, int], n_layer: int, tied: bool, is_70b: bool,
+          n_gqa: int) -> T:
     """`llama_tensor_get_type_impl` for the file types in FILE_TYPES (dense Llama, no MoE)."""
     new = ft.default
     kmix = ft.name in ("q4_k_m", "q5_k_m")
@@ -85,15 +89,25 @@ def _rule(name: str, ncols: int, ft: FileType, state: dict[str, int], n_layer: i
     if "attn_v.weight" in name:
         i = state["i_attention_wv"]
         state["i_attention_wv"] += 1
-        if kmix and use_more_bits(i, state["n_attention_wv"]):
+        if ft.name == "q2_k":
+            new = T.Q4_K if n_gqa >= 4 else T.Q3_K
+        elif ft.name == "q3_k_m":
+            new = T.Q5_K if i < 2 else T.Q4_K
+        elif kmix and use_more_bits(i, state["n_attention_wv"]):
             new = T.Q6_K
-        if is_70b and new == T.Q4_K:
+        if is_70b and new in (T.Q3_K, T.Q4_K):
             new = T.Q5_K
     elif "ffn_down" in name:
         i = state["i_ffn_down"]
         state["i_ffn_down"] += 1
-        if kmix and use_more_bits(i, n_layer):
+        if ft.name == "q2_k":
+            new = T.Q3_K
+        elif ft.name == "q3_k_m":
+            new = T.Q5_K if i < n_layer // 16 else T.Q4_K
+        elif kmix and use_more_bits(i, n_layer):
             new = T.Q6_K
+    elif "attn_output.weight" in name:
+        new = {"q2_k": T.Q3_K, "q3_k_m": T.Q4_K}.get(ft.name, new)
     return new
 
 
@@ -123,6 +137,7 @@ def plan_types(tensors: Iterable[tuple[str, tuple[int, ...]]], file_type: str, *
             out[name] = ft.default
             continue
         # an overridden tensor skips the rule and so its attn_v/ffn_down count, as in llama-quantize
-        t = TENSOR_TYPES[overrides[name]] if name in overrides else _rule(name, ncols, ft, state, n_layer, tied, is_70b)
+        t = TENSOR_TYPES[overrides[name]] if name in overrides else _rule(name, ncols, ft, state, n_layer, tied, is_70b,
+                                                                              n_head // max(n_head_kv, 1))
         out[name] = shape_fallback(t, ncols) if gguf.GGML_QUANT_SIZES[t][0] > 1 else t
     return out
