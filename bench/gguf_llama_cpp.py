@@ -18,6 +18,8 @@ llama-cpp-python sdist build below; functions return None / the script says so w
 
     flock /tmp/heavy.lock python bench/gguf_llama_cpp.py --types f16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k \
         --chunks 20 --ctx 512 --out /tmp/gguf_llama_cpp.json
+It also quantizes the model's weights with our k-quant port and with ggml's own C quantizer (through
+libggml-base) and reports the share of byte-identical blocks.
 Functions other benches call (bench/interop.py): `llama_cpp_tool`, `llama_perplexity`, `llama_bench`,
 `llama_quantize`, `llama_cpp_reads`, `llama_tokenize`, `llama_protocol_ppl`, `verify_gguf`.
 """
@@ -200,6 +202,42 @@ def verify_gguf(gguf: str | Path, text_file: str | Path, *, ctx: int = 512, chun
     return out
 
 
+def ggml_block_agreement(model: Any, kinds: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+                         max_blocks: int = 200_000) -> dict[str, Any] | None:
+    """Our k-quant blocks against ggml's own quantizer (`ggml_quantize_chunk` from libggml-base, no
+    importance matrix, as llama-quantize runs it) on the model's 2-D weights cut into 256-blocks:
+    share of byte-identical blocks and our squared error over ggml's. None when ggml is not built."""
+    import ctypes
+
+    import gguf as gguf_pkg
+    import numpy as np
+
+    from qingzhou.compress.quantize.formats.kquants import BLOCK_BYTES, quantize_k
+
+    lib_path = llama_cpp_tool("libggml-base.so")
+    if lib_path is None:
+        return None
+    fn = ctypes.CDLL(str(lib_path)).ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    blocks = np.concatenate([p.detach().float().reshape(-1, 256).numpy() for p in model.parameters()
+                             if p.dim() == 2 and p.numel() % 256 == 0])[:max_blocks]
+    blocks = np.ascontiguousarray(blocks, dtype=np.float32)
+    out = {}
+    for kind in kinds:
+        ours = quantize_k(blocks, kind)
+        ref = np.zeros_like(ours)
+        fn(int(gguf_pkg.GGMLQuantizationType[kind]), blocks.ctypes.data, ref.ctypes.data, 0, blocks.shape[0], 256, None)
+        t = gguf_pkg.GGMLQuantizationType[kind]
+        e_ours = float(((gguf_pkg.quants.dequantize(ours, t) - blocks) ** 2).sum())
+        e_ggml = float(((gguf_pkg.quants.dequantize(ref, t) - blocks) ** 2).sum())
+        out[kind] = {"blocks": int(blocks.shape[0]), "identical_blocks": float((ours.reshape(-1, BLOCK_BYTES[kind]) ==
+                                                                              ref.reshape(-1, BLOCK_BYTES[kind])).all(1).mean()),
+                     "sq_err_ours_over_ggml": e_ours / e_ggml}
+    return out
+
+
 def compare_files(ours: str | Path, theirs: str | Path, source: str | Path) -> dict[str, Any]:
     """Tensor by tensor: same GGML type? identical bytes? error of each against `source` (the f16
     file both were quantised from, dequantised)."""
@@ -252,6 +290,8 @@ def main() -> None:
     text = WIKI.read_text(encoding="utf-8")
     text_file.write_text(text[: max(args.chunks * args.ctx * 8, 20000)], encoding="utf-8")
     model, tok = load_model(args.model, dtype="float32", device="cpu")
+    agreement = ggml_block_agreement(model)
+    print(json.dumps({"k-quant blocks vs ggml_quantize_chunk": agreement}), flush=True)
     types = args.types.split(",")
     if not args.no_llama_quantize and "f16" not in types:
         types = ["f16", *types]
@@ -281,7 +321,7 @@ def main() -> None:
               f"{100 * r.get('rel_diff', float('nan')):+.2f}% | {'ok' if r.get('tokenizer_ok') else r.get('tokenizer')} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"ctx": args.ctx, "chunks": args.chunks, "model": args.model,
-                                              "rows": rows}, indent=1, default=str))
+                                              "ggml_block_agreement": agreement, "rows": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":
