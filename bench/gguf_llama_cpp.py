@@ -70,7 +70,7 @@ def llama_perplexity(gguf: str | Path, text_file: str | Path, *, ctx: int = 512,
     if tool is None:
         return None
     rc, log, secs = _run([str(tool), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
-                          "--chunks", str(chunks), "-t", str(threads)])
+                          "--chunks", str(chunks), "-t", str(threads), "-lv", "4"])  # -lv 4: the loader's KV dump
     found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
     if rc != 0 or not found:
         raise RuntimeError(f"llama-perplexity failed on {gguf} (rc {rc}):\n{log[-3000:]}")
@@ -187,7 +187,7 @@ def verify_gguf(gguf: str | Path, text_file: str | Path, *, ctx: int = 512, chun
         out["rel_diff"] = out["qingzhou"]["ppl"] / ll["ppl"] - 1
         theirs = llama_tokenize(gguf, text_file)
         n = ctx * chunks
-        out["same_token_ids"] = theirs is not None and theirs[:n] == ids[:n]
+        out["same_token_ids"] = None if theirs is None else theirs[:n] == ids[:n]  # None: llama-tokenize not built
         reads = ll["reads"]
         out["tokenizer"] = {
             "pre": (reads["pre"], fields.get("tokenizer.ggml.pre")),
