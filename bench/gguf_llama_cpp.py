@@ -99,7 +99,7 @@ def llama_tokenize(gguf: str | Path, text_file: str | Path) -> list[int] | None:
     tool = llama_cpp_tool("llama-tokenize")
     if tool is None:
         return None
-    rc, log, _ = _run([str(tool), "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable"])
+    rc, log, _ = _run([str(tool), "-m", str(gguf), "-f", str(text_file), "--ids", "--log-disable", "--no-parse-special"])
     found = re.search(r"\[[0-9, ]*\]", log)
     if rc != 0 or not found:
         raise RuntimeError(f"llama-tokenize failed on {gguf} (rc {rc}):\n{log[-2000:]}")
