@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/gguf_llama_cpp")
     ap.add_argument("--no-llama-quantize", action="store_true", help="skip llama-quantize f16 -> Q4_K_M")
+    ap.add_argument("--no-ggml-blocks", action="store_true", help="skip the block comparison with libggml")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -290,12 +291,12 @@ def main() -> None:
     text = WIKI.read_text(encoding="utf-8")
     text_file.write_text(text[: max(args.chunks * args.ctx * 8, 20000)], encoding="utf-8")
     model, tok = load_model(args.model, dtype="float32", device="cpu")
-    agreement = ggml_block_agreement(model)
+    agreement = None if args.no_ggml_blocks else ggml_block_agreement(model)
     print(json.dumps({"k-quant blocks vs ggml_quantize_chunk": agreement}), flush=True)
     types = args.types.split(",")
-    if not args.no_llama_quantize and "f16" not in types:
-        types = ["f16", *types]
     rows: dict[str, Any] = {}
+    if not args.no_llama_quantize and "f16" not in types:  # llama-quantize's input only
+        export_gguf(model, tok, work / "f16.gguf", "f16", overwrite=True)
     for q in types:
         path = work / f"{q}.gguf"
         start = time.perf_counter()
