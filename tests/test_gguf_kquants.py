@@ -185,11 +185,11 @@ def test_qkx2_search_equals_ggml_scalar_port(nmax, rmin, nstep):
     scale, the_min, L = make_qkx2_quants(sub, w, nmax, rmin, 0.1, nstep)
     same, ours, ref = 0, 0.0, 0.0
     for j in range(sub.shape[0]):
-        s, m, l = _qkx2_scalar(list(sub[j]), list(w[j]), nmax, rmin, 0.1, nstep)
-        if list(L[j]) == l:
+        s, m, levels = _qkx2_scalar(list(sub[j]), list(w[j]), nmax, rmin, 0.1, nstep)
+        if list(L[j]) == levels:
             same += 1
             np.testing.assert_allclose([scale[j], the_min[j]], [s, m], rtol=1e-5, atol=1e-9)
-        e_ours, e_ref = _werr(sub[j], w[j], scale[j] * L[j] - the_min[j]), _werr(sub[j], w[j], s * np.array(l) - m)
+        e_ours, e_ref = _werr(sub[j], w[j], scale[j] * L[j] - the_min[j]), _werr(sub[j], w[j], s * np.array(levels) - m)
         assert e_ours <= 1.05 * e_ref, (j, e_ours, e_ref)
         ours, ref = ours + e_ours, ref + e_ref
     # Only the summation order differs from C; the least-squares fit (sum_w*sum_l2 - sum_l^2) cancels,
@@ -203,12 +203,12 @@ def test_qx_search_equals_ggml_scalar_port():
     scale, L = make_qx_quants(sub, 32)
     same, ours, ref = 0, 0.0, 0.0
     for j in range(sub.shape[0]):
-        s, l = _qx_scalar(list(sub[j]), 32)
-        if list(L[j]) == l:
+        s, levels = _qx_scalar(list(sub[j]), 32)
+        if list(L[j]) == levels:
             same += 1
             np.testing.assert_allclose(scale[j], s, rtol=1e-5, atol=1e-12)
         w = sub[j] * sub[j]
-        e_ours, e_ref = _werr(sub[j], w, scale[j] * (L[j] - 32.0)), _werr(sub[j], w, s * (np.array(l) - 32.0))
+        e_ours, e_ref = _werr(sub[j], w, scale[j] * (L[j] - 32.0)), _werr(sub[j], w, s * (np.array(levels) - 32.0))
         assert e_ours <= 1.05 * e_ref, (j, e_ours, e_ref)
         ours, ref = ours + e_ours, ref + e_ref
     assert same >= 0.95 * sub.shape[0], same  # near-ties of sumlx^2 > best*suml2 (5 of 128 here)
