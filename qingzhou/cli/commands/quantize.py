@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         num_samples: Optional[int] = typer.Option(None, "--num-samples", help=CALIBRATION_HELP["num_samples"]),
         seq_len: Optional[int] = typer.Option(None, "--seq-len", help=CALIBRATION_HELP["seq_len"]),
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
-        gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|q8_0|q4_0) "
-                                                "instead of a GPTQ folder; --method none = export only"),
+        gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|bf16|q8_0|q4_0|"
+                                                "q2_k|q3_k_m|q4_k_m|q5_k_m|q6_k) instead of a GPTQ folder; --method none = export only"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         allow_pickle: bool = AllowPickleOpt,

@@ -18,8 +18,9 @@ class QuantizeStage(MethodStage):
     save_format: Literal["gptq", "dense", "gguf"] = Field(
         "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised "
                             "fp weights; gguf: one llama.cpp file (model/model.gguf)")
-    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = Field(
-        "q8_0", description="GGUF tensor type with save_format: gguf (method: none = export only)")
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"] = Field(
+        "q8_0", description="GGUF file type with save_format: gguf (method: none = export only); k-quant mixes "
+                            "use llama-quantize's per-tensor rules, f16/bf16 are what llama-quantize takes as input")
     default_method: ClassVar[str] = "gptq"
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, Q8_0, Q4_0).
+"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q2_K,
+Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, or a per-tensor mix).
 
 What llama.cpp and transformers' GGUF loader need, and why each detail matters:
 * llama.cpp tensor names (`token_embd`, `blk.N.attn_q`, ...). q/k weights are stored in llama.cpp's
@@ -10,12 +11,14 @@ What llama.cpp and transformers' GGUF loader need, and why each detail matters:
   CONTROL -, merges, special ids, chat template), read from the fast tokenizer's own JSON so
   nothing is re-derived, and `tokenizer.ggml.pre`, llama.cpp's name for the pre-tokenizer, found
   as its converter finds it (see `gguf_pre`);
-* Q8_0/Q4_0 blocks are 32 wide along each row: a tensor whose row length is not a multiple of 32
-  stays F16, norms stay F32, as llama.cpp's converter does. With `q4_0` the embeddings and output
-  head use Q8_0 (llama.cpp also keeps them at higher precision; they are the most sensitive).
+* the type of each tensor: `gguf_mix.plan_types`, llama-quantize's own rules (a Q4_K_M file gives
+  some attn_v/ffn_down layers and the output head Q6_K, and rows that are not a multiple of 256
+  fall back to Q5_0/Q5_1/Q8_0), plus per-tensor overrides (`tensor_types`); norms stay F32.
 
-The quantisation itself is `gguf.quants.quantize` (the reference numpy port of ggml's kernels), so
-files are bit-compatible with what llama.cpp's tools write.
+The quantisation is byte-compatible with llama.cpp's tools: `gguf.quants.quantize` (the reference
+numpy port of ggml's kernels) for F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, and `kquants` (our port of
+ggml's k-quant scale searches) for Q2_K..Q6_K, which the gguf package cannot write. An f16 or
+bf16 file is the input llama.cpp's `llama-quantize` takes to make any of its other types.
 """
 from __future__ import annotations
 
@@ -24,17 +27,20 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from qingzhou.compress.quantize.formats.gguf_mix import FILE_TYPES, TENSOR_TYPES, plan_types
 from qingzhou.compress.quantize.formats.gguf_pre import llama_cpp_pre
+from qingzhou.compress.quantize.formats.kquants import BLOCK_QUANTIZERS, quantize_k
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import set_default_mode
 
-GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]
 SUPPORTED = ("llama", "mistral")  # model_type values written as general.architecture=llama
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -46,13 +52,18 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFType = "q8_0",
-                *, pre: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                *, pre: str | None = None, tensor_types: Mapping[str, str] | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
     """Write `model` (dense, or with qingzhou `QuantLinear` layers, dequantised) to `path`.
 
     `pre` is llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, e.g. "smollm", "llama-bpe",
     "qwen2"): it picks the regex llama.cpp splits text with before BPE and how it detokenises.
     By default it is the name in the GGUF the model was loaded from, else the one llama.cpp's
     converter would write (`gguf_pre.llama_cpp_pre`); pass it to override.
+    `tensor_types` maps tensors to GGML types (`gguf_mix.TENSOR_TYPES` keys: "q4_k", "q6_k",
+    "q8_0", "f16", ...) over the file type's rule, e.g. a mixed-bit plan; keys are llama.cpp names
+    (`blk.3.ffn_down.weight`) or HF module names (`model.layers.3.mlp.down_proj`), `.weight`
+    optional. `general.file_type` stays `qtype`'s.
     Returns a small summary (path, bytes, tensor types, pre-tokenizer and where that name came
     from). The file gets normal permissions (0666 less the umask). Raises `ModelLoadError` for architectures
     other than Llama/Mistral, naming the supported ones. An existing file at `path` is replaced
@@ -64,8 +75,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     if cfg.model_type not in SUPPORTED:
         raise ModelLoadError(f"GGUF export supports {', '.join(SUPPORTED)} models, not {cfg.model_type!r}.",
                              where="export_gguf", hint="Save in the GPTQ layout (save_format: gguf -> gptq).")
-    if qtype not in ("f32", "f16", "q8_0", "q4_0"):
-        raise ModelLoadError(f"unknown GGUF type {qtype!r}.", where="gguf_type", hint="Use f32, f16, q8_0 or q4_0.")
+    if qtype not in FILE_TYPES:
+        raise ModelLoadError(f"unknown GGUF type {qtype!r}.", where="gguf_type", hint=f"Use one of {', '.join(FILE_TYPES)}.")
     rope = _rope(cfg)
     path = Path(path)
     if path.exists() and not (overwrite and path.is_file()):
@@ -78,18 +89,21 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     os.close(fd)
     types: dict[str, int] = {}
     pre, pre_source = (pre, "argument") if pre else llama_cpp_pre(tokenizer)
+    plan = _plan(model, qtype, tensor_types)
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         _write_hparams(w, cfg, rope, qtype)
         _write_tokenizer(w, tokenizer, cfg.vocab_size, pre)
-        for name, tensor in _llama_tensors(model):
-            t = _tensor_type(name, tensor, qtype)
+        for name, _, tensor in _llama_tensors(model):
+            t = plan[name]
             types[t.name] = types.get(t.name, 0) + 1
             data = tensor.detach().float().cpu().numpy()
             if t == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(name, data.astype(np.float32))
             elif t == gguf.GGMLQuantizationType.F16:
                 w.add_tensor(name, data.astype(np.float16))
+            elif t.name in BLOCK_QUANTIZERS:
+                w.add_tensor(name, quantize_k(data, t.name), raw_dtype=t)
             else:
                 w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
         w.write_header_to_file()
@@ -103,7 +117,31 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
             os.unlink(tmp)
         raise
     return {"path": str(path), "bytes": path.stat().st_size, "gguf_type": qtype, "tensor_types": types,
-            "pre_tokenizer": pre, "pre_tokenizer_from": pre_source}
+            "tensor_plan": {n: t.name for n, t in plan.items()}, "pre_tokenizer": pre, "pre_tokenizer_from": pre_source}
+
+
+def _plan(model: nn.Module, qtype: str, tensor_types: Mapping[str, str] | None) -> dict[str, Any]:
+    """GGML type per llama.cpp tensor name: `gguf_mix.plan_types` with the overrides resolved."""
+    cfg = model.config
+    shapes, aliases = [], {}
+    for name, hf, tensor in _llama_tensors(model):
+        shapes.append((name, tuple(tensor.shape)))
+        for key in (name, name.removesuffix(".weight"), hf, hf.removesuffix(".weight")):
+            aliases[key] = name
+    overrides: dict[str, str] = {}
+    for key, value in (tensor_types or {}).items():
+        if key not in aliases:
+            raise ModelLoadError(f"tensor_types names {key!r}, which is not a tensor of this model.",
+                                 where="export_gguf tensor_types",
+                                 hint="Use llama.cpp names (blk.0.ffn_down.weight) or HF module names "
+                                      "(model.layers.0.mlp.down_proj).")
+        if str(value).lower() not in TENSOR_TYPES:
+            raise ModelLoadError(f"tensor_types gives {key!r} the type {value!r}.", where="export_gguf tensor_types",
+                                 hint=f"Use one of {', '.join(TENSOR_TYPES)}.")
+        overrides[aliases[key]] = str(value).lower()
+    n_head = int(cfg.num_attention_heads)
+    return plan_types(shapes, qtype, n_layer=int(cfg.num_hidden_layers), n_head=n_head,
+                      n_head_kv=int(getattr(cfg, "num_key_value_heads", None) or n_head), overrides=overrides)
 
 
 def _rope(cfg: Any) -> dict[str, Any]:
@@ -123,8 +161,7 @@ def _head_dim(cfg: Any) -> int:
 def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
     import gguf
 
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+    ftype = FILE_TYPES[qtype].file_type
     name = getattr(cfg, "_name_or_path", "") or "qingzhou-model"
     w.add_name(Path(str(name)).name or "qingzhou-model")
     w.add_context_length(int(cfg.max_position_embeddings))
@@ -142,6 +179,7 @@ def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_custom_alignment(gguf.GGUF_DEFAULT_ALIGNMENT)  # llama.cpp's default, stated rather than implied
 
 
 def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
@@ -199,12 +237,12 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 def _llama_tensors(model: nn.Module):
-    """(llama.cpp name, float tensor) pairs, q/k permuted, tied output head omitted."""
+    """(llama.cpp name, HF name, float tensor) triples, q/k permuted, tied output head omitted."""
     cfg = model.config
     base = model.model
     n_head = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
-    yield "token_embd.weight", base.embed_tokens.weight
+    yield "token_embd.weight", "model.embed_tokens.weight", base.embed_tokens.weight
     for i, layer in enumerate(base.layers):
         modules = dict(layer.named_modules())
         for hf, ll in _LAYER_NAMES.items():
@@ -214,23 +252,10 @@ def _llama_tensors(model: nn.Module):
                 t = _permute_rotary(t, n_head)
             elif hf == "self_attn.k_proj":
                 t = _permute_rotary(t, n_kv)
-            yield f"blk.{i}.{ll}.weight", t
+            yield f"blk.{i}.{ll}.weight", f"model.layers.{i}.{hf}.weight", t
             if getattr(m, "bias", None) is not None:
                 raise ModelLoadError(f"{hf} of layer {i} has a bias, which llama-architecture GGUF has no "
                                      "tensor for.", where="export_gguf")
-    yield "output_norm.weight", base.norm.weight
+    yield "output_norm.weight", "model.norm.weight", base.norm.weight
     if not getattr(cfg, "tie_word_embeddings", False):
-        yield "output.weight", model.lm_head.weight
-
-
-def _tensor_type(name: str, tensor: torch.Tensor, qtype: str):
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if tensor.dim() < 2 or qtype == "f32":
-        return T.F32
-    if qtype == "f16" or tensor.shape[-1] % 32:
-        return T.F16
-    if qtype == "q4_0" and name in ("token_embd.weight", "output.weight"):
-        return T.Q8_0
-    return T.Q8_0 if qtype == "q8_0" else T.Q4_0
+        yield "output.weight", "lm_head.weight", model.lm_head.weight
