@@ -217,6 +217,8 @@ def meta_model(folder: str | Path, dtype: torch.dtype = torch.float32, index: Sh
                 bits = rows // -(-in_f // 32)
                 bias = f"{prefix}.bias" in index
                 layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias, n_groups=n_groups)
+                if bias:  # keeps the checkpoint's bias dtype, as load_quantized always did
+                    layer.bias = torch.empty(out_f, dtype=index.meta(f"{prefix}.bias")[0], device="meta")
                 model.set_submodule(prefix, layer)
         setattr(model, QUANT_ATTR, qc)
     return model
@@ -256,6 +258,23 @@ def materialize(model: nn.Module, prefix: str, index: ShardIndex, device: Any = 
         value = index.tensor(name)
         value = value.to(device=device, dtype=_target_dtype(model, name, value), copy=True)
         set_module_tensor_to_device(model, name, device, value=value)
+
+
+def check_names(model: nn.Module, index: ShardIndex, strict: bool = True) -> None:
+    """ModelLoadError when the shards do not fill the architecture: tensors missing (always: a
+    meta tensor cannot run) or, when `strict`, tensors the architecture does not use."""
+    expected = {n for n, _ in _persistent_tensors(model)}
+    tied = _tied_names(model)
+    missing = sorted(n for n in expected - set(index.names) if n not in tied)
+    unexpected = sorted(set(index.names) - expected) if strict else []
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) the architecture needs are missing ({', '.join(missing[:6])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) are not used by the architecture ({', '.join(unexpected[:6])})")
+        raise ModelLoadError("the weights do not match the architecture in config.json: " + "; ".join(parts) + ".",
+                             where=str(index.folder), hint="Check that config.json belongs to these shards.")
 
 
 def release(model: nn.Module, prefix: str) -> None:
@@ -383,7 +402,7 @@ def _split_to_layers(model: nn.Module, device_map: dict[str, Any]) -> dict[str, 
 
 def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
              max_memory: Any = None, device_map: Any = None, offload_folder: str | Path | None = None,
-             prefetch: bool = True) -> nn.Module:
+             prefetch: bool = True, strict: bool = True) -> nn.Module:
     """Build `folder`'s model on the meta device and place it within `max_memory` (see module doc).
 
     `device_map`: None/"auto" (plan from `max_memory`) or an explicit accelerate map
@@ -396,6 +415,7 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
 
     index = ShardIndex(folder)
     model = meta_model(folder, dtype, index=index)
+    check_names(model, index, strict)
     budget = parse_max_memory(max_memory, device)
     if isinstance(device_map, dict):
         placement = {k: v for k, v in device_map.items()}
@@ -427,8 +447,6 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         from qingzhou.llm.offload import attach_streamer
 
         attach_streamer(model, index, streamed, device, prefetch=prefetch)
-    else:
-        model.to(device) if device != "cpu" else None
     resident = sum(index.nbytes(n) for m in placement if m not in streamed for n in names_by_module[m])
     model.qingzhou_offload = {"device_map": placement, "streamed_modules": streamed,
                               "resident_bytes": resident,

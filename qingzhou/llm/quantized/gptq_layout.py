@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qingzhou.llm.quantized.qlinear import QuantLinear
@@ -72,46 +72,28 @@ def _dedupe_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
 
 def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch)
-    with `QuantLinear` modules; bits per module come from the tensor shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch,
+    one file or sharded) with `QuantLinear` modules; bits per module come from the tensor shapes.
+
+    The model is built on the meta device with the packed layers in place (`bigload.meta_model`)
+    and filled from the memory-mapped shards, so the dense weights are never allocated."""
+    from qingzhou.llm.bigload import INDEX_FILE, load_big, read_config
 
     folder = Path(folder)
-    cfg_path, w_path = folder / "config.json", folder / WEIGHTS
-    if not cfg_path.exists() or not w_path.exists():
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists() or not ((folder / WEIGHTS).exists() or (folder / INDEX_FILE).exists()):
         raise ModelLoadError("not a quantised checkpoint folder (config.json + model.safetensors).",
                              where=str(folder))
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    qc = raw.pop("quantization_config", None)
+    qc = read_config(folder).get("quantization_config")
     if not qc or qc.get("quant_method") != "gptq":
         raise ModelLoadError("config.json has no GPTQ quantization_config.", where=str(cfg_path))
     if qc.get("checkpoint_format", "gptq") != "gptq":
         raise ModelLoadError(f"checkpoint_format {qc.get('checkpoint_format')!r} is not supported.",
                              where=str(cfg_path), hint="Only v1 'gptq' checkpoints load here.")
-    config = AutoConfig.for_model(**raw)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = load_file(str(w_path))
-    for prefix in sorted({k[: -len(".qweight")] for k in state if k.endswith(".qweight")}):
-        g_idx = state[f"{prefix}.g_idx"]
-        qweight = state[f"{prefix}.qweight"]
-        in_f, out_f = g_idx.shape[0], qweight.shape[1]
-        bits = qweight.shape[0] // -(-in_f // 32)  # rows = ceil(in/32) * bits
-        bias = state.get(f"{prefix}.bias")
-        layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias is not None,
-                            n_groups=state[f"{prefix}.scales"].shape[0])
-        if bias is not None:
-            layer.bias = torch.empty_like(bias)
-        model.set_submodule(prefix, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tie = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tie and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"checkpoint does not match the architecture: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.", where=str(w_path))
-    if tie:
-        model.tie_weights()
-    setattr(model, QUANT_ATTR, qc)
-    return model.to(device).eval()
+    model = load_big(folder, dtype=dtype, device=str(torch.device(device)))
+    for name in ("qingzhou_offload", "qingzhou_shards"):
+        delattr(model, name)  # fully resident: nothing maps the shards any more
+    return model.eval()
 
 
 def _group_size(qc: dict[str, Any], name: str) -> int:
