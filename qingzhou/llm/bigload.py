@@ -200,8 +200,11 @@ def meta_model(folder: str | Path, dtype: torch.dtype = torch.float32, index: Sh
     raw = read_config(folder)
     qc = raw.pop("quantization_config", None)
     config = AutoConfig.for_model(**raw)
-    with init_empty_weights():
+    # include_buffers: every tensor is created on meta (accelerate's default creates each
+    # parameter on the CPU, then moves it: a transient dense allocation per weight)
+    with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _real_non_persistent_buffers(model)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     if qc and qc.get("quant_method") == "gptq":
@@ -222,6 +225,20 @@ def meta_model(folder: str | Path, dtype: torch.dtype = torch.float32, index: Sh
                 model.set_submodule(prefix, layer)
         setattr(model, QUANT_ATTR, qc)
     return model
+
+
+def _real_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers no checkpoint holds (rotary `inv_freq`) are computed, on the CPU, by the model's own
+    `_init_weights`, as transformers does after its meta-device build."""
+    for module in model.modules():
+        names = [n for n in module._non_persistent_buffers_set
+                 if getattr(module, n, None) is not None and getattr(module, n).is_meta]
+        if not names:
+            continue
+        for n in names:
+            setattr(module, n, torch.empty_like(getattr(module, n), device="cpu"))
+        with torch.no_grad():
+            model._init_weights(module)
 
 
 def _tied_names(model: nn.Module) -> set[str]:

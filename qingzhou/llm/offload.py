@@ -123,7 +123,8 @@ def attach_streamer(model: nn.Module, index: ShardIndex, modules: list[str], dev
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
     dtypes = {n: t.dtype for n, t in _declared_dtypes(model, index, modules).items()}
-    order = [m for m, _ in model.named_modules() if m in set(modules)]
+    # forward order; modules without checkpoint tensors (rotary embeddings) are never asked for
+    order = [m for m, _ in model.named_modules() if m in set(modules) and index.layer_names(m)]
     streamer = Streamer(index, order, device, dtypes, prefetch=prefetch)
     for name in order:
         hook = getattr(model.get_submodule(name), "_hf_hook", None)
