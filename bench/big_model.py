@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qingzhou
 MODELS = Path(os.environ.get("QINGZHOU_BIG_MODELS", "/work/peers/models"))
 AIRLLM_PYTHON = Path(os.environ.get("AIRLLM_PYTHON", "/work/peers/airllm/bin/python"))
 SHARD_BYTES = 2 * 10**9
@@ -84,6 +85,15 @@ def make_model(shape: str, seed: int = 0, out: Path | None = None) -> Path:
 
     _write_sharded(out, cfg.to_dict(), ((n, tensor(i, n)) for i, n in enumerate(names)))
     return out
+
+
+def add_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer (ids < 300), so loaders that insist on one (AirLLM, `load_model`)
+    accept the folder; the bench itself feeds token ids."""
+    from qingzhou.finetune.testing import byte_tokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        byte_tokenizer().save_pretrained(folder)
 
 
 def make_4bit(shape: str, group_size: int = 128) -> Path:
@@ -156,6 +166,7 @@ def _write_sharded(out: Path, config: dict, tensors) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    add_tokenizer(tmp)
     tmp.rename(out)
 
 
@@ -187,7 +198,8 @@ def _engine(engine: str, folder: str, budget: int, tokens: int, dtype: str) -> N
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    ids = torch.tensor([PROMPT])
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    ids = torch.tensor([[i % vocab for i in PROMPT]])
     t0 = time.perf_counter()
     if engine == "airllm":
         model = _airllm_model(folder, budget)
@@ -230,12 +242,15 @@ def _greedy(model, ids, n: int) -> list[int]:
 def _airllm_model(folder: str, budget: int):
     from airllm import AutoModel  # only in the AirLLM venv
 
-    return AutoModel.from_pretrained(folder, device="cpu")
+    split = Path(folder).with_name(Path(folder).name + ".airllm-split")
+    # AirLLM has no memory budget: it always streams every decoder layer (about one layer resident)
+    return AutoModel.from_pretrained(folder, device="cpu", layer_shards_saving_path=str(split))
 
 
 def offload(shape: str, tokens: int, threads: int, engines: list[str], bits_list: list[int]) -> list[dict]:
     rows = []
     bf16 = make_model(shape)
+    add_tokenizer(bf16)
     budget = folder_bytes(bf16) // 4
     for bits in bits_list:
         folder = bf16 if bits == 16 else make_4bit(shape)

@@ -183,3 +183,33 @@ def test_gptq_layout_offloaded_streams_packed_bytes(gptq_tiny, tiny4):
     # a streamed 4-bit layer is about a quarter (plus scales) of its fp32 size / half of bf16
     dense_layer = _layer_bytes(tiny4["one"])
     assert _layer_bytes(folder) < dense_layer * 0.25
+
+
+def test_streamed_4bit_layers_use_the_kernel_cache(gptq_tiny, tmp_path):
+    """bf16 on the CPU: streamed 4-bit layers compute with torch's int4 kernel from a layout
+    written once to offload_folder, and give the resident model's logits; a second load reuses it."""
+    from qingzhou.llm import load_model
+    from qingzhou.llm.quantized.int4_kernel import supported
+
+    if not supported("cpu", torch.bfloat16):
+        pytest.skip("no int4 CPU kernel for bf16 here")
+    folder, _ = gptq_tiny
+    ref, _ = load_model(str(folder), dtype="bfloat16", device="cpu")
+    cache = tmp_path / "offload"
+    big, _ = load_model(str(folder), dtype="bfloat16", device="cpu", max_memory=int(_layer_bytes(folder) * 2.2),
+                        offload_folder=str(cache))
+    files = sorted(p.name for p in cache.glob("*.safetensors"))
+    assert files and all(f.startswith("model.layers.") for f in files)
+    kernels = big.qingzhou_streamer.kernels
+    assert kernels is not None and kernels.layers
+    with torch.inference_mode():
+        torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
+        assert _greedy(big) == _greedy(ref)
+    # the streamed layers hold no packed kernel once the forward is past them
+    current = big.qingzhou_streamer._current
+    held = [n for m, layers in kernels.layers.items() if m != current for n, q in layers if q._fast]
+    assert not held
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    load_model(str(folder), dtype="bfloat16", device="cpu", max_memory=int(_layer_bytes(folder) * 2.2),
+               offload_folder=str(cache))
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes

@@ -424,8 +424,8 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
 
     `device_map`: None/"auto" (plan from `max_memory`) or an explicit accelerate map
     {module: device | "cpu" | "disk"}. Offloaded layers stream from the safetensors shards in
-    place; `offload_folder` is only written for what the shards cannot serve directly (nothing, for
-    a safetensors checkpoint: it is accepted for accelerate's API). The model is in eval mode with
+    place; `offload_folder` (default: under $QINGZHOU_CACHE/offload) holds only what the shards
+    cannot serve directly: streamed 4-bit layers in the int4 kernel's layout (`offload.KernelCache`). The model is in eval mode with
     `qingzhou_offload` set to a summary {device_map, resident_bytes, streamed_bytes}.
     """
     from accelerate import dispatch_model
@@ -456,14 +456,15 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         model.tie_weights()
     model.eval()
     if streamed:
-        if offload_folder is not None:
-            Path(offload_folder).mkdir(parents=True, exist_ok=True)
-        dispatch_model(model, placement, main_device=str(device), offload_index=offload_index,
+        from qingzhou.llm.offload import attach_streamer, build_kernel_cache
+
+        kernels = build_kernel_cache(model, index, streamed, device, dtype, offload_folder)
+        # what streams is "disk" to accelerate: served from the mapped shards (the page cache) by
+        # the Streamer, whether the plan said cpu or disk
+        dispatch_model(model, {k: ("disk" if k in streamed else v) for k, v in placement.items()}, main_device=str(device), offload_index=offload_index,
                        offload_dir=str(offload_folder) if offload_folder else None, offload_buffers=True,
                        force_hooks=True, preload_module_classes=list(getattr(model, "_no_split_modules", None) or ()))
-        from qingzhou.llm.offload import attach_streamer
-
-        attach_streamer(model, index, streamed, device, prefetch=prefetch)
+        attach_streamer(model, index, streamed, device, prefetch=prefetch, kernels=kernels)
     resident = sum(index.nbytes(n) for m in placement if m not in streamed for n in names_by_module[m])
     model.qingzhou_offload = {"device_map": placement, "streamed_modules": streamed,
                               "resident_bytes": resident,

@@ -33,12 +33,23 @@ class Streamer:
     """Serves the tensors of the streamed modules to accelerate's hooks, one module ahead."""
 
     def __init__(self, index: ShardIndex, modules: list[str], device: str, dtypes: dict[str, torch.dtype],
-                 prefetch: bool = True):
+                 prefetch: bool = True, kernels: KernelCache | None = None):
         from qingzhou.llm.devices import side_stream
 
         self.index, self.modules, self.device = index, modules, torch.device(device)
         self.dtypes = dtypes  # tensor name -> the dtype the model computes it in
+        self.kernels = kernels
         self.names = {m: index.layer_names(m) for m in modules}
+        self.source = {n: index for names in self.names.values() for n in names}
+        self.placeholders: dict[str, torch.Tensor] = {}
+        if kernels is not None:  # packed 4-bit layers stream their kernel layout instead of the GPTQ buffers
+            for m in modules:
+                for n in kernels.replaced(m):
+                    dtype, shape, _, _ = index.meta(n)
+                    self.placeholders[n] = torch.zeros((), dtype=dtype, device=self.device).expand(shape)
+                extra = kernels.index.layer_names(m) if kernels.index is not None else []
+                self.names[m] = [n for n in self.names[m] if n not in self.placeholders] + extra
+                self.source.update({n: kernels.index for n in extra})
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="qingzhou-prefetch") if prefetch else None
         self._stream = side_stream(self.device)
@@ -51,12 +62,13 @@ class Streamer:
     def _load(self, module: str) -> tuple[dict[str, torch.Tensor], Any]:
         names = self.names[module]
         if self.device.type == "cpu":
-            self.index.prefetch(names)
-            return {n: self._cast(n, self.index.tensor(n)) for n in names}, None
+            for src in {id(self.source[n]): self.source[n] for n in names}.values():
+                src.prefetch([n for n in names if self.source[n] is src])
+            return {n: self._cast(n, self.source[n].tensor(n)) for n in names}, None
         from qingzhou.llm.devices import record_event, stream_context
 
         with stream_context(self._stream):
-            out = {n: self._cast(n, self.index.tensor(n)).to(self.device, non_blocking=True) for n in names}
+            out = {n: self._cast(n, self.source[n].tensor(n)).to(self.device, non_blocking=True) for n in names}
             event = record_event(self._stream)
         return out, event
 
@@ -72,7 +84,8 @@ class Streamer:
         with self._lock:
             if module != self._current:
                 self._enter(module)
-            return self._tensors[f"{module}.{name}"]
+            full = f"{module}.{name}"
+            return self.placeholders[full] if full in self.placeholders else self._tensors[full]
 
     def _enter(self, module: str) -> None:
         previous = self._current
@@ -85,8 +98,13 @@ class Streamer:
         self._tensors = tensors
         self._current = module
         self.loads += 1
+        if self.kernels is not None:
+            if previous is not None:
+                self.kernels.detach(previous)
+            self.kernels.attach(module, tensors, self.device)
         if previous is not None and self.device.type == "cpu":
-            self.index.release(self.names[previous])
+            for src in {id(self.source[n]): self.source[n] for n in self.names[previous]}.values():
+                src.release([n for n in self.names[previous] if self.source[n] is src])
         i = self.modules.index(module)
         self._submit(self.modules[(i + 1) % len(self.modules)])
 
@@ -118,14 +136,14 @@ class StreamedWeights:
 
 
 def attach_streamer(model: nn.Module, index: ShardIndex, modules: list[str], device: str,
-                    prefetch: bool = True) -> Streamer:
+                    prefetch: bool = True, kernels: KernelCache | None = None) -> Streamer:
     """Point the accelerate hooks of `modules` (already dispatched as offloaded) at a Streamer."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
     dtypes = {n: t.dtype for n, t in _declared_dtypes(model, index, modules).items()}
     # forward order; modules without checkpoint tensors (rotary embeddings) are never asked for
     order = [m for m, _ in model.named_modules() if m in set(modules) and index.layer_names(m)]
-    streamer = Streamer(index, order, device, dtypes, prefetch=prefetch)
+    streamer = Streamer(index, order, device, dtypes, prefetch=prefetch, kernels=kernels)
     for name in order:
         hook = getattr(model.get_submodule(name), "_hf_hook", None)
         hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
@@ -146,3 +164,113 @@ def _declared_dtypes(model: nn.Module, index: ShardIndex, modules: list[str]) ->
             if n in state:
                 out[n] = state[n]
     return out
+
+
+class KernelCache:
+    """Streamed 4-bit layers in the int4 kernel's own layout, converted once and kept on disk.
+
+    A GPTQ-layout layer must be repacked (`Int4Pack.build`: unpack, reorder, pack, self-check)
+    before torch's int4 matmul can use it; doing that each time a streamed layer comes in would
+    cost more than its compute, and caching the packs in the layers would keep the whole model
+    resident. So each streamed module's packs are written once, as `<module>.safetensors` in a
+    folder per (checkpoint, device type, dtype), and stream from there: the same quarter of the
+    bf16 bytes, ready to multiply. Each file appears by rename, so an interrupted or failed
+    conversion (a full disk) leaves no file a later run would read.
+    """
+
+    SUFFIXES = (".int4pack", ".int4sz", ".int4perm")
+
+    def __init__(self, folder, layers: dict[str, list[tuple[str, nn.Module]]]):
+        self.folder = folder
+        self.layers = layers  # streamed module -> [(qualified name, QuantLinear)] using the cache
+        self.index: ShardIndex | None = ShardIndex(folder) if any(layers.values()) else None
+
+    def replaced(self, module: str) -> list[str]:
+        out = []
+        for name, _ in self.layers.get(module, ()):
+            out += [f"{name}.{b}" for b in ("qweight", "qzeros", "scales", "g_idx")]
+        return out
+
+    def attach(self, module: str, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        from qingzhou.llm.quantized.int4_kernel import _PACKERS, Int4Pack
+
+        matmul = _PACKERS[device.type][1]()
+        for name, layer in self.layers.get(module, ()):
+            sz = tensors[f"{name}.int4sz"]
+            layer._fast[(device, sz.dtype)] = Int4Pack(tensors[f"{name}.int4pack"], sz, tensors.get(f"{name}.int4perm"),
+                                                       layer.group_size, layer.out_features, matmul)
+
+    def detach(self, module: str) -> None:
+        for _, layer in self.layers.get(module, ()):
+            layer._fast.clear()
+
+
+def build_kernel_cache(model: nn.Module, index: ShardIndex, modules: list[str], device: str,
+                       dtype: torch.dtype, folder=None) -> KernelCache | None:
+    """Write (or reuse) the int4 kernel layout of the streamed modules' 4-bit layers; None when
+    no streamed layer can use the kernel on `device` in `dtype` (they then stream GPTQ buffers)."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from qingzhou.errors import ModelLoadError
+    from qingzhou.llm.bigload import materialize, release
+    from qingzhou.llm.quantized.int4_kernel import supported
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    dev = torch.device(device)
+    if not supported(dev.type, dtype):
+        return None
+    candidates = {m: [(f"{m}.{n}", q) for n, q in model.get_submodule(m).named_modules()
+                      if isinstance(q, QuantLinear) and q.bits == 4 and q.kernel != "dequant"] for m in modules}
+    candidates = {m: v for m, v in candidates.items() if v}
+    if not candidates:
+        return None
+    folder = Path(folder) if folder else _kernel_folder(index, dev, dtype)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for m, layers in candidates.items():
+            file = folder / f"{m}.safetensors"
+            if file.is_file():
+                continue
+            materialize(model, m, index, "cpu")
+            tensors = {}
+            for name, q in layers:
+                fast = q.fast_kernel(dev, dtype)
+                if fast is not None:
+                    tensors[f"{name}.int4pack"] = fast.packed.cpu().contiguous()
+                    tensors[f"{name}.int4sz"] = fast.scales_and_zeros.cpu().contiguous()
+                    if fast.perm is not None:
+                        tensors[f"{name}.int4perm"] = fast.perm.cpu().contiguous()
+                q._fast.clear()
+            release(model, m)
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            try:
+                save_file(tensors, str(tmp), metadata={"format": "pt", "qingzhou": "int4 kernel layout"})
+                os.replace(tmp, file)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise ModelLoadError(f"could not write the 4-bit kernel cache: {e}", where=str(folder),
+                             hint="Nothing partial was kept; free disk space (or pass another offload_folder) "
+                                  "and load again.") from None
+    cache_index = ShardIndex(folder)
+    used = {m: [(n, q) for n, q in layers if f"{n}.int4pack" in cache_index] for m, layers in candidates.items()}
+    cache = KernelCache(folder, {m: v for m, v in used.items() if v})
+    cache.index = cache_index
+    return cache
+
+
+def _kernel_folder(index: ShardIndex, device: torch.device, dtype: torch.dtype):
+    """$QINGZHOU_CACHE/offload/<fingerprint of the shards (path, size, mtime), device type, dtype>."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    h = hashlib.sha256(f"{index.folder.resolve()}|{device.type}|{dtype}".encode())
+    for p in sorted(index.folder.glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    root = os.environ.get("QINGZHOU_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "qingzhou")
+    return Path(root).expanduser() / "offload" / h.hexdigest()[:32]
