@@ -213,3 +213,31 @@ def test_streamed_4bit_layers_use_the_kernel_cache(gptq_tiny, tmp_path):
     load_model(str(folder), dtype="bfloat16", device="cpu", max_memory=int(_layer_bytes(folder) * 2.2),
                offload_folder=str(cache))
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes
+
+
+def test_cli_generate_with_a_budget_and_its_error(tiny4):
+    """`qingzhou generate --max-memory` streams and prints what the in-memory model prints; a budget
+    below the largest layer is exit code 2 with the layer named, no traceback."""
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    runner = CliRunner()
+    folder = str(tiny4["sharded"])
+    args = ["generate", "hello", "--model", folder, "--device", "cpu", "--dtype", "float32", "-n", "6",
+            "--no-chat", "--no-stream"]
+    plain = runner.invoke(app, args)
+    big = runner.invoke(app, [*args, "--max-memory", str(int(_layer_bytes(tiny4["sharded"]) * 2.2))])
+    assert plain.exit_code == 0 and big.exit_code == 0, big.output
+    assert big.stdout == plain.stdout
+    bad = runner.invoke(app, [*args, "--max-memory", "1KiB"])
+    assert bad.exit_code == 2 and "model.layers." in bad.output and "Traceback" not in bad.output
+
+
+def test_recipe_load_stage_takes_the_budget(tiny4):
+    from qingzhou.recipes.context import ModelCache, ModelRef
+    from qingzhou.recipes.stages.load import LoadStage
+
+    cfg = LoadStage(model=str(tiny4["one"]), dtype="float32", device="cpu", max_memory="400KiB")
+    model, _ = ModelCache().get(ModelRef(cfg.model, cfg.dtype, cfg.device, max_memory=cfg.max_memory))
+    assert model.qingzhou_offload["streamed_modules"]
