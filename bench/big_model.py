@@ -100,7 +100,7 @@ def make_4bit(shape: str, group_size: int = 128) -> Path:
     """The 4-bit g128 RTN version of the bf16 model in the GPTQ layout, one tensor at a time."""
     import torch
 
-    from qingzhou.llm.bigload import ShardIndex
+    from qingzhou.llm.shards import ShardIndex
     from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
     from qingzhou.llm.quantized.qlinear import QuantLinear
 
@@ -210,9 +210,9 @@ def _engine(engine: str, folder: str, budget: int, tokens: int, dtype: str) -> N
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map="auto",
                                                      max_memory={"cpu": budget}, offload_folder=str(offload))
     else:
-        from qingzhou.llm.bigload import load_big
+        from qingzhou.llm import load_model
 
-        model = load_big(folder, dtype=torch_dtype, device="cpu", max_memory={"cpu": budget})
+        model, _ = load_model(folder, dtype=dtype, device="cpu", max_memory=budget)
     load_s = time.perf_counter() - t0
     with torch.inference_mode():
         model(ids[:, :1])  # warm-up: one forward, not counted

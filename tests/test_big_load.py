@@ -46,7 +46,7 @@ def _greedy(model, n=6):
 
 
 def _layer_bytes(folder: Path) -> int:
-    from qingzhou.llm.bigload import ShardIndex
+    from qingzhou.llm.shards import ShardIndex
 
     index = ShardIndex(folder)
     return max(sum(index.nbytes(n) for n in index.layer_names(f"model.layers.{i}")) for i in range(4))

@@ -268,9 +268,13 @@ def _load_big(src: ModelSource, dtype: str, device: str, *, strict: bool, trust_
         tokenizer = AutoTokenizer.from_pretrained(str(folder) if src.kind == "gguf" else tokenizer_from)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"the model folder has no usable tokenizer: {_first_line(e)}", where=str(folder)) from None
-    model = load_big(folder, dtype=torch_dtype, device=dev, max_memory=max_memory,
-                     device_map=None if device_map in (None, "auto") else device_map,
-                     offload_folder=offload_folder, strict=strict)
+    big = {"max_memory": max_memory, "device_map": None if device_map in (None, "auto") else device_map,
+           "offload_folder": offload_folder}
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    if quant_method in quantized_loaders():
+        model = quantized_loaders()[quant_method](str(folder), dtype=torch_dtype, device=dev, **big)
+    else:
+        model = load_big(folder, dtype=torch_dtype, device=dev, strict=strict, **big)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.qingzhou_source = src.path

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.llm.bigload import ShardIndex
+from qingzhou.llm.shards import ShardIndex
 
 
 class Streamer:
@@ -215,7 +215,7 @@ def build_kernel_cache(model: nn.Module, index: ShardIndex, modules: list[str], 
     from safetensors.torch import save_file
 
     from qingzhou.errors import ModelLoadError
-    from qingzhou.llm.bigload import materialize, release
+    from qingzhou.llm.shards import materialize, release
     from qingzhou.llm.quantized.int4_kernel import supported
     from qingzhou.llm.quantized.qlinear import QuantLinear
 
