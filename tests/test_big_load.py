@@ -241,3 +241,20 @@ def test_recipe_load_stage_takes_the_budget(tiny4):
     cfg = LoadStage(model=str(tiny4["one"]), dtype="float32", device="cpu", max_memory="400KiB")
     model, _ = ModelCache().get(ModelRef(cfg.model, cfg.dtype, cfg.device, max_memory=cfg.max_memory))
     assert model.qingzhou_offload["streamed_modules"]
+
+
+def test_tied_embeddings_streamed_from_disk(tmp_path):
+    """An explicit device_map with the (tied) embedding and every layer on disk: lm_head streams
+    the one stored copy of the embedding, and the tokens are the in-memory model's."""
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+    from qingzhou.llm import load_model, save_model
+
+    save_model(tiny_model("llama", num_hidden_layers=3, seed=5, tie_word_embeddings=True), byte_tokenizer(), tmp_path / "m")
+    ref, _ = load_model(str(tmp_path / "m"), dtype="float32", device="cpu")
+    placement = {"model.embed_tokens": "disk", "model.layers": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "disk"}
+    big, _ = load_model(str(tmp_path / "m"), dtype="float32", device="cpu", device_map=placement)
+    assert {"model.embed_tokens", "lm_head", "model.layers.2"} <= set(big.qingzhou_offload["streamed_modules"])
+    with torch.inference_mode():
+        torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
+    assert _greedy(big) == _greedy(ref)

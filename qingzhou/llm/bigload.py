@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qingzhou.errors import QingzhouError
-from qingzhou.llm.shards import (INDEX_FILE, ShardIndex, _persistent_tensors, check_names,  # noqa: F401
+from qingzhou.llm.shards import (INDEX_FILE, ShardIndex, _persistent_tensors, _tied_names, check_names,  # noqa: F401
                                  materialize, read_config, release)
 
 QuantLayers = Callable[[nn.Module, dict, ShardIndex], None]
@@ -197,7 +197,7 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     check_names(model, index, strict)
     budget = parse_max_memory(max_memory, device)
     if isinstance(device_map, dict):
-        placement = {k: v for k, v in device_map.items()}
+        placement = _split_to_layers(model, {k: (v if isinstance(v, str) else device) for k, v in device_map.items()})
     else:
         placement = plan_device_map(model, device, budget, dtype)
     streamed = [m for m, d in placement.items() if d == "disk" or (d == "cpu" and device != "cpu")]

@@ -33,7 +33,7 @@ class Streamer:
     """Serves the tensors of the streamed modules to accelerate's hooks, one module ahead."""
 
     def __init__(self, index: ShardIndex, modules: list[str], device: str, dtypes: dict[str, torch.dtype],
-                 prefetch: bool = True, kernels: KernelCache | None = None):
+                 prefetch: bool = True, kernels: KernelCache | None = None, tied: dict[str, str] | None = None):
         from qingzhou.llm.devices import side_stream
 
         self.index, self.modules, self.device = index, modules, torch.device(device)
@@ -41,6 +41,12 @@ class Streamer:
         self.kernels = kernels
         self.names = {m: index.layer_names(m) for m in modules}
         self.source = {n: index for names in self.names.values() for n in names}
+        self.stored = {}  # model name -> name in the shards, for tied tensors stored once
+        for target, src in (tied or {}).items():
+            m = next((m for m in modules if target.startswith(m + ".")), None)
+            if m is not None and src in index and target not in index:
+                self.names[m].append(target)
+                self.source[target], self.stored[target] = index, src
         self.placeholders: dict[str, torch.Tensor] = {}
         if kernels is not None:  # packed 4-bit layers stream their kernel layout instead of the GPTQ buffers
             for m in modules:
@@ -62,15 +68,21 @@ class Streamer:
     def _load(self, module: str) -> tuple[dict[str, torch.Tensor], Any]:
         names = self.names[module]
         if self.device.type == "cpu":
-            for src in {id(self.source[n]): self.source[n] for n in names}.values():
-                src.prefetch([n for n in names if self.source[n] is src])
-            return {n: self._cast(n, self.source[n].tensor(n)) for n in names}, None
+            self._advise(names, "prefetch")
+            return {n: self._cast(n, self._read(n)) for n in names}, None
         from qingzhou.llm.devices import record_event, stream_context
 
         with stream_context(self._stream):
-            out = {n: self._cast(n, self.source[n].tensor(n)).to(self.device, non_blocking=True) for n in names}
+            out = {n: self._cast(n, self._read(n)).to(self.device, non_blocking=True) for n in names}
             event = record_event(self._stream)
         return out, event
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.source[name].tensor(self.stored.get(name, name))
+
+    def _advise(self, names: list[str], what: str) -> None:
+        for src in {id(self.source[n]): self.source[n] for n in names}.values():
+            getattr(src, what)([self.stored.get(n, n) for n in names if self.source[n] is src])
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         want = self.dtypes.get(name, t.dtype)
@@ -103,8 +115,7 @@ class Streamer:
                 self.kernels.detach(previous)
             self.kernels.attach(module, tensors, self.device)
         if previous is not None and self.device.type == "cpu":
-            for src in {id(self.source[n]): self.source[n] for n in self.names[previous]}.values():
-                src.release([n for n in self.names[previous] if self.source[n] is src])
+            self._advise(self.names[previous], "release")
         i = self.modules.index(module)
         self._submit(self.modules[(i + 1) % len(self.modules)])
 
@@ -142,8 +153,12 @@ def attach_streamer(model: nn.Module, index: ShardIndex, modules: list[str], dev
 
     dtypes = {n: t.dtype for n, t in _declared_dtypes(model, index, modules).items()}
     # forward order; modules without checkpoint tensors (rotary embeddings) are never asked for
-    order = [m for m, _ in model.named_modules() if m in set(modules) and index.layer_names(m)]
-    streamer = Streamer(index, order, device, dtypes, prefetch=prefetch, kernels=kernels)
+    from qingzhou.llm.shards import tied_sources
+
+    tied = tied_sources(model)
+    order = [m for m, _ in model.named_modules()
+             if m in set(modules) and (index.layer_names(m) or any(t.startswith(m + ".") for t in tied))]
+    streamer = Streamer(index, order, device, dtypes, prefetch=prefetch, kernels=kernels, tied=tied)
     for name in order:
         hook = getattr(model.get_submodule(name), "_hf_hook", None)
         hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]

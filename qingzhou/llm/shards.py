@@ -180,6 +180,15 @@ def _tied_names(model: nn.Module) -> set[str]:
     return set(tied) if getattr(model.config, "tie_word_embeddings", False) else set()
 
 
+def tied_sources(model: nn.Module) -> dict[str, str]:
+    """Tied tensors the checkpoint stores once: {name in the model: name in the shards}
+    (lm_head.weight -> model.embed_tokens.weight)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    if not getattr(model.config, "tie_word_embeddings", False) or not isinstance(tied, dict):
+        return {}
+    return {k: v for k, v in tied.items() if isinstance(v, str)}
+
+
 def _target_dtype(model: nn.Module, name: str, value: torch.Tensor) -> torch.dtype:
     """What dtype the model's (meta) tensor `name` has: floats are cast to it, integers kept."""
     current = _get_tensor(model, name)
