@@ -258,3 +258,23 @@ def test_tied_embeddings_streamed_from_disk(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
     assert _greedy(big) == _greedy(ref)
+
+
+def test_perplexity_and_generate_with_the_embedding_on_disk(tmp_path):
+    """Everything streamed, the embedding too (its parameters are on meta between forwards):
+    perplexity and generate still find the compute device and give the in-memory numbers."""
+    from qingzhou.eval.perplexity import perplexity
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+    from qingzhou.llm import generate, load_model, save_model
+
+    save_model(tiny_model("llama", num_hidden_layers=2, seed=7), byte_tokenizer(), tmp_path / "m")
+    ref, tok = load_model(str(tmp_path / "m"), dtype="float32", device="cpu")
+    placement = {"model.embed_tokens": "disk", "model.layers": "disk", "model.norm": "disk",
+                 "model.rotary_emb": "cpu", "lm_head": "disk"}
+    big, _ = load_model(str(tmp_path / "m"), dtype="float32", device="cpu", device_map=placement)
+    assert next(big.parameters()).device.type == "meta"
+    text = "the quick brown fox jumps over the lazy dog. " * 8
+    a = perplexity(big, tok, text, seq_len=64, progress=False)
+    b = perplexity(ref, tok, text, seq_len=64, progress=False)
+    assert a.tokens == b.tokens > 100 and a.ppl == pytest.approx(b.ppl, rel=1e-6)
+    assert generate(big, tok, "fox", max_new_tokens=5, chat=False).text == generate(ref, tok, "fox", max_new_tokens=5, chat=False).text

@@ -228,7 +228,7 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
                        force_hooks=True, preload_module_classes=list(getattr(model, "_no_split_modules", None) or ()))
         attach_streamer(model, index, streamed, device, prefetch=prefetch, kernels=kernels)
     resident = sum(index.nbytes(n) for m in placement if m not in streamed for n in names_by_module[m])
-    model.qingzhou_offload = {"device_map": placement, "streamed_modules": streamed,
+    model.qingzhou_offload = {"device": str(device), "device_map": placement, "streamed_modules": streamed,
                               "resident_bytes": resident,
                               "streamed_bytes": sum(index.nbytes(n) for n in offload_index)}
     model.qingzhou_shards = index

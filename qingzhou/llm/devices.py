@@ -413,3 +413,17 @@ def wait_event(device: Any, event: Any) -> None:
     if event is None:
         return
     torch.get_device_module(torch.device(device).type).current_stream().wait_event(event)
+
+
+def model_device(model: Any) -> Any:
+    """The device a model's inputs go to: the compute device of an offloaded model (whose first
+    parameters may be on the meta device between forwards), else that of its first real tensor."""
+    import torch
+
+    offload = getattr(model, "qingzhou_offload", None)
+    if offload and offload.get("device"):
+        return torch.device(offload["device"])
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")

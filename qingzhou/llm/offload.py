@@ -36,7 +36,7 @@ class Streamer:
                  prefetch: bool = True, kernels: KernelCache | None = None, tied: dict[str, str] | None = None):
         from qingzhou.llm.devices import side_stream
 
-        self.index, self.modules, self.device = index, modules, torch.device(device)
+        self.index, self.modules, self.device = index, modules, _indexed(torch.device(device))
         self.dtypes = dtypes  # tensor name -> the dtype the model computes it in
         self.kernels = kernels
         self.names = {m: index.layer_names(m) for m in modules}
@@ -124,6 +124,14 @@ class Streamer:
             self._pool.shutdown(wait=True)
         self._pending.clear()
         self._tensors = {}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:0' (the current index): layers key their kernels by the inputs' device."""
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    module = torch.get_device_module(device.type)
+    return torch.device(device.type, module.current_device()) if hasattr(module, "current_device") else device
 
 
 class StreamedWeights:
