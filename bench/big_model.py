@@ -260,10 +260,25 @@ def offload(shape: str, tokens: int, threads: int, engines: list[str], bits_list
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
     ref = next((r.get("tokens") for r in rows if r.get("bits") == 16 and r.get("engine") == "qingzhou"), None)
+    peers = [r["tokens_per_s"] for r in rows if r.get("engine") != "qingzhou" and r.get("tokens_per_s")]
     for r in rows:
         if r.get("tokens") is not None and r["bits"] == 16:
             r["same_tokens_as_qingzhou"] = r["tokens"] == ref
+        if r.get("engine") == "qingzhou" and r.get("tokens_per_s") and peers:
+            r["x_fastest_peer_bf16"] = round(r["tokens_per_s"] / max(peers), 2)
+    print(markdown(rows))
     return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| shape | engine | weights | budget MB | tok/s | x fastest peer | peak RSS MB | load s | same tokens |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        tps = r.get("tokens_per_s", r.get("skipped") or ("error: " + " ".join(r.get("error", []))[-80:]))
+        lines.append(f"| {r.get('shape')} | {r['engine']} | {'bf16' if r.get('bits') == 16 else '4-bit g128'} | "
+                     f"{r.get('budget_mb')} | {tps} | {r.get('x_fastest_peer_bf16', '')} | {r.get('peak_rss_mb', '')} | "
+                     f"{r.get('load_s', '')} | {r.get('same_tokens_as_qingzhou', '')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -278,3 +278,26 @@ def test_perplexity_and_generate_with_the_embedding_on_disk(tmp_path):
     b = perplexity(ref, tok, text, seq_len=64, progress=False)
     assert a.tokens == b.tokens > 100 and a.ppl == pytest.approx(b.ppl, rel=1e-6)
     assert generate(big, tok, "fox", max_new_tokens=5, chat=False).text == generate(ref, tok, "fox", max_new_tokens=5, chat=False).text
+
+
+def test_gguf_source_is_converted_once_then_streamed(tmp_path, monkeypatch):
+    """A .gguf with a budget: dequantized once into a safetensors cache keyed by its sha256 (an
+    atomic folder), loaded from there with streaming; the second load reuses the cache."""
+    from qingzhou.compress.quantize.formats.gguf import export_gguf
+    from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+    from qingzhou.io import sha256_file
+    from qingzhou.llm import load_model
+
+    monkeypatch.setenv("QINGZHOU_CACHE", str(tmp_path / "cache"))
+    export_gguf(tiny_model("llama", num_hidden_layers=3, seed=11), byte_tokenizer(), tmp_path / "m.gguf", "f32")
+    ref, _ = load_model(str(tmp_path / "m.gguf"), dtype="float32", device="cpu")
+    big, _ = load_model(str(tmp_path / "m.gguf"), dtype="float32", device="cpu", max_memory="300KiB")
+    folder = tmp_path / "cache" / "gguf" / sha256_file(tmp_path / "m.gguf")[:32]
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+    assert big.qingzhou_offload["streamed_modules"]
+    with torch.inference_mode():
+        torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-6)
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    load_model(str(tmp_path / "m.gguf"), dtype="float32", device="cpu", max_memory="300KiB")
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
