@@ -27,6 +27,7 @@ from torch import nn
 
 from qingzhou.errors import QingzhouError
 from qingzhou.llm.shards import (INDEX_FILE, ShardIndex, _persistent_tensors, _tied_names, check_names,  # noqa: F401
+                                 decoder_layers,
                                  materialize, read_config, release)
 
 QuantLayers = Callable[[nn.Module, dict, ShardIndex], None]
@@ -73,12 +74,6 @@ def _real_non_persistent_buffers(model: nn.Module) -> None:
             setattr(module, n, torch.empty_like(getattr(module, n), device="cpu"))
         with torch.no_grad():
             model._init_weights(module)
-
-
-def decoder_layers(model: nn.Module) -> list[str]:
-    """Module names of the blocks accelerate never splits (the decoder layers), in forward order."""
-    classes = set(getattr(model, "_no_split_modules", None) or ())
-    return [n for n, m in model.named_modules() if type(m).__name__ in classes]
 
 
 # ---------------------------------------------------------------- budgets and placement
@@ -151,6 +146,9 @@ def plan_device_map(model: nn.Module, device: str, max_memory: dict[Any, int] | 
             where="max_memory", hint=f"Raise the budget to at least {_fmt(sizes[largest])} plus room for activations, "
                                      "or quantize the model to 4 bits (a quarter of the bytes per layer).")
     memory = dict(max_memory)
+    if budget is not None and budget >= 2 * sizes[largest]:
+        # accelerate keeps room for one streamed layer; the read-ahead buffer is a second one
+        memory[key] = budget - sizes[largest]
     if device != "cpu":
         memory.setdefault("cpu", 0)  # stream from the shards rather than pin the rest in RAM unasked
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=list(
@@ -221,6 +219,10 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         from qingzhou.llm.offload import attach_streamer, build_kernel_cache
 
         kernels = build_kernel_cache(model, index, streamed, device, dtype, offload_folder)
+        sizes = {m: sum(index.nbytes(n) for n in names_by_module[m]) for m in streamed}
+        budget_main = (budget or {}).get(_accelerate_key(device))
+        # read-ahead needs a second layer-sized buffer; a budget of one layer streams without it
+        prefetch = prefetch and (budget_main is None or budget_main >= 2 * max(sizes.values(), default=0))
         # what streams is "disk" to accelerate: served from the mapped shards (the page cache) by
         # the Streamer, whether the plan said cpu or disk
         dispatch_model(model, {k: ("disk" if k in streamed else v) for k, v in placement.items()}, main_device=str(device), offload_index=offload_index,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import os
 import struct
 import warnings
 from collections.abc import Iterable
@@ -158,6 +159,32 @@ class ShardIndex:
         """Give these tensors' pages back (they stay in the page cache; views stay valid, re-read on use)."""
         self._advise(names, _MADV_DONTNEED)
 
+    def read_into(self, names: list[str], buffer: torch.Tensor, align: int = 64) -> dict[str, torch.Tensor]:
+        """Read these tensors from their shards into `buffer` (a uint8 CPU tensor, reused across
+        calls) with pread, which copies from the page cache (or the disk) without the GIL and
+        without faulting new pages in; returns views of the buffer. `nbytes_for(names)` sizes it."""
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        base = buffer.data_ptr()
+        for name in names:
+            f, dtype, shape, b, e = self._entries[name]
+            n = e - b
+            view = (ctypes.c_char * max(n, 1)).from_address(base + offset)
+            with open(self.folder / f, "rb", buffering=0) as fh:
+                done = 0
+                while done < n:  # one read returns at most ~2 GiB
+                    got = os.preadv(fh.fileno(), [memoryview(view)[done:n]], b + done)
+                    if got <= 0:
+                        raise ModelLoadError(f"shard {f} ended early while reading {name}.", where=str(self.folder / f))
+                    done += got
+            out[name] = buffer[offset: offset + n].view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
+            offset += -(-n // align) * align
+        return out
+
+    def nbytes_for(self, names: Iterable[str], align: int = 64) -> int:
+        """Buffer bytes `read_into` needs for these tensors."""
+        return sum(-(-self.nbytes(n) // align) * align for n in names)
+
     def close(self) -> None:
         for m, _ in self._maps.values():
             try:
@@ -254,3 +281,9 @@ def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
             if b_name not in getattr(mod, "_non_persistent_buffers_set", set()):
                 out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b))
     return out
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Module names of the blocks accelerate never splits (the decoder layers), in forward order."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    return [n for n, m in model.named_modules() if type(m).__name__ in classes]
