@@ -105,7 +105,7 @@ class Streamer:
             by_model_name = {n: raw[self.stored.get(n, n)] for n in names}
             used: int | None = slot
         else:
-            by_model_name = {n: self._read(n).clone() for n in names}
+            by_model_name = {n: self.source[n].read(self.stored.get(n, n)) for n in names}
             used = None
         if self.device.type == "cpu":
             return {n: self._cast(n, t) for n, t in by_model_name.items()}, None, used
@@ -117,9 +117,6 @@ class Streamer:
         if event is not None:
             event.synchronize()  # the buffer is free again once the copy has landed
         return out, event, None
-
-    def _read(self, name: str) -> torch.Tensor:
-        return self.source[name].tensor(self.stored.get(name, name))
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         want = self.dtypes.get(name, t.dtype)
@@ -156,8 +153,9 @@ class Streamer:
             if previous is not None:
                 self.kernels.detach(previous)
             self.kernels.attach(module, tensors, self.device)
-        if self._pool is not None:
-            nxt = self.modules[(self.modules.index(module) + 1) % len(self.modules)]
+        nxt = self.modules[(self.modules.index(module) + 1) % len(self.modules)]
+        # two modules too big for the buffers (a streamed embedding and lm_head) are never held at once
+        if self._pool is not None and not (slot is None and self.need[nxt] > self.buffer_bytes):
             self._pending[nxt] = self._pool.submit(self._load, nxt, self._free_slot())
 
     def close(self) -> None:

@@ -181,6 +181,14 @@ class ShardIndex:
             offset += -(-n // align) * align
         return out
 
+    def read(self, name: str) -> torch.Tensor:
+        """A new CPU tensor holding `name`, read with pread: unlike `tensor`, no page of the
+        mapping is touched, so the process's resident set holds only this copy."""
+        if name not in self._entries:
+            raise ModelLoadError(f"tensor {name} is not in any shard.", where=str(self.folder))
+        buf = torch.empty(max(self.nbytes(name), 1), dtype=torch.uint8)
+        return self.read_into([name], buf)[name]
+
     def nbytes_for(self, names: Iterable[str], align: int = 64) -> int:
         """Buffer bytes `read_into` needs for these tensors."""
         return sum(-(-self.nbytes(n) // align) * align for n in names)
@@ -242,8 +250,8 @@ def materialize(model: nn.Module, prefix: str, index: ShardIndex, device: Any = 
     for name in names:
         if name not in index:
             continue
-        value = index.tensor(name)
-        value = value.to(device=device, dtype=_target_dtype(model, name, value), copy=True)
+        value = index.read(name)
+        value = value.to(device=device, dtype=_target_dtype(model, name, value))
         set_module_tensor_to_device(model, name, device, value=value)
 
 
