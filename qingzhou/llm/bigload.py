@@ -219,10 +219,11 @@ def load_big(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         from qingzhou.llm.offload import attach_streamer, build_kernel_cache
 
         kernels = build_kernel_cache(model, index, streamed, device, dtype, offload_folder)
-        sizes = {m: sum(index.nbytes(n) for n in names_by_module[m]) for m in streamed}
+        layers = set(decoder_layers(model))
+        sizes = [sum(index.nbytes(n) for n in names_by_module[m]) for m in streamed if m in layers]
         budget_main = (budget or {}).get(_accelerate_key(device))
         # read-ahead needs a second layer-sized buffer; a budget of one layer streams without it
-        prefetch = prefetch and (budget_main is None or budget_main >= 2 * max(sizes.values(), default=0))
+        prefetch = prefetch and (budget_main is None or budget_main >= 2 * max(sizes, default=0))
         # what streams is "disk" to accelerate: served from the mapped shards (the page cache) by
         # the Streamer, whether the plan said cpu or disk
         dispatch_model(model, {k: ("disk" if k in streamed else v) for k, v in placement.items()}, main_device=str(device), offload_index=offload_index,
