@@ -301,3 +301,42 @@ def test_gguf_source_is_converted_once_then_streamed(tmp_path, monkeypatch):
     load_model(str(tmp_path / "m.gguf"), dtype="float32", device="cpu", max_memory="300KiB")
     assert (folder / "config.json").stat().st_mtime_ns == stamp
     assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_full_disk_while_writing_the_kernel_cache_leaves_nothing(gptq_tiny, tmp_path, monkeypatch):
+    """The disk fills up while the 4-bit kernel layout is written: a clean ModelLoadError, and
+    no file (complete-looking or temporary) that a later load would read; the next load works."""
+    import errno
+
+    import safetensors.torch
+
+    from qingzhou.llm import load_model
+    from qingzhou.llm.quantized.int4_kernel import supported
+
+    if not supported("cpu", torch.bfloat16):
+        pytest.skip("no int4 CPU kernel for bf16 here")
+    folder, _ = gptq_tiny
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:  # the second layer's file: the disk is full
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    cache = tmp_path / "offload"
+    budget = int(_layer_bytes(folder) * 2.2)
+    with pytest.raises(ModelLoadError, match="No space left") as e:
+        load_model(str(folder), dtype="bfloat16", device="cpu", max_memory=budget, offload_folder=str(cache))
+    assert "Nothing partial was kept" in str(e.value)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    written = sorted(p.name for p in cache.glob("*.safetensors"))
+    assert len(written) == 1  # the one finished before the disk filled up, complete
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    big, _ = load_model(str(folder), dtype="bfloat16", device="cpu", max_memory=budget, offload_folder=str(cache))
+    ref, _ = load_model(str(folder), dtype="bfloat16", device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
