@@ -264,6 +264,8 @@ def offload(shape: str, tokens: int, threads: int, engines: list[str], bits_list
     budget = folder_bytes(bf16) // 4
     for bits in bits_list:
         folder = bf16 if bits == 16 else make_4bit(shape)
+        if bits == 4:  # the first 4-bit load writes the int4 kernel cache: do it outside the measured process
+            run_engine("qingzhou", folder, budget, 1, "bfloat16", threads)
         for engine in engines if bits == 16 else ["qingzhou"]:
             r = run_engine(engine, folder, budget, tokens, "bfloat16", threads)
             r.update(shape=shape, bits=bits, budget_mb=round(budget / 2**20), model_mb=round(folder_bytes(folder) / 2**20))
