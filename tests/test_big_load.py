@@ -267,12 +267,15 @@ def test_perplexity_and_generate_with_the_embedding_on_disk(tmp_path):
     from qingzhou.finetune.testing import byte_tokenizer, tiny_model
     from qingzhou.llm import generate, load_model, save_model
 
-    save_model(tiny_model("llama", num_hidden_layers=2, seed=7), byte_tokenizer(), tmp_path / "m")
+    # a vocabulary big enough that the embedding and lm_head outgrow the layer-sized read buffers
+    save_model(tiny_model("llama", vocab_size=2048, num_hidden_layers=2, seed=7), byte_tokenizer(), tmp_path / "m")
     ref, tok = load_model(str(tmp_path / "m"), dtype="float32", device="cpu")
     placement = {"model.embed_tokens": "disk", "model.layers": "disk", "model.norm": "disk",
                  "model.rotary_emb": "cpu", "lm_head": "disk"}
     big, _ = load_model(str(tmp_path / "m"), dtype="float32", device="cpu", device_map=placement)
     assert next(big.parameters()).device.type == "meta"
+    streamer = big.qingzhou_streamer
+    assert streamer.need["model.embed_tokens"] > streamer.buffer_bytes and streamer.need["lm_head"] > streamer.buffer_bytes
     text = "the quick brown fox jumps over the lazy dog. " * 8
     a = perplexity(big, tok, text, seq_len=64, progress=False)
     b = perplexity(ref, tok, text, seq_len=64, progress=False)

@@ -12,6 +12,9 @@ when layer i starts, it releases layer i-1's pages and starts a background threa
   releases the GIL and, into memory that is already mapped, costs one copy from the page cache or
   the disk; measured 4x cheaper than faulting mapped shard pages in and out per layer). The
   resident set is the resident modules plus these two buffers, which the placement reserves.
+  A streamed module bigger than a buffer (an embedding or lm_head under a tight budget) is served
+  as views of the mapped shards instead (an embedding touches only the rows it looks up) and its
+  pages are handed back (MADV_DONTNEED) when the next module starts.
 - accelerator compute: the buffers are page-locked and the thread copies the layer to the device
   on a side stream of the device layer (`devices.side_stream`); the compute stream waits on that
   copy's event only when the layer starts.
@@ -104,8 +107,8 @@ class Streamer:
                 offset += src.nbytes_for(stored)
             by_model_name = {n: raw[self.stored.get(n, n)] for n in names}
             used: int | None = slot
-        else:
-            by_model_name = {n: self.source[n].read(self.stored.get(n, n)) for n in names}
+        else:  # views of the mapped shards: an embedding faults in only the rows it looks up
+            by_model_name = {n: self.source[n].tensor(self.stored.get(n, n)) for n in names}
             used = None
         if self.device.type == "cpu":
             return {n: self._cast(n, t) for n, t in by_model_name.items()}, None, used
@@ -153,9 +156,12 @@ class Streamer:
             if previous is not None:
                 self.kernels.detach(previous)
             self.kernels.attach(module, tensors, self.device)
+        if previous is not None and self.need[previous] > self.buffer_bytes:
+            for src in self._sources(previous):  # its mapped pages go back (they stay in the page cache)
+                src.release(self._stored_names(previous, src))
         nxt = self.modules[(self.modules.index(module) + 1) % len(self.modules)]
-        # two modules too big for the buffers (a streamed embedding and lm_head) are never held at once
-        if self._pool is not None and not (slot is None and self.need[nxt] > self.buffer_bytes):
+        # modules too big for the buffers (a streamed embedding, lm_head) are mapped when they start
+        if self._pool is not None and self.need[nxt] <= self.buffer_bytes:
             self._pending[nxt] = self._pool.submit(self._load, nxt, self._free_slot())
 
     def close(self) -> None:
