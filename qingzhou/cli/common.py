@@ -81,12 +81,18 @@ def print_error(kind: str, text: str) -> None:
 # Options every model-loading command takes: the same arguments `load_model` has.
 AllowPickleOpt = typer.Option(False, "--allow-pickle", help="load pickle weights (.bin/.pt): they can run code; only for trusted files")
 TrustRemoteCodeOpt = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code (auto_map); only for trusted authors")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory budget: 6GiB for the compute device, or cuda:0=6GiB,cpu=12GiB; the model is placed from its shards and layers that do not fit stream from disk")
+OffloadFolderOpt = typer.Option(None, "--offload-folder", help="with --max-memory: where streamed 4-bit layers' kernel layout is cached (default: under $QINGZHOU_CACHE/offload)")
 StrictOpt = typer.Option(True, "--strict/--no-strict", help="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
 
 
-def load_options(allow_pickle: bool, trust_remote_code: bool, strict: bool) -> dict[str, bool]:
-    """The `load_model` keyword arguments of the shared options."""
-    return {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "strict": strict}
+def load_options(allow_pickle: bool, trust_remote_code: bool, strict: bool,
+                 max_memory: str | None = None, offload_folder: str | None = None) -> dict[str, Any]:
+    """The `load_model` keyword arguments of the shared options (the big-model ones when given)."""
+    opts: dict[str, Any] = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code, "strict": strict}
+    if max_memory:
+        opts.update(max_memory=max_memory, offload_folder=offload_folder)
+    return opts
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from qingzhou._version import __version__
-from qingzhou.cli.common import (STATE, AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, err,
+from qingzhou.cli.common import (STATE, AllowPickleOpt, MaxMemoryOpt, OffloadFolderOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, err,
                                  guarded, kv_table, load_options, out, print_json, table)
 
 app = typer.Typer(help="轻舟 qingzhou: pretrain, adapt, compress and measure LLMs on modest hardware.", no_args_is_help=True, add_completion=False)
@@ -184,6 +184,8 @@ def generate(
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
     strict: bool = StrictOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[str] = OffloadFolderOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Generate a reply to PROMPT with a model."""
@@ -191,7 +193,7 @@ def generate(
     from qingzhou.llm import load_model
 
     check_device(device)
-    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict, max_memory, offload_folder))
     printer = (lambda s: out.print(s, end="", highlight=False, markup=False)) if stream and not as_json else None
     res = generate_fn(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, chat="auto" if chat is None else chat, system=system, seed=seed, stream=printer)
     if as_json:
@@ -219,6 +221,8 @@ def eval_ppl(
     allow_pickle: bool = AllowPickleOpt,
     trust_remote_code: bool = TrustRemoteCodeOpt,
     strict: bool = StrictOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_folder: Optional[str] = OffloadFolderOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Perplexity of a model on a text: non-overlapping windows, token-level NLL."""
@@ -228,7 +232,7 @@ def eval_ppl(
 
     check_device(device)
     text = load_text(data)
-    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
+    m, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict, max_memory, offload_folder))
     res = perplexity(m, tok, text, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size, progress=not as_json)
     if as_json:
         print_json({"model": model, "data": data, **res.to_dict()})

@@ -116,7 +116,9 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
 
     if new_tokens < 2 or prompt_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError("need new_tokens >= 2, prompt_tokens >= 1, repeats >= 1, warmup >= 0")
-    device = str(next(model.parameters()).device)
+    from qingzhou.llm.devices import model_device
+
+    device = str(model_device(model))
     sync = _sync(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()

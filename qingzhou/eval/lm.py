@@ -124,6 +124,10 @@ class HFLM:
     @property
     def device(self) -> torch.device:
         emb = self.model.get_input_embeddings()
+        if emb.weight.device.type == "meta":  # an offloaded model streams its embedding in
+            from qingzhou.llm.devices import model_device
+
+            return model_device(self.model)
         return emb.weight.device
 
     @property

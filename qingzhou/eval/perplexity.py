@@ -61,7 +61,9 @@ def perplexity(
     if limit and seq_len > limit:
         raise DataError(f"seq_len={seq_len} is longer than the model's context ({limit} positions).")
     windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-    device = next(model.parameters()).device
+    from qingzhou.llm.devices import model_device
+
+    device = model_device(model)
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()

@@ -370,3 +370,60 @@ def env_info(device: str = "auto") -> dict[str, Any]:
     if resolved.startswith("cuda"):
         info["cuda_runtime"] = torch.version.cuda or f"hip {torch.version.hip}"
     return info
+
+
+# ---------------------------------------------------------------- streams (offloaded inference)
+# Device-generic through `torch.get_device_module`: CUDA, NPU, MLU, XPU, MUSA each expose Stream,
+# Event, stream() and current_stream(); the CPU (and MPS, single-queue) get None and run in order.
+
+
+def side_stream(device: Any) -> Any:
+    """A second stream on `device` for copies that overlap compute, or None where there is none."""
+    import torch
+
+    device = torch.device(device)
+    if device.type in ("cpu", "mps", "meta"):
+        return None
+    module = torch.get_device_module(device.type)
+    return module.Stream(device=device) if hasattr(module, "Stream") else None
+
+
+def stream_context(stream: Any) -> Any:
+    """`with stream_context(s):` runs the enclosed device work on `s` (no-op for None)."""
+    import contextlib
+
+    import torch
+
+    if stream is None:
+        return contextlib.nullcontext()
+    return torch.get_device_module(stream.device.type).stream(stream)
+
+
+def record_event(stream: Any) -> Any:
+    """An event marking the work queued on `stream` so far (None for no stream)."""
+    if stream is None:
+        return None
+    return stream.record_event()
+
+
+def wait_event(device: Any, event: Any) -> None:
+    """Make `device`'s current (compute) stream wait for `event` before its next work."""
+    import torch
+
+    if event is None:
+        return
+    torch.get_device_module(torch.device(device).type).current_stream().wait_event(event)
+
+
+def model_device(model: Any) -> Any:
+    """The device a model's inputs go to: the compute device of an offloaded model (whose first
+    parameters may be on the meta device between forwards), else that of its first real tensor."""
+    import torch
+
+    offload = getattr(model, "qingzhou_offload", None)
+    if offload and offload.get("device"):
+        return torch.device(offload["device"])
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")

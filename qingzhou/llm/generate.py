@@ -334,7 +334,9 @@ def fast_status(model: Any, fast: FastOption) -> str:
 
 
 def _device_type(model: Any) -> str:
-    return next(model.parameters()).device.type
+    from qingzhou.llm.devices import model_device
+
+    return model_device(model).type
 
 
 @dataclass
@@ -388,7 +390,9 @@ def generate(
     from transformers import TextStreamer, set_seed
 
     ids, use_chat = build_prompt_ids(tokenizer, prompt, chat=chat, system=system)
-    device = next(model.parameters()).device
+    from qingzhou.llm.devices import model_device
+
+    device = model_device(model)
     ids = ids.to(device)
     streamer = None
     if stream is not None:

@@ -157,6 +157,9 @@ def load_model(
     allow_pickle: bool = False,
     revision: str | None = None,
     strict: bool = True,
+    device_map: Any = None,
+    max_memory: Any = None,
+    offload_folder: str | None = None,
 ):
     """Load `(model, tokenizer)` ready for inference on `device` in `dtype`.
 
@@ -169,6 +172,16 @@ def load_model(
     them (keys the model class declares ignorable, and tied weights, are not counted). With
     `strict=False` such a model loads with those tensors freshly initialised, as transformers does
     (and transformers' load report says which). GPTQ-layout folders are always loaded strictly.
+
+    Big models (`llm/bigload.py`): with `max_memory` ("6GiB" for the compute device, or
+    "cuda:0=6GiB,cpu=12GiB", or accelerate's dict) or `device_map` the model is built on the meta
+    device and placed layer by layer from the memory-mapped safetensors shards; the layers that do
+    not fit stay on disk and stream in during the forward (`llm/offload.py`). A budget smaller than
+    the largest layer is a BudgetError naming it. There `dtype="auto"` is the checkpoint's own dtype
+    (casting a bf16 checkpoint to float32 on the CPU would double what streams). A GGUF source is
+    converted once to a safetensors cache (`gguf_cache`) and loaded the same way; GPTQ-layout
+    folders always load this way (packed layers, never a dense copy). `offload_folder` is accepted
+    for accelerate's API; safetensors shards are read in place, so nothing is written there.
     """
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -176,6 +189,9 @@ def load_model(
     from qingzhou.llm.devices import keep_bnb_4bit_layout, resolve_device, resolve_dtype
 
     src = resolve_source(source, allow_pickle=allow_pickle)
+    if (max_memory or device_map) and src.kind in ("folder", "gguf"):
+        return _load_big(src, dtype, device, strict=strict, trust_remote_code=trust_remote_code,
+                         device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     if src.kind == "adapter":
         return _load_adapter(src, dtype, device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, strict=strict)
     dev = resolve_device(device)
@@ -219,6 +235,49 @@ def load_model(
     model.to(dev)
     model.eval()
     model.qingzhou_source = src.path  # where it came from, for reports
+    return model, tokenizer
+
+
+def _load_big(src: ModelSource, dtype: str, device: str, *, strict: bool, trust_remote_code: bool,
+              device_map: Any, max_memory: Any, offload_folder: str | None):
+    """`load_model` with a memory budget: meta build + placement + streaming (llm/bigload.py)."""
+    from transformers import AutoTokenizer
+
+    from qingzhou.llm.bigload import load_big, read_config
+    from qingzhou.llm.devices import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    folder = Path(src.path)
+    tokenizer_from: str = str(folder)
+    if src.kind == "gguf":
+        from qingzhou.llm.gguf_cache import gguf_to_safetensors
+
+        folder = gguf_to_safetensors(src.path)
+    config = read_config(folder)
+    _check_remote_code(config, src.requested, trust_remote_code)
+    if dtype in (None, "auto") and config.get("torch_dtype", config.get("dtype")) in ("bfloat16", "float16", "float32"):
+        from qingzhou.errors import DeviceError
+
+        try:
+            torch_dtype = resolve_dtype(config.get("torch_dtype", config.get("dtype")), dev)
+        except DeviceError:  # e.g. a float16 checkpoint on the CPU
+            torch_dtype = resolve_dtype("auto", dev)
+    else:
+        torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder) if src.kind == "gguf" else tokenizer_from)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"the model folder has no usable tokenizer: {_first_line(e)}", where=str(folder)) from None
+    big = {"max_memory": max_memory, "device_map": None if device_map in (None, "auto") else device_map,
+           "offload_folder": offload_folder}
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    if quant_method in quantized_loaders():
+        model = quantized_loaders()[quant_method](str(folder), dtype=torch_dtype, device=dev, **big)
+    else:
+        model = load_big(folder, dtype=torch_dtype, device=dev, strict=strict, **big)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.qingzhou_source = src.path
     return model, tokenizer
 
 

@@ -21,6 +21,8 @@ class ModelRef:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     strict: bool = True
+    max_memory: str | None = None  # a budget: layers that do not fit stream from disk (llm/bigload.py)
+    offload_folder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +52,8 @@ class ModelCache:
                 trust_remote_code=ref.trust_remote_code,
                 allow_pickle=ref.allow_pickle,
                 strict=ref.strict,
+                max_memory=ref.max_memory,
+                offload_folder=ref.offload_folder,
             )
             self.ref = ref
         return self.model, self.tokenizer

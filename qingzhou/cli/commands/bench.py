@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
+from qingzhou.cli.common import (AllowPickleOpt, MaxMemoryOpt, OffloadFolderOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
                                  emit_result, guarded, kv_table, load_options, out, table)
 
 
@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = AllowPickleOpt,
         trust_remote_code: bool = TrustRemoteCodeOpt,
         strict: bool = StrictOpt,
+        max_memory: Optional[str] = MaxMemoryOpt,
+        offload_folder: Optional[str] = OffloadFolderOpt,
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
             raise RecipeError(f"--fast {fast!r} is not one of auto, on, off.", where="--fast")
         check_device(device)
         check_out_file(out_file, force=force)  # before the model loads
-        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
+        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict, max_memory, offload_folder))
         result = bench(mdl, tok, batch_sizes=batch_sizes, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                        warmup=warmup, repeats=repeats, progress=progress, fast=choices[fast])
         result["config"]["model"] = model

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
+from qingzhou.cli.common import (AllowPickleOpt, MaxMemoryOpt, OffloadFolderOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_file,
                                  emit_result, guarded, load_options, out, print_json, table)
 
 
@@ -31,6 +31,8 @@ def register_eval(eval_app: typer.Typer) -> None:
         allow_pickle: bool = AllowPickleOpt,
         trust_remote_code: bool = TrustRemoteCodeOpt,
         strict: bool = StrictOpt,
+        max_memory: Optional[str] = MaxMemoryOpt,
+        offload_folder: Optional[str] = OffloadFolderOpt,
         list_: bool = typer.Option(False, "--list", help="list the shipped tasks and exit"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON object instead of tables"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -54,7 +56,7 @@ def register_eval(eval_app: typer.Typer) -> None:
             from qingzhou.errors import DataError
 
             raise DataError(f"folder not found: {data_dir}", where="--data-dir")
-        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict))
+        mdl, tok = load_model(model, dtype=dtype, device=device, **load_options(allow_pickle, trust_remote_code, strict, max_memory, offload_folder))
         result = evaluate(mdl, tok, tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                           seed=seed, data_dir=data_dir, source=source, progress=progress)
         result["config"]["model"] = model

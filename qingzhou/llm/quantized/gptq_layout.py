@@ -15,12 +15,11 @@ float16/bfloat16 to get 16-bit tensors.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qingzhou.llm.quantized.qlinear import QuantLinear
@@ -71,47 +70,53 @@ def _dedupe_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch)
-    with `QuantLinear` modules; bits per module come from the tensor shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+                   device: str | torch.device = "cpu", **big: Any) -> nn.Module:
+    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch,
+    one file or sharded) with `QuantLinear` modules; bits per module come from the tensor shapes.
+
+    The model is built on the meta device with the packed layers in place (`bigload.meta_model`)
+    and filled from the memory-mapped shards, so the dense weights are never allocated. `big`:
+    `max_memory` / `device_map` / `offload_folder` of `bigload.load_big` (offloaded 4-bit layers)."""
+    from qingzhou.llm.bigload import INDEX_FILE, load_big, read_config
 
     folder = Path(folder)
-    cfg_path, w_path = folder / "config.json", folder / WEIGHTS
-    if not cfg_path.exists() or not w_path.exists():
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists() or not ((folder / WEIGHTS).exists() or (folder / INDEX_FILE).exists()):
         raise ModelLoadError("not a quantised checkpoint folder (config.json + model.safetensors).",
                              where=str(folder))
-    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    qc = raw.pop("quantization_config", None)
+    qc = read_config(folder).get("quantization_config")
     if not qc or qc.get("quant_method") != "gptq":
         raise ModelLoadError("config.json has no GPTQ quantization_config.", where=str(cfg_path))
     if qc.get("checkpoint_format", "gptq") != "gptq":
         raise ModelLoadError(f"checkpoint_format {qc.get('checkpoint_format')!r} is not supported.",
                              where=str(cfg_path), hint="Only v1 'gptq' checkpoints load here.")
-    config = AutoConfig.for_model(**raw)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = load_file(str(w_path))
-    for prefix in sorted({k[: -len(".qweight")] for k in state if k.endswith(".qweight")}):
-        g_idx = state[f"{prefix}.g_idx"]
-        qweight = state[f"{prefix}.qweight"]
-        in_f, out_f = g_idx.shape[0], qweight.shape[1]
-        bits = qweight.shape[0] // -(-in_f // 32)  # rows = ceil(in/32) * bits
-        bias = state.get(f"{prefix}.bias")
-        layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias is not None,
-                            n_groups=state[f"{prefix}.scales"].shape[0])
-        if bias is not None:
-            layer.bias = torch.empty_like(bias)
-        model.set_submodule(prefix, layer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tie = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in missing if not (tie and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"checkpoint does not match the architecture: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.", where=str(w_path))
-    if tie:
-        model.tie_weights()
+    model = load_big(folder, dtype=dtype, device=str(torch.device(device)), quant_layers=install_meta_layers, **big)
+    if not model.qingzhou_offload["streamed_modules"]:
+        for name in ("qingzhou_offload", "qingzhou_shards"):
+            delattr(model, name)  # fully resident: nothing maps the shards any more
+    return model.eval()
+
+
+def install_meta_layers(model: nn.Module, qc: dict[str, Any], index: Any) -> None:
+    """Replace every linear the checkpoint holds packed (`<name>.qweight`) by a `QuantLinear` on the
+    meta device, shaped from the tensor headers (`shards.ShardIndex`): no dense weight exists."""
+    from accelerate import init_on_device
+
+    if qc.get("quant_method") != "gptq":
+        raise ModelLoadError(f"quant_method {qc.get('quant_method')!r} has no packed-layer loader here.",
+                             where=str(index.folder))
+    with init_on_device(torch.device("meta"), include_buffers=True):
+        for prefix in sorted({n[: -len(".qweight")] for n in index.names if n.endswith(".qweight")}):
+            _, (in_f,), _, _ = index.meta(f"{prefix}.g_idx")
+            _, (rows, out_f), _, _ = index.meta(f"{prefix}.qweight")
+            _, (n_groups, _), _, _ = index.meta(f"{prefix}.scales")
+            bits = rows // -(-in_f // 32)  # rows = ceil(in/32) * bits
+            bias = f"{prefix}.bias" in index
+            layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias, n_groups=n_groups)
+            if bias:  # keeps the checkpoint's bias dtype
+                layer.bias = torch.empty(out_f, dtype=index.meta(f"{prefix}.bias")[0], device="meta")
+            model.set_submodule(prefix, layer)
     setattr(model, QUANT_ATTR, qc)
-    return model.to(device).eval()
 
 
 def _group_size(qc: dict[str, Any], name: str) -> int:

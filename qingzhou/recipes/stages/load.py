@@ -17,6 +17,9 @@ class LoadStage(StageConfig):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     strict: bool = Field(True, description="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
+    max_memory: str | None = Field(None, description="memory budget, e.g. 6GiB (compute device) or cuda:0=6GiB,cpu=12GiB: "
+                                   "the model is placed from its shards and layers that do not fit stream from disk")
+    offload_folder: str | None = Field(None, description="where streamed 4-bit layers' kernel layout is cached (default: under $QINGZHOU_CACHE/offload)")
 
 
 @register_stage("load", LoadStage)
@@ -25,7 +28,8 @@ def run_load(cfg: LoadStage, ctx: StageContext) -> StageResult:
     from qingzhou.llm import describe_model, resolve_source
 
     source = resolve_source(cfg.model, allow_pickle=cfg.allow_pickle)
-    ref = ModelRef(str(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.allow_pickle, cfg.strict)
+    ref = ModelRef(str(cfg.model), cfg.dtype, cfg.device, cfg.trust_remote_code, cfg.allow_pickle, cfg.strict,
+                   cfg.max_memory, cfg.offload_folder)
     model, tokenizer = ctx.cache.get(ref)
     ctx.set_model(ref, model, tokenizer)
     return StageResult(metrics=describe_model(model), data_hashes=source.hashes())
