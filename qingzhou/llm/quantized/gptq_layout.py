@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.llm.quantized.runtime import use_bf16_head
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import atomic_dir, atomic_write_json
 
@@ -111,7 +112,9 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     if tie:
         model.tie_weights()
     setattr(model, QUANT_ATTR, qc)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    use_bf16_head(model)  # the CPU runtime of 4-bit layers computes the head in bf16 too (runtime.py)
+    return model
 
 
 def _group_size(qc: dict[str, Any], name: str) -> int:
