@@ -17,7 +17,8 @@ U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 
 def _layer(out_f, in_f, bits=4, group=64, sym=False, act_order=False, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
-    qw = rtn_quantize_weight(torch.randn(out_f, in_f, generator=g), QuantScheme(bits=bits, group_size=group, sym=sym))
+    scheme = QuantScheme(bits=bits, group_size=group, sym=sym, clip_search=False)
+    qw = rtn_quantize_weight(torch.randn(out_f, in_f, generator=g), scheme)
     if act_order:  # GPTQ act-order: columns visited in a random order, groups by visit order
         perm = torch.randperm(in_f, generator=g)
         g_idx = torch.empty(in_f, dtype=torch.int32)

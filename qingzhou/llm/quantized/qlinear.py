@@ -91,9 +91,10 @@ class QuantLinear(nn.Module):
         if key not in self._fast:
             codes = unpack_qweight(self.qweight, self.bits, self.in_features)
             zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+            weight = dequantize_codes(codes, self.scales, zeros, self.g_idx).to(device, dtype)
             self._fast[key] = Int4Pack.build(
                 codes, self.scales, zeros, self.g_idx, self.group_size, device, dtype,
-                reference=lambda x: F.linear(x, self.dequantize_weight().to(x.device, x.dtype)),
+                reference=lambda x: F.linear(x, weight),
                 force=self.kernel == "int4pack", qweight=self.qweight)
         return self._fast[key]
 
