@@ -316,6 +316,9 @@ def cpu_runtime(args) -> dict:
     from qingzhou.llm.generate import fast_status
 
     torch.set_num_threads(args.threads)
+    text_path = Path(args.ppl_text or SHARED / "wikitext-2-raw" / "wiki.test.raw")
+    if args.ppl_windows and not text_path.is_file():  # fail before the long part, not after it
+        raise SystemExit(f"--cpu-runtime: perplexity text {text_path} not found; pass --ppl-text or --ppl-windows 0")
     dense, tok = load_model(args.model, dtype="float32", device="cpu")
     models = {"dense fp32": dense, "dense bf16": load_model(args.model, dtype="bfloat16", device="cpu")[0]}
     q4_folder = _q4_folder(args, args.model)
@@ -336,6 +339,7 @@ def cpu_runtime(args) -> dict:
               "decode_path": {k: fast_status(m, "auto") for k, m in models.items()}}
     q4 = decode["4-bit gptq g64"]["mean"]
     result["ratios"] = {"4bit/fp32": q4 / decode["dense fp32"]["mean"], "4bit/bf16": q4 / decode["dense bf16"]["mean"]}
+    print(json.dumps({"decode_tokens_per_s": decode, "ratios": result["ratios"]}), flush=True)  # partial result
     binary = args.llama_bench or os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or LLAMA_BENCH
     if Path(binary).exists():
         files = {"llama.cpp q4_0 (qingzhou export)": _q4_0_gguf(args, dense, tok)}
@@ -349,7 +353,7 @@ def cpu_runtime(args) -> dict:
     else:
         result["llama_cpp"] = f"llama-bench not found ({binary}); pass --llama-bench or set LLAMA_BENCH"
     if args.ppl_windows:
-        text = load_text(str(args.ppl_text or SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+        text = load_text(str(text_path))
         times: dict[str, list[float]] = {"dense fp32": [], "4-bit gptq g64": []}
         ppl = {}
         for _ in range(2):  # interleaved, the faster of two
