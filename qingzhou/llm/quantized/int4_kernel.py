@@ -12,7 +12,9 @@ input is cast to bf16 at the layer boundary and the output cast back, so an fp32
 layers runs the fast kernel without turning the rest of the model to bf16. The result differs from
 the dequantised fp32 reference only by bf16 rounding of the input, the weight and the accumulation
 (tests/test_quant_runtime.py holds it to that). On CUDA the kernel only runs for bf16 activations
-(as measured for bench/decode_speed.py: 1.30x over bf16 at batch 1 for a 1B shape on an H200).
+(as measured for bench/decode_speed.py: 1.30x over bf16 at batch 1 for a 1B shape on an H200). A
+one-row GEMV kernel for CUDA (Triton w4a16 or a newer torch int4 op) to reach the 1.5x target is not
+here yet: no GPU was lent while the CPU runtime was built, so nothing on CUDA changed or was measured.
 
 Rows rule (CPU). Measured on this project's shared 2-core AMD EPYC (AVX512-BF16), torch 2.13, one
 thread, min of interleaved repeats, SmolLM2-135M's layer shapes (576x576, 576x1536, 1536x576), group
