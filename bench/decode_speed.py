@@ -21,6 +21,14 @@ batch-1 decode reaches (bytes of weights read per token / time per token / measu
     python bench/decode_speed.py --model smollm2 --new-tokens 64 --repeats 3
     python bench/decode_speed.py --shape llama-3.2-1b --dtype bfloat16 --device cuda --weights bf16,int4
     flock /tmp/heavy.lock python bench/decode_speed.py --device cpu --fast-backend inductor
+    python bench/decode_speed.py --cpu-runtime --threads 2 --new-tokens 64 --repeats 5   # issue 19
+
+`--cpu-runtime` (issue 19) compares, on CPU at batch 1 through qingzhou's default decode path, the
+dense model in fp32 and bf16 with its 4-bit GPTQ g64 folder (quantised once with the default
+calibration and cached under ~/.cache/qingzhou/bench), measured interleaved in one process, and
+llama.cpp's `llama-bench` on qingzhou's q4_0 export and on the shipped Q4_1 GGUF with the same
+threads; it prints the ratios 4-bit/fp32, 4-bit/bf16, 4-bit/llama.cpp and the perplexity-evaluation
+time of the 4-bit model over dense fp32 (targets: >= 1.3x, >= 1.5x, >= 0.5x, <= 1).
 """
 from __future__ import annotations
 
@@ -178,6 +186,15 @@ def main() -> None:
                         help="do not time the compiled step under transformers' generate loop")
     parser.add_argument("--emulate-casts", action="store_true",
                         help="inductor rounds fused intermediates to the model dtype where eager does")
+    parser.add_argument("--cpu-runtime", action="store_true",
+                        help="issue 19: dense fp32 / dense bf16 / 4-bit GPTQ g64 / llama.cpp q4_0 and Q4_1 on CPU")
+    parser.add_argument("--threads", type=int, default=2, help="--cpu-runtime: torch and llama.cpp threads")
+    parser.add_argument("--q4-folder", default=None, help="--cpu-runtime: 4-bit folder (made and cached if absent)")
+    parser.add_argument("--q4-method", default="gptq", help="--cpu-runtime: method making the 4-bit folder")
+    parser.add_argument("--llama-bench", default=None, help="--cpu-runtime: path of llama.cpp's llama-bench")
+    parser.add_argument("--ppl-windows", type=int, default=4, help="--cpu-runtime: perplexity windows timed (0: skip)")
+    parser.add_argument("--ppl-seq-len", type=int, default=2048)
+    parser.add_argument("--ppl-text", default=None, help="default ../shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -185,6 +202,12 @@ def main() -> None:
     from qingzhou.eval.bench import copy_bandwidth
     from qingzhou.llm.devices import resolve_device
 
+    if args.cpu_runtime:
+        result = cpu_runtime(args)
+        print(json.dumps(result, indent=2)) if args.json else print_cpu_runtime(result)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return
     if args.emulate_casts:
         import torch._inductor.config as inductor_config
 
@@ -228,6 +251,137 @@ def print_row(result: dict, bandwidth) -> None:
           f"first fast call (compile): {result['first_fast_call_s']} s", flush=True)
     if result["divergence"]:
         print(f"  first difference: {result['divergence']}", flush=True)
+
+
+# --- CPU runtime of quantised models against dense and llama.cpp (issue 19) ------------------------
+
+LLAMA_BENCH = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-bench"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CACHE = Path(os.environ.get("QINGZHOU_BENCH_CACHE", Path.home() / ".cache" / "qingzhou" / "bench"))
+
+
+def _q4_folder(args, tok_source: str) -> Path:
+    """The 4-bit GPTQ g64 folder of the model, quantised once (default calibration) and cached."""
+    folder = Path(args.q4_folder) if args.q4_folder else CACHE / f"{tok_source}-{args.q4_method}-w4g64"
+    if not (folder / "config.json").exists():
+        from qingzhou.compress.quantize import quantize, save_quantized
+        from qingzhou.llm import load_model
+
+        print(f"quantising {tok_source} to 4-bit {args.q4_method} g64 once -> {folder}", flush=True)
+        model, tok = load_model(tok_source, dtype="float32", device="cpu")
+        quantize(model, {"method": args.q4_method, "bits": 4, "group_size": 64}, tokenizer=tok)
+        save_quantized(model, tok, folder, overwrite=True)
+    return folder
+
+
+def _q4_0_gguf(args, dense, tok) -> Path:
+    """qingzhou's own q4_0 GGUF export of the dense model (what llama.cpp runs at 4 bits), cached."""
+    from qingzhou.compress.quantize.formats.gguf import export_gguf
+
+    path = CACHE / f"{args.model}-q4_0.gguf"
+    if not path.exists():
+        export_gguf(dense, tok, path, "q4_0", overwrite=True)
+    return path
+
+
+def llama_bench(binary: str, files: dict[str, Path], threads: int, n: int, repeats: int) -> dict[str, dict]:
+    """tokens/s of llama.cpp's `llama-bench` (generation only, batch 1) per GGUF file."""
+    import subprocess
+
+    out = {}
+    for name, path in files.items():
+        cmd = [binary, "-m", str(path), "-t", str(threads), "-p", "0", "-n", str(n), "-r", str(repeats), "-o", "json"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if run.returncode != 0:
+            out[name] = {"error": (run.stderr or run.stdout).strip().splitlines()[-1:], "file": str(path)}
+            continue
+        rows = [r for r in json.loads(run.stdout) if r.get("n_gen")]
+        out[name] = {"mean": rows[0]["avg_ts"], "std": rows[0].get("stddev_ts"), "file": str(path)}
+    return out
+
+
+def cpu_runtime(args) -> dict:
+    """Batch-1 decode tok/s of dense fp32, dense bf16 and the 4-bit GPTQ g64 folder through qingzhou's
+    default path (`decode(fast="auto")`: what generate/bench run), measured interleaved in one process;
+    llama.cpp's llama-bench on q4_0 (qingzhou's export) and Q4_1 (the shipped file); perplexity
+    evaluation time of the 4-bit model against dense fp32."""
+    import shutil
+
+    import torch
+
+    from qingzhou.data.corpus import load_text
+    from qingzhou.eval.perplexity import perplexity
+    from qingzhou.llm import load_model
+    from qingzhou.llm.aliases import resolve_alias
+    from qingzhou.llm.generate import fast_status
+
+    torch.set_num_threads(args.threads)
+    text_path = Path(args.ppl_text or SHARED / "wikitext-2-raw" / "wiki.test.raw")
+    if args.ppl_windows and not text_path.is_file():  # fail before the long part, not after it
+        raise SystemExit(f"--cpu-runtime: perplexity text {text_path} not found; pass --ppl-text or --ppl-windows 0")
+    dense, tok = load_model(args.model, dtype="float32", device="cpu")
+    models = {"dense fp32": dense, "dense bf16": load_model(args.model, dtype="bfloat16", device="cpu")[0]}
+    q4_folder = _q4_folder(args, args.model)
+    models["4-bit gptq g64"] = load_model(str(q4_folder), device="cpu")[0]
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for i in range(args.warmup + args.repeats):  # interleaved: a noisy machine slows every arm alike
+            for name, model in models.items():
+                r = measure(model, ids, args.new_tokens, "auto", 0, 1, lambda: None)
+                if i >= args.warmup:
+                    rates[name] += r
+    from qingzhou.eval.bench import _stats
+
+    decode = {k: _stats(v) for k, v in rates.items()}
+    result = {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
+              "prompt_tokens": int(ids.shape[1]), "q4_folder": str(q4_folder), "decode_tokens_per_s": decode,
+              "decode_path": {k: fast_status(m, "auto") for k, m in models.items()}}
+    q4 = decode["4-bit gptq g64"]["mean"]
+    result["ratios"] = {"4bit/fp32": q4 / decode["dense fp32"]["mean"], "4bit/bf16": q4 / decode["dense bf16"]["mean"]}
+    print(json.dumps({"decode_tokens_per_s": decode, "ratios": result["ratios"]}), flush=True)  # partial result
+    binary = args.llama_bench or os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or LLAMA_BENCH
+    if Path(binary).exists():
+        files = {"llama.cpp q4_0 (qingzhou export)": _q4_0_gguf(args, dense, tok)}
+        shipped = resolve_alias(args.model)
+        if shipped and shipped.endswith(".gguf"):
+            files["llama.cpp shipped GGUF (Q4_1)"] = Path(shipped)
+        result["llama_cpp"] = llama_bench(binary, files, args.threads, args.new_tokens, max(args.repeats, 1))
+        for name, r in result["llama_cpp"].items():
+            if "mean" in r:
+                result["ratios"][f"4bit/{name}"] = q4 / r["mean"]
+    else:
+        result["llama_cpp"] = f"llama-bench not found ({binary}); pass --llama-bench or set LLAMA_BENCH"
+    if args.ppl_windows:
+        text = load_text(str(text_path))
+        times: dict[str, list[float]] = {"dense fp32": [], "4-bit gptq g64": []}
+        ppl = {}
+        for _ in range(2):  # interleaved, the faster of two
+            for name in times:
+                start = time.perf_counter()
+                res = perplexity(models[name], tok, text, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
+                                 progress=False)
+                times[name].append(time.perf_counter() - start)
+                ppl[name] = res.ppl
+        result["perplexity"] = {k: {"ppl": ppl[k], "seconds": min(v)} for k, v in times.items()}
+        result["ratios"]["ppl eval time 4bit/dense"] = min(times["4-bit gptq g64"]) / min(times["dense fp32"])
+    return result
+
+
+def print_cpu_runtime(r: dict) -> None:
+    print(f"{r['model']} on CPU, {r['threads']} threads, batch 1, {r['prompt_tokens']} prompt + "
+          f"{r['new_tokens']} new tokens (decode tok/s, mean ± std; interleaved)")
+    for name, s in r["decode_tokens_per_s"].items():
+        print(f"  {name:34s}: {s['mean']:.1f} ± {s['std'] or 0:.1f}   ({r['decode_path'][name]})")
+    if isinstance(r["llama_cpp"], str):
+        print(f"  llama.cpp: {r['llama_cpp']}")
+    else:
+        for name, s in r["llama_cpp"].items():
+            line = f"{s['mean']:.1f} ± {s['std'] or 0:.1f}" if "mean" in s else f"failed: {s['error']}"
+            print(f"  {name:34s}: {line}   ({Path(s['file']).name})")
+    for name, s in (r.get("perplexity") or {}).items():
+        print(f"  perplexity eval {name:18s}: ppl {s['ppl']:.3f} in {s['seconds']:.1f} s")
+    print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from qingzhou.compress.quantize.registry import QUANTIZERS
 from qingzhou.errors import RecipeError
 from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR, save_quantized
 from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.llm.quantized.runtime import use_bf16_head
 
 
 @dataclass
@@ -94,6 +95,7 @@ def quantize(
             new = QuantLinear.from_quantized(qw, old.bias).to(old.weight.device)
             model.set_submodule(name, new)
             report.linear_bytes_after += sum(t.numel() * t.element_size() for t in new.buffers())
+        use_bf16_head(model)  # as load_quantized does: the same runtime in memory and reloaded
     else:
         report.linear_bytes_after = sum(
             q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.llm.quantized.runtime import use_bf16_head
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import atomic_dir, atomic_write_json
 
@@ -94,6 +95,7 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     if not model.qingzhou_offload["streamed_modules"]:
         for name in ("qingzhou_offload", "qingzhou_shards"):
             delattr(model, name)  # fully resident: nothing maps the shards any more
+        use_bf16_head(model)  # the CPU runtime of 4-bit layers computes the head in bf16 too (runtime.py)
     return model.eval()
 
 

@@ -7,8 +7,38 @@ weights directly: `aten._weight_int4pack_mm` (CUDA, bf16 activations) and
 dense). Their grid is ``w = (q - 8) * scale + zero`` per group, so the GPTQ grid
 ``w = (q - z) * scale`` maps onto it with ``zero = (8 - z) * scale``.
 
+Compute dtype. On CPU the layer computes in bf16 whatever the activation dtype: an fp32 (or fp16)
+input is cast to bf16 at the layer boundary and the output cast back, so an fp32 model with 4-bit
+layers runs the fast kernel without turning the rest of the model to bf16. The result differs from
+the dequantised fp32 reference only by bf16 rounding of the input, the weight and the accumulation
+(tests/test_quant_runtime.py holds it to that). On CUDA the kernel only runs for bf16 activations
+(as measured for bench/decode_speed.py: 1.30x over bf16 at batch 1 for a 1B shape on an H200). A
+one-row GEMV kernel for CUDA (Triton w4a16 or a newer torch int4 op) to reach the 1.5x target is not
+here yet: no GPU was lent while the CPU runtime was built, so nothing on CUDA changed or was measured.
+
+Rows rule (CPU). Measured on this project's shared 2-core AMD EPYC (AVX512-BF16), torch 2.13, one
+thread, min of interleaved repeats, SmolLM2-135M's layer shapes (576x576, 576x1536, 1536x576), group
+64, through `Int4Pack` itself (ms per call; the machine was loaded, so ranges):
+
+    rows   int4 kernel    dequantise to bf16 + GEMM   dense fp32 F.linear   (dense bf16 F.linear)
+    1      0.02-0.03      1.8-26                      0.02-0.18             0.04-0.34
+    16     0.08-0.20      0.4-3.4                     0.15-0.43             0.07-0.17
+    64     0.29-0.75      0.5-1.5                     0.5-1.3               0.17-0.41
+    128    0.6-1.5        0.6-7.7                     1.0-8.7               0.27-0.69
+    256    1.2-13         1.1-8.9                     5-17                  0.5-1.3
+    512    6.5-26         1.5-14                      14-39                 0.9-8.7
+
+The int4 kernel is a matrix-vector kernel: at decode (1 row) it is 1-6x faster than dense fp32 and
+bf16; its time grows with the rows, while dequantising the weight to bf16 (`dequantize_bf16`, a
+fixed ~0.5-3 ms per layer, no copy kept) and running oneDNN's bf16 GEMM grows slowly. They cross at
+about 256 rows. Rule: up to `CPU_KERNEL_MAX_ROWS` (256) rows the kernel, more rows (long prompts,
+perplexity windows) the dequantise + GEMM route; both beat dense fp32 at every row count measured.
+The rule is deterministic (no per-process timing, which on a shared machine flips between runs), so
+a model gives the same logits in every process.
+
 Act-order checkpoints have a non-monotonic `g_idx`; sorting the input columns by group makes the
-groups contiguous again, so the layer keeps a column permutation and gathers `x` with it.
+groups contiguous again, so the layer keeps a column permutation (made once, when the layer is
+packed) and gathers `x` with it; the result is the same sum in another order.
 
 `Int4Pack.build` returns None (and says why) when the layer or device does not fit the kernel;
 it also checks the kernel against the dequantising path on a random input, so a layout
@@ -23,8 +53,10 @@ from dataclasses import dataclass
 import torch
 
 GROUP_SIZES = (32, 64, 128, 256)
-# device type -> activation dtypes for which the fused kernel beats dequantise + matmul (measured)
-_FAST_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16,)}
+# device type -> activation dtypes the fused kernel takes (computing in `_COMPUTE_DTYPE`), measured
+_FAST_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32, torch.float16)}
+_COMPUTE_DTYPE = torch.bfloat16
+CPU_KERNEL_MAX_ROWS = 256  # see the rows rule in the module docstring
 _SELF_CHECK_RTOL = 2e-2
 
 
@@ -83,9 +115,29 @@ def _column_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
     return perm if torch.equal(g[perm], expected) else None
 
 
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    perm: torch.Tensor | None) -> torch.Tensor:
+    """The [in, out] bf16 weight of a 4-bit GPTQ `qweight` [in/8, out] with contiguous groups
+    (columns in `perm` order for act-order layers), computed in fp32 and rounded once to bf16.
+    `scales`, `zeros` are fp32 [groups, 1, out]. Vectorised: about 0.5-3 ms for a 576x1536 layer."""
+    n_in = qweight.shape[0] * 8
+    codes = (qweight.unsqueeze(1) >> _SHIFTS.to(qweight.device).view(1, 8, 1)) & 15  # [in/8, 8, out]
+    codes = codes.reshape(n_in, -1)
+    if perm is not None:
+        codes = codes.index_select(0, perm)
+    codes = codes.view(n_in // group_size, group_size, -1).to(torch.float32)
+    return ((codes - zeros) * scales).to(_COMPUTE_DTYPE).view(n_in, -1)
+
+
 @dataclass
 class Int4Pack:
-    """A layer's weights in the kernel's packed layout, for one device and activation dtype."""
+    """A layer's weights in the kernel's packed layout, for one device and activation dtype.
+
+    `max_rows`: inputs with more rows than this take the dequantise-to-bf16 + GEMM route (the rows
+    rule in the module docstring); None = always the kernel."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -93,14 +145,22 @@ class Int4Pack:
     group_size: int
     out_features: int
     matmul: Callable
+    compute_dtype: torch.dtype = _COMPUTE_DTYPE
+    max_rows: int | None = None
+    qweight: torch.Tensor | None = None  # the layer's GPTQ buffer (shared, not a copy), for the GEMM route
+    scales: torch.Tensor | None = None  # fp32 [groups, 1, out]
+    zeros: torch.Tensor | None = None  # fp32 [groups, 1, out]
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
               group_size: int, device: torch.device, dtype: torch.dtype,
-              reference: Callable[[torch.Tensor], torch.Tensor], force: bool = False) -> Int4Pack | None:
+              reference: Callable[[torch.Tensor], torch.Tensor], force: bool = False,
+              qweight: torch.Tensor | None = None) -> Int4Pack | None:
         """Pack `codes` [out, in] (GPTQ grid) for `device`; None if the kernel is missing or wrong here.
 
-        `force` uses the kernel for activation dtypes where it runs but is not the fast choice.
+        `force` uses the kernel for activation dtypes where it runs but is not the fast choice, and
+        for every row count. `qweight` (the layer's GPTQ buffer) enables the CPU GEMM route for
+        many rows.
         """
         packer = _PACKERS.get(device.type)
         if packer is None or not (force or supported(device.type, dtype)):
@@ -110,13 +170,21 @@ class Int4Pack:
             return None
         order, tiles = _column_order(g_idx, group_size), _inner_k_tiles(in_f)
         identity = torch.equal(order, torch.arange(in_f, device=order.device))
+        compute = _COMPUTE_DTYPE if device.type == "cpu" else dtype
+        gemm = device.type == "cpu" and not force and qweight is not None
         try:
             pack, matmul = packer[0], packer[1]()
             packed = pack(codes[:, order].to(device), tiles)
             s = scales.float()
-            sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(device=device, dtype=dtype).contiguous()
-            fast = cls(packed, sz, None if identity else order.to(device), group_size, out_f, matmul)
-            x = torch.randn(4, in_f, device=device, dtype=dtype)
+            sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(device=device, dtype=compute).contiguous()
+            fast = cls(packed, sz, None if identity else order.to(device), group_size, out_f, matmul, compute,
+                       CPU_KERNEL_MAX_ROWS if gemm else None,
+                       qweight.to(device) if gemm else None,
+                       s.to(device).unsqueeze(1) if gemm else None,
+                       zeros.float().to(device).unsqueeze(1) if gemm else None)
+            # the kernel's layout is what could disagree on some device; the GEMM route is plain torch
+            rng = torch.Generator(device).manual_seed(0)  # not the global RNG: sampling stays reproducible
+            x = torch.randn(4, in_f, device=device, dtype=dtype, generator=rng)
             got, want = fast(x).float(), reference(x).float()
         except (RuntimeError, NotImplementedError) as e:  # op missing in this build / device
             warnings.warn(f"int4 packed matmul unavailable on {device.type} ({e}); using the dequantising path",
@@ -132,7 +200,15 @@ class Int4Pack:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        if self.max_rows is not None and x2.shape[0] > self.max_rows:
+            w = dequantize_bf16(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
+            y = x2 @ w
+        else:
+            y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.reshape(*lead, self.out_features)

@@ -5,9 +5,16 @@ and a matmul: each forward unpacks `qweight`/`qzeros`, rebuilds the [out, in] we
 `F.linear`. `cache_dequantized=True` keeps the rebuilt weight (faster decoding, but the memory
 saving is gone); the buffers stay the single source of truth for saving.
 
-4-bit layers also have a fused path (`int4_kernel.py`: torch's int4 packed matmul, CUDA and CPU,
-bf16 activations), chosen by `kernel`: "auto" uses it where it is the fast choice and falls back
-otherwise, "int4pack" forces it wherever it runs, "dequant" never uses it.
+4-bit layers also have a fused path (`int4_kernel.py`: torch's int4 packed matmul; on CPU it
+computes in bf16 whatever the activation dtype, casting at the layer boundary, and takes a
+dequantise-to-bf16 GEMM route for many rows; on CUDA it runs for bf16 activations), chosen by
+`kernel`: "auto" (the default) uses it where it is the fast choice, "int4pack" forces the kernel
+wherever it runs, "dequant" never uses it (the exact fp32 path, e.g. to compare against).
+
+Inference (no autograd) through the dequantising path - layers the kernel cannot take: 3/8-bit,
+ragged or odd group sizes - keeps the rebuilt weight in the activation dtype after the first call
+(`cache_dequantized` defaults to on for them): unpacking every layer at every decode step made such
+models ~20x slower than dense. Training through the layer rebuilds it per call as before.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
         else:
             self.bias = None
-        self.cache_dequantized = False
+        self.cache_dequantized = True  # inference through the dequantising path keeps the weight
         self._cached: torch.Tensor | None = None
         self.kernel = "auto"  # "auto" | "int4pack" | "dequant"
         self._fast: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
@@ -84,10 +91,11 @@ class QuantLinear(nn.Module):
         if key not in self._fast:
             codes = unpack_qweight(self.qweight, self.bits, self.in_features)
             zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+            weight = dequantize_codes(codes, self.scales, zeros, self.g_idx).to(device, dtype)
             self._fast[key] = Int4Pack.build(
                 codes, self.scales, zeros, self.g_idx, self.group_size, device, dtype,
-                reference=lambda x: F.linear(x, self.dequantize_weight().to(x.device, x.dtype)),
-                force=self.kernel == "int4pack")
+                reference=lambda x: F.linear(x, weight),
+                force=self.kernel == "int4pack", qweight=self.qweight)
         return self._fast[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +110,8 @@ class QuantLinear(nn.Module):
         if self._cached is not None and self._cached.device == x.device and self._cached.dtype == x.dtype:
             weight = self._cached
         else:
-            weight = self.dequantize_weight().to(x.dtype)
-            self._cached = weight if self.cache_dequantized else None
+            weight = self.dequantize_weight().to(x.device, x.dtype)
+            self._cached = weight if self.cache_dequantized and not needs_grad else None
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:

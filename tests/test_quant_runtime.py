@@ -1,0 +1,161 @@
+"""The CPU runtime of quantised models (issue 19): fp32 models run their 4-bit layers through the
+int4 kernel in bf16, many rows through a dequantise-to-bf16 GEMM, the head in bf16; results stay
+within bf16 rounding of the dequantised fp32 reference; other layers keep an exact cached weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qingzhou.finetune.testing import tiny_model
+from qingzhou.llm.quantized import int4_kernel
+from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
+from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.llm.quantized.runtime import Bf16Head, use_bf16_head
+
+U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+
+
+def _layer(out_f, in_f, bits=4, group=64, sym=False, act_order=False, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    scheme = QuantScheme(bits=bits, group_size=group, sym=sym, clip_search=False)
+    qw = rtn_quantize_weight(torch.randn(out_f, in_f, generator=g), scheme)
+    if act_order:  # GPTQ act-order: columns visited in a random order, groups by visit order
+        perm = torch.randperm(in_f, generator=g)
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_f) // group).to(torch.int32)
+        qw.g_idx = g_idx
+    return QuantLinear.from_quantized(qw, bias=torch.randn(out_f, generator=g) if bias else None)
+
+
+def _within_bf16_rounding(y, layer, x):
+    """|y - ref| <= 2u * (|x| @ |W|^T) + u * |ref| + tiny, elementwise: the error of rounding x and W
+    to bf16 (fp32 accumulation) and the output to bf16, with the dequantised fp32 weight as reference."""
+    w = layer.dequantize_weight()
+    ref = torch.nn.functional.linear(x.float(), w, None if layer.bias is None else layer.bias.float())
+    bound = 2 * U * (x.float().abs() @ w.abs().T) + U * ref.abs() + 1e-6
+    excess = ((y.float() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds bf16 rounding by {excess}"
+    rel = ((y.float() - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-2  # not the exact path by accident, and close
+    return rel
+
+
+SHAPES = [  # SmolLM2-135M's layers (576 wide: g128 falls back to g64 there) and a g128 width
+    (576, 576, 64), (192, 576, 64), (1536, 576, 64), (576, 1536, 64), (576, 1536, 128), (64, 128, 32),
+]
+
+
+@pytest.mark.parametrize("out_f,in_f,group", SHAPES)
+@pytest.mark.parametrize("sym,act_order", [(False, False), (True, False), (False, True)])
+def test_fp32_input_takes_the_kernel_within_bf16_rounding(out_f, in_f, group, sym, act_order):
+    layer = _layer(out_f, in_f, group=group, sym=sym, act_order=act_order)
+    fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
+    assert fast is not None and fast.compute_dtype == torch.bfloat16
+    assert (fast.perm is not None) == act_order
+    for rows in (1, 5):  # decode, small batch: the int4 kernel
+        x = torch.randn(rows, in_f)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == torch.float32 and y.shape == (rows, out_f)
+        _within_bf16_rounding(y, layer, x)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_many_rows_take_the_bf16_gemm_route_and_agree_with_the_kernel(act_order):
+    layer = _layer(192, 576, act_order=act_order)
+    fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
+    rows = int4_kernel.CPU_KERNEL_MAX_ROWS + 44
+    x = torch.randn(2, rows // 2, 576)
+    with torch.no_grad():
+        y_gemm = layer(x)
+        limit, fast.max_rows = fast.max_rows, None  # force the kernel route on the same input
+        y_kernel = layer(x)
+        fast.max_rows = limit
+    assert limit == int4_kernel.CPU_KERNEL_MAX_ROWS and not torch.equal(y_gemm, y_kernel)
+    _within_bf16_rounding(y_gemm.reshape(rows, -1), layer, x.reshape(rows, -1))
+    _within_bf16_rounding(y_kernel.reshape(rows, -1), layer, x.reshape(rows, -1))
+
+
+def test_dequantize_bf16_is_the_dequantised_weight_rounded_once():
+    layer = _layer(96, 128, group=32, act_order=True)
+    fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
+    got = int4_kernel.dequantize_bf16(layer.qweight, fast.scales, fast.zeros, 32, fast.perm)
+    want = layer.dequantize_weight().T[fast.perm].to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits,group,in_f", [(3, 64, 576), (8, 64, 576), (4, 48, 144)])
+def test_layers_the_kernel_cannot_take_cache_an_exact_weight(bits, group, in_f):
+    layer = _layer(64, in_f, bits=bits, group=group)
+    assert layer.fast_kernel(torch.device("cpu"), torch.float32) is None
+    x = torch.randn(3, in_f)
+    ref = torch.nn.functional.linear(x, layer.dequantize_weight(), layer.bias)
+    with torch.no_grad():
+        y1 = layer(x)
+        assert layer._cached is not None and layer._cached.dtype == torch.float32
+        y2 = layer(x)
+    torch.testing.assert_close(y1, ref, rtol=0, atol=1e-5)
+    assert torch.equal(y1, y2)
+    layer.load_state_dict(_layer(64, in_f, bits=bits, group=group, seed=1).state_dict())
+    assert layer._cached is None  # new weights: the cache is dropped
+
+
+def test_training_does_not_keep_a_cached_weight():
+    layer = _layer(64, 576, bits=3)
+    x = torch.randn(2, 576, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer._cached is None and x.grad is not None
+
+
+def _quantized_tiny(bits=4):
+    from qingzhou.compress.quantize import quantize
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    quantize(model, {"method": "rtn", "bits": bits, "group_size": 32})
+    return model.eval()
+
+
+IDS = torch.tensor([[3, 17, 99, 250, 42, 7, 7, 130]])
+
+
+def test_a_4bit_model_gets_the_bf16_head_tied_and_within_rounding(tmp_path):
+    from qingzhou.compress.quantize import load_quantized, save_quantized
+
+    model = _quantized_tiny()
+    head = model.get_output_embeddings()
+    assert isinstance(head, Bf16Head) and head.weight is model.get_input_embeddings().weight
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        fast = model(IDS).logits
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.kernel = "dequant"
+        assert use_bf16_head(model, False) is False
+        assert type(model.get_output_embeddings()) is torch.nn.Linear
+        exact = model(IDS).logits
+    assert set(model.state_dict()) == keys
+    rel = ((fast - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 2e-2
+    assert fast.argmax(-1).eq(exact.argmax(-1)).float().mean() > 0.8
+    use_bf16_head(model, True)
+    save_quantized(model, None, tmp_path / "q")
+    again = load_quantized(tmp_path / "q")
+    assert isinstance(again.get_output_embeddings(), Bf16Head)
+
+
+def test_bf16_head_is_exact_with_autograd_and_follows_weight_changes():
+    model = _quantized_tiny()
+    head = model.get_output_embeddings()
+    h = torch.randn(2, head.in_features)
+    exact = torch.nn.functional.linear(h, head.weight)
+    torch.testing.assert_close(head(h), exact, rtol=0, atol=0)  # grad enabled: fp32
+    with torch.no_grad():
+        approx = head(h)
+        assert not torch.equal(approx, exact) and torch.allclose(approx, exact, rtol=2e-2, atol=2e-2)
+        head.weight.mul_(2)
+        torch.testing.assert_close(head(h), 2 * approx, rtol=2e-2, atol=2e-2)
+
+
+def test_models_without_kernel_layers_keep_the_fp32_head():
+    model = _quantized_tiny(bits=3)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
