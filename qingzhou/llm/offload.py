@@ -251,9 +251,10 @@ class KernelCache:
 
     SUFFIXES = (".int4pack", ".int4sz", ".int4perm")
 
-    def __init__(self, folder, layers: dict[str, list[tuple[str, nn.Module]]]):
+    def __init__(self, folder, layers: dict[str, list[tuple[str, nn.Module]]], dtype: torch.dtype):
         self.folder = folder
         self.layers = layers  # streamed module -> [(qualified name, QuantLinear)] using the cache
+        self.dtype = dtype  # the activation dtype the packs serve (on CPU they compute in bf16 inside)
         self.index: ShardIndex | None = ShardIndex(folder) if any(layers.values()) else None
 
     def replaced(self, module: str) -> list[str]:
@@ -268,7 +269,8 @@ class KernelCache:
         matmul = _PACKERS[device.type][1]()
         for name, layer in self.layers.get(module, ()):
             sz = tensors[f"{name}.int4sz"]
-            layer._fast[(device, sz.dtype)] = Int4Pack(tensors[f"{name}.int4pack"], sz, tensors.get(f"{name}.int4perm"),
+            # keyed like QuantLinear.fast_kernel: by the activation dtype, not the packs' compute dtype
+            layer._fast[(device, self.dtype)] = Int4Pack(tensors[f"{name}.int4pack"], sz, tensors.get(f"{name}.int4perm"),
                                                        layer.group_size, layer.out_features, matmul)
 
     def detach(self, module: str) -> None:
@@ -328,7 +330,7 @@ def build_kernel_cache(model: nn.Module, index: ShardIndex, modules: list[str], 
                                   "and load again.") from None
     cache_index = ShardIndex(folder)
     used = {m: [(n, q) for n, q in layers if f"{n}.int4pack" in cache_index] for m, layers in candidates.items()}
-    cache = KernelCache(folder, {m: v for m, v in used.items() if v})
+    cache = KernelCache(folder, {m: v for m, v in used.items() if v}, dtype)
     cache.index = cache_index
     return cache
 
@@ -339,7 +341,8 @@ def _kernel_folder(index: ShardIndex, device: torch.device, dtype: torch.dtype):
     import os
     from pathlib import Path
 
-    h = hashlib.sha256(f"{index.folder.resolve()}|{device.type}|{dtype}".encode())
+    # the pack layout's version: a cache written by an older layout must never be read as this one
+    h = hashlib.sha256(f"int4pack-v2|{index.folder.resolve()}|{device.type}|{dtype}".encode())
     for p in sorted(index.folder.glob("*.safetensors")):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())

@@ -95,7 +95,7 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     if not model.qingzhou_offload["streamed_modules"]:
         for name in ("qingzhou_offload", "qingzhou_shards"):
             delattr(model, name)  # fully resident: nothing maps the shards any more
-        use_bf16_head(model)  # the CPU runtime of 4-bit layers computes the head in bf16 too (runtime.py)
+    use_bf16_head(model)  # the CPU runtime of 4-bit layers computes a resident head in bf16 too (runtime.py)
     return model.eval()
 
 
