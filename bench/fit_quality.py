@@ -155,16 +155,6 @@ def gptq_sizes(model, linears: dict[str, object], layers: dict[str, tuple[int, i
     return lin, model_bytes(model, choice)
 
 
-def budget_at_bits(model, bits: float, group: int = 64) -> int:
-    """Whole-file bytes of uniform GPTQ g`group` at `bits`; between integers, the same fraction of
-    the way from floor to ceil (2.5 bits = halfway between the 2- and 3-bit files)."""
-    linears = decoder_linears(model)
-    lo, hi = math.floor(bits), math.ceil(bits)
-    size_lo = gptq_sizes(model, linears, {n: (lo, group) for n in linears})[1]
-    size_hi = gptq_sizes(model, linears, {n: (hi, group) for n in linears})[1]
-    return int(size_lo + (bits - lo) * (size_hi - size_lo))
-
-
 def saved_bytes(model, tok, folder: Path) -> int:
     """Bytes of the GPTQ-layout weights file `save_quantized` writes for `model`."""
     from qingzhou.llm.quantized.gptq_layout import save_quantized
@@ -190,12 +180,30 @@ def run_dense(b: Bench, name: str) -> dict:
     return {**sizes_from_bytes(lin, linear_weight_count(model), total), **b.measure(model, tok)}
 
 
-def quantized_row(b: Bench, name: str, model, tok, report, n_weights: int, seconds: float) -> dict:
+def stored_linears(model, names: list[str]) -> tuple[int, dict[str, int]]:
+    """Bytes of the decoder linears `names` as `model` holds them now (a packed `QuantLinear`: its
+    qweight/qzeros/scales/g_idx/bias buffers, exactly what `save_quantized` writes; a dense one: its
+    weight and bias) and how many linears sit at each bit width ("keep" = dense)."""
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    total, hist = 0, {}
+    for name in names:
+        m = model.get_submodule(name)
+        packed = isinstance(m, QuantLinear)
+        tensors = list(m.buffers()) if packed else [t for t in (m.weight, m.bias) if t is not None]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+        bits = str(m.bits) if packed else "keep"
+        hist[bits] = hist.get(bits, 0) + 1
+    return total, dict(sorted(hist.items(), key=lambda kv: (not kv[0].isdigit(), kv[0])))
+
+
+def quantized_row(b: Bench, name: str, model, tok, names: list[str], n_weights: int, seconds: float) -> dict:
+    """Seconds, exact sizes (the weights file written, then removed) and perplexity of a packed model."""
     row = {"seconds": round(seconds, 1)}
     file_bytes = saved_bytes(model, tok, b.work / name)
-    row.update(sizes_from_bytes(report.linear_bytes_after, n_weights, file_bytes))
-    bits = [m.get("bits") for m in report.modules.values()]
-    row["bits_hist"] = {str(k): bits.count(k) for k in sorted(set(bits), key=str)}
+    lin, hist = stored_linears(model, names)
+    row.update(sizes_from_bytes(lin, n_weights, file_bytes))
+    row["bits_hist"] = hist
     row.update(b.measure(model, tok))
     shutil.rmtree(b.work / name, ignore_errors=True)  # the size is recorded; the folder is 50-100 MB
     return row
@@ -207,43 +215,37 @@ def run_gptq(b: Bench, name: str) -> dict:
 
     bits, group = re.fullmatch(r"gptq-(\d)-g(\d+)", name).groups()
     model, tok = b.load()
-    n = linear_weight_count(model)
-    cfg = parse_setting(f"gptq-asym-{bits}-g{group}")
+    names, n = list(decoder_linears(model)), linear_weight_count(model)
     t0 = time.perf_counter()
-    report = quantize(model, cfg, b.samples, tokenizer=tok)
-    return quantized_row(b, name, model, tok, report, n, time.perf_counter() - t0)
+    quantize(model, parse_setting(f"gptq-asym-{bits}-g{group}"), b.samples, tokenizer=tok)
+    return quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
 
 
-FIT_FN: Callable | None = None  # set by plug_fit(); None = the library's `fit` if it imports
+def fit_budget(model, bits: float, group: int = 64) -> int:
+    """The file size of uniform GPTQ g`group` at `bits` (`uniform_bytes`, header included); between
+    integers the same fraction of the way from the floor- to the ceil-bits file (2.5 = halfway)."""
+    from qingzhou.compress.fit import uniform_bytes
 
-
-def plug_fit():
-    """The fit entry point: `qingzhou.compress.fit.fit(model, budget_bytes, cfg, calib, tokenizer=)`
-    returning a result whose `quantize_config()` reproduces the plan (see /work/helpers/fit_api.md)."""
-    global FIT_FN
-    if FIT_FN is None:
-        from qingzhou.compress.fit import fit
-
-        FIT_FN = fit
-    return FIT_FN
+    lo, hi = math.floor(bits), math.ceil(bits)
+    size_lo, size_hi = uniform_bytes(model, lo, group), uniform_bytes(model, hi, group)
+    return int(size_lo + (bits - lo) * (size_hi - size_lo))
 
 
 @arm(r"fit-([\d.]+)", "ours: fit plan")
 def run_fit(b: Bench, name: str) -> dict:
-    from qingzhou.compress.quantize import quantize
+    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both."""
+    from qingzhou.compress.fit import Budget, fit
 
     bits = float(name.split("-")[1])
     model, tok = b.load()
-    n = linear_weight_count(model)
-    budget = budget_at_bits(model, bits)
-    cfg = parse_setting("gptq-asym-4-g64")
+    names, n = list(decoder_linears(model)), linear_weight_count(model)
+    budget = fit_budget(model, bits)
+    cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
     t0 = time.perf_counter()
-    result = plug_fit()(model, budget, cfg, b.samples, tokenizer=tok)
-    search_s = time.perf_counter() - t0
-    report = quantize(model, result.quantize_config(), b.samples, tokenizer=tok)
-    row = quantized_row(b, name, model, tok, report, n, time.perf_counter() - t0)
-    row.update(search_s=round(search_s, 1), budget_mb=round(budget / 1e6, 3),
-               predicted_mb=round(result.predicted_bytes / 1e6, 3))
+    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok)
+    row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
+    row.update(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
+               fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None))
     return row
 
 
@@ -351,10 +353,10 @@ def run_autoround(b: Bench, name: str) -> dict:
     layers = {n: (meta["layers"][n]["bits"], meta["layers"][n]["group_size"]) for n in linears
               if n in meta["layers"] and meta["layers"][n]["bits"] < 16}
     lin, total = gptq_sizes(model, linears, layers)
-    bits = [layers.get(n, (16,))[0] for n in linears]
+    bits = [str(layers[n][0]) if n in layers else "keep" for n in linears]
     row = {"seconds": meta["seconds"], "iters": meta["iters"], "peer": f"auto-round {meta['auto_round']}",
            **sizes_from_bytes(lin, linear_weight_count(model), total),
-           "bits_hist": {str(k): bits.count(k) for k in sorted(set(bits))}, "file_from": "GPTQ layout of its bits"}
+           "bits_hist": {k: bits.count(k) for k in sorted(set(bits), key=lambda k: (not k.isdigit(), k))}, "file_from": "GPTQ layout of its bits"}
     row.update(b.measure(model, tok))
     return row
 
