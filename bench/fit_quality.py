@@ -282,10 +282,10 @@ def imatrix_file(b: Bench) -> tuple[Path, float]:
 
 @arm(r"kq-(Q\w+?)(-imat)?", "llama.cpp k-quant")
 def run_kquant(b: Bench, name: str) -> dict:
-    tools = llama_kquant.tools()
+    mix, imat = re.fullmatch(r"kq-(Q\w+?)(-imat)?", name).groups()
+    tools = llama_kquant.tools(("llama-quantize", "llama-imatrix") if imat else ("llama-quantize",))
     if isinstance(tools, str):
         return {"skipped": tools}
-    mix, imat = re.fullmatch(r"kq-(Q\w+?)(-imat)?", name).groups()
     dense = dense_gguf(b)
     imatrix_s = 0.0
     imat_path = None

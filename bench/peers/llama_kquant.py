@@ -31,9 +31,9 @@ MIXES = ("Q2_K", "Q3_K_M", "Q4_K_M")
 LINEAR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 
-def tools() -> dict[str, Path] | str:
-    """The two tools, or a sentence saying which is missing (the bench prints it and skips)."""
-    found = {name: LLAMA_CPP_BIN / name for name in ("llama-quantize", "llama-imatrix")}
+def tools(names: tuple[str, ...] = ("llama-quantize", "llama-imatrix")) -> dict[str, Path] | str:
+    """The tools `names`, or a sentence saying which is missing (the bench prints it and skips)."""
+    found = {name: LLAMA_CPP_BIN / name for name in names}
     missing = [str(p) for p in found.values() if not os.access(p, os.X_OK)]
     if missing:
         return (f"llama.cpp tools not found: {', '.join(missing)} (build llama.cpp, or set LLAMA_CPP_BIN "
@@ -92,14 +92,14 @@ def dense_gguf(src: str | Path, out: str | Path) -> Path:
 def imatrix(dense: Path, calib_text: Path, out: Path, *, ctx: int = 512, threads: int = 2) -> float:
     """`llama-imatrix` over `calib_text` in chunks of `ctx` tokens; returns its wall seconds."""
     t0 = time.perf_counter()
-    _run([str(tools()["llama-imatrix"]), "-m", str(dense), "-f", str(calib_text), "-o", str(out), "-c", str(ctx),
+    _run([str(LLAMA_CPP_BIN / "llama-imatrix"), "-m", str(dense), "-f", str(calib_text), "-o", str(out), "-c", str(ctx),
           "-b", str(ctx), "-t", str(threads), "--no-ppl"], out)
     return time.perf_counter() - t0
 
 
 def quantize(dense: Path, out: Path, mix: str, *, imatrix_file: Path | None = None, threads: int = 2) -> float:
     """`llama-quantize [--imatrix F] dense out MIX threads`; returns its wall seconds."""
-    cmd = [str(tools()["llama-quantize"])]
+    cmd = [str(LLAMA_CPP_BIN / "llama-quantize")]
     if imatrix_file is not None:
         cmd += ["--imatrix", str(imatrix_file)]
     t0 = time.perf_counter()
