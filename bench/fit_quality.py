@@ -471,6 +471,7 @@ def main() -> None:
     ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound tuning steps per block (0: its RTN mode)")
     ap.add_argument("--results", default="runs/fit_quality", help="cache and report folder (per model inside)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 windows, 8 calibration rows, AutoRound iters 0")
+    ap.add_argument("--report-only", action="store_true", help="table and plot of the cached rows; run no arm")
     args = ap.parse_args()
     if args.quick:
         args.windows, args.calib_rows, args.ar_iters = 2, 8, 0
@@ -493,7 +494,11 @@ def main() -> None:
     b.tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
     b.samples = load_calibration(b.tokenizer, CalibrationConfig(
         source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=args.calib_rows))
-    rows = [run_arm(b, name) for name in args.arms.split(",") if name]
+    names = [n for n in args.arms.split(",") if n]
+    if args.report_only:
+        rows = [json.loads((b.rows_dir / f"{n}.json").read_text()) for n in names if (b.rows_dir / f"{n}.json").exists()]
+    else:
+        rows = [run_arm(b, n) for n in names]
     checks = targets(rows)
     out = b.rows_dir
     out.mkdir(parents=True, exist_ok=True)
