@@ -355,6 +355,7 @@ def run_autoround(b: Bench, name: str) -> dict:
     lin, total = gptq_sizes(model, linears, layers)
     bits = [str(layers[n][0]) if n in layers else "keep" for n in linears]
     row = {"seconds": meta["seconds"], "iters": meta["iters"], "peer": f"auto-round {meta['auto_round']}",
+           "dtype": meta.get("dtype", "bfloat16 (amp default)"),
            **sizes_from_bytes(lin, linear_weight_count(model), total),
            "bits_hist": {k: bits.count(k) for k in sorted(set(bits), key=lambda k: (not k.isdigit(), k))}, "file_from": "GPTQ layout of its bits"}
     row.update(b.measure(model, tok))

@@ -78,7 +78,8 @@ def main() -> None:
     t0 = time.perf_counter()
     ar = AutoRound(model, tokenizer=tok, scheme=scheme, dataset=[row.unsqueeze(0) for row in calib],
                    nsamples=len(calib), seqlen=calib.shape[1], iters=args.iters, device_map="cpu",
-                   batch_size=min(8, len(calib)), low_gpu_mem_usage=False)
+                   batch_size=min(8, len(calib)), low_gpu_mem_usage=False,
+                   amp=False)  # fp32 throughout, as every other arm (on CPU its default casts the model to bf16)
     qmodel, layer_config = ar.quantize()
     seconds = time.perf_counter() - t0
     layers = {}
@@ -97,7 +98,7 @@ def main() -> None:
     (tmp / "autoround.json").write_text(json.dumps({
         "setting": args.setting, "kind": kind, "iters": args.iters, "seconds": round(seconds, 1), "layers": layers,
         "auto_round": auto_round.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-        "qdq_check": check, "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1])}, indent=1))
+        "dtype": str(qmodel.dtype), "qdq_check": check, "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1])}, indent=1))
     tmp.rename(out)
     print(json.dumps({"setting": args.setting, "seconds": round(seconds, 1), "layers": len(layers)}))
 
