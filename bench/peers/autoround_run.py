@@ -76,7 +76,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.dense)
     scheme, kind = scheme_for(args.setting)
     t0 = time.perf_counter()
-    ar = AutoRound(model, tokenizer=tok, scheme=scheme, dataset=[row.unsqueeze(0) for row in calib],
+    dataset = [row.unsqueeze(0) for row in calib]
+    if kind == "autoscheme":  # AutoScheme accepts only a dataset name or a local .json file of texts:
+        dataset = str(Path(args.out).with_name(Path(args.out).name + "-calib.json"))  # our samples, decoded
+        Path(dataset).write_text(json.dumps([tok.decode(row) for row in calib]))
+    ar = AutoRound(model, tokenizer=tok, scheme=scheme, dataset=dataset,
                    nsamples=len(calib), seqlen=calib.shape[1], iters=args.iters, device_map="cpu",
                    batch_size=min(8, len(calib)), low_gpu_mem_usage=False,
                    amp=False)  # fp32 throughout, as every other arm (on CPU its default casts the model to bf16)
