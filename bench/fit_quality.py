@@ -365,11 +365,19 @@ def run_autoround(b: Bench, name: str) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def family_of(name: str) -> str:
+    """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
+    family = runner_for(name)[0]
+    if name.endswith("-imat"):
+        return family + " + imatrix"
+    return family + " AutoScheme" if name.startswith("ar-auto-") else family
+
+
 def run_arm(b: Bench, name: str) -> dict:
     path = b.rows_dir / f"{name}.json"
     if path.exists():
-        return json.loads(path.read_text())
-    family, fn = runner_for(name)
+        return {**json.loads(path.read_text()), "family": family_of(name)}
+    family, fn = family_of(name), runner_for(name)[1]
     print(f"[fit_quality] {name} ...", flush=True)
     t0 = time.perf_counter()
     try:
@@ -497,7 +505,8 @@ def main() -> None:
         source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=args.calib_rows))
     names = [n for n in args.arms.split(",") if n]
     if args.report_only:
-        rows = [json.loads((b.rows_dir / f"{n}.json").read_text()) for n in names if (b.rows_dir / f"{n}.json").exists()]
+        rows = [{**json.loads((b.rows_dir / f"{n}.json").read_text()), "family": family_of(n)}
+                for n in names if (b.rows_dir / f"{n}.json").exists()]
     else:
         rows = [run_arm(b, n) for n in names]
     checks = targets(rows)
