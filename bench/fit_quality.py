@@ -516,6 +516,9 @@ def main() -> None:
                                                       "calib_samples": len(b.samples), "ar_iters": args.ar_iters,
                                                       "rows": rows, "targets": checks}, indent=1))
     md = markdown(b, rows, checks)
+    missing = [n for n in names if n not in {r["arm"] for r in rows if "ppl" in r}]
+    if missing:
+        md += f"\nNot measured in this folder: {', '.join(missing)}.\n"
     (out / "fit_quality.md").write_text(md)
     pareto_plot(rows, out / "fit_quality.png", f"{args.model}: WikiText-2 ppl ({args.windows} windows) vs size")
     print("\n" + md)
