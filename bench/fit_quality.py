@@ -1,0 +1,529 @@
+"""`fit` against uniform GPTQ, llama.cpp's k-quant mixes and AutoRound: perplexity against size (issue 21).
+
+Protocol (as `quantize_quality.py`): WikiText-2 test, `"\\n\\n".join(rows)`, first `--windows` windows
+of 2048 tokens; calibration = the c4_demo rows with >= 512 tokens, truncated to 512 (82 rows for
+SmolLM2); fp32 on CPU; every arm starts from a freshly loaded copy of the same dense weights (the
+shipped GGUF, dequantised) and is measured by the same `qingzhou.eval.perplexity.perplexity`.
+
+Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a rerun skips what is done):
+* `dense` - the model as loaded;
+* `gptq-3-g64`, `gptq-4-g64` - ours, uniform asymmetric GPTQ (`quantize_quality.parse_setting`);
+* `fit-2.5`, `fit-3`, `fit-3.5`, `fit-4` - `qingzhou.compress.fit.fit` at the exact file size of uniform
+  GPTQ g64 at that many bits (fractions: that fraction of the way from floor to ceil bits), then applied
+  with `quantize`; seconds = search + apply;
+* `kq-Q2_K`, `kq-Q3_K_M`, `kq-Q4_K_M` and `...-imat` - llama.cpp's `llama-quantize` (with an importance
+  matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
+* `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
+  in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200).
+
+Sizes: `file_mb` is the file each tool writes (ours: GPTQ-layout safetensors, every tensor incl. the fp32
+embedding; llama.cpp: the .gguf, whose embedding is quantised too; AutoRound: computed as our GPTQ layout
+of its bits). Because the formats treat the embedding differently, plans are matched and plotted on
+`linear_mb` / `linear_bpw`: the stored bytes of the decoder linears (codes, scales, zeros, g_idx), the
+part every method compresses.
+
+    python bench/fit_quality.py                                   # SmolLM2, all arms, 40 windows
+    python bench/fit_quality.py --quick                           # smoke: 2 windows, 8 calib rows, AutoRound iters 0
+    python bench/fit_quality.py --arms dense,gptq-3-g64,kq-Q3_K_M --windows 20
+    python bench/fit_quality.py --model /work/peers/gemma/model/gemma-3-270m-q4_k_m.gguf   # second architecture
+Writes `fit_quality.md`, `fit_quality.json` and `fit_quality.png` into the results folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from peers import llama_kquant  # noqa: E402
+from quantize_quality import SHARED as _SHARED  # noqa: E402
+from quantize_quality import parse_setting as _parse_setting  # noqa: E402
+
+# the data folder beside the repo (../shared/data), or QZ_SHARED_DATA (a git worktree sits elsewhere)
+SHARED = Path(os.environ.get("QZ_SHARED_DATA", _SHARED))
+
+AR_PYTHON = os.environ.get("QZ_AUTOROUND_PYTHON", "/work/peers/autoround/bin/python")
+FIT_BITS = (2.5, 3.0, 3.5, 4.0)
+DEFAULT_ARMS = (["dense", "gptq-3-g64", "gptq-4-g64"] + [f"fit-{b:g}" for b in FIT_BITS]
+                + [f"kq-{m}{s}" for m in llama_kquant.MIXES for s in ("", "-imat")]
+                + ["ar-4-g64", "ar-3-g64"] + [f"ar-auto-{b:g}" for b in FIT_BITS])
+TARGET_PPL_AT_4 = 22.8  # issue 21: fit at the size of uniform 4-bit g64 below this
+TARGET_GAIN_AT_3 = 0.15  # ... and at the size of uniform 3-bit g64, >= 15% below our uniform 3-bit GPTQ
+TARGET_TIME_FACTOR = 3.0  # search + apply <= 3x one uniform GPTQ run
+
+
+def parse_setting(name: str) -> dict:
+    """`quantize_quality.parse_setting`, its calibration source pointed at our SHARED."""
+    cfg = _parse_setting(name)
+    if "calibration" in cfg:
+        cfg["calibration"]["source"] = str(SHARED / "llamafactory" / "c4_demo.jsonl")
+    return cfg
+
+
+@dataclass
+class Bench:
+    """What every arm shares: the model source, the evaluation text, calibration, where to cache."""
+
+    model: str
+    windows: int
+    calib_rows: int
+    threads: int
+    ar_iters: int
+    root: Path  # results/<model tag>
+    text: str = ""
+    tokenizer: object = None
+    samples: list = field(default_factory=list)
+
+    @property
+    def rows_dir(self) -> Path:
+        return self.root / f"w{self.windows}-c{self.calib_rows}"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    def load(self):
+        from qingzhou.llm import load_model
+
+        return load_model(self.model, dtype="float32", device="cpu")
+
+    def measure(self, model, tok) -> dict:
+        from qingzhou.eval.perplexity import perplexity
+
+        res = perplexity(model, tok, self.text, seq_len=2048, max_windows=self.windows, progress=False)
+        return {"ppl": round(res.ppl, 3), "ppl_s": round(res.seconds, 1), "windows": res.windows}
+
+
+ARMS: dict[str, tuple[str, Callable[[Bench, str], dict]]] = {}  # pattern -> (family, runner)
+
+
+def arm(pattern: str, family: str):
+    """Register the runner of every arm whose name matches `pattern`."""
+    def deco(fn: Callable[[Bench, str], dict]) -> Callable[[Bench, str], dict]:
+        ARMS[pattern] = (family, fn)
+        return fn
+
+    return deco
+
+
+def runner_for(name: str) -> tuple[str, Callable[[Bench, str], dict]]:
+    for pattern, entry in ARMS.items():
+        if re.fullmatch(pattern, name):
+            return entry
+    raise SystemExit(f"unknown arm {name!r}; known: {', '.join(DEFAULT_ARMS)}")
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def decoder_linears(model) -> dict[str, object]:
+    """The decoder linears every method compresses (qingzhou's own selection, lm_head excluded)."""
+    from qingzhou.compress.calibrate import select_linears
+
+    chosen, _ = select_linears(model, (), ())
+    return {name: module for name, module, _ in chosen}
+
+
+def sizes_from_bytes(linear_bytes: int, linear_weights: int, file_bytes: int) -> dict:
+    return {"file_mb": round(file_bytes / 1e6, 3), "linear_mb": round(linear_bytes / 1e6, 3),
+            "linear_bpw": round(8 * linear_bytes / linear_weights, 3)}
+
+
+def gptq_sizes(model, linears: dict[str, object], layers: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(decoder-linear bytes, whole-model bytes) of `model` in our GPTQ layout with linear `name` at
+    `layers[name] = (bits, group)` (others dense): the exact formula `fit` budgets with."""
+    from qingzhou.compress.fit.storage import Option, linear_bytes, model_bytes
+
+    choice = {n: Option(b, g) for n, (b, g) in layers.items()}
+    lin = 0
+    for name, module in linears.items():
+        bias = module.bias.element_size() if module.bias is not None else 0
+        option = choice.get(name, Option())
+        lin += linear_bytes(module.in_features, module.out_features, option, bias_bytes=bias,
+                            dtype_bytes=module.weight.element_size())
+    return lin, model_bytes(model, choice)
+
+
+def saved_bytes(model, tok, folder: Path) -> int:
+    """Bytes of the GPTQ-layout weights file `save_quantized` writes for `model`."""
+    from qingzhou.llm.quantized.gptq_layout import save_quantized
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_quantized(model, tok, folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def linear_weight_count(model) -> int:
+    return sum(m.in_features * m.out_features for m in decoder_linears(model).values())
+
+
+# ---------------------------------------------------------------- our arms
+
+
+@arm(r"dense", "dense")
+def run_dense(b: Bench, name: str) -> dict:
+    model, tok = b.load()
+    linears = decoder_linears(model)
+    lin, total = gptq_sizes(model, linears, {})
+    return {**sizes_from_bytes(lin, linear_weight_count(model), total), **b.measure(model, tok)}
+
+
+def stored_linears(model, names: list[str]) -> tuple[int, dict[str, int]]:
+    """Bytes of the decoder linears `names` as `model` holds them now (a packed `QuantLinear`: its
+    qweight/qzeros/scales/g_idx/bias buffers, exactly what `save_quantized` writes; a dense one: its
+    weight and bias) and how many linears sit at each bit width ("keep" = dense)."""
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    total, hist = 0, {}
+    for name in names:
+        m = model.get_submodule(name)
+        packed = isinstance(m, QuantLinear)
+        tensors = list(m.buffers()) if packed else [t for t in (m.weight, m.bias) if t is not None]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+        bits = str(m.bits) if packed else "keep"
+        hist[bits] = hist.get(bits, 0) + 1
+    return total, dict(sorted(hist.items(), key=lambda kv: (not kv[0].isdigit(), kv[0])))
+
+
+def quantized_row(b: Bench, name: str, model, tok, names: list[str], n_weights: int, seconds: float) -> dict:
+    """Seconds, exact sizes (the weights file written, then removed) and perplexity of a packed model."""
+    row = {"seconds": round(seconds, 1)}
+    file_bytes = saved_bytes(model, tok, b.work / name)
+    lin, hist = stored_linears(model, names)
+    row.update(sizes_from_bytes(lin, n_weights, file_bytes))
+    row["bits_hist"] = hist
+    row.update(b.measure(model, tok))
+    shutil.rmtree(b.work / name, ignore_errors=True)  # the size is recorded; the folder is 50-100 MB
+    return row
+
+
+@arm(r"gptq-(\d)-g(\d+)", "ours: uniform GPTQ")
+def run_gptq(b: Bench, name: str) -> dict:
+    from qingzhou.compress.quantize import quantize
+
+    bits, group = re.fullmatch(r"gptq-(\d)-g(\d+)", name).groups()
+    model, tok = b.load()
+    names, n = list(decoder_linears(model)), linear_weight_count(model)
+    t0 = time.perf_counter()
+    quantize(model, parse_setting(f"gptq-asym-{bits}-g{group}"), b.samples, tokenizer=tok)
+    return quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
+
+
+def fit_budget(model, bits: float, group: int = 64) -> int:
+    """The file size of uniform GPTQ g`group` at `bits` (`uniform_bytes`, header included); between
+    integers the same fraction of the way from the floor- to the ceil-bits file (2.5 = halfway)."""
+    from qingzhou.compress.fit import uniform_bytes
+
+    lo, hi = math.floor(bits), math.ceil(bits)
+    size_lo, size_hi = uniform_bytes(model, lo, group), uniform_bytes(model, hi, group)
+    return int(size_lo + (bits - lo) * (size_hi - size_lo))
+
+
+@arm(r"fit-([\d.]+)", "ours: fit plan")
+def run_fit(b: Bench, name: str) -> dict:
+    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both."""
+    from qingzhou.compress.fit import Budget, fit
+
+    bits = float(name.split("-")[1])
+    model, tok = b.load()
+    names, n = list(decoder_linears(model)), linear_weight_count(model)
+    budget = fit_budget(model, bits)
+    cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
+    t0 = time.perf_counter()
+    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok)
+    row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
+    row.update(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
+               fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None))
+    return row
+
+
+# ---------------------------------------------------------------- llama.cpp k-quants
+
+
+def dense_gguf(b: Bench) -> Path:
+    from qingzhou.llm import resolve_source
+
+    src = resolve_source(b.model)
+    if src.kind != "gguf":
+        raise RuntimeError(f"the k-quant arms start from a GGUF model; {b.model} is a {src.kind}")
+    b.work.mkdir(parents=True, exist_ok=True)
+    return llama_kquant.dense_gguf(src.path, b.work / "dense-f32.gguf")
+
+
+def calibration_text(b: Bench) -> Path:
+    """Our calibration samples decoded back to text, one per paragraph, for `llama-imatrix`."""
+    path = b.work / f"calib-c{b.calib_rows}.txt"
+    if not path.exists():
+        path.write_text("\n\n".join(b.tokenizer.decode(s, skip_special_tokens=True) for s in b.samples))
+    return path
+
+
+def imatrix_file(b: Bench) -> tuple[Path, float]:
+    out = b.work / f"imatrix-c{b.calib_rows}.gguf"
+    meta = out.with_suffix(".json")
+    if out.exists() and meta.exists():
+        return out, json.loads(meta.read_text())["seconds"]
+    seconds = llama_kquant.imatrix(dense_gguf(b), calibration_text(b), out, threads=b.threads)
+    meta.write_text(json.dumps({"seconds": round(seconds, 1)}))
+    return out, seconds
+
+
+@arm(r"kq-(Q\w+?)(-imat)?", "llama.cpp k-quant")
+def run_kquant(b: Bench, name: str) -> dict:
+    mix, imat = re.fullmatch(r"kq-(Q\w+?)(-imat)?", name).groups()
+    tools = llama_kquant.tools(("llama-quantize", "llama-imatrix") if imat else ("llama-quantize",))
+    if isinstance(tools, str):
+        return {"skipped": tools}
+    dense = dense_gguf(b)
+    imatrix_s = 0.0
+    imat_path = None
+    if imat:
+        imat_path, imatrix_s = imatrix_file(b)
+    out = b.work / f"{name}-c{b.calib_rows}.gguf" if imat else b.work / f"{name}.gguf"
+    seconds = llama_kquant.quantize(dense, out, mix, imatrix_file=imat_path, threads=b.threads)
+    stored = llama_kquant.gguf_linear_bytes(out)
+    row = {"seconds": round(seconds + imatrix_s, 1), "imatrix_s": round(imatrix_s, 1),
+           **sizes_from_bytes(stored["linear_bytes"], stored["linear_weights"], out.stat().st_size),
+           "gguf_bpw": round(8 * stored["tensor_bytes"] / stored["weights"], 3), "linear_types": stored["linear_types"]}
+    from qingzhou.llm import load_model
+
+    model, tok = load_model(str(out), dtype="float32", device="cpu")
+    row.update(b.measure(model, tok))
+    return row
+
+
+# ---------------------------------------------------------------- AutoRound
+
+
+def dense_folder(b: Bench) -> Path:
+    """The dense model as a Hugging Face folder, the hand-over to AutoRound's venv."""
+    folder = b.work / "dense-hf"
+    if not (folder / "config.json").exists():
+        model, tok = b.load()
+        tmp = b.work / "dense-hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def calib_file(b: Bench) -> Path:
+    from safetensors.torch import save_file
+    import torch
+
+    path = b.work / f"calib-c{b.calib_rows}.safetensors"
+    if not path.exists():
+        save_file({"input_ids": torch.stack(list(b.samples)).to(torch.int64)}, str(path))
+    return path
+
+
+@arm(r"ar-(\d-g\d+|auto-[\d.]+)", "AutoRound")
+def run_autoround(b: Bench, name: str) -> dict:
+    if not Path(AR_PYTHON).exists():
+        return {"skipped": f"AutoRound venv python {AR_PYTHON} not found (set QZ_AUTOROUND_PYTHON)"}
+    out = b.work / f"{name}-i{b.ar_iters}-c{b.calib_rows}"
+    if not (out / "autoround.json").exists():
+        log = out.with_name(out.name + ".log")
+        cmd = [AR_PYTHON, str(BENCH / "peers" / "autoround_run.py"), "--dense", str(dense_folder(b)),
+               "--calib", str(calib_file(b)), "--setting", name, "--iters", str(b.ar_iters),
+               "--threads", str(b.threads), "--out", str(out)]
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
+            return {"skipped": f"AutoRound failed (exit {proc.returncode}), log {log}: {tail}"}
+    meta = json.loads((out / "autoround.json").read_text())
+    from qingzhou.llm import load_model
+
+    model, tok = load_model(str(out), dtype="float32", device="cpu")
+    linears = decoder_linears(model)
+    layers = {n: (meta["layers"][n]["bits"], meta["layers"][n]["group_size"]) for n in linears
+              if n in meta["layers"] and meta["layers"][n]["bits"] < 16}
+    lin, total = gptq_sizes(model, linears, layers)
+    bits = [str(layers[n][0]) if n in layers else "keep" for n in linears]
+    row = {"seconds": meta["seconds"], "iters": meta["iters"], "peer": f"auto-round {meta['auto_round']}",
+           "dtype": meta.get("dtype", "bfloat16 (amp default)"),
+           **sizes_from_bytes(lin, linear_weight_count(model), total),
+           "bits_hist": {k: bits.count(k) for k in sorted(set(bits), key=lambda k: (not k.isdigit(), k))}, "file_from": "GPTQ layout of its bits"}
+    row.update(b.measure(model, tok))
+    return row
+
+
+# ---------------------------------------------------------------- report
+
+
+def family_of(name: str) -> str:
+    """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
+    family = runner_for(name)[0]
+    if name.endswith("-imat"):
+        return family + " + imatrix"
+    return family + " AutoScheme" if name.startswith("ar-auto-") else family
+
+
+def run_arm(b: Bench, name: str) -> dict:
+    path = b.rows_dir / f"{name}.json"
+    if path.exists():
+        return {**json.loads(path.read_text()), "family": family_of(name)}
+    family, fn = family_of(name), runner_for(name)[1]
+    print(f"[fit_quality] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        row = {"arm": name, "family": family, **fn(b, name)}
+    except Exception as e:  # one arm's failure is a row that says so, not a lost run
+        row = {"arm": name, "family": family, "error": f"{type(e).__name__}: {e}"}
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    if "ppl" in row:  # only finished measurements are cached; skipped/failed arms run again next time
+        b.rows_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=1))
+        os.replace(tmp, path)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each with the numbers it was judged on and holds: true/false/None."""
+    by = {r["arm"]: r for r in rows if "ppl" in r}
+    out = []
+    if "fit-3" in by and "gptq-3-g64" in by:
+        limit = (1 - TARGET_GAIN_AT_3) * by["gptq-3-g64"]["ppl"]
+        out.append({"target": "fit at uniform-3-bit size >= 15% below our uniform 3-bit GPTQ",
+                    "value": by["fit-3"]["ppl"], "limit": round(limit, 3), "holds": by["fit-3"]["ppl"] <= limit})
+    if "fit-4" in by:
+        out.append({"target": f"fit at uniform-4-bit size below {TARGET_PPL_AT_4}", "value": by["fit-4"]["ppl"],
+                    "limit": TARGET_PPL_AT_4, "holds": by["fit-4"]["ppl"] < TARGET_PPL_AT_4})
+    fits = [r for r in by.values() if r["arm"].startswith("fit-")]
+    for peer in (r for r in by.values() if r["arm"].startswith(("kq-", "ar-"))):
+        # a fit plan no larger (decoder linears, 1% slack) with lower perplexity beats the peer at its size
+        same = [f for f in fits if f["linear_mb"] <= 1.01 * peer["linear_mb"]]
+        best = min(same, key=lambda f: f["ppl"]) if same else None
+        out.append({"target": f"fit below {peer['arm']} at its size ({peer['linear_bpw']} bpw)",
+                    "value": best["ppl"] if best else None, "limit": peer["ppl"],
+                    "fit_arm": best["arm"] if best else None,
+                    "holds": (best["ppl"] < peer["ppl"]) if best else None})
+    gptq_s = [by[a]["seconds"] for a in ("gptq-3-g64", "gptq-4-g64") if a in by]
+    for f in fits:
+        if gptq_s:
+            limit = TARGET_TIME_FACTOR * sum(gptq_s) / len(gptq_s)
+            out.append({"target": f"{f['arm']} search+apply <= 3x one uniform GPTQ run", "value": f["seconds"],
+                        "limit": round(limit, 1), "holds": f["seconds"] <= limit})
+    return out
+
+
+def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
+    lines = [f"# fit_quality: {b.model}, WikiText-2 test, {b.windows} windows x 2048, {len(b.samples)} calibration rows x 512",
+             "", "| arm | family | ppl | linear bpw | linear MB | file MB | seconds | note |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("linear_bpw", 99), r["arm"])):
+        note = r.get("skipped") or r.get("error") or (
+            ", ".join(f"{k}b x{v}" for k, v in r["bits_hist"].items()) if "bits_hist" in r else
+            ", ".join(f"{k} x{v}" for k, v in r.get("linear_types", {}).items()))
+        lines.append(f"| {r['arm']} | {r['family']} | {r.get('ppl', '-')} | {r.get('linear_bpw', '-')} | "
+                     f"{r.get('linear_mb', '-')} | {r.get('file_mb', '-')} | {r.get('seconds', '-')} | {note[:120]} |")
+    lines += ["", "| target | value | limit | holds |", "|---|---:|---:|---|"]
+    lines += [f"| {c['target']} | {c['value']} | {c['limit']} | {c['holds']} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        if "ppl" in r and r["family"] != "dense":
+            families.setdefault(r["family"], []).append(r)
+    for family, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["linear_mb"])
+        ax.plot([r["linear_mb"] for r in rs], [r["ppl"] for r in rs], "o-" if "fit" in family else "o--", label=family)
+        for r in rs:
+            ax.annotate(r["arm"], (r["linear_mb"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    dense = [r for r in rows if r["arm"] == "dense" and "ppl" in r]
+    if dense:
+        ax.axhline(dense[0]["ppl"], color="grey", lw=0.8, ls=":", label=f"dense {dense[0]['ppl']}")
+    ax.set_xlabel("decoder linears as stored (MB: codes + scales + zeros)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def model_tag(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".gguf") else model)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="alias or .gguf path (the k-quant arms need a GGUF)")
+    ap.add_argument("--arms", default=",".join(DEFAULT_ARMS))
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib-rows", type=int, default=100000, help="at most this many calibration rows (all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound tuning steps per block (0: its RTN mode)")
+    ap.add_argument("--results", default="runs/fit_quality", help="cache and report folder (per model inside)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 windows, 8 calibration rows, AutoRound iters 0")
+    ap.add_argument("--report-only", action="store_true", help="table and plot of the cached rows; run no arm")
+    args = ap.parse_args()
+    if args.quick:
+        args.windows, args.calib_rows, args.ar_iters = 2, 8, 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from qingzhou.data.calibration import CalibrationConfig, load_calibration
+    from qingzhou.data.corpus import load_text
+    from qingzhou.llm import resolve_source
+
+    tag = model_tag(args.model)
+    b = Bench(model=args.model, windows=args.windows, calib_rows=args.calib_rows, threads=args.threads,
+              ar_iters=args.ar_iters, root=Path(args.results) / tag)
+    b.work.mkdir(parents=True, exist_ok=True)
+    b.text = load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    from transformers import AutoTokenizer
+
+    src = resolve_source(args.model)
+    b.tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+    b.samples = load_calibration(b.tokenizer, CalibrationConfig(
+        source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=args.calib_rows))
+    names = [n for n in args.arms.split(",") if n]
+    if args.report_only:
+        rows = [{**json.loads((b.rows_dir / f"{n}.json").read_text()), "family": family_of(n)}
+                for n in names if (b.rows_dir / f"{n}.json").exists()]
+    else:
+        rows = [run_arm(b, n) for n in names]
+    checks = targets(rows)
+    out = b.rows_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit_quality.json").write_text(json.dumps({"model": args.model, "windows": args.windows,
+                                                      "calib_samples": len(b.samples), "ar_iters": args.ar_iters,
+                                                      "rows": rows, "targets": checks}, indent=1))
+    md = markdown(b, rows, checks)
+    missing = [n for n in names if n not in {r["arm"] for r in rows if "ppl" in r}]
+    if missing:
+        md += f"\nNot measured in this folder: {', '.join(missing)}.\n"
+    (out / "fit_quality.md").write_text(md)
+    pareto_plot(rows, out / "fit_quality.png", f"{args.model}: WikiText-2 ppl ({args.windows} windows) vs size")
+    print("\n" + md)
+    print(f"written: {out}/fit_quality.{{md,json,png}}")
+
+
+if __name__ == "__main__":
+    main()
