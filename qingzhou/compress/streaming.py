@@ -346,7 +346,8 @@ class LayerStream:
         if done == 0:
             return True
         shards = [*range(1, done + 1), self.n_layers + 1]
-        acts = self._acts_path(done).exists() or self.fingerprint.get("samples") is None  # data-free: none
+        acts = (self._acts_path(done).exists() or done == self.n_layers  # the last layer's outputs: unused
+                or self.fingerprint.get("samples") is None)  # data-free: none
         return all((self.work / self.shard_name(k)).exists() for k in shards) and acts
 
     def _save_progress(self) -> None:
@@ -391,7 +392,7 @@ class LayerStream:
         self._rest_loaded = []
         self._shapes = [tuple(b.hidden.shape) for b in inputs]
         self._act_dtype = inputs[0].hidden.dtype if inputs else self.dtype
-        if self.done and inputs:
+        if 0 < self.done < self.n_layers and inputs:
             inputs = [LayerBatch(h, b.kwargs) for h, b in zip(self._read_acts(self.done), inputs)]
         return self.done, inputs
 
@@ -510,8 +511,8 @@ class LayerStream:
             for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if (self.reader.folder / f).exists():
                     shutil.copyfile(self.reader.folder / f, self.work / f)
-        for f in (PROGRESS, *[p.name for p in self.work.glob("acts-*.bin")]):
-            (self.work / f).unlink(missing_ok=True)
+        for p in self.work.glob("acts-*.bin"):
+            p.unlink()
         write_marker(self.work, "streamed compressed model")
         out = self.output_dir
         fault_point(f"commit {out.name}")
@@ -523,6 +524,7 @@ class LayerStream:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(self.work, out)
+        (out / PROGRESS).unlink()  # kept until here: a run stopped just before resumes at the commit
         return out
 
     # -- numbers for the verbs

@@ -91,6 +91,7 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
             totals = (sum(p.numel() for p in params), sum(int((p == 0).sum()) for p in params))
             _fill_sparsity(report, counts, find_decoder_layers(model)[0], run.plan, run.result.get("modules", {}), totals)
         else:
+            report.calibration["resumed_from_layer"] = stream.resumed_from  # layers an interrupted run had done
             _fill_sparsity(report, stream.linear_stats(), range(stream.n_layers), run.plan, stream.modules,
                            stream.totals())
     if stream is not None:

@@ -99,6 +99,8 @@ def quantize(
     report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=run.skipped,
                             warnings=run.warnings, packed=cfg.pack, calibration=result.get("calibration", {}))
     report.unfed = list(report.calibration.get("unfed", []))
+    if stream is not None:  # layers an interrupted earlier run had finished
+        report.calibration["resumed_from_layer"] = stream.resumed_from
     report.linear_bytes_before = run.bytes_before
     quantized = {name: r.pop("quantized") for name, r in result["modules"].items() if "quantized" in r}
     for name, r in result["modules"].items():
