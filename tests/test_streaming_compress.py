@@ -187,3 +187,19 @@ def test_streaming_refuses_what_it_cannot_do(src, calib, tmp_path):
     with pytest.raises(QingzhouError, match="gguf"):
         quantize(str(src), dict(GPTQ), calib, output_dir=tmp_path / "o", streaming=True, save_format="gguf")
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.streaming").exists()
+
+
+@pytest.mark.parametrize("verb,flags", [("quantize", ["--method", "gptq", "--bits", "4", "--group-size", "32"]),
+                                        ("prune", ["--method", "wanda", "--sparsity", "0.5", "--activations", "disk"])])
+def test_cli_streaming_matches_the_in_memory_command(src, tmp_path, verb, flags):
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    common = [*flags, "--num-samples", "4", "--seq-len", "32", "--json"]
+    runner = CliRunner()
+    mem = runner.invoke(app, [verb, str(src), str(tmp_path / "mem"), *common], catch_exceptions=False)
+    st = runner.invoke(app, [verb, str(src), str(tmp_path / "st"), *common, "--streaming"], catch_exceptions=False)
+    assert mem.exit_code == 0 and st.exit_code == 0, st.output
+    assert_same(tensors(tmp_path / "mem"), tensors(tmp_path / "st"))
+    assert json.loads(st.stdout)["out_dir"] == str(tmp_path / "st")

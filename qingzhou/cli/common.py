@@ -81,6 +81,10 @@ def print_error(kind: str, text: str) -> None:
 # Options every model-loading command takes: the same arguments `load_model` has.
 AllowPickleOpt = typer.Option(False, "--allow-pickle", help="load pickle weights (.bin/.pt): they can run code; only for trusted files")
 TrustRemoteCodeOpt = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code (auto_map); only for trusted authors")
+StreamingOpt = typer.Option(False, "--streaming", help="compress one decoder layer at a time from MODEL's safetensors "
+                            "folder, for models larger than memory; run again after an interruption to resume")
+ActivationsOpt = typer.Option("cpu", "--activations", help="with --streaming: calibration activations in RAM (cpu) "
+                              "or in a memory-mapped file beside OUT (disk)")
 StrictOpt = typer.Option(True, "--strict/--no-strict", help="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
 
 

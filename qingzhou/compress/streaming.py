@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from qingzhou.compress.calibrate import LayerBatch, find_decoder_layers
-from qingzhou.errors import DataError, ModelLoadError, RecipeError
+from qingzhou.errors import ModelLoadError, RecipeError
 from qingzhou.io import (
     MARKER,
     atomic_write_json,
@@ -285,6 +285,7 @@ class LayerStream:
         self.rest_keys = [k for k in reader.keys() if k not in in_layers and not self._other_layer(k)]
         self.finalize: Callable[[int, nn.Module, Any], int | None] | None = None
         self.key: dict[str, Any] = {}  # what else the verb's result depends on (save format ...)
+        self.tokenizer: Any = None  # the source folder's, used when the caller passes none
         self.done = 0
         self.modules: dict[str, dict[str, Any]] = {}  # per-module results of every finished layer
         self.stats: dict[int, LayerStats] = {}
@@ -555,7 +556,18 @@ def open_stream(source: str | Path, output_dir: str | Path | None, *, dtype: str
         raise RecipeError("streaming takes the model as a folder path, not a loaded model.", where="model",
                           hint="Pass the Hugging Face folder; the model is built on the meta device from it.")
     model, reader, torch_dtype = open_meta_model(source, dtype)
-    return LayerStream(model, reader, output_dir, dtype=torch_dtype, activations=activations, overwrite=overwrite)
+    stream = LayerStream(model, reader, output_dir, dtype=torch_dtype, activations=activations, overwrite=overwrite)
+    stream.tokenizer = _folder_tokenizer(Path(source))
+    return stream
+
+
+def _folder_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in `folder` (for calibration text and the output), or None."""
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def run_per_layer(stream: LayerStream, plan: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -566,20 +578,21 @@ def run_per_layer(stream: LayerStream, plan: dict[str, Any], fn: Callable[[dict[
     layers, _ = find_decoder_layers(model)
     stream.after_capture(model, [])
     merged: dict[str, Any] = {"modules": {}}
-
-    class _Results:
-        results: dict[str, Any] = {}
-
     for i in range(stream.done, len(layers)):
         prefix = f"{stream.prefix}.{i}."
         sub = {n: s for n, s in plan.items() if n.startswith(prefix)}
         stream.load(i, layers[i])
-        out = fn(sub) if sub else {"modules": {}}
-        holder = _Results()
-        holder.results = out.get("modules", {})
-        stream.finish(i, layers[i], holder)
-        merged["modules"].update(holder.results)
+        done = _LayerResults(fn(sub).get("modules", {}) if sub else {})
+        stream.finish(i, layers[i], done)  # `finish` reads (and `finalize` takes codes from) `.results`
+        merged["modules"].update(done.results)
     return merged
+
+
+@dataclass
+class _LayerResults:
+    """A data-free method's per-module results for one layer, shaped like an engine callback's."""
+
+    results: dict[str, Any]
 
 
 def check_streamable(entry_meta: dict[str, Any], cfg: Any, save_format: str = "dense") -> None:
@@ -597,7 +610,3 @@ def check_streamable(entry_meta: dict[str, Any], cfg: Any, save_format: str = "d
         raise RecipeError(f"streaming writes safetensors folders; save_format {save_format!r} is not one.",
                           where="save_format", hint="Use gptq or dense, then export.")
 
-
-def require_samples(samples: Any) -> None:
-    if samples is not None and len(samples) == 0:
-        raise DataError("no calibration samples.", where="calibration", hint="Provide at least one sample.")

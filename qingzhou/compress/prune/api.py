@@ -73,7 +73,7 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
 
         check_streamable(entry.meta, parse_config(cfg))
         stream = open_stream(model, output_dir, dtype=dtype, activations=activations, overwrite=overwrite)
-        model = stream.model
+        model, tokenizer = stream.model, tokenizer if tokenizer is not None else stream.tokenizer
     if entry.meta["reshapes"]:
         report = entry.obj(model, parse_config(cfg), calib, tokenizer=tokenizer)
     else:

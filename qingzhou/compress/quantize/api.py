@@ -90,7 +90,7 @@ def quantize(
         stream.key = {"save_format": save_format}
         stream.finalize = lambda index, layer, callback: _finalize_layer(
             stream.model, f"{stream.prefix}.{index}.", callback, cfg.pack)
-        model = stream.model
+        model, tokenizer = stream.model, tokenizer if tokenizer is not None else stream.tokenizer
     run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=plan_layers, where="quantize",
                      stream=stream)
     cfg, plan, result = run.cfg, run.plan, run.result
