@@ -203,3 +203,17 @@ def test_cli_streaming_matches_the_in_memory_command(src, tmp_path, verb, flags)
     assert mem.exit_code == 0 and st.exit_code == 0, st.output
     assert_same(tensors(tmp_path / "mem"), tensors(tmp_path / "st"))
     assert json.loads(st.stdout)["out_dir"] == str(tmp_path / "st")
+
+
+def test_bf16_shards_stream_in_the_dtype_asked_for(src, calib, tmp_path):
+    """A bf16 checkpoint quantised in fp32: streaming casts each layer as loading does."""
+    from qingzhou.llm import load_model, save_model
+
+    model, tok = load_model(str(src), dtype="bfloat16", device="cpu")
+    save_model(model, tok, tmp_path / "bf16", max_shard_size="100KB")
+    assert len(list((tmp_path / "bf16").glob("*.safetensors"))) > 2  # really sharded
+    in_memory(tmp_path / "bf16", quantize, GPTQ, calib, tmp_path / "mem")
+    quantize(str(tmp_path / "bf16"), dict(GPTQ), calib, output_dir=tmp_path / "st", streaming=True, dtype="float32")
+    assert_same(tensors(tmp_path / "mem"), tensors(tmp_path / "st"))
+    quantize(str(tmp_path / "bf16"), dict(GPTQ), calib, output_dir=tmp_path / "st16", streaming=True)
+    assert tensors(tmp_path / "st16")["model.norm.weight"].dtype == torch.bfloat16  # default: as stored

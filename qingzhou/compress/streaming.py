@@ -86,16 +86,46 @@ def streaming_layers(stream: LayerStream) -> Iterator[LayerStream]:
 # ---------------------------------------------------------------------------------------------- source
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+CHUNK = 32 << 20  # bytes per read/write when copying big tensors (embeddings) through
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file (absolute offsets)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensor table of a safetensors file (its JSON header; no data is read)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"not a readable safetensors file ({e}).", where=str(path)) from None
+    base = 8 + n
+    return {k: TensorInfo(path, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 class ShardReader:
     """The tensors of a safetensors folder (one `model.safetensors`, or shards + index), by name.
 
-    Each read opens its shard, copies the tensor out and closes it again, so no mapping of the
-    (possibly larger than memory) files stays resident.
+    Tensors are read with plain file reads into fresh buffers, never through a memory map: the
+    pages of shards larger than memory then stay in the page cache (which the kernel reclaims)
+    instead of the process's resident set.
     """
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         index = self.folder / INDEX
         single = self.folder / "model.safetensors"
@@ -104,54 +134,131 @@ class ShardReader:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (ValueError, KeyError) as e:
                 raise ModelLoadError(f"unreadable shard index ({e}).", where=str(index)) from None
-            self.files = {k: self.folder / f for k, f in weight_map.items()}
+            files = sorted({self.folder / f for f in weight_map.values()})
         elif single.exists():
-            with safe_open(str(single), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), single)
+            weight_map, files = None, [single]
         else:
             raise ModelLoadError("no safetensors weights (model.safetensors or model.safetensors.index.json).",
                                  where=str(self.folder),
                                  hint="Streaming reads Hugging Face safetensors folders; convert other formats first.")
-        missing = sorted({str(p.name) for p in self.files.values() if not p.exists()})
+        missing = [p.name for p in files if not p.exists()]
         if missing:
             raise ModelLoadError(f"the index names shard(s) that are missing: {', '.join(missing[:5])}.",
                                  where=str(index), hint="Copy the complete model folder.")
+        self.info: dict[str, TensorInfo] = {}
+        for path in files:
+            self.info.update(read_header(path))
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self.info]
+            if lost:
+                raise ModelLoadError(f"the index lists tensors no shard holds: {lost[:5]}.", where=str(index))
 
     def keys(self) -> list[str]:
-        return list(self.files)
+        return list(self.info)
 
-    def read(self, names: Sequence[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """`names`' tensors (cast to `dtype`), each a private copy; unknown names raise."""
-        from safetensors import safe_open
-
-        unknown = [n for n in names if n not in self.files]
+    def _check(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self.info]
         if unknown:
             raise ModelLoadError(f"the checkpoint lacks {len(unknown)} tensor(s) the model needs: {unknown[:5]}.",
                                  where=str(self.folder), hint="Is the folder complete and of this architecture?")
+
+    def read(self, names: Sequence[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`names`' tensors (floating ones cast to `dtype`), each in its own fresh memory."""
+        self._check(names)
         out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.files[n], []).append(n)
-        for path, group in by_file.items():
-            with safe_open(str(path), "pt") as f:
-                for n in group:
-                    t = f.get_tensor(n)
-                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
+        handles: dict[Path, Any] = {}
+        try:
+            for n in names:
+                info = self.info[n]
+                f = handles.get(info.file) or handles.setdefault(info.file, open(info.file, "rb"))
+                buf = bytearray(info.end - info.start)
+                f.seek(info.start)
+                if f.readinto(buf) != len(buf):
+                    raise ModelLoadError(f"{n}: the shard ends early (truncated file?).", where=str(info.file))
+                t = (torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8))
+                t = t.view(_DTYPES[info.dtype]).reshape(info.shape)
+                out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        finally:
+            for f in handles.values():
+                f.close()
         return out
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """A read-only, zero-copy view of `name` mapped from its shard: only the pages a computation
+        touches become resident (the embedding rows of the calibration tokens, say)."""
+        import numpy as np
+
+        self._check([name])
+        info = self.info[name]
+        if info.end == info.start:
+            return torch.empty(info.shape, dtype=_DTYPES[info.dtype])
+        raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.end - info.start,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable": it is only read
+            t = torch.from_numpy(raw)
+        return t.view(_DTYPES[info.dtype]).reshape(info.shape)
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the first floating tensor (what `dtype=None` keeps)."""
-        from safetensors import safe_open
-
-        path = next(iter(self.files.values()))
-        with safe_open(str(path), "pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                name = sl.get_dtype()
-                mapping = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-                if name in mapping:
-                    return mapping[name]
+        for info in self.info.values():
+            dt = _DTYPES.get(info.dtype)
+            if dt is not None and dt.is_floating_point:
+                return dt
         return torch.float32
+
+
+def copy_to_shard(reader: ShardReader, names: Sequence[str], path: Path, dtype: torch.dtype | None) -> dict[str, int]:
+    """Write `names` from `reader` into a new safetensors shard `path` (atomically), CHUNK bytes at
+    a time, casting floating tensors to `dtype`: embeddings of any size pass through without ever
+    being held whole. Returns {"params", "zeros"} over what was written."""
+    reader._check(names)
+    plan = []
+    for n in names:
+        info = reader.info[n]
+        src = _DTYPES[info.dtype]
+        dst = dtype if dtype is not None and src.is_floating_point else src
+        numel = 1
+        for d in info.shape:
+            numel *= d
+        plan.append((n, info, src, dst, numel))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    at = 0
+    for n, info, _src, dst, numel in plan:
+        size = numel * torch.empty((), dtype=dst).element_size()
+        header[n] = {"dtype": _NAMES[dst], "shape": list(info.shape), "data_offsets": [at, at + size]}
+        at += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    stats = {"params": 0, "zeros": 0}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            for n, info, src, dst, numel in plan:
+                step = max(1, CHUNK // src.itemsize)
+                with open(info.file, "rb") as f:
+                    f.seek(info.start)
+                    for first in range(0, numel, step):
+                        count = min(step, numel - first)
+                        buf = bytearray(count * src.itemsize)
+                        if f.readinto(buf) != len(buf):
+                            raise ModelLoadError(f"{n}: the shard ends early (truncated file?).", where=str(info.file))
+                        t = torch.frombuffer(buf, dtype=torch.uint8).view(src)
+                        stats["zeros"] += int((t == 0).sum())
+                        t = t.to(dst) if dst != src else t
+                        out.write(memoryview(t.view(torch.uint8).numpy()))
+                stats["params"] += numel
+            out.flush()
+            os.fsync(out.fileno())
+        set_default_mode(tmp)
+        fault_point(f"write {path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return stats
 
 
 def open_meta_model(source: str | Path, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, ShardReader, torch.dtype]:
@@ -372,13 +479,21 @@ class LayerStream:
         missing = [k for k in expected if k not in self.rest_keys and not (tied and k.endswith("lm_head.weight"))]
         if missing:
             raise ModelLoadError(f"the checkpoint lacks {missing[:5]}.", where=str(self.reader.folder))
-        tensors = self.reader.read([k for k in self.rest_keys if k in set(expected)], self.dtype)
+        wanted = set(expected)
+        names = [k for k in self.rest_keys if k in wanted]
         rest_shard = self.work / self.shard_name(self.n_layers + 1)
         if not rest_shard.exists():
-            self.rest = {"params": sum(t.numel() for t in tensors.values()),
-                         "zeros": sum(int((t == 0).sum()) for t in tensors.values())}
-            _save_shard(tensors, rest_shard)
+            self.rest = copy_to_shard(self.reader, names, rest_shard, self.dtype)
             self._save_progress()
+        # only what runs before layer 0 (embeddings, rotary tables): lm_head and the final norm stay
+        # on the meta device. Stored in the compute dtype, the embedding is mapped, not read: only
+        # the rows of the calibration tokens become resident.
+        parent = self.prefix.rpartition(".")[0]  # "model" for "model.layers"
+        before = f"{parent}." if parent else ""
+        needed = [k for k in names if k.startswith(before) and not self._other_layer(k)]
+        mapped = {k for k in needed if _DTYPES[self.reader.info[k].dtype] == self.dtype}
+        tensors = {k: self.reader.mapped(k) for k in mapped}
+        tensors.update(self.reader.read([k for k in needed if k not in mapped], self.dtype))
         _materialise(model, tensors)
         self._rest_loaded = list(tensors)
         del tensors
