@@ -179,8 +179,7 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, *, max_
     """
     import torch
 
-    H = H.clone()
-    n = H.shape[0]
+    n = H.shape[0]  # H is only read (each attempt damps its own copy): no defensive clone
     mean_diag = torch.mean(torch.diag(H)).item()
     if not math.isfinite(mean_diag):
         raise FloatingPointError(f"{name}: Hessian contains NaN/inf (non-finite activations)")
@@ -191,9 +190,12 @@ def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, *, max_
         Hd = H.clone()
         Hd[idx, idx] += damp * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # [n, n] float32 each: 256 MiB for an 8192-wide down_proj, so free them as we go
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info2) == 0 and torch.isfinite(U).all() and bool((torch.diag(U) > 0).all()):
                 if attempt:
                     warnings.warn(f"{name}: Hessian not positive definite with damp_percent="
