@@ -63,7 +63,12 @@ ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_
 t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
 recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
-oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq, num_calibration_samples=n)
+# the ids are given; oneshot still wants a processor: a one-word tokenizer stands in
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                              unk_token="<unk>", pad_token="<unk>")
+oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, max_seq_length=seq, num_calibration_samples=n)
 model.save_pretrained(out, save_compressed=True)
 layers = model.config.num_hidden_layers
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "layers": layers}))
@@ -86,7 +91,8 @@ def timed(cmd: list[str], env: dict[str, str], timeout: float | None) -> dict:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     res = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or res is None:
-        return {"error": f"exit {proc.returncode}: " + proc.stderr[-1500:]}
+        own = proc.stderr.split("\tCommand being timed")[0]  # the child's stderr without time's report
+        return {"error": f"exit {proc.returncode}: " + own[-1500:]}
     return {**res, "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None, "wall_seconds": wall}
 
 
