@@ -186,6 +186,15 @@ def test_streaming_refuses_what_it_cannot_do(src, calib, tmp_path):
         quantize(torch.nn.Linear(2, 2), dict(GPTQ), calib, output_dir=tmp_path / "o", streaming=True)
     with pytest.raises(QingzhouError, match="gguf"):
         quantize(str(src), dict(GPTQ), calib, output_dir=tmp_path / "o", streaming=True, save_format="gguf")
+    quantize(str(src), dict(GPTQ), calib, output_dir=tmp_path / "q", streaming=True)
+    with pytest.raises(QingzhouError, match="already quantised"):
+        quantize(str(tmp_path / "q"), dict(GPTQ), calib, output_dir=tmp_path / "o", streaming=True)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text((src / "config.json").read_text())
+    (tmp_path / "half" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(QingzhouError, match="missing: model-00002-of-00002"):
+        quantize(str(tmp_path / "half"), dict(GPTQ), calib, output_dir=tmp_path / "o", streaming=True)
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.streaming").exists()
 
 

@@ -271,6 +271,13 @@ def open_meta_model(source: str | Path, dtype: str | torch.dtype | None = None) 
     if not (folder / "config.json").is_file():
         raise ModelLoadError("streaming needs a local Hugging Face folder (config.json + safetensors).",
                              where=str(source), hint="Download or save the model to a folder first.")
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelLoadError(f"config.json is not valid JSON ({e}).", where=str(folder / "config.json")) from None
+    if raw.get("quantization_config"):
+        raise RecipeError("this model is already quantised (config.json has a quantization_config).",
+                          where=str(folder / "config.json"), hint="Stream the full-precision model instead.")
     reader = ShardReader(folder)
     if dtype is None or dtype == "auto":
         torch_dtype = reader.stored_dtype()
