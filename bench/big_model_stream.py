@@ -18,6 +18,8 @@ said so when absent) loads the whole model with transformers and runs `oneshot` 
         /work/peers/models/llama-3.2-1b-random /work/peers/models/llama-3.2-3b-random \\
         --llmc-python /work/peers/llmc/bin/python --peers-on llama-3.2-1b-random,llama-3.2-3b-random \\
         --out bench/results/big_model_stream.json
+    (--tools qingzhou or --tools llmcompressor runs one side only; --activations disk maps the
+    calibration activations from a file)
 
 Target: peak RSS <= 35% of the model's bytes at 3B, falling with size.
 """
@@ -173,8 +175,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run")
     ap.add_argument("--python", default=sys.executable, help="python with torch/transformers for qingzhou")
     ap.add_argument("--llmc-python", default=os.environ.get("QINGZHOU_LLMC_PYTHON", "/work/peers/llmc/bin/python"))
-    ap.add_argument("--peers-on", default="", help="comma-separated model folder names to run llm-compressor on "
-                                                  "(default: none; 'all' for every model)")
+    ap.add_argument("--tools", default="qingzhou,llmcompressor", help="which to run, comma-separated")
+    ap.add_argument("--peers-on", default="all", help="comma-separated model folder names to run llm-compressor on "
+                                                     "(default: all)")
     ap.add_argument("--scratch", type=Path, default=None, help="where outputs are written (and deleted)")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -190,11 +193,13 @@ def main() -> None:
         ap.error("nothing to run: --models, --make-smollm2 or --tiny")
     peers_on = {m.name for m in models} if args.peers_on == "all" else set(filter(None, args.peers_on.split(",")))
     llmc = Path(args.llmc_python)
+    tools = set(args.tools.split(","))
     rows = []
     for folder in models:
-        rows.append(run_one("qingzhou", folder, args, args.python))
-        print(json.dumps(rows[-1]), flush=True)
-        if folder.name in peers_on:
+        if "qingzhou" in tools:
+            rows.append(run_one("qingzhou", folder, args, args.python))
+            print(json.dumps(rows[-1]), flush=True)
+        if "llmcompressor" in tools and folder.name in peers_on:
             if not llmc.exists():
                 rows.append({"tool": "llmcompressor", "model": folder.name,
                              "error": f"not installed ({llmc} missing; see bench/peers)"})
