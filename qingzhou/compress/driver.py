@@ -79,6 +79,7 @@ def run_method(model: Any, cfg: Any, calib: Any, tokenizer: Any, *, registry: Re
     run = MethodRun(cfg, entry, plan, skipped, samples)
     modules = dict(model.named_modules())
     run.bytes_before = sum(p.numel() * p.element_size() for n in plan for p in modules[n].parameters())
+    del modules  # it would keep every replaced linear (and, streaming, its materialised weight) alive
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -568,6 +568,7 @@ class LayerStream:
         """Write layer `index` in its saved form, checkpoint the progress, release the layer."""
         prefix = f"{self.prefix}.{index}"
         stats = LayerStats()
+        dense = [m for m in layer.modules() if isinstance(m, nn.Linear)]  # `finalize` may replace them
         for name, m in layer.named_modules():
             if isinstance(m, nn.Linear):
                 w = m.weight
@@ -598,6 +599,8 @@ class LayerStream:
         old = self._acts_path(index)
         old.unlink(missing_ok=True)
         _release(layer)
+        for m in dense:  # replaced ones too: a caller's reference must not keep their weights alive
+            _release(m)
         self.layers_loaded -= 1
 
     # -- output
