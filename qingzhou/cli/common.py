@@ -83,6 +83,10 @@ AllowPickleOpt = typer.Option(False, "--allow-pickle", help="load pickle weights
 TrustRemoteCodeOpt = typer.Option(False, "--trust-remote-code", help="run the model repository's own Python code (auto_map); only for trusted authors")
 MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory budget: 6GiB for the compute device, or cuda:0=6GiB,cpu=12GiB; the model is placed from its shards and layers that do not fit stream from disk")
 OffloadFolderOpt = typer.Option(None, "--offload-folder", help="with --max-memory: where streamed 4-bit layers' kernel layout is cached (default: under $QINGZHOU_CACHE/offload)")
+StreamingOpt = typer.Option(False, "--streaming", help="compress one decoder layer at a time from MODEL's safetensors "
+                            "folder, for models larger than memory; run again after an interruption to resume")
+ActivationsOpt = typer.Option("cpu", "--activations", help="with --streaming: calibration activations in RAM (cpu) "
+                              "or in a memory-mapped file beside OUT (disk)")
 StrictOpt = typer.Option(True, "--strict/--no-strict", help="refuse weights that do not match config.json (missing, unexpected or mis-shaped tensors)")
 
 

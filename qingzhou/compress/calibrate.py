@@ -506,7 +506,9 @@ class LayerwiseOptions:
     `batch_size`: calibration samples per forward. `offload_inputs`: keep the cached activations
     on CPU and move one batch at a time. `reuse_outputs`: replay finished child blocks instead of
     recomputing them (`_ChildReplay`; exact, it only saves time). `progress(done, total)`: called
-    after each layer.
+    after each layer. `stream`: a `compress.streaming.LayerStream` for a model on the meta device
+    (each layer materialised before and written + released after; None: the stream a verb opened
+    with `streaming.streaming_layers`, if any).
     """
 
     device: str | torch.device | None = None
@@ -516,6 +518,7 @@ class LayerwiseOptions:
     offload_inputs: bool = False
     reuse_outputs: bool = True
     progress: Callable[[int, int], None] | None = None
+    stream: Any = None
 
     @classmethod
     def from_config(cls, cfg: EngineSettings, **overrides: Any) -> LayerwiseOptions:
@@ -544,14 +547,24 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     was_training = model.training
     model.eval()
     cache_device = torch.device("cpu") if opts.offload_inputs else device
+    stream = opts.stream if opts.stream is not None else _active_stream()
+    if stream is not None:
+        stream.before_capture(model)
     inputs = capture_layer_inputs(model, samples, device=device, batch_size=opts.batch_size,
                                   cache_device=cache_device)
+    start = 0
+    if stream is not None:
+        start, inputs = stream.after_capture(model, inputs)
     report = LayerwiseReport(layers=len(layers), samples=len(samples),
                              tokens=sum(b.tokens for b in inputs), device=str(device))
     observe_names = getattr(callback, "inputs_to_observe", None)
     begin_layer = getattr(callback, "begin_layer", None)
     end_layer = getattr(callback, "end_layer", None)
     for i, layer in enumerate(layers):
+        if i < start:  # resumed: written by an earlier, interrupted run
+            continue
+        if stream is not None:
+            stream.load(i, layer)
         home = _module_device(layer)
         layer.to(device)
         linears = linear_names(layer, f"{prefix}.{i}", opts.targets)
@@ -589,11 +602,14 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
                     replay.batch = j
                 b = batch.to(device)
                 out = _layer_output(layer(b.hidden, **b.kwargs))
-                outputs.append(LayerBatch(out.to(cache_device), batch.kwargs))
+                kept = out.to(cache_device) if stream is None else stream.keep(i, j, out, cache_device)
+                outputs.append(LayerBatch(kept, batch.kwargs))
         if end_layer is not None:
             end_layer(i, layer)
         if home is not None and home != device:
             layer.to(home)
+        if stream is not None:
+            stream.finish(i, layer, callback)
         inputs = outputs
         if opts.progress is not None:
             opts.progress(i + 1, len(layers))
@@ -601,6 +617,12 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     report.seconds = time.perf_counter() - t0
     report.peak_memory_mb, report.peak_memory_kind = peak_memory_mb(device), peak_memory_source(device)
     return report
+
+
+def _active_stream() -> Any:
+    from qingzhou.compress.streaming import active_stream
+
+    return active_stream()
 
 
 @torch.no_grad()

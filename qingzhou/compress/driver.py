@@ -52,12 +52,18 @@ def run_method(model: Any, cfg: Any, calib: Any, tokenizer: Any, *, registry: Re
                build_plan: Callable[[Any, Any], tuple[dict[str, Any], list[str]]], where: str,
                needs_data: Callable[[Any, Entry[Any]], bool] | None = None,
                before_run: Callable[[Any, Any, dict[str, Any], Any], dict[str, Any]] | None = None,
-               require_plan: bool = True) -> MethodRun:
+               require_plan: bool = True, stream: Any = None) -> MethodRun:
     """Steps 1-4 above. `needs_data(cfg, entry)` overrides the entry's `needs_calibration`;
     `before_run(model, cfg, plan, samples)` runs inside the captured-warnings block first;
-    `require_plan`: an empty plan (nothing left to compress) is a user error."""
+    `require_plan`: an empty plan (nothing left to compress) is a user error. `stream`: a
+    `compress.streaming.LayerStream` (the model is on the meta device): calibrated methods walk its
+    layers through the engine, data-free ones run on one materialised layer at a time."""
     cfg = registry.validate(cfg)
     entry = registry.get(cfg.method, where=where)
+    if stream is not None:
+        from qingzhou.compress.streaming import check_streamable
+
+        check_streamable(entry.meta, cfg)
     plan, skipped = build_plan(model, cfg)
     if require_plan and not plan:
         raise RecipeError(f"no full-precision nn.Linear left to {where} in the decoder layers "
@@ -65,20 +71,37 @@ def run_method(model: Any, cfg: Any, calib: Any, tokenizer: Any, *, registry: Re
                           hint="The model may already be compressed, or `skip` matches every linear.")
     wants = needs_data(cfg, entry) if needs_data else entry.meta.get("needs_calibration", True)
     samples = calibration_samples(calib, cfg, tokenizer, where) if wants else None
+    if stream is not None:
+        from qingzhou.compress.streaming import samples_digest
+
+        stream.bind({"method": cfg.model_dump(mode="json"), **stream.key,
+                     "samples": samples_digest(samples) if samples is not None else None})
     run = MethodRun(cfg, entry, plan, skipped, samples)
     modules = dict(model.named_modules())
     run.bytes_before = sum(p.numel() * p.element_size() for n in plan for p in modules[n].parameters())
+    del modules  # it would keep every replaced linear (and, streaming, its materialised weight) alive
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if before_run is not None:
             run.extra = before_run(model, cfg, plan, samples)
-        run.result = entry.obj(model, cfg, plan, samples)
+        run.result = _run_entry(entry, model, cfg, plan, samples, stream)
     for w in caught:  # re-emit for the caller, keep the text for the report
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     run.warnings = [str(w.message) for w in caught]
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def _run_entry(entry: Entry[Any], model: Any, cfg: Any, plan: dict[str, Any], samples: Any, stream: Any) -> dict[str, Any]:
+    if stream is None:
+        return entry.obj(model, cfg, plan, samples)
+    from qingzhou.compress.streaming import run_per_layer, streaming_layers
+
+    if samples is None:  # data-free: not an engine callback, so one layer at a time here
+        return run_per_layer(stream, plan, lambda sub: entry.obj(model, cfg, sub, None))
+    with streaming_layers(stream):
+        return entry.obj(model, cfg, plan, samples)
 
 
 def calibration_samples(calib: Any, cfg: Any, tokenizer: Any, where: str) -> list[Any]:

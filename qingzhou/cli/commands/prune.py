@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, guarded,
-                                 kv_table, load_options, out, print_json, table)
+from qingzhou.cli.common import (ActivationsOpt, AllowPickleOpt, StreamingOpt, StrictOpt, TrustRemoteCodeOpt,
+                                 check_device, check_out_dir, guarded, kv_table, load_options, out, print_json, table)
 from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.prune.config import CalibratedPruneConfig
 from qingzhou.compress.prune.structured import StructuredConfig
@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = AllowPickleOpt,
         trust_remote_code: bool = TrustRemoteCodeOpt,
         strict: bool = StrictOpt,
+        streaming: bool = StreamingOpt,
+        activations: str = ActivationsOpt,
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
@@ -54,8 +56,11 @@ def register(app: typer.Typer) -> None:
                             names={"owl": "--owl"}, where="prune")
         check_device(getattr(cfg, "device", None))
         check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
-        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
-        report = prune(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force)
+        if streaming:
+            report = prune(model, cfg, output_dir=out_dir, overwrite=force, streaming=True, activations=activations)
+        else:
+            m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
+            report = prune(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force)
         summary = {**report.summary(), "out_dir": str(out_dir)}
         if as_json:
             print_json(report.to_dict() if per_layer else summary)

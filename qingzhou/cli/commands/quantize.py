@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from qingzhou.cli.common import (AllowPickleOpt, StrictOpt, TrustRemoteCodeOpt, check_device, check_out_dir, guarded,
-                                 kv_table, load_options, out, print_json)
+from qingzhou.cli.common import (ActivationsOpt, AllowPickleOpt, StreamingOpt, StrictOpt, TrustRemoteCodeOpt,
+                                 check_device, check_out_dir, guarded, kv_table, load_options, out, print_json)
 from qingzhou.cli.config_options import calibration_help, config_options, method_config, parse_sets
 from qingzhou.compress.quantize.config import CalibratedConfig
 from qingzhou.recipes.stages.quantize import QuantizeStage
@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = AllowPickleOpt,
         trust_remote_code: bool = TrustRemoteCodeOpt,
         strict: bool = StrictOpt,
+        streaming: bool = StreamingOpt,
+        activations: str = ActivationsOpt,
         as_json: bool = typer.Option(False, "--json"),
         settings: dict[str, Any] | None = None,
     ) -> None:
@@ -57,14 +59,24 @@ def register(app: typer.Typer) -> None:
         save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
         check_device(getattr(cfg, "device", None) if method != "none" else None)
         check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
-        m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
-        if method == "none":
-            summary: dict[str, Any] = {}
-            save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0", overwrite=force)
+        if streaming and (method == "none" or gguf_type is not None):
+            from qingzhou.errors import RecipeError
+
+            raise RecipeError("--streaming writes a safetensors folder (GPTQ layout or --dense), not GGUF.",
+                              where="--streaming", hint="Quantise with --streaming, then export the result.")
+        if streaming:  # MODEL is read layer by layer from its folder, never loaded whole
+            report = quantize(model, cfg, output_dir=out_dir, overwrite=force, save_format=save_format,
+                              streaming=True, activations=activations)
+            summary: dict[str, Any] = report.summary()
         else:
-            report = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force, save_format=save_format,
-                              gguf_type=gguf_type or "q8_0")
-            summary = report.summary()
+            m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
+            if method == "none":
+                summary = {}
+                save_compressed(m, tok, out_dir, "gguf", gguf_type or "q8_0", overwrite=force)
+            else:
+                report = quantize(m, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force, save_format=save_format,
+                                  gguf_type=gguf_type or "q8_0")
+                summary = report.summary()
         if gguf_type is not None:
             gguf = out_dir / "model.gguf"
             summary.update(gguf_type=gguf_type, gguf_mb=round(gguf.stat().st_size / 2**20, 3), out=str(gguf))

@@ -50,7 +50,8 @@ class PruneReport:
 
 def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None, *,
           tokenizer: Any = None, output_dir: str | Path | None = None,
-          overwrite: bool = False) -> PruneReport | StructuredReport:
+          overwrite: bool = False, streaming: bool = False, activations: str = "cpu",
+          dtype: str | None = None) -> PruneReport | StructuredReport:
     """Prune the decoder-layer linears of `model` in place and report the sparsity per layer.
 
     `calib`: calibration samples for calibrated methods (and `owl`) - a list of 1-D token tensors,
@@ -60,21 +61,42 @@ def prune(model: nn.Module, cfg: PruneConfig | dict[str, Any], calib: Any = None
     `method: structured` the model gets smaller instead and a `StructuredReport` comes back.
     Given `output_dir`, the model is saved there with `metrics.json` and `report.json`, as every
     verb saves.
+
+    `streaming=True`: `model` is a Hugging Face folder that need not fit in memory; it is pruned one
+    decoder layer at a time into the sharded, resumable `output_dir` (see `quantize` and
+    `compress.streaming`; `activations`: cpu | disk, `dtype`: default as stored).
     """
     entry = PRUNERS.get(parse_config(cfg).method, where="prune")
+    stream = None
+    if streaming:
+        from qingzhou.compress.streaming import check_streamable, open_stream
+
+        check_streamable(entry.meta, parse_config(cfg))
+        stream = open_stream(model, output_dir, dtype=dtype, activations=activations, overwrite=overwrite)
+        model, tokenizer = stream.model, tokenizer if tokenizer is not None else stream.tokenizer
     if entry.meta["reshapes"]:
         report = entry.obj(model, parse_config(cfg), calib, tokenizer=tokenizer)
     else:
         run = run_method(model, cfg, calib, tokenizer, registry=PRUNERS, build_plan=build_plan, where="prune",
                          needs_data=lambda c, e: e.meta["needs_calibration"] or c.owl is not None,
                          before_run=lambda m, c, plan, samples: _apply_owl(m, c, plan, samples) if c.owl else {},
-                         require_plan=False)
+                         require_plan=False, stream=stream)
         report = PruneReport(method=run.cfg.method, config=run.cfg.model_dump(mode="json"), skipped=run.skipped,
                              warnings=run.warnings, owl=run.extra, calibration=run.result.get("calibration", {}),
                              seconds=run.seconds)
         report.unfed = list(report.calibration.get("unfed", []))
-        _fill_sparsity(report, model, run.plan, run.result.get("modules", {}))
-    if output_dir is not None:
+        if stream is None:
+            counts = _linear_counts(model, run.plan)
+            params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
+            totals = (sum(p.numel() for p in params), sum(int((p == 0).sum()) for p in params))
+            _fill_sparsity(report, counts, find_decoder_layers(model)[0], run.plan, run.result.get("modules", {}), totals)
+        else:
+            report.calibration["resumed_from_layer"] = stream.resumed_from  # layers an interrupted run had done
+            _fill_sparsity(report, stream.linear_stats(), range(stream.n_layers), run.plan, stream.modules,
+                           stream.totals())
+    if stream is not None:
+        write_outputs(output_dir, report, lambda folder: stream.commit(model, tokenizer))
+    elif output_dir is not None:
         from qingzhou.llm import save_model
 
         write_outputs(output_dir, report, lambda folder: save_model(model, tokenizer, folder, overwrite=overwrite))
@@ -96,17 +118,22 @@ def _apply_owl(model: nn.Module, cfg: PruneConfig, plan: dict[str, Target], samp
 
 
 @torch.no_grad()
-def _fill_sparsity(report: PruneReport, model: nn.Module, plan: dict[str, Target],
-                   results: dict[str, dict[str, Any]]) -> None:
-    """Measure the zeros actually present (not what was asked for), per linear and per layer."""
+def _linear_counts(model: nn.Module, plan: dict[str, Target]) -> dict[str, dict[str, Any]]:
+    """Zeros actually present (not what was asked for) in each planned linear of `model`."""
     modules = dict(model.named_modules())
-    layers, _ = find_decoder_layers(model)
+    return {name: {"zeros": int((modules[name].weight == 0).sum()), "numel": modules[name].weight.numel(),
+                   "shape": list(modules[name].weight.shape)} for name in plan}
+
+
+def _fill_sparsity(report: PruneReport, counts: dict[str, dict[str, Any]], layers: Any, plan: dict[str, Target],
+                   results: dict[str, dict[str, Any]], totals: tuple[int, int]) -> None:
+    """The report's sparsity per linear, per layer and over the model, from the measured `counts`
+    ({name: zeros, numel, shape}) and `totals` (parameters, zeros over the whole model)."""
     per_layer = {i: [0, 0] for i in range(len(layers))}
     zeros_total = weights_total = 0
     for name, target in plan.items():
-        w = modules[name].weight
-        zeros, numel = int((w == 0).sum()), w.numel()
-        entry = {"target": target.describe(), "sparsity": zeros / numel, "shape": list(w.shape)}
+        zeros, numel = counts[name]["zeros"], counts[name]["numel"]
+        entry = {"target": target.describe(), "sparsity": zeros / numel, "shape": list(counts[name]["shape"])}
         entry.update(results.get(name, {}))
         report.modules[name] = entry
         i = layer_index(name)
@@ -117,6 +144,5 @@ def _fill_sparsity(report: PruneReport, model: nn.Module, plan: dict[str, Target
     report.layers = [{"layer": i, "sparsity": z / n if n else 0.0, "weights": n}
                      for i, (z, n) in per_layer.items()]
     report.sparsity = zeros_total / weights_total if weights_total else 0.0
-    params = list({id(p): p for p in model.parameters()}.values())  # tied weights once
-    report.parameters = sum(p.numel() for p in params)
-    report.model_sparsity = sum(int((p == 0).sum()) for p in params) / max(report.parameters, 1)
+    report.parameters = totals[0]
+    report.model_sparsity = totals[1] / max(report.parameters, 1)

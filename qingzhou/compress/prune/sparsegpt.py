@@ -161,7 +161,7 @@ class SparseGPTCollector(HessianCollector):
     def solve(self, name: str, module: nn.Linear, acc: Any) -> dict[str, Any]:
         from qingzhou.compress.calibrate import write_weight
 
-        res = sparsegpt_prune_weight(module.weight, acc.H, self.plan[name], name=name, **self.opts)
+        res = sparsegpt_prune_weight(module.weight, self.take_hessian(acc), self.plan[name], name=name, **self.opts)
         write_weight(module, res.weight)
         return {"loss": res.loss, "tokens": acc.n, "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
 

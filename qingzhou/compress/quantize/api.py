@@ -55,7 +55,7 @@ class QuantizeReport:
 def quantize(
     model: nn.Module, cfg: QuantizeConfig | dict[str, Any], calib: Any = None, *, tokenizer: Any = None,
     output_dir: str | Path | None = None, save_format: str = "gptq", gguf_type: str = "q8_0",
-    overwrite: bool = False,
+    overwrite: bool = False, streaming: bool = False, activations: str = "cpu", dtype: str | None = None,
 ) -> QuantizeReport:
     """Quantise the decoder-layer linears of `model` in place and report what happened.
 
@@ -66,6 +66,13 @@ def quantize(
     is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
     `report.json`, as every verb saves (a non-empty `output_dir` only with `overwrite`, and only
     if qingzhou wrote it).
+
+    `streaming=True`: `model` is a Hugging Face folder (safetensors) that need not fit in memory.
+    It is built on the meta device and compressed one decoder layer at a time, each layer written
+    to its own shard of `output_dir` (required; `save_format` gptq or dense) and released
+    (`compress.streaming`); `activations` keeps the calibration activations in RAM (`cpu`) or a
+    memory-mapped file (`disk`); `dtype` (default: as stored) is what the layers compute in. Called
+    again after an interruption, it resumes at the first unfinished layer with the same result.
     """
     requested: dict[str, int] = {}  # group size asked for, where on_indivisible_group changed it
 
@@ -74,12 +81,27 @@ def quantize(
         requested.update(changed)
         return plan, skipped
 
-    run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=plan_layers, where="quantize")
+    stream = None
+    if streaming:
+        from qingzhou.compress.streaming import check_streamable, open_stream
+
+        cfg = QUANTIZERS.validate(cfg)
+        check_streamable({}, cfg, save_format)
+        stream = open_stream(model, output_dir, dtype=dtype, activations=activations, overwrite=overwrite)
+        stream.key = {"save_format": save_format}
+        stream.finalize = lambda index, layer, callback: _finalize_layer(
+            stream.model, f"{stream.prefix}.{index}.", callback, cfg.pack)
+        model, tokenizer = stream.model, tokenizer if tokenizer is not None else stream.tokenizer
+    run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=plan_layers, where="quantize",
+                     stream=stream)
     cfg, plan, result = run.cfg, run.plan, run.result
-    modules = dict(model.named_modules())
+    if stream is not None:  # every layer's results, those of resumed layers included
+        result = {**result, "modules": {n: dict(r) for n, r in stream.modules.items() if n in plan}}
     report = QuantizeReport(method=cfg.method, config=cfg.model_dump(mode="json"), skipped=run.skipped,
                             warnings=run.warnings, packed=cfg.pack, calibration=result.get("calibration", {}))
     report.unfed = list(report.calibration.get("unfed", []))
+    if stream is not None:  # layers an interrupted earlier run had finished
+        report.calibration["resumed_from_layer"] = stream.resumed_from
     report.linear_bytes_before = run.bytes_before
     quantized = {name: r.pop("quantized") for name, r in result["modules"].items() if "quantized" in r}
     for name, r in result["modules"].items():
@@ -89,23 +111,49 @@ def quantize(
             report.modules[name]["group_size_requested"] = requested[name]
     if "linear_bytes_after" in result:  # the method installed its own layers (bitsandbytes)
         report.linear_bytes_after = result["linear_bytes_after"]
-    elif cfg.pack:
-        for name, qw in quantized.items():
-            old = modules[name]
-            new = QuantLinear.from_quantized(qw, old.bias).to(old.weight.device)
-            model.set_submodule(name, new)
-            report.linear_bytes_after += sum(t.numel() * t.element_size() for t in new.buffers())
-        use_bf16_head(model)  # as load_quantized does: the same runtime in memory and reloaded
+    elif stream is not None:
+        report.linear_bytes_after = sum(s.bytes for s in stream.stats.values())
     else:
-        report.linear_bytes_after = sum(
-            q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8
-            for q in quantized.values())
+        report.linear_bytes_after = _pack(model, quantized) if cfg.pack else _codes_bytes(quantized)
+        if cfg.pack:
+            use_bf16_head(model)  # as load_quantized does: the same runtime in memory and reloaded
     report.seconds = run.seconds
-    setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, run.skipped))
-    if output_dir is not None:
+    qc = result.get("quantization_config") or quantization_config(cfg, plan, run.skipped)
+    setattr(model, QUANT_ATTR, qc)
+    if stream is not None:
+        extra = {"quantization_config": qc} if cfg.pack else {}
+        write_outputs(output_dir, report, lambda folder: stream.commit(model, tokenizer, extra))
+    elif output_dir is not None:
         write_outputs(output_dir, report,
                       lambda folder: save_compressed(model, tokenizer, folder, save_format, gguf_type, overwrite=overwrite))
     return report
+
+
+def _pack(model: nn.Module, quantized: dict[str, Any]) -> int:
+    """Replace each linear of `quantized` ({full name: QuantizedWeight}) by its packed `QuantLinear`;
+    returns the bytes of the packed tensors."""
+    total = 0
+    for name, qw in quantized.items():
+        old = model.get_submodule(name)
+        new = QuantLinear.from_quantized(qw, old.bias).to(old.weight.device)
+        model.set_submodule(name, new)
+        total += sum(t.numel() * t.element_size() for t in new.buffers())
+    return total
+
+
+def _codes_bytes(quantized: dict[str, Any]) -> int:
+    """Bytes the codes, scales and zeros of unpacked (dense fake-quant) linears would take."""
+    return sum(q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8
+               for q in quantized.values())
+
+
+def _finalize_layer(model: nn.Module, prefix: str, callback: Any, pack: bool) -> int:
+    """Streaming: the saved form of one finished decoder layer (names under `prefix`). The
+    method's codes leave its results here (a model-sized pile otherwise) and, with `pack`, become
+    `QuantLinear`s, as `quantize` does for the whole model in memory; returns their bytes."""
+    results = getattr(callback, "results", {})
+    quantized = {n: r.pop("quantized") for n, r in results.items() if n.startswith(prefix) and "quantized" in r}
+    return _pack(model, quantized) if pack else _codes_bytes(quantized)
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_format: str = "gptq",

@@ -75,7 +75,9 @@ def gptq_quantize_weight(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # one statement per index: two [n, n] copies at a time, not three
+        H = H[:, perm]
         hdiag = None if hdiag is None else hdiag[perm]
     inv = damped_inverse_cholesky(H, damp_percent, name=name)
     Hinv = inv.chol_inv_upper
@@ -139,7 +141,7 @@ class GPTQCollector(HessianCollector):
                          static_groups=static_groups, hessian_clip=hessian_clip)
 
     def solve(self, name: str, module: nn.Linear, acc: HessianAccumulator) -> dict[str, Any]:
-        res = gptq_quantize_weight(module.weight, acc.H, self.plan[name], name=name, **self.opts)
+        res = gptq_quantize_weight(module.weight, self.take_hessian(acc), self.plan[name], name=name, **self.opts)
         write_weight(module, res.weight)
         return {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
                 "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
