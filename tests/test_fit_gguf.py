@@ -38,7 +38,7 @@ def test_fit_writes_gguf_of_the_plan_from_the_original_weights(tmp_path):
     import torch
 
     from qingzhou.compress.fit.api import fit
-    from qingzhou.compress.fit.storage import KEEP, Option, option_space
+    from qingzhou.compress.fit.storage import KEEP, option_space
     from qingzhou.compress.quantize.formats.gguf import _permute_rotary
     from qingzhou.compress.quantize.formats.kquants import BLOCK_QUANTIZERS, quantize_k
     from qingzhou.finetune.testing import byte_tokenizer
@@ -95,7 +95,6 @@ def test_fit_writes_gguf_of_the_plan_from_the_original_weights(tmp_path):
         if not o.keep:
             assert not torch.equal(model.get_submodule(name).dequantize_weight().detach(), original[name])
     assert len(seen) >= 3, (seen, report.mix())
-    print(seen, report.mix(), report.gguf["bytes"], report.file_bytes)
     assert all(tensors[n].tensor_type == gguf.GGMLQuantizationType.F32 for n in tensors if "norm" in n)
 
 
@@ -110,3 +109,33 @@ def test_gguf_refused_before_measuring_for_unsupported_architecture(tmp_path):
     with pytest.raises(RecipeError, match="GGUF export supports"):
         fit(tiny_model("qwen2"), {"avg_bits": 4}, {"method": "rtn"}, calib, output_dir=tmp_path / "o", gguf=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_fit_gguf_writes_model_gguf_beside_the_gptq_folder(tmp_path, tiny_llama_dir):
+    import json
+
+    import gguf
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["fit", str(tiny_llama_dir), str(out), "--avg-bits", "4", "--method", "rtn",
+                                 "--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--gguf",
+                                 "--gguf-keep", "f32", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["gguf_bytes"] == (out / "model.gguf").stat().st_size and summary["gguf"] == str(out / "model.gguf")
+    report = json.loads((out / "report.json").read_text())
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["token_embd.weight"] == "F32"  # the keep type; tiny rows (64) fall back from k-quants
+    for name, t in report["gguf"]["linear_types"].items():
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        ll = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}[rest]
+        assert types[f"blk.{layer}.{ll}.weight"] == t.upper()
+        assert t in {"q8_0", "q5_0", "q4_0", "f32"}, t  # 64/128-wide rows: no k-quant fits
+    r = CliRunner().invoke(app, ["fit", str(tiny_llama_dir), str(tmp_path / "o2"), "--avg-bits", "4", "--gguf",
+                                 "--gguf-keep", "q4"])
+    assert r.exit_code == 2 and "--gguf-keep" in r.output and not (tmp_path / "o2").exists()
