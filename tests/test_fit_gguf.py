@@ -139,3 +139,22 @@ def test_cli_fit_gguf_writes_model_gguf_beside_the_gptq_folder(tmp_path, tiny_ll
     r = CliRunner().invoke(app, ["fit", str(tiny_llama_dir), str(tmp_path / "o2"), "--avg-bits", "4", "--gguf",
                                  "--gguf-keep", "q4"])
     assert r.exit_code == 2 and "--gguf-keep" in r.output and not (tmp_path / "o2").exists()
+
+
+def test_fit_stage_gguf_writes_model_gguf(tmp_path, tiny_llama_dir):
+    import json
+
+    import yaml
+
+    from qingzhou.recipes.runner import run_recipe
+
+    recipe = tmp_path / "fit.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "f", "stages": [
+        {"kind": "load", "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32"},
+        {"kind": "fit", "method": "rtn", "avg_bits": 4.2, "neighbours": [], "gguf": True},
+    ]}, sort_keys=False))
+    run_recipe(str(recipe), tmp_path / "run", progress=False)
+    folder = tmp_path / "run" / "02-fit"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["gguf_bytes"] == (folder / "model" / "model.gguf").stat().st_size > 0
+    assert (folder / "model" / "model.safetensors").exists()
