@@ -44,6 +44,11 @@ def register(app: typer.Typer) -> None:
                                       "measurement for the end-to-end KL check"),
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="folder of the speed table "
                                                     "(default ~/.cache/qingzhou/fit)"),
+        gguf: bool = typer.Option(False, "--gguf", help="also write OUT/model.gguf: the same plan as llama.cpp "
+                                  "per-tensor types (8 -> q8_0, 4 -> q4_k, 3 -> q3_k, 2 -> q2_k, with llama.cpp's "
+                                  "fallback for rows not a multiple of 256), from the original weights; Llama/Mistral"),
+        gguf_keep: str = typer.Option("f16", "--gguf-keep", help="GGUF type of kept linears and embeddings: "
+                                      "f16 | bf16 | f32"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         allow_pickle: bool = AllowPickleOpt,
@@ -79,12 +84,16 @@ def register(app: typer.Typer) -> None:
         cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples,
                                                         "seq_len": seq_len},
                             names={"sym": "--sym/--asym", "device": "--device"}, where="fit")
+        if gguf_keep not in ("f16", "bf16", "f32"):
+            raise RecipeError(f"--gguf-keep {gguf_keep!r} is not f16, bf16 or f32.", where="--gguf-keep")
         check_device(device)
         check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
         m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = fit(m, budget, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force, heldout=heldout,
-                     timing_cache=timing_cache, load_stage={"model": model, "dtype": "float32"})
-        summary = {**report.summary(), "out_dir": str(out_dir), "plan": str(out_dir / "plan.yaml")}
+                     timing_cache=timing_cache, load_stage={"model": model, "dtype": "float32"}, gguf=gguf,
+                     gguf_keep=gguf_keep)
+        summary = {**report.summary(), "out_dir": str(out_dir), "plan": str(out_dir / "plan.yaml"),
+                   **({"gguf": str(out_dir / "model.gguf")} if gguf else {})}
         if as_json:
             print_json(summary)
             return

@@ -1,6 +1,6 @@
 """Fitting a model to a budget (issue 21): the exact storage cost of each per-linear option
 (`storage`), its measured loss (`sensitivity`, GPTQ's own error via `gptq_options`), the budget
-kinds (`budget`), the speed table (`timing`), the exact allocation (`solve`) and the verb (`api`).
+kinds (`budget`), the speed table (`timing`), the exact allocation (`solve`), the verb (`api`) and the plan as GGUF types (`gguf`).
 Names resolve lazily (no torch at import)."""
 from __future__ import annotations
 
@@ -12,4 +12,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     ".budget": "Budget parse_size",
     ".api": "fit FitReport FitResult plan_overrides uniform_bytes fit_options",
     ".sensitivity": "LinearSensitivity SensitivityCollector measure_sensitivity",
+    ".gguf": "gguf_tensor_types export_fit_gguf GGUF_TYPE_OF_BITS",
 })

@@ -14,7 +14,8 @@ Steps (one calibration pass, one solve per candidate budget, one apply):
 4. apply the winner with the one `quantize()` verb (the plan is `overrides`, so a recipe or a
    notebook reproduces it exactly) and, given `output_dir`, write the GPTQ folder (per-module
    bits in `quantization_config.dynamic`, as GPTQModel writes them), `metrics.json`,
-   `report.json` and `plan.yaml`.
+   `report.json` and `plan.yaml`; with `gguf=True` also `model.gguf`, the same plan in llama.cpp's
+   block formats (`fit/gguf.py`), written from the original weights just before the apply.
 
 The applied GPTQ run uses all calibration samples, the held-out ones included: that is what the
 plan recipe's quantize stage does with the same calibration, so its weights are bit-identical to
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +79,7 @@ class FitReport:
     calibration_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     file_bytes: int | None = None  # model.safetensors as written (with output_dir)
+    gguf: dict[str, Any] | None = None  # model.gguf (gguf=True): path, bytes, type counts, type per linear
     quantize: dict[str, Any] = field(default_factory=dict)  # the apply's QuantizeReport
     warnings: list[str] = field(default_factory=list)
     sensitivities: dict[str, LinearSensitivity] = field(repr=False, default_factory=dict)
@@ -113,6 +117,7 @@ class FitReport:
                 "avg_bits": round(self.avg_bits, 4), "predicted_tok_s": (round(self.predicted_tok_s, 2)
                                                                           if self.predicted_tok_s else None),
                 "kl": self.kl, "kl_applied": self.kl_applied, "chosen_by": self.chosen_by,
+                "gguf_bytes": self.gguf["bytes"] if self.gguf else None,
                 "linears": len(self.choice), "mix": self.mix(), "seconds": round(self.seconds.get("total", 0.0), 2)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,7 +164,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         tokenizer: Any = None, output_dir: str | Path | None = None, heldout: float | list[Any] = 0.1,
         neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
-        load_stage: dict[str, Any] | None = None) -> FitReport:
+        load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16") -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -174,6 +179,10 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
+    `gguf`: also write `output_dir/model.gguf`, the plan as llama.cpp per-tensor types
+    (`fit.gguf.gguf_tensor_types`: 8 -> q8_0, 4 -> q4_k, 3 -> q3_k, 2 -> q2_k, keep -> `gguf_keep`,
+    with llama.cpp's fallback where a row is not a multiple of 256), quantised from the original
+    weights; its bytes are `report.gguf["bytes"]` (not the GPTQ file's). Llama/Mistral only.
     Raises `RecipeError` naming the smallest reachable size (bits, speed) when no plan fits.
     """
     import torch
@@ -197,6 +206,16 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         raise RecipeError("no full-precision nn.Linear left to fit in the decoder layers.", where="fit",
                           hint="The model may already be compressed, or `skip` matches every linear.")
     linears = {name: m for name, m, _ in chosen}
+    if gguf:
+        from qingzhou.compress.fit.gguf import KEEP_TYPES, check_gguf_model
+
+        if output_dir is None or not apply:
+            raise RecipeError("gguf needs output_dir and apply=True (model.gguf is written beside the GPTQ folder).",
+                              where="fit gguf")
+        if gguf_keep not in KEEP_TYPES:
+            raise RecipeError(f"gguf_keep must be one of {', '.join(KEEP_TYPES)}, not {gguf_keep!r}.",
+                              where="fit gguf_keep")
+        check_gguf_model(model)  # before minutes of measuring
     space = list(options) if options is not None else fit_options()
     per_linear = {n: _options_of(m.in_features, space) for n, m in linears.items()}
 
@@ -293,29 +312,63 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 
-    if apply:
-        from qingzhou.compress.quantize.api import quantize
+    gguf_tmp: tuple[Path, dict[str, Any]] | None = None
+    try:
+        if apply:
+            from qingzhou.compress.quantize.api import quantize
 
-        t0 = time.perf_counter()
-        if work is not None:  # back to the original weights: the reference of the applied model's KL
-            with torch.no_grad():
-                for name, lin in linears.items():
-                    work.get_submodule(name).weight.copy_(lin.weight)
-        qreport = quantize(model, report.quantize_config(), samples, tokenizer=tokenizer)
-        report.quantize = qreport.to_dict()
-        report.quantize.pop("modules", None)
-        report.warnings = qreport.warnings
-        seconds["apply"] = time.perf_counter() - t0
-        if work is not None:
-            report.kl_applied = heldout_kl(work, model, held, [None], {}, cfg)[0]
-    del work
-    seconds["total"] = time.perf_counter() - t_start
-    report.seconds = {k: round(v, 2) for k, v in seconds.items()}
-    if output_dir is not None:
-        if not apply:
-            raise RecipeError("output_dir needs apply=True (the folder holds the fitted model).", where="fit")
-        write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, load_stage=load_stage)
+            if gguf:  # from the original weights: the plan is applied in place next
+                t0 = time.perf_counter()
+                gguf_tmp = _export_gguf_aside(model, tokenizer, choice, output_dir, gguf_keep)  # type: ignore[arg-type]
+                seconds["gguf"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if work is not None:  # back to the original weights: the reference of the applied model's KL
+                with torch.no_grad():
+                    for name, lin in linears.items():
+                        work.get_submodule(name).weight.copy_(lin.weight)
+            qreport = quantize(model, report.quantize_config(), samples, tokenizer=tokenizer)
+            report.quantize = qreport.to_dict()
+            report.quantize.pop("modules", None)
+            report.warnings = qreport.warnings
+            seconds["apply"] = time.perf_counter() - t0
+            if work is not None:
+                report.kl_applied = heldout_kl(work, model, held, [None], {}, cfg)[0]
+        del work
+        seconds["total"] = time.perf_counter() - t_start
+        report.seconds = {k: round(v, 2) for k, v in seconds.items()}
+        if output_dir is not None:
+            if not apply:
+                raise RecipeError("output_dir needs apply=True (the folder holds the fitted model).", where="fit")
+            if gguf_tmp is not None:
+                info = gguf_tmp[1]
+                report.gguf = {"path": str(Path(output_dir) / "model.gguf"), "bytes": info["bytes"],
+                               "keep": gguf_keep, "tensor_types": info["tensor_types"],
+                               "linear_types": info["linear_types"]}
+            write_fit_outputs(model, tokenizer, report, output_dir, overwrite=overwrite, load_stage=load_stage)
+            if gguf_tmp is not None:
+                os.replace(gguf_tmp[0] / "model.gguf", Path(output_dir) / "model.gguf")
+    finally:
+        if gguf_tmp is not None:
+            shutil.rmtree(gguf_tmp[0], ignore_errors=True)
     return report
+
+
+def _export_gguf_aside(model: nn.Module, tokenizer: Any, choice: dict[str, Option], output_dir: str | Path,
+                       keep: str) -> tuple[Path, dict[str, Any]]:
+    """Write the plan's GGUF into a temporary folder beside `output_dir` (the GPTQ folder is
+    written atomically later and would replace anything already inside it); moved in after."""
+    import tempfile
+
+    from qingzhou.compress.fit.gguf import export_fit_gguf
+
+    parent = Path(output_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(output_dir).name}.gguf.", dir=parent))
+    try:
+        return tmp, export_fit_gguf(model, tokenizer, choice, tmp / "model.gguf", keep=keep)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _options_of(in_features: int, space: list[Option]) -> list[Option]:

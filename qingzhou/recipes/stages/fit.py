@@ -4,7 +4,8 @@ Exactly one budget key (`max_size: 80MB`, `avg_bits: 3.5` or `min_tok_s: 40`); t
 own settings sit flat beside it as in a quantize stage (`method: gptq`, `calibration: {...}`,
 `device:` - which is also the device a `min_tok_s` budget is timed on). The stage writes the
 fitted GPTQ folder (`model/`, with `plan.yaml`, a recipe that reproduces its weights) and the
-timing table of a speed budget in the run's `cache/`.
+timing table of a speed budget in the run's `cache/`; `gguf: true` adds `model/model.gguf`, the
+same plan in llama.cpp's block formats (`compress/fit/gguf.py`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class FitStage(MethodStage):
                                                         "measurement for the end-to-end KL check")
     neighbours: list[float] = Field([0.95, 0.98, 1.02, 1.05], description="budget factors whose plans are also "
                                                                           "KL-checked (<= 1 may win)")
+    gguf: bool = Field(False, description="also write model/model.gguf: the plan as llama.cpp per-tensor types "
+                                           "from the original weights (Llama/Mistral)")
+    gguf_keep: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF type of kept linears and embeddings")
     default_method: ClassVar[str] = "gptq"
 
     @classmethod
@@ -65,7 +69,8 @@ def run_fit(cfg: FitStage, ctx: StageContext) -> StageResult:
     ref = ctx.model_ref
     report = fit(model, cfg.budget(), cfg.settings, tokenizer=tokenizer, output_dir=ctx.work_dir / "model",
                  heldout=cfg.heldout, neighbours=tuple(cfg.neighbours), timing_cache=ctx.run_dir / "cache",
-                 load_stage={"model": ref.source, "dtype": ref.dtype} if ref else None)
+                 load_stage={"model": ref.source, "dtype": ref.dtype} if ref else None, gguf=cfg.gguf,
+                 gguf_keep=cfg.gguf_keep)
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "fit_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
