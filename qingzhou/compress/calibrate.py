@@ -40,10 +40,12 @@ linear from its inputs' Hessian subclass `compress.hessian.HessianCollector`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -547,7 +549,7 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     was_training = model.training
     model.eval()
     cache_device = torch.device("cpu") if opts.offload_inputs else device
-    stream = opts.stream if opts.stream is not None else _active_stream()
+    stream = opts.stream if opts.stream is not None else active_stream()
     if stream is not None:
         stream.before_capture(model)
     inputs = capture_layer_inputs(model, samples, device=device, batch_size=opts.batch_size,
@@ -619,10 +621,24 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     return report
 
 
-def _active_stream() -> Any:
-    from qingzhou.compress.streaming import active_stream
+# The stream a verb opened around its method: methods build their own LayerwiseOptions, so the
+# verb hands its `compress.streaming.LayerStream` to `run_layerwise` this way, callbacks unchanged.
+_ACTIVE: ContextVar[Any] = ContextVar("qingzhou_layer_stream", default=None)
 
-    return active_stream()
+
+def active_stream() -> Any:
+    """The stream opened by `streaming_layers` around the running method, or None."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def streaming_layers(stream: Any) -> Iterator[Any]:
+    """Within the block, `run_layerwise` walks `stream`'s layers (see `compress.streaming`)."""
+    token = _ACTIVE.set(stream)
+    try:
+        yield stream
+    finally:
+        _ACTIVE.reset(token)
 
 
 @torch.no_grad()

@@ -39,8 +39,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import LayerBatch, find_decoder_layers
+from qingzhou.compress.calibrate import LayerBatch, active_stream, find_decoder_layers, streaming_layers  # noqa: F401 (re-exported)
 from qingzhou.errors import ModelLoadError, RecipeError
 from qingzhou.io import (
     MARKER,
@@ -63,25 +62,6 @@ from qingzhou.signals import fault_point
 INDEX = "model.safetensors.index.json"
 PROGRESS = "progress.json"
 ACTIVATIONS = ("cpu", "disk")
-
-_ACTIVE: ContextVar[LayerStream | None] = ContextVar("qingzhou_layer_stream", default=None)
-
-
-def active_stream() -> LayerStream | None:
-    """The stream a verb opened around its method (`streaming_layers`), for `run_layerwise`."""
-    return _ACTIVE.get()
-
-
-@contextlib.contextmanager
-def streaming_layers(stream: LayerStream) -> Iterator[LayerStream]:
-    """Within the block, `run_layerwise` walks `stream`'s layers (methods build their own
-    `LayerwiseOptions`, so the verb hands the stream over this way, callbacks unchanged)."""
-    token = _ACTIVE.set(stream)
-    try:
-        yield stream
-    finally:
-        _ACTIVE.reset(token)
-
 
 # ---------------------------------------------------------------------------------------------- source
 
