@@ -168,7 +168,7 @@ def main() -> None:
                                          "results": results}, indent=2))
     print(f"\nmodel={args.model} max_length={args.max_length} tokens/step={args.tokens_per_step} steps={args.steps} "
           f"threads={args.threads} (mean sample {mean_len:.0f} tokens)")
-    print(f"| method | arm | tok/s | peak MB | tok/step | qingzhou speed-up | qingzhou memory ratio |")
+    print("| method | arm | tok/s | peak MB | tok/step | qingzhou speed-up | qingzhou memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods:
         rows = [r for r in results if r["method"] == method]
