@@ -10,6 +10,7 @@ The model folder is the one bench/finetune_speed.py writes (QZ_MODEL_DIR).
 """
 
 import os
+import random
 import time
 import torch
 
@@ -41,7 +42,7 @@ data = prepare_data(
 cfg = parse_finetune_config({"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0})
 model = build_method(model, cfg)
 model.config.use_cache = False
-rows = data.train[:NROW]
+rows = random.Random(int(os.environ.get("SEED", 0))).sample(data.train, NROW)  # the loop draws rows at random too
 batch = collate(rows, tok.pad_token_id, packed=True)
 n_real = sum(len(r) for r in rows)
 lab = batch["labels"]
