@@ -6,8 +6,9 @@ Why: for a real vocabulary the logits are the largest activation of a training s
 backward. Here the head runs on a chunk of rows at a time and the gradient of that chunk
 (softmax - one-hot) is turned into the gradients of the hidden states and of the head weight right
 away (as Liger's fused linear cross-entropy and torchtune's chunked loss do), so the peak holds
-one chunk of logits plus gradients the size of the hidden states and of the head. Same FLOPs as
-the plain path: nothing is recomputed.
+one chunk of logits plus gradients the size of the hidden states and of the head. Nothing is
+recomputed, and only labelled rows go through the head at all (the plain path projects prompt and
+padding rows too), so it is also fewer FLOPs than the plain path.
 
 The model still runs its own forward: its output layer is swapped for an identity for that call,
 so "logits" come back as the final (normed) hidden states that the head would have seen. Models
@@ -84,31 +85,36 @@ def _make_function() -> Any:
             b = bias.to(dtype) if bias is not None else None
             want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             want_b = bias is not None and ctx.needs_input_grad[2]
-            grad_h = torch.empty_like(hidden) if want_h else None
+            # only labelled rows go through the head: prompts, padding and each sample's last token
+            # (often a third or more of an SFT batch) cost nothing; their hidden gradient is zero
+            rows = (labels != ignore_index).nonzero().flatten()
+            every = rows.numel() == hidden.shape[0]
+            src, tgt = (hidden, labels) if every else (hidden.index_select(0, rows), labels.index_select(0, rows))
+            grad_src = torch.empty_like(src) if want_h else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
             grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             step = max(1, CHUNK_ELEMENTS // weight.shape[0])
-            for s in range(0, hidden.shape[0], step):
-                h = hidden[s:s + step].to(dtype)
-                y = labels[s:s + step]
-                valid = y != ignore_index
-                target = y.clamp(min=0)
+            for s in range(0, src.shape[0], step):
+                h = src[s:s + step].to(dtype)
+                target = tgt[s:s + step]
                 logits = F.linear(h, w, b).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+                total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
                 if not (want_h or want_w or want_b):
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-                grad.mul_(valid[:, None])
                 if want_b:
                     grad_b += grad.sum(0)
                 grad = grad.to(dtype)
                 if want_h:
-                    grad_h[s:s + step] = grad @ w
+                    grad_src[s:s + step] = grad @ w
                 if want_w:
                     grad_w += grad.t() @ h
+            grad_h = grad_src
+            if want_h and not every:
+                grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_src)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
             return total

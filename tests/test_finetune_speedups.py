@@ -1,0 +1,79 @@
+"""Exact training speed-ups: per-sample attention over packed rows and the fused peft LoRA linear
+give the same values and gradients as the stock paths."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _tiny():
+    from qingzhou.finetune.testing import tiny_model
+
+    torch.manual_seed(0)
+    return tiny_model("llama", num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2)
+
+
+def _packed_batch(vocab):
+    ids = torch.randint(5, vocab, (2, 40))
+    pos = torch.stack([torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)]),
+                       torch.cat([torch.arange(30), torch.arange(10)])])
+    return ids, pos
+
+
+def test_packed_attention_matches_masked_sdpa_and_separate_samples():
+    from qingzhou.finetune.packed_attention import packed_attention
+
+    model = _tiny()
+    ids, pos = _packed_batch(model.config.vocab_size)
+    masked = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    with packed_attention(model) as n:
+        assert n == 1 and model.config._attn_implementation == "qz_packed"
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        pad = torch.ones(2, 40, dtype=torch.long)
+        pad[1, 30:] = 0  # a real padding mask goes to transformers' own SDPA path
+        padded_inside = model(input_ids=ids, attention_mask=pad, use_cache=False).logits
+    assert model.config._attn_implementation == "sdpa"
+    assert (packed - masked).abs().max() < 1e-5
+    alone = model(input_ids=ids[:1, 15:35], use_cache=False).logits  # the second sample of row 0 on its own
+    assert (packed[0, 15:35] - alone[0]).abs().max() < 1e-5
+    padded = model(input_ids=ids, attention_mask=pad, use_cache=False).logits
+    assert (padded_inside - padded).abs().max() < 1e-6
+
+
+def test_fused_lora_linear_same_values_and_gradients_as_peft():
+    import peft
+
+    from qingzhou.finetune.fused_lora import fused_lora_linears
+
+    model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # B starts at zero in peft: make the adapter matter
+    ids, pos = _packed_batch(model.config.vocab_size)
+
+    def grads(fused):
+        model.zero_grad(set_to_none=True)
+        with fused_lora_linears(model, enabled=fused) as n:
+            assert n == (6 if fused else 0)
+            out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        (out.square().mean()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_out, ref = grads(False)
+    out, got = grads(True)
+    assert (out - ref_out).abs().max() < 1e-5
+    assert ref.keys() == got.keys() and len(ref) == 12
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-4, atol=1e-7), name
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored on exit
+
+
+def test_fused_lora_falls_back_for_dropout():
+    import peft
+
+    from qingzhou.finetune.fused_lora import _lora_linears, _plain_state, fused_lora_linears
+
+    model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"]))
+    layer = _lora_linears(model)[0]
+    with fused_lora_linears(model):
+        assert _plain_state(layer, torch.zeros(1, 64), (), {}) is None  # dropout: peft's own forward
