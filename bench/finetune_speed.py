@@ -41,6 +41,16 @@ ARMS = ["qingzhou", "hf_flatten", "hf_pad", "trl", "llamafactory"]
 LORA_DROPOUT = 0.0  # the default of peft, LLaMA-Factory, torchtune and qingzhou
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: that survives fork+exec, so a
+    child started by a parent that had loaded a model would report the parent's peak too."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _lr(method: str) -> float:
     return 1e-5 if method == "full" else 1e-4
 
@@ -83,7 +93,6 @@ def write_rows(folder: Path, out: Path, args) -> tuple[Path, float]:
 
 
 def arm_qingzhou(args, method: str, folder: str, queue) -> None:
-    import resource
     import tempfile
 
     import torch
@@ -110,7 +119,7 @@ def arm_qingzhou(args, method: str, folder: str, queue) -> None:
     seconds = stamps[-1] - stamps[0]
     queue.put({"arm": "qingzhou", "method": method, "steps": len(stamps), "tokens_per_s": per_step * (len(stamps) - 1) / seconds,
                "tokens_per_step": per_step, "seconds_steps_2_to_n": seconds, "batch": cfg["batch_size"],
-               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss_last": res.train_loss[-1][1]})
+               "peak_mb": peak_rss_mb(), "loss_last": res.train_loss[-1][1]})
 
 
 def run_qingzhou(args, method: str, folder: Path) -> dict:

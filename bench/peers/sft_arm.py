@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -30,6 +29,16 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: that survives fork+exec, so a
+    child started by a parent that had loaded a model would report the parent's peak too."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class Meter:
@@ -56,7 +65,7 @@ class Meter:
         tokens = sum(self.step_tokens[1:])
         seconds = self.stamps[-1] - self.stamps[0] if n > 1 else float("nan")
         return {"steps": n, "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / max(1, n - 1),
-                "seconds_steps_2_to_n": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "seconds_steps_2_to_n": seconds, "peak_mb": peak_rss_mb()}
 
 
 def _callback(meter: Meter):
