@@ -12,7 +12,13 @@ from qingzhou.compress.quantize.config import QuantizeConfig
 from qingzhou.compress.quantize.plan import resolve_plan
 from qingzhou.compress.quantize.registry import QUANTIZERS
 from qingzhou.errors import RecipeError
-from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR, save_quantized
+from qingzhou.llm.quantized.gptq_layout import (
+    QUANT_ATTR,
+    QZEROS_CONVENTION,
+    checkpoint_format,
+    round_to_storage,
+    save_quantized,
+)
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
 
@@ -62,7 +68,7 @@ def quantize(
     tensor, a list of strings (needs `tokenizer`), or None to load `cfg.calibration` (needs
     `tokenizer`). With `cfg.pack` (default) the linears become `QuantLinear` modules holding the
     GPTQ-layout tensors; otherwise they stay dense, fake-quantised. Given `output_dir`, the model
-    is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
+    is saved there (`save_format`: gptq | dense | gguf with `gguf_type` | compressed-tensors) with `metrics.json` and
     `report.json`, as every verb saves (a non-empty `output_dir` only with `overwrite`, and only
     if qingzhou wrote it).
     """
@@ -98,6 +104,8 @@ def quantize(
         report.linear_bytes_after = sum(
             q.codes.numel() * q.scheme.bits // 8 + q.scales.numel() * 2 + q.zeros.numel() * q.scheme.bits // 8
             for q in quantized.values())
+    if "linear_bytes_after" not in result:  # not bitsandbytes: the checkpoint stores 16-bit tensors
+        round_to_storage(model, skip={f"{name}.weight" for name in quantized})
     report.seconds = run.seconds
     setattr(model, QUANT_ATTR, result.get("quantization_config") or quantization_config(cfg, plan, run.skipped))
     if output_dir is not None:
@@ -108,8 +116,8 @@ def quantize(
 
 def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_format: str = "gptq",
                     gguf_type: str = "q8_0", *, overwrite: bool = False) -> Path:
-    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`,
-    atomically (a non-empty `folder` only with `overwrite`, and only if qingzhou wrote it)."""
+    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, `folder/model.gguf`, or a
+    compressed-tensors folder (vLLM's preferred layout; also for 2:4-pruned models), atomically (a non-empty `folder` only with `overwrite`, and only if qingzhou wrote it)."""
     if save_format == "gptq":
         return save_quantized(model, tokenizer, folder, overwrite=overwrite)
     if save_format == "dense":
@@ -123,7 +131,15 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_f
         with atomic_dir(folder, overwrite=overwrite, what="gguf export") as tmp:
             export_gguf(model, tokenizer, tmp / "model.gguf", gguf_type)
         return Path(folder)
-    raise RecipeError(f"unknown save format {save_format!r}.", where="save_format", hint="Valid: gptq, dense, gguf.")
+    if save_format == "compressed-tensors":
+        from qingzhou.compress.quantize.formats.compressed_tensors import export_compressed_tensors
+        from qingzhou.io import atomic_dir
+
+        with atomic_dir(folder, overwrite=overwrite, what="compressed-tensors model") as tmp:
+            export_compressed_tensors(model, tokenizer, tmp)
+        return Path(folder)
+    raise RecipeError(f"unknown save format {save_format!r}.", where="save_format",
+                      hint="Valid: gptq, dense, gguf, compressed-tensors.")
 
 
 def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
@@ -137,10 +153,11 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
       transformers' `GPTQConfig` and GPTQModel refuse anything else ("damp_percent must between
       0 and 1"), while both fill in their own default when it is absent. The value actually
       configured also goes to `meta.damp_percent`, where GPTQModel itself records it;
-    * `checkpoint_format: gptq` is the v1 zero-point convention: `qzeros` holds `zero - 1`
-      (`pack.pack_qzeros`), and the grid keeps asymmetric zeros in [1, 2**bits - 1] so no stored
-      value wraps. There is no standard key saying so beyond the format name, so
-      `meta.qzeros_convention` states it (a top-level `zero_point` would mean AWQ's "not sym");
+    * `checkpoint_format` names the zero-point convention (`gptq_layout.checkpoint_format`):
+      `gptq` (v1, `qzeros` holds `zero - 1`) when every layer is symmetric, `gptq_v2` (`qzeros`
+      holds `zero`) otherwise, because GPTQModel refuses asymmetric v1 files it did not write.
+      `meta.qzeros_convention` states it in words (a top-level `zero_point` would mean AWQ's "not
+      sym");
     * `meta.quantizer` follows the `tool:version` form GPTQModel and optimum write.
     """
     import re
@@ -153,8 +170,7 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
     for name, s in plan.items():
         if (s.bits, s.group_size, s.sym) != (cfg.bits, cfg.group_size, cfg.sym):
             dynamic[f"+:^{re.escape(name)}$"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
-    meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method,
-                            "qzeros_convention": QZEROS_V1}
+    meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method}
     qc: dict[str, Any] = {
         "quant_method": "gptq",
         "bits": cfg.bits,
@@ -163,7 +179,6 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
         "static_groups": bool(getattr(cfg, "static_groups", False)),
         "sym": cfg.sym,
         "true_sequential": bool(getattr(cfg, "true_sequential", True)),
-        "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
         "meta": meta,
@@ -175,11 +190,10 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
             qc["damp_percent"] = damp
     if dynamic:
         qc["dynamic"] = dynamic
+    fmt = checkpoint_format(qc)
+    qc["checkpoint_format"] = fmt
+    meta["qzeros_convention"] = QZEROS_CONVENTION[fmt]
     return qc
-
-
-QZEROS_V1 = ("gptq v1: qzeros stores zero - 1; asymmetric zero points are kept in [1, 2**bits - 1], "
-             "so no stored value wraps (symmetric: zero = 2**(bits-1))")
 
 
 def _damping(cfg: QuantizeConfig) -> float | None:
