@@ -146,7 +146,10 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
     """The `quantization_config` block of config.json as transformers/gptqmodel/vLLM read it.
 
     Per-module differences go into GPTQModel's `dynamic` map (`-:regex` = not quantised,
-    `+:regex` = other bits/group size), which gptqmodel and vLLM both honour.
+    `+:regex` = other bits/group size), which gptqmodel and vLLM both honour. The global fields
+    are the configured scheme, unless no layer uses it (every layer fell back to another group
+    size): then the most common one, since GPTQModel checks the global group size against its
+    kernels before it applies `dynamic` (48 is refused even when no layer uses it).
 
     What the loaders check, and why the block looks as it does:
     * `damp_percent` only where damping was used (GPTQ, AWQ's gptq solver) and inside (0, 1):
@@ -164,20 +167,27 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
 
     from qingzhou._version import __version__
 
+    from collections import Counter
+
+    schemes = Counter((s.bits, s.group_size, s.sym) for s in plan.values())
+    base = (cfg.bits, cfg.group_size, cfg.sym)
+    if schemes and base not in schemes:  # e.g. group_size 48 where every layer fell back to 32: the
+        base = schemes.most_common(1)[0][0]  # global fields must name a scheme loaders can build
+    bits, group_size, sym = base
     dynamic: dict[str, dict[str, Any]] = {}
     for name in skipped:
         dynamic[f"-:^{re.escape(name)}$"] = {}
     for name, s in plan.items():
-        if (s.bits, s.group_size, s.sym) != (cfg.bits, cfg.group_size, cfg.sym):
+        if (s.bits, s.group_size, s.sym) != base:
             dynamic[f"+:^{re.escape(name)}$"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
     meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method}
     qc: dict[str, Any] = {
         "quant_method": "gptq",
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
+        "bits": bits,
+        "group_size": group_size,
         "desc_act": bool(getattr(cfg, "act_order", False)),
         "static_groups": bool(getattr(cfg, "static_groups", False)),
-        "sym": cfg.sym,
+        "sym": sym,
         "true_sequential": bool(getattr(cfg, "true_sequential", True)),
         "pack_dtype": "int32",
         "lm_head": False,
