@@ -129,7 +129,7 @@ def _int_quantized(name: str, m: nn.Module, state: dict[str, torch.Tensor]) -> t
     for top in (127.0, 128.0):
         s = torch.where(amax > 0, amax / top, torch.ones_like(amax)).half().float()
         q = torch.round(w / s)
-        ok = (q * s == w).all(1, keepdim=True) & (q.abs() <= 128)
+        ok = ((q * s == w) & (q.abs() <= 128)).all(1, keepdim=True)
         codes = torch.where(ok, q, codes) if codes is not None else torch.where(ok, q, torch.nan)
         scale = torch.where(ok, s, scale) if scale is not None else torch.where(ok, s, torch.nan)
     if torch.isnan(codes).any() or codes.max() > 127:
