@@ -6,9 +6,9 @@ tools make of the files alone. `bench/interop.py` and `tests/test_interop_gptq_p
 
 Input (`--inputs`, safetensors): `ids` [B, T] int64 (logits are dumped for these) and optionally
 `windows` [N, T] int64 (perplexity: summed next-token NLL and token count over all windows).
-Output (`--out`, safetensors): `<loader>.logits` float32 [B, T, V], `<loader>.nll_sum`,
-`<loader>.tokens`; and `--out`.json with per-loader status, dtype, kernel classes, load seconds,
-decode tokens/s.
+Output (`--out`, safetensors): `<case>.<loader>.logits` float32 [B, T, V], `<case>.<loader>.nll_sum`,
+`<case>.<loader>.tokens`; and `--out`.json with per case and loader: status (and the tool's error),
+dtype, kernel classes, load seconds, decode tokens/s.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def decode_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--folder", required=True)
+    ap.add_argument("--folder", required=True, action="append",
+                    help="NAME=PATH (or PATH, named 'model'); repeat to load several in one process")
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--loaders", default="gptqmodel:bfloat16,transformers:float32",
@@ -74,26 +75,38 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     inputs = load_file(args.inputs)
-    tensors, info = {}, {"torch": torch.__version__, "loaders": {}}
+    tensors, info = {}, {"torch": torch.__version__, "cases": {}}
+    for case_spec in args.folder:
+        case, _, folder = case_spec.rpartition("=")
+        case = case or "model"
+        info["cases"][case] = run_case(folder, case, args, inputs, tensors)
+    save_file(tensors, args.out)
+    Path(args.out + ".json").write_text(json.dumps(info, indent=1))
+
+
+def run_case(folder: str, case: str, args: argparse.Namespace, inputs: dict, tensors: dict) -> dict:
+    """Load `folder` with every loader; logits and NLL go into `tensors` as `<case>.<loader>.*`."""
+    rows: dict = {}
     for spec in args.loaders.split(","):
         name, _, dtype_name = spec.partition(":")
         dtype = getattr(torch, dtype_name or "bfloat16")
-        row = info["loaders"][name] = {"dtype": dtype_name or "bfloat16"}
+        row = rows[name] = {"dtype": dtype_name or "bfloat16"}
+        key = f"{case}.{name}"
         try:
             import importlib.metadata as md
 
             row["version"] = md.version("gptqmodel" if name == "gptqmodel" else "transformers")
             t0 = time.perf_counter()
-            model = LOADERS[name](args.folder, dtype)
+            model = LOADERS[name](folder, dtype)
             row["load_s"] = round(time.perf_counter() - t0, 2)
             row["class"] = type(model).__name__
             row["kernels"] = sorted({type(m).__name__ for m in model.modules() if "QuantLinear" in type(m).__name__
                                      or "Linear" in type(m).__name__ and hasattr(m, "qweight")})
-            tensors[f"{name}.logits"] = forward_logits(model, inputs["ids"])
+            tensors[f"{key}.logits"] = forward_logits(model, inputs["ids"])
             if "windows" in inputs:
                 s, n = nll(model, inputs["windows"])
-                tensors[f"{name}.nll_sum"] = torch.tensor([s], dtype=torch.float64)
-                tensors[f"{name}.tokens"] = torch.tensor([n])
+                tensors[f"{key}.nll_sum"] = torch.tensor([s], dtype=torch.float64)
+                tensors[f"{key}.tokens"] = torch.tensor([n])
             if args.decode_tokens:
                 row["decode_tok_s"] = round(decode_speed(model, inputs["ids"][:1, :16], args.decode_tokens), 2)
             row["ok"] = True
@@ -101,8 +114,7 @@ def main() -> None:
             row["ok"] = False
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             row["traceback"] = traceback.format_exc()[-4000:]
-    save_file(tensors, args.out)
-    Path(args.out + ".json").write_text(json.dumps(info, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
