@@ -206,3 +206,16 @@ def test_mixed_schemes_target_exact_names(tmp_path):
     _check_vllm_config(qc, m)
     assert _scheme(qc, "model.layers.1.mlp.down_proj").weights.num_bits == 8
     assert _scheme(qc, "model.layers.1.mlp.up_proj").weights.num_bits == 4
+
+
+def test_cli_quantize_writes_compressed_tensors(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from qingzhou.cli.main import app
+
+    res = CliRunner().invoke(app, ["quantize", str(tiny_llama_dir), str(tmp_path / "q"), "--method", "rtn",
+                                   "--group-size", "32", "--sym", "--compressed-tensors"])
+    assert res.exit_code == 0, res.output
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert (tmp_path / "q" / "metrics.json").is_file()

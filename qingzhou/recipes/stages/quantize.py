@@ -15,9 +15,10 @@ from qingzhou.registry import Registry
 
 class QuantizeStage(MethodStage):
     kind: Literal["quantize"] = "quantize"
-    save_format: Literal["gptq", "dense", "gguf"] = Field(
+    save_format: Literal["gptq", "dense", "gguf", "compressed-tensors"] = Field(
         "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised "
-                            "fp weights; gguf: one llama.cpp file (model/model.gguf)")
+                            "fp weights; gguf: one llama.cpp file (model/model.gguf); compressed-tensors: "
+                            "llm-compressor's layout (vLLM; also smoothquant W8A8)")
     gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = Field(
         "q8_0", description="GGUF tensor type with save_format: gguf (method: none = export only)")
     default_method: ClassVar[str] = "gptq"
