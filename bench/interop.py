@@ -170,7 +170,7 @@ class Bench:
                 self.rows.append(row(name, "GPTQModel / transformers", loads=None, ours_ppl=p, ours_tok_s=s,
                                      note=f"GPTQModel venv absent ({PEER_PYTHON})"))
             return
-        save_file({"ids": self.prompt.contiguous(), "windows": self.windows.contiguous()}, str(self.work / "ids.safetensors"))
+        save_file({"ids": self.prompt.clone(), "windows": self.windows.clone()}, str(self.work / "ids.safetensors"))
         cmd = [str(PEER_PYTHON), str(HERE / "peers" / "gptq_load.py"), "--inputs", str(self.work / "ids.safetensors"),
                "--out", str(self.work / "gptq_peer.safetensors"), "--threads", str(self.args.threads),
                "--decode-tokens", str(self.args.new_tokens)]
