@@ -175,34 +175,41 @@ def test_gptq_folder_passes_transformers_checks(cfg, tmp_path):
         assert ("damp_percent" in qc) == (cfg.get("damp_percent", 0.01) > 0)
     else:
         assert "damp_percent" not in qc and "damp_percent" not in qc["meta"]  # RTN, AWQ's clip search: no damping
-    assert qc["checkpoint_format"] == "gptq" and qc["meta"]["qzeros_convention"].startswith("gptq v1: qzeros stores zero - 1")
+    if qc["sym"]:  # v1 (qzeros = zero - 1), which every GPTQ runtime loads
+        assert qc["checkpoint_format"] == "gptq" and qc["meta"]["qzeros_convention"].startswith("gptq v1: qzeros stores zero - 1")
+    else:  # v2 (qzeros = zero): GPTQModel refuses asymmetric v1 files it did not write itself
+        assert qc["checkpoint_format"] == "gptq_v2" and qc["meta"]["qzeros_convention"].startswith("gptq v2: qzeros stores zero;")
     assert "zero_point" not in qc  # AWQ's synonym for "not sym" in GPTQModel: must not appear
     assert qc["meta"]["quantizer"][0].startswith("qingzhou:")
     config = AutoConfig.from_pretrained(str(tmp_path / "q"))
     assert config.architectures == ["LlamaForCausalLM"] and config.quantization_config["bits"] == 4
     parsed = AutoQuantizationConfig.from_dict(dict(qc))
-    assert isinstance(parsed, GPTQConfig) and parsed.format == "gptq" and parsed.sym == qc["sym"]
+    assert isinstance(parsed, GPTQConfig) and parsed.format == qc["checkpoint_format"] and parsed.sym == qc["sym"]
     assert parsed.bits == 4 and parsed.group_size == 32 and parsed.desc_act == qc["desc_act"]
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "q")(IDS).logits, m(IDS).logits, rtol=0, atol=1e-5)
 
 
-def test_gptq_qzeros_hold_zero_minus_one(tmp_path):
-    """The v1 rule, read back from the file with plain bit arithmetic (not qingzhou's unpacker):
-    each 4-bit field of qzeros plus one is the zero point the layer dequantises with."""
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_qzeros_follow_the_stated_checkpoint_format(sym, tmp_path):
+    """The zero-point rule, read back from the file with plain bit arithmetic (not qingzhou's
+    unpacker): v1 (`gptq`, symmetric) fields hold zero - 1, v2 (`gptq_v2`, asymmetric) the zero."""
     from safetensors.torch import load_file
 
     from qingzhou.compress.quantize import save_quantized
 
     m = tiny_model("llama")
-    quantize(m, {"method": "rtn", "bits": 4, "group_size": 32, "sym": False}, _calib())
+    quantize(m, {"method": "rtn", "bits": 4, "group_size": 32, "sym": sym}, _calib())
     save_quantized(m, None, tmp_path / "q")
+    fmt = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["checkpoint_format"]
+    assert fmt == ("gptq" if sym else "gptq_v2")
     sd = load_file(str(tmp_path / "q" / "model.safetensors"))
     p = "model.layers.0.self_attn.q_proj"
     words = sd[f"{p}.qzeros"].to(torch.int64) & 0xFFFFFFFF  # [groups, out/8]
     fields = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(words.shape[0], -1)
-    zeros = fields + 1
+    zeros = fields + 1 if fmt == "gptq" else fields
     assert int(zeros.min()) >= 1 and int(zeros.max()) <= 15  # no stored value wrapped
+    assert bool((zeros == 8).all()) == sym
     qweight = sd[f"{p}.qweight"].to(torch.int64) & 0xFFFFFFFF  # [in/8, out]
     codes = torch.stack([(qweight >> (4 * i)) & 0xF for i in range(8)], dim=1).reshape(-1, qweight.shape[1])
     g = sd[f"{p}.g_idx"].long()

@@ -36,7 +36,8 @@ def test_save_load_same_logits(arch, tmp_path):
     save_quantized(model, None, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["desc_act"] is True
-    assert qc["checkpoint_format"] == "gptq" and qc["sym"] is False
+    # asymmetric: the v2 zero-point convention (qzeros = zero), which GPTQModel accepts from any writer
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False
     assert qc["dynamic"][r"-:^model\.layers\.0\.self_attn\.o_proj$"] == {}
     assert qc["dynamic"][r"+:^model\.layers\.0\.mlp\.down_proj$"]["bits"] == 8
     sd = load_file(tmp_path / "q" / "model.safetensors")

@@ -35,6 +35,8 @@ def register(app: typer.Typer) -> None:
         dense: bool = typer.Option(False, "--dense", help="save fake-quantised dense weights instead of GPTQ layout"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="write OUT/model.gguf (f32|f16|bf16|q8_0|q4_0|"
                                                 "q2_k|q3_k_m|q4_k_m|q5_k_m|q6_k) instead of a GPTQ folder; --method none = export only"),
+        compressed_tensors: bool = typer.Option(False, "--compressed-tensors", help="save in the compressed-tensors "
+                                                "layout (llm-compressor's, vLLM's preferred) instead of GPTQ"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         allow_pickle: bool = AllowPickleOpt,
@@ -56,7 +58,8 @@ def register(app: typer.Typer) -> None:
         if method != "none":
             cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples, "seq_len": seq_len},
                                 names={"pack": "--dense", "sym": "--sym/--asym"}, where="quantize")
-        save_format = "gguf" if gguf_type is not None else "dense" if dense else "gptq"
+        save_format = ("gguf" if gguf_type is not None else "dense" if dense else
+                       "compressed-tensors" if compressed_tensors else "gptq")
         check_device(getattr(cfg, "device", None) if method != "none" else None)
         check_out_dir(out_dir, "OUT_DIR", force)  # before minutes of loading and calibration
         if streaming and (method == "none" or gguf_type is not None):

@@ -91,9 +91,11 @@ class SensitivityCollector(HessianCollector):
         from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
 
         w = module.weight.detach().float()
-        bias = module.bias.element_size() if module.bias is not None else 0
+        from qingzhou.compress.fit.storage import STORED_FLOAT
+
+        bias = STORED_FLOAT if module.bias is not None else 0  # the file stores floats in 16 bits
         sens = LinearSensitivity(name, module.in_features, module.out_features, bias,
-                                 module.weight.element_size(), tokens=tokens, unfed=H is None)
+                                 STORED_FLOAT, tokens=tokens, unfed=H is None)
         options = list(self.options_of(name, module))
         if self.gptq is not None and H is not None:
             from qingzhou.compress.fit.gptq_options import gptq_option_errors

@@ -9,9 +9,9 @@ follows `llm/quantized/pack.py` and `gptq_layout.py` exactly:
 * `qzeros`  int32 [groups, ceil(out/32) * bits]  (zero points packed along the output dim);
 * `scales`  float16 [groups, out];
 * `g_idx`   int32 [in];
-* `bias`    [out] in its own float dtype (QuantLinear keeps it so logits match exactly).
+* `bias`    [out] in 16 bits, like every float tensor the writer stores (`gptq_layout.storage_dtype`).
 
-`keep` leaves the linear dense: weight (and bias) in the model's dtype. The packing arithmetic and
+`keep` leaves the linear dense: weight (and bias) in 16 bits. The packing arithmetic and
 the group count come from the runtime itself (`pack.packed_rows`, `QuantScheme.groups`).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 INT32, FP16 = 4, 2
+STORED_FLOAT = 2  # bytes per float element in the file: `save_quantized` stores float16/bfloat16
 BITS = (2, 3, 4, 8)  # the widths every GPTQ runtime loads
 GROUP_SIZES = (32, 64, 128, -1)  # the group sizes exllama/marlin/vLLM and torch's kernel accept
 
@@ -51,7 +52,7 @@ KEEP = Option()
 
 
 def linear_bytes(in_features: int, out_features: int, option: Option, *, bias_bytes: int = 0,
-                 dtype_bytes: int = 4) -> int:
+                 dtype_bytes: int = STORED_FLOAT) -> int:
     """Bytes `save_quantized` writes for one linear under `option`.
 
     `bias_bytes`: bytes per bias element (0 = no bias); `dtype_bytes`: bytes per dense weight
@@ -106,14 +107,13 @@ def model_bytes(model: nn.Module, choices: Mapping[str, Option]) -> int:
             continue
         seen.add(ptr)
         if key not in replaced:
-            total += t.numel() * t.element_size()
+            total += t.numel() * (STORED_FLOAT if t.is_floating_point() else t.element_size())
     for name, option in choices.items():
         if option.keep:
             continue
         lin = modules[name]
-        bias = lin.bias.element_size() if getattr(lin, "bias", None) is not None else 0
-        total += linear_bytes(lin.in_features, lin.out_features, option, bias_bytes=bias,
-                              dtype_bytes=lin.weight.element_size())
+        bias = STORED_FLOAT if getattr(lin, "bias", None) is not None else 0
+        total += linear_bytes(lin.in_features, lin.out_features, option, bias_bytes=bias)
     return total
 
 

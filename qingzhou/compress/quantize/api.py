@@ -12,7 +12,13 @@ from qingzhou.compress.quantize.config import QuantizeConfig
 from qingzhou.compress.quantize.plan import resolve_plan
 from qingzhou.compress.quantize.registry import QUANTIZERS
 from qingzhou.errors import RecipeError
-from qingzhou.llm.quantized.gptq_layout import QUANT_ATTR, save_quantized
+from qingzhou.llm.quantized.gptq_layout import (
+    QUANT_ATTR,
+    QZEROS_CONVENTION,
+    checkpoint_format,
+    round_to_storage,
+    save_quantized,
+)
 from qingzhou.llm.quantized.qlinear import QuantLinear
 from qingzhou.llm.quantized.runtime import use_bf16_head
 
@@ -63,7 +69,7 @@ def quantize(
     tensor, a list of strings (needs `tokenizer`), or None to load `cfg.calibration` (needs
     `tokenizer`). With `cfg.pack` (default) the linears become `QuantLinear` modules holding the
     GPTQ-layout tensors; otherwise they stay dense, fake-quantised. Given `output_dir`, the model
-    is saved there (`save_format`: gptq | dense | gguf with `gguf_type`) with `metrics.json` and
+    is saved there (`save_format`: gptq | dense | gguf with `gguf_type` | compressed-tensors) with `metrics.json` and
     `report.json`, as every verb saves (a non-empty `output_dir` only with `overwrite`, and only
     if qingzhou wrote it).
 
@@ -115,6 +121,7 @@ def quantize(
         report.linear_bytes_after = sum(s.bytes for s in stream.stats.values())
     else:
         report.linear_bytes_after = _pack(model, quantized) if cfg.pack else _codes_bytes(quantized)
+        round_to_storage(model, skip={f"{name}.weight" for name in quantized})  # the checkpoint stores 16-bit tensors
         if cfg.pack:
             use_bf16_head(model)  # as load_quantized does: the same runtime in memory and reloaded
     report.seconds = run.seconds
@@ -158,8 +165,8 @@ def _finalize_layer(model: nn.Module, prefix: str, callback: Any, pack: bool) ->
 
 def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_format: str = "gptq",
                     gguf_type: str = "q8_0", *, overwrite: bool = False) -> Path:
-    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, or `folder/model.gguf`,
-    atomically (a non-empty `folder` only with `overwrite`, and only if qingzhou wrote it)."""
+    """Save a (quantised) model as a GPTQ-layout folder, a dense folder, `folder/model.gguf`, or a
+    compressed-tensors folder (vLLM's preferred layout; also for 2:4-pruned models), atomically (a non-empty `folder` only with `overwrite`, and only if qingzhou wrote it)."""
     if save_format == "gptq":
         return save_quantized(model, tokenizer, folder, overwrite=overwrite)
     if save_format == "dense":
@@ -173,47 +180,64 @@ def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_f
         with atomic_dir(folder, overwrite=overwrite, what="gguf export") as tmp:
             export_gguf(model, tokenizer, tmp / "model.gguf", gguf_type)
         return Path(folder)
-    raise RecipeError(f"unknown save format {save_format!r}.", where="save_format", hint="Valid: gptq, dense, gguf.")
+    if save_format == "compressed-tensors":
+        from qingzhou.compress.quantize.formats.compressed_tensors import export_compressed_tensors
+        from qingzhou.io import atomic_dir
+
+        with atomic_dir(folder, overwrite=overwrite, what="compressed-tensors model") as tmp:
+            export_compressed_tensors(model, tokenizer, tmp)
+        return Path(folder)
+    raise RecipeError(f"unknown save format {save_format!r}.", where="save_format",
+                      hint="Valid: gptq, dense, gguf, compressed-tensors.")
 
 
 def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list[str]) -> dict[str, Any]:
     """The `quantization_config` block of config.json as transformers/gptqmodel/vLLM read it.
 
     Per-module differences go into GPTQModel's `dynamic` map (`-:regex` = not quantised,
-    `+:regex` = other bits/group size), which gptqmodel and vLLM both honour.
+    `+:regex` = other bits/group size), which gptqmodel and vLLM both honour. The global fields
+    are the configured scheme, unless no layer uses it (every layer fell back to another group
+    size): then the most common one, since GPTQModel checks the global group size against its
+    kernels before it applies `dynamic` (48 is refused even when no layer uses it).
 
     What the loaders check, and why the block looks as it does:
     * `damp_percent` only where damping was used (GPTQ, AWQ's gptq solver) and inside (0, 1):
       transformers' `GPTQConfig` and GPTQModel refuse anything else ("damp_percent must between
       0 and 1"), while both fill in their own default when it is absent. The value actually
       configured also goes to `meta.damp_percent`, where GPTQModel itself records it;
-    * `checkpoint_format: gptq` is the v1 zero-point convention: `qzeros` holds `zero - 1`
-      (`pack.pack_qzeros`), and the grid keeps asymmetric zeros in [1, 2**bits - 1] so no stored
-      value wraps. There is no standard key saying so beyond the format name, so
-      `meta.qzeros_convention` states it (a top-level `zero_point` would mean AWQ's "not sym");
+    * `checkpoint_format` names the zero-point convention (`gptq_layout.checkpoint_format`):
+      `gptq` (v1, `qzeros` holds `zero - 1`) when every layer is symmetric, `gptq_v2` (`qzeros`
+      holds `zero`) otherwise, because GPTQModel refuses asymmetric v1 files it did not write.
+      `meta.qzeros_convention` states it in words (a top-level `zero_point` would mean AWQ's "not
+      sym");
     * `meta.quantizer` follows the `tool:version` form GPTQModel and optimum write.
     """
     import re
 
     from qingzhou._version import __version__
 
+    from collections import Counter
+
+    schemes = Counter((s.bits, s.group_size, s.sym) for s in plan.values())
+    base = (cfg.bits, cfg.group_size, cfg.sym)
+    if schemes and base not in schemes:  # e.g. group_size 48 where every layer fell back to 32: the
+        base = schemes.most_common(1)[0][0]  # global fields must name a scheme loaders can build
+    bits, group_size, sym = base
     dynamic: dict[str, dict[str, Any]] = {}
     for name in skipped:
         dynamic[f"-:^{re.escape(name)}$"] = {}
     for name, s in plan.items():
-        if (s.bits, s.group_size, s.sym) != (cfg.bits, cfg.group_size, cfg.sym):
+        if (s.bits, s.group_size, s.sym) != base:
             dynamic[f"+:^{re.escape(name)}$"] = {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
-    meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method,
-                            "qzeros_convention": QZEROS_V1}
+    meta: dict[str, Any] = {"quantizer": [f"qingzhou:{__version__}"], "method": cfg.method}
     qc: dict[str, Any] = {
         "quant_method": "gptq",
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
+        "bits": bits,
+        "group_size": group_size,
         "desc_act": bool(getattr(cfg, "act_order", False)),
         "static_groups": bool(getattr(cfg, "static_groups", False)),
-        "sym": cfg.sym,
+        "sym": sym,
         "true_sequential": bool(getattr(cfg, "true_sequential", True)),
-        "checkpoint_format": "gptq",
         "pack_dtype": "int32",
         "lm_head": False,
         "meta": meta,
@@ -225,11 +249,10 @@ def quantization_config(cfg: QuantizeConfig, plan: dict[str, Any], skipped: list
             qc["damp_percent"] = damp
     if dynamic:
         qc["dynamic"] = dynamic
+    fmt = checkpoint_format(qc)
+    qc["checkpoint_format"] = fmt
+    meta["qzeros_convention"] = QZEROS_CONVENTION[fmt]
     return qc
-
-
-QZEROS_V1 = ("gptq v1: qzeros stores zero - 1; asymmetric zero points are kept in [1, 2**bits - 1], "
-             "so no stored value wraps (symmetric: zero = 2**(bits-1))")
 
 
 def _damping(cfg: QuantizeConfig) -> float | None:

@@ -1,17 +1,22 @@
 """The GPTQ checkpoint layout: what transformers (via gptqmodel/optimum), GPTQModel and vLLM load.
 
 Per quantised linear `<name>`: `<name>.qweight` int32 [in*bits/32, out] (codes packed along the
-input dim), `<name>.qzeros` int32 [groups, out*bits/32] (zero points packed along the output dim,
-stored as `zero - 1`: the v1 "gptq" checkpoint_format), `<name>.scales` float16 [groups, out],
-`<name>.g_idx` int32 [in], and `<name>.bias` if any. Everything else is saved as in a dense model,
-and config.json gains `quantization_config` (see `api.quantization_config`) and names the model class
-in `architectures`, as `save_pretrained` would.
+input dim), `<name>.qzeros` int32 [groups, out*bits/32] (zero points packed along the output dim),
+`<name>.scales` float16 [groups, out], `<name>.g_idx` int32 [in], and `<name>.bias` if any.
+Everything else is saved as in a dense model, and config.json gains `quantization_config` (see
+`api.quantization_config`) and names the model class in `architectures`, as `save_pretrained` would.
 
-Tensors that are not quantised (embeddings, norms, an untied lm_head) keep the model's dtype, fp32
-for a model loaded in fp32: casting them to fp16 would shrink SmolLM2's folder from ~171 to ~115 MB
-but change what `load_quantized` rebuilds (the logits of the saved model would no longer equal those
-of the model in memory, which the round-trip tests hold to 1e-5). Quantise a model loaded in
-float16/bfloat16 to get 16-bit tensors.
+The zero-point convention is stated in `checkpoint_format`, the key every loader reads:
+* symmetric checkpoints are `gptq` (v1: qzeros store `zero - 1`), which every GPTQ runtime loads;
+* checkpoints with any asymmetric layer are `gptq_v2` (qzeros store `zero`). GPTQModel refuses an
+  asymmetric v1 checkpoint unless GPTQModel itself wrote it (old AutoGPTQ v1 files wrapped zero 0
+  to -1), transformers hands v2 to gptqmodel, and vLLM/SGLang read `gptq_v2` natively.
+In memory `QuantLinear` always holds v1 qzeros; the writer and the reader convert.
+
+Tensors that are not quantised (embeddings, norms, an untied lm_head, biases) are stored in a
+16-bit dtype, as other GPTQ checkpoints are (`storage_dtype`): SmolLM2's folder is ~115 MB instead
+of 171 MB in fp32. `quantize` rounds them to that dtype's values in memory first
+(`round_to_storage`), so the saved model still computes exactly what the model in memory did.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from qingzhou.llm.quantized.pack import pack_qzeros, pack_rows, unpack_qzeros, unpack_rows
 from qingzhou.llm.quantized.qlinear import QuantLinear
 from qingzhou.llm.quantized.runtime import use_bf16_head
 from qingzhou.errors import ModelLoadError
@@ -39,13 +45,21 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path, *, over
         raise ModelLoadError("model has no packed quantised layers.", where=str(folder),
                              hint="Run quantize(model, cfg) with pack=True first.")
     folder = Path(folder)
+    qc = {**qc, "meta": dict(qc.get("meta") or {})}
+    fmt = checkpoint_format(qc)
+    qc["checkpoint_format"] = fmt
+    qc["meta"]["qzeros_convention"] = QZEROS_CONVENTION[fmt]
+    dtype = storage_dtype(model)
     with atomic_dir(folder, overwrite=overwrite, what="quantized model") as tmp:
-        state = _dedupe_tied(model, model.state_dict())
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS),
+        state = tensors_to_store(model, dtype)
+        if fmt == "gptq_v2":
+            for name, m in model.named_modules():
+                if isinstance(m, QuantLinear):
+                    qz = m.qzeros.detach().cpu()
+                    state[f"{name}.qzeros"] = qz if m.qzeros_v2 else qzeros_v1_to_v2(qz, m.bits, m.out_features)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt", "quantizer": "qingzhou"})
-        config = model.config.to_dict()
-        # save_pretrained would set it; vLLM and transformers' pipelines pick the model class from it
-        config["architectures"] = [type(model).__name__]
+        config = config_dict(model, dtype)
         config["quantization_config"] = qc
         atomic_write_json(tmp / "config.json", config)
         gen = getattr(model, "generation_config", None)
@@ -54,6 +68,88 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path, *, over
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return folder
+
+
+QZEROS_CONVENTION = {
+    "gptq": "gptq v1: qzeros stores zero - 1 (symmetric: zero = 2**(bits-1))",
+    "gptq_v2": "gptq v2: qzeros stores zero; asymmetric zero points lie in [1, 2**bits - 1]",
+}
+
+
+def checkpoint_format(qc: dict[str, Any]) -> str:
+    """`gptq` (v1) when every layer is symmetric, else `gptq_v2` (see the module docstring)."""
+    asym = not qc.get("sym", True) or any(
+        o.get("sym") is False for p, o in (qc.get("dynamic") or {}).items() if not p.startswith("-:"))
+    return "gptq_v2" if asym else "gptq"
+
+
+def qzeros_v1_to_v2(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v1 `qzeros` (zero - 1) -> v2 (zero), packed the same way."""
+    zeros = unpack_qzeros(qzeros, bits, out_features)
+    return pack_rows(zeros.T.contiguous(), bits).T.contiguous()
+
+
+def qzeros_v2_to_v1(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v2 `qzeros` -> v1, what `QuantLinear` holds."""
+    zeros = unpack_rows(qzeros.T.contiguous(), bits, out_features).T
+    return pack_qzeros(zeros, bits)
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype non-quantised tensors are stored in: the model's own if it is 16-bit, else float16
+    (the dtype of GPTQ scales and of most GPTQ checkpoints), or bfloat16 where a value would
+    overflow float16."""
+    floats = [t for k, t in model.state_dict().items() if t.is_floating_point() and not _is_scale(model, k)]
+    dtypes = {t.dtype for t in floats}
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
+        return next(iter(dtypes))
+    big = max((float(t.detach().abs().max()) for t in floats if t.numel()), default=0.0)
+    return torch.float16 if big < 65504 else torch.bfloat16
+
+
+def round_to_storage(model: nn.Module, skip: frozenset[str] | set[str] = frozenset()) -> torch.dtype:
+    """Round the model's stored float tensors (not GPTQ scales, which are float16 already, nor the
+    state-dict keys in `skip`: fake-quantised weights, which are exact on their own grid) to the
+    values of `storage_dtype`, in place and keeping their dtype, so that what `save_quantized`
+    writes is what the model in memory computes with. Returns that dtype."""
+    dtype = storage_dtype(model)
+    with torch.no_grad():
+        for k, t in model.state_dict(keep_vars=True).items():
+            if k in skip:
+                continue
+            if t.is_floating_point() and t.dtype != dtype and not _is_scale(model, k):
+                t.data.copy_(t.data.to(dtype))
+    return dtype
+
+
+def _is_scale(model: nn.Module, key: str) -> bool:
+    if not key.endswith(".scales"):
+        return False
+    return isinstance(model.get_submodule(key[: -len(".scales")]), QuantLinear)
+
+
+def tensors_to_store(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict for a file: tied duplicates dropped, float tensors (GPTQ scales
+    excepted: float16) in `dtype`, on the CPU."""
+    out = {}
+    for k, v in _dedupe_tied(model, model.state_dict()).items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and not _is_scale(model, k):
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def config_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json as `save_pretrained` writes it: `architectures` names the class (vLLM and
+    transformers' pipelines pick the model class from it) and `dtype` the stored one."""
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    return config
 
 
 def _dedupe_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,8 +168,8 @@ def _dedupe_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
 
 def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", **big: Any) -> nn.Module:
-    """Rebuild a model saved by `save_quantized` (or any v1 GPTQ checkpoint of a supported arch,
-    one file or sharded) with `QuantLinear` modules; bits per module come from the tensor shapes.
+    """Rebuild a model saved by `save_quantized` (or any v1/v2 GPTQ checkpoint of a supported
+    arch, one file or sharded) with `QuantLinear` modules; bits per module come from the tensor shapes.
 
     The model is built on the meta device with the packed layers in place (`bigload.meta_model`)
     and filled from the memory-mapped shards, so the dense weights are never allocated. `big`:
@@ -88,10 +184,15 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     qc = read_config(folder).get("quantization_config")
     if not qc or qc.get("quant_method") != "gptq":
         raise ModelLoadError("config.json has no GPTQ quantization_config.", where=str(cfg_path))
-    if qc.get("checkpoint_format", "gptq") != "gptq":
-        raise ModelLoadError(f"checkpoint_format {qc.get('checkpoint_format')!r} is not supported.",
-                             where=str(cfg_path), hint="Only v1 'gptq' checkpoints load here.")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in QZEROS_CONVENTION:
+        raise ModelLoadError(f"checkpoint_format {fmt!r} is not supported.", where=str(cfg_path),
+                             hint="GPTQ checkpoints load here in the 'gptq' (v1) and 'gptq_v2' formats.")
     model = load_big(folder, dtype=dtype, device=str(torch.device(device)), quant_layers=install_meta_layers, **big)
+    for m in model.modules():  # resident v2 layers become v1, what QuantLinear holds; streamed ones keep the flag
+        if isinstance(m, QuantLinear) and m.qzeros_v2 and m.qzeros.device.type != "meta":
+            m.qzeros.copy_(qzeros_v2_to_v1(m.qzeros, m.bits, m.out_features))
+            m.qzeros_v2 = False
     if not model.qingzhou_offload["streamed_modules"]:
         for name in ("qingzhou_offload", "qingzhou_shards"):
             delattr(model, name)  # fully resident: nothing maps the shards any more
@@ -115,6 +216,7 @@ def install_meta_layers(model: nn.Module, qc: dict[str, Any], index: Any) -> Non
             bits = rows // -(-in_f // 32)  # rows = ceil(in/32) * bits
             bias = f"{prefix}.bias" in index
             layer = QuantLinear(in_f, out_f, bits, _group_size(qc, prefix), bias=bias, n_groups=n_groups)
+            layer.qzeros_v2 = qc.get("checkpoint_format") == "gptq_v2"
             if bias:  # keeps the checkpoint's bias dtype
                 layer.bias = torch.empty(out_f, dtype=index.meta(f"{prefix}.bias")[0], device="meta")
             model.set_submodule(prefix, layer)

@@ -56,6 +56,8 @@ class QuantLinear(nn.Module):
         self.cache_dequantized = True  # inference through the dequantising path keeps the weight
         self._cached: torch.Tensor | None = None
         self.kernel = "auto"  # "auto" | "int4pack" | "dequant"
+        # qzeros hold v1 (zero - 1) in memory; a layer streamed from a gptq_v2 checkpoint keeps v2
+        self.qzeros_v2 = False
         self._fast: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
 
     @classmethod
@@ -72,10 +74,15 @@ class QuantLinear(nn.Module):
             layer.bias = bias.detach().clone()  # keeps the float bias dtype: logits match exactly
         return layer
 
+    def zero_points(self) -> torch.Tensor:
+        """Zero points [groups, out] whichever convention the buffer holds."""
+        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+        return zeros - 1 if self.qzeros_v2 else zeros
+
     def dequantize_weight(self) -> torch.Tensor:
         """The [out, in] float32 weight these buffers encode."""
         codes = unpack_qweight(self.qweight, self.bits, self.in_features)
-        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+        zeros = self.zero_points()
         return dequantize_codes(codes, self.scales, zeros, self.g_idx)
 
     def _load_from_state_dict(self, *args, **kwargs):  # new buffers: packed copies are stale
@@ -90,7 +97,7 @@ class QuantLinear(nn.Module):
         key = (device, dtype)
         if key not in self._fast:
             codes = unpack_qweight(self.qweight, self.bits, self.in_features)
-            zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features)
+            zeros = self.zero_points()
             weight = dequantize_codes(codes, self.scales, zeros, self.g_idx).to(device, dtype)
             self._fast[key] = Int4Pack.build(
                 codes, self.scales, zeros, self.g_idx, self.group_size, device, dtype,

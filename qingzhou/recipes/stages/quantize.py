@@ -15,9 +15,10 @@ from qingzhou.registry import Registry
 
 class QuantizeStage(MethodStage):
     kind: Literal["quantize"] = "quantize"
-    save_format: Literal["gptq", "dense", "gguf"] = Field(
+    save_format: Literal["gptq", "dense", "gguf", "compressed-tensors"] = Field(
         "gptq", description="gptq: packed GPTQ checkpoint (transformers/gptqmodel/vLLM); dense: fake-quantised "
-                            "fp weights; gguf: one llama.cpp file (model/model.gguf)")
+                            "fp weights; gguf: one llama.cpp file (model/model.gguf); compressed-tensors: "
+                            "llm-compressor's layout (vLLM; also smoothquant W8A8)")
     gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"] = Field(
         "q8_0", description="GGUF file type with save_format: gguf (method: none = export only); k-quant mixes "
                             "use llama-quantize's per-tensor rules, f16/bf16 are what llama-quantize takes as input")
