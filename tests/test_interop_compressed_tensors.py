@@ -128,6 +128,9 @@ def test_transformers_loads_symmetric_pack_quantized_with_our_logits(bits, group
     quantize(m, {"method": "rtn", "bits": bits, "group_size": group_size, "sym": True}, _calib())
     folder, qc, _ = _export(m, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    from qingzhou.llm.quantized.runtime import use_exact_runtime
+
+    use_exact_runtime(m)  # fp32 exact, as transformers computes, not the CPU bf16 runtime
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, m(IDS).logits, rtol=0, atol=1e-5)
 

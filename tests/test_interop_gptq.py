@@ -130,9 +130,11 @@ def test_gptqmodel_and_transformers_load_every_case_with_our_logits(tmp_path):
     """Each case loaded by GPTQModel (bfloat16: its CPU kernel's dtype) and by transformers' GPTQ
     integration (float32), in their own venv: logits within the rounding of the dtype they compute
     in, so each next token they pick is one whose logit is within that rounding of our best."""
+    from qingzhou.llm.quantized.runtime import use_exact_runtime
+
     ours = {}
     for case in CASES:
-        m = _make(case, tmp_path / case)
+        m = use_exact_runtime(_make(case, tmp_path / case))  # fp32 exact, not the CPU bf16 runtime
         with torch.no_grad():
             ours[case] = m(IDS).logits
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))

@@ -95,8 +95,10 @@ def quantize(
         check_streamable({}, cfg, save_format)
         stream = open_stream(model, output_dir, dtype=dtype, activations=activations, overwrite=overwrite)
         stream.key = {"save_format": save_format}
+        # the checkpoint format is fixed before the first layer is written: gptq_v2 when any layer is asymmetric
+        v2 = cfg.pack and (not cfg.sym or any(getattr(o, "sym", None) is False for o in cfg.overrides))
         stream.finalize = lambda index, layer, callback: _finalize_layer(
-            stream.model, f"{stream.prefix}.{index}.", callback, cfg.pack)
+            stream.model, f"{stream.prefix}.{index}.", callback, cfg.pack, v2)
         model, tokenizer = stream.model, tokenizer if tokenizer is not None else stream.tokenizer
     run = run_method(model, cfg, calib, tokenizer, registry=QUANTIZERS, build_plan=plan_layers, where="quantize",
                      stream=stream)
@@ -154,13 +156,23 @@ def _codes_bytes(quantized: dict[str, Any]) -> int:
                for q in quantized.values())
 
 
-def _finalize_layer(model: nn.Module, prefix: str, callback: Any, pack: bool) -> int:
+def _finalize_layer(model: nn.Module, prefix: str, callback: Any, pack: bool, v2: bool = False) -> int:
     """Streaming: the saved form of one finished decoder layer (names under `prefix`). The
     method's codes leave its results here (a model-sized pile otherwise) and, with `pack`, become
-    `QuantLinear`s, as `quantize` does for the whole model in memory; returns their bytes."""
+    `QuantLinear`s, as `quantize` does for the whole model in memory; returns their bytes. `v2`:
+    their qzeros are written in the gptq_v2 convention, as `save_quantized` writes an asymmetric model."""
+    from qingzhou.llm.quantized.gptq_layout import qzeros_v1_to_v2
+
     results = getattr(callback, "results", {})
     quantized = {n: r.pop("quantized") for n, r in results.items() if n.startswith(prefix) and "quantized" in r}
-    return _pack(model, quantized) if pack else _codes_bytes(quantized)
+    if not pack:
+        return _codes_bytes(quantized)
+    total = _pack(model, quantized)
+    for name in quantized if v2 else ():
+        q = model.get_submodule(name)
+        q.qzeros.copy_(qzeros_v1_to_v2(q.qzeros, q.bits, q.out_features))
+        q.qzeros_v2 = True
+    return total
 
 
 def save_compressed(model: nn.Module, tokenizer: Any, folder: str | Path, save_format: str = "gptq",

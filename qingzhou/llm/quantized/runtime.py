@@ -91,3 +91,14 @@ def use_bf16_head(model: nn.Module, on: bool | None = None) -> bool:
     elif not on and isinstance(head, Bf16Head):
         model.set_output_embeddings(head.plain())
     return on
+
+
+def use_exact_runtime(model: nn.Module) -> nn.Module:
+    """Compute every quantised layer and the head exactly (dequantised weights in the model's own
+    dtype, no bf16 inside): for comparing with another runtime's fp32 logits."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = "dequant"
+            m._fast.clear()
+    use_bf16_head(model, False)
+    return model
