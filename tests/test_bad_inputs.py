@@ -577,7 +577,7 @@ def test_every_flag_a_message_names_exists():
     walk(get_command(app))
     assert {"--allow-pickle", "--trust-remote-code", "--no-strict"} <= flags
     package = Path(__file__).resolve().parents[1] / "qingzhou"
-    external = {"--no-deps", "--upgrade"}  # pip's, in install hints
+    external = {"--no-deps", "--upgrade", "--machine"}  # pip's, in install hints; accelerate launch's --machine_rank
     named = {(m.group(1), f.name) for f in package.rglob("*.py")
              for m in re.finditer(r"['\"(\s](--[a-z][a-z0-9-]*)", f.read_text(encoding="utf-8"))}
     assert sorted((flag, f) for flag, f in named if flag not in flags | external) == []
