@@ -41,15 +41,6 @@ ARMS = ["qingzhou", "hf_flatten", "hf_pad", "trl", "llamafactory"]
 LORA_DROPOUT = 0.0  # the default of peft, LLaMA-Factory, torchtune and qingzhou
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory (VmHWM). Not ru_maxrss: that survives fork+exec, so a
-    child started by a parent that had loaded a model would report the parent's peak too."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def _lr(method: str) -> float:
     return 1e-5 if method == "full" else 1e-4
@@ -99,6 +90,8 @@ def arm_qingzhou(args, method: str, folder: str, queue) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    sys.path.insert(0, str(ARM_SCRIPT.parent))
+    from sft_arm import peak_rss_mb  # the same measurement as the other arms
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qingzhou.data import DataConfig, prepare_data

@@ -32,7 +32,6 @@ materialised layer with the plan restricted to that layer.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -51,10 +50,10 @@ from qingzhou.compress.calibrate import LayerBatch, active_stream, find_decoder_
 from qingzhou.errors import ModelLoadError, RecipeError
 from qingzhou.io import (
     MARKER,
+    atomic_file,
     atomic_write_json,
     check_output_dir,
     fingerprint_path,
-    set_default_mode,
     write_marker,
 )
 from qingzhou.signals import fault_point
@@ -210,9 +209,8 @@ def copy_to_shard(reader: ShardReader, names: Sequence[str], path: Path, dtype: 
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     stats = {"params": 0, "zeros": 0}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as out:
             out.write(len(blob).to_bytes(8, "little"))
             out.write(blob)
             for n, info, src, dst, numel in plan:
@@ -229,15 +227,6 @@ def copy_to_shard(reader: ShardReader, names: Sequence[str], path: Path, dtype: 
                         t = t.to(dst) if dst != src else t
                         out.write(memoryview(t.view(torch.uint8).numpy()))
                 stats["params"] += numel
-            out.flush()
-            os.fsync(out.fileno())
-        set_default_mode(tmp)
-        fault_point(f"write {path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return stats
 
 
@@ -298,19 +287,8 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors shard atomically (temp file in the folder, fsync, rename)."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        set_default_mode(tmp)
-        fault_point(f"write {path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
 
 
 def _jsonable(obj: Any) -> Any:
