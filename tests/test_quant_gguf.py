@@ -98,6 +98,9 @@ def test_quantised_model_exports_its_dequantised_weights(tmp_path):
     quantize(m, {"method": "rtn", "bits": 4, "group_size": 32}, calib)
     export_gguf(m, byte_tokenizer(), tmp_path / "q.gguf", "f32")
     ids = _ids()
+    from qingzhou.llm.quantized.runtime import use_exact_runtime
+
+    use_exact_runtime(m)  # fp32 exact, as the f32 file computes (not the CPU bf16 runtime)
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path / "q.gguf")(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
 
