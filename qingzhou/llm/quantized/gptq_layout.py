@@ -57,17 +57,25 @@ def save_quantized(model: nn.Module, tokenizer: Any, folder: str | Path, *, over
                 if isinstance(m, QuantLinear):
                     qz = m.qzeros.detach().cpu()
                     state[f"{name}.qzeros"] = qz if m.qzeros_v2 else qzeros_v1_to_v2(qz, m.bits, m.out_features)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "quantizer": "qingzhou"})
-        config = config_dict(model, dtype)
-        config["quantization_config"] = qc
-        atomic_write_json(tmp / "config.json", config)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_checkpoint(tmp, model, tokenizer, state, dtype, qc)
     return folder
+
+
+def write_checkpoint(folder: Path, model: nn.Module, tokenizer: Any, state: dict[str, torch.Tensor],
+                     dtype: torch.dtype, qc: dict[str, Any]) -> None:
+    """The files of a quantised checkpoint in `folder` (a temp folder the caller renames): the
+    tensors as `model.safetensors`, config.json with `quantization_config`, the generation config
+    and the tokenizer. Shared by the GPTQ and compressed-tensors writers."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS),
+              metadata={"format": "pt", "quantizer": "qingzhou"})
+    config = config_dict(model, dtype)
+    config["quantization_config"] = qc
+    atomic_write_json(folder / "config.json", config)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 QZEROS_CONVENTION = {

@@ -25,16 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from qingzhou.errors import ModelLoadError
-from qingzhou.io import atomic_write_json
-from qingzhou.llm.quantized.gptq_layout import config_dict, storage_dtype, tensors_to_store
+from qingzhou.llm.quantized.gptq_layout import storage_dtype, tensors_to_store, write_checkpoint
 from qingzhou.llm.quantized.pack import pack_rows
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
-WEIGHTS = "model.safetensors"
 FORMAT_VERSION = "0.20.1"  # the compressed-tensors release whose reader the tests check this layout with
 
 
@@ -70,16 +67,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, folder: str | Pa
     quantized = {n for names in groups.values() for n in names}
     qc = quantization_config(groups, formats, ignore=[n for n in linears if n not in quantized],
                              sparse=sparse, linears=linears, model=model)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS),
-              metadata={"format": "pt", "quantizer": "qingzhou"})
-    config = config_dict(model, dtype)
-    config["quantization_config"] = qc
-    atomic_write_json(folder / "config.json", config)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    write_checkpoint(folder, model, tokenizer, state, dtype, qc)
     return qc
 
 
