@@ -126,8 +126,6 @@ def run_qingzhou(args, method: str, folder: Path) -> dict:
 
 
 def run_peer(arm: str, args, method: str, folder: Path, rows_file: Path) -> dict:
-    if method == "qlora" and arm in PEER_PYTHON:
-        return {"arm": arm, "method": method, "absent": "QLoRA arm not set up in this peer's venv (no bitsandbytes there)"}
     python = PEER_PYTHON.get(arm, sys.executable)
     if not Path(python).is_file():
         return {"arm": arm, "method": method, "absent": f"no venv at {python}"}
@@ -145,7 +143,7 @@ def run_peer(arm: str, args, method: str, folder: Path, rows_file: Path) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default), tiny (2-layer Llama, real vocab), or a source")
-    ap.add_argument("--methods", nargs="+", default=["lora"], help="lora full qlora (qlora: qingzhou and the transformers arms)")
+    ap.add_argument("--methods", nargs="+", default=["lora"], help="lora full qlora")
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=512)

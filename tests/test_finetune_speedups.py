@@ -71,9 +71,85 @@ def test_fused_lora_linear_same_values_and_gradients_as_peft():
 def test_fused_lora_falls_back_for_dropout():
     import peft
 
-    from qingzhou.finetune.fused_lora import _lora_linears, _plain_state, fused_lora_linears
+    from qingzhou.finetune.fused_lora import _lora_linears, fused_lora_linears, plain_state
 
     model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"]))
     layer = _lora_linears(model)[0]
     with fused_lora_linears(model):
-        assert _plain_state(layer, torch.zeros(1, 64), (), {}) is None  # dropout: peft's own forward
+        assert plain_state(layer, torch.zeros(1, 64), (), {}) is None  # dropout: peft's own forward
+
+
+def _mlp_grads(model, fused, fallbacks=None):
+    from qingzhou.finetune.fused_mlp import fused_mlps
+
+    torch.manual_seed(1)
+    ids, pos = _packed_batch(model.config.vocab_size)
+    model.zero_grad(set_to_none=True)
+    with fused_mlps(model, fallbacks, enabled=fused) as n:
+        out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    (out.square().mean()).backward()
+    return n, out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj", "q_proj"], ["down_proj"], None])
+def test_fused_mlp_same_values_and_gradients_as_stock(targets):
+    """LoRA on all, some or none (full fine-tuning, biased projections) of the MLP's projections."""
+    import peft
+
+    model = _tiny()
+    if targets is None:
+        for mlp in (layer.mlp for layer in model.model.layers):  # plain trainable linears, with a bias
+            mlp.up_proj.bias = torch.nn.Parameter(torch.randn(mlp.up_proj.out_features) * 0.1)
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        for k, p in model.named_parameters():
+            if "lora_B" in k:
+                torch.nn.init.normal_(p, std=0.05)
+    _, ref_out, ref = _mlp_grads(model, False)
+    n, out, got = _mlp_grads(model, True)
+    assert n == 2
+    assert (out - ref_out).abs().max() < 1e-5
+    assert ref.keys() == got.keys() and len(ref) > 0
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-7), k
+    assert all("forward" not in m.__dict__ for m in model.modules())  # restored on exit
+
+
+def test_fused_mlp_keeps_two_intermediate_tensors_not_four():
+    """What backward keeps per MLP: gate and up (intermediate-size), not also silu(gate) and the product."""
+    import peft
+
+    model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    ids, pos = _packed_batch(model.config.vocab_size)
+
+    def saved_intermediate(fused):
+        from qingzhou.finetune.fused_lora import fused_lora_linears
+        from qingzhou.finetune.fused_mlp import fused_mlps
+
+        storages = set()
+
+        def pack(t):
+            if t.shape[-1] == 128 and t.numel() >= 80 * 128:  # (tokens x intermediate) activations
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with fused_lora_linears(model), fused_mlps(model, enabled=fused), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+        return len(storages)
+
+    assert saved_intermediate(False) == 2 * 4  # 2 layers x (gate, silu(gate), up, product)
+    assert saved_intermediate(True) == 2 * 2
+
+
+def test_fused_mlp_falls_back_for_a_projection_it_cannot_take():
+    import peft
+
+    model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["up_proj"]))
+    calls = []
+    fallbacks = {id(layer.mlp): (lambda x, m=layer.mlp: calls.append(1) or type(m).forward(m, x))
+                 for layer in model.base_model.model.model.layers}
+    model.eval()  # dropout off, but the dropout module is still there: not the plain state
+    _, ref_out, _ = _mlp_grads(model, False)
+    _, out, _ = _mlp_grads(model, True, fallbacks)
+    assert len(calls) == 2 and torch.equal(out, ref_out)

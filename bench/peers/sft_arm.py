@@ -98,15 +98,15 @@ def _targs(cls, a, batch: int, **extra):
                max_grad_norm=1.0, seed=0, warmup_steps=int(0.05 * a.steps), **extra)
 
 
-def run_hf(a, meter: Meter) -> dict:
+def _load_model(a):
+    """The model in fp32 with SDPA; for QLoRA the usual HF recipe: NF4 + double quantisation through
+    from_pretrained, then peft's k-bit preparation (what TRL and LLaMA-Factory do for a 4-bit model)."""
     import peft
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
-                              Trainer, TrainingArguments)
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(a.model_dir)
     extra = {}
-    if a.method == "qlora":  # the usual HF QLoRA recipe: NF4 + double quantisation through from_pretrained
+    if a.method == "qlora":
         from transformers import BitsAndBytesConfig
 
         extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -114,6 +114,16 @@ def run_hf(a, meter: Meter) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32, attn_implementation="sdpa", **extra)
     if a.method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def run_hf(a, meter: Meter) -> dict:
+    import peft
+    from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                              Trainer, TrainingArguments)
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    model = _load_model(a)
     if a.method != "full":
         model = peft.get_peft_model(model, _lora(a.method, a.dropout))
     rows = _rows(a.rows_file)
@@ -134,13 +144,12 @@ def run_hf(a, meter: Meter) -> dict:
 
 
 def run_trl(a, meter: Meter) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = _load_model(a)
     rows = _rows(a.rows_file)
     # token ids as qingzhou wrote them; completion_mask keeps the loss on the answers, as in every arm
     data = Dataset.from_list([{"input_ids": r["input_ids"],
@@ -164,13 +173,16 @@ def run_llamafactory(a, meter: Meter) -> dict:
     batch = max(1, round(a.tokens_per_step / a.max_length))
     args = {"stage": "sft", "do_train": True, "model_name_or_path": a.model_dir, "dataset": "alpaca_bench",
             "dataset_dir": data_dir, "template": "empty", "cutoff_len": a.max_length, "max_samples": a.rows,
-            "packing": True, "finetuning_type": "lora" if a.method == "lora" else "full", "output_dir": tempfile.mkdtemp(),
+            "packing": True, "finetuning_type": "full" if a.method == "full" else "lora", "output_dir": tempfile.mkdtemp(),
             "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1, "max_steps": a.steps,
             "learning_rate": a.lr, "lr_scheduler_type": "cosine", "warmup_steps": int(0.05 * a.steps), "logging_steps": a.steps,
             "save_strategy": "no", "report_to": "none", "bf16": False, "fp16": False, "use_cpu": True,
             "overwrite_output_dir": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
             "disable_tqdm": True, "plot_loss": False}
-    if a.method == "lora":
+    if a.method == "qlora":  # LLaMA-Factory's QLoRA: bitsandbytes NF4 with double quantisation (its defaults)
+        args.update({"quantization_bit": 4, "quantization_method": "bnb", "quantization_type": "nf4",
+                     "double_quantization": True})
+    if a.method != "full":
         args.update({"lora_rank": 16, "lora_alpha": 32, "lora_dropout": a.dropout, "lora_target": ",".join(TARGETS)})
 
     from transformers import TrainerCallback

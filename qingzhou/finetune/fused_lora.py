@@ -63,7 +63,7 @@ def _function() -> Any:
     return LoraLinear
 
 
-def _plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
+def plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
     """The active adapter when `layer` is a plain LoRA linear this call can fuse, else None."""
     import torch
 
@@ -81,7 +81,7 @@ def _plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
 
 
 def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    name = _plain_state(layer, x, args, kwargs)
+    name = plain_state(layer, x, args, kwargs)
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
@@ -89,12 +89,18 @@ def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
                              float(layer.scaling[name]))
 
 
-def _lora_linears(model: Any) -> list[Any]:
+def lora_linear_class() -> type | None:
+    """peft's LoRA `Linear` class (None without peft)."""
     try:
-        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.lora import Linear
     except ImportError:  # pragma: no cover - peft is a dependency
-        return []
-    return [m for m in model.modules() if type(m) is PeftLoraLinear]
+        return None
+    return Linear
+
+
+def _lora_linears(model: Any) -> list[Any]:
+    cls = lora_linear_class()
+    return [] if cls is None else [m for m in model.modules() if type(m) is cls]
 
 
 @contextlib.contextmanager

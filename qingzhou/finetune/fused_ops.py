@@ -20,7 +20,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
+from qingzhou.finetune.fused_mlp import covered
+
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 _FUNCS: dict[str, Any] = {}
@@ -72,13 +73,6 @@ def _functions() -> dict[str, Any]:
     return _FUNCS
 
 
-def _silu_act(module: Any) -> bool:
-    import torch
-
-    act = getattr(module, "act_fn", None)
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in {"SiLUActivation", "SiLU"}
-
-
 def _mlp_forward(module: Any) -> Any:
     swiglu = _functions()["swiglu"]
     return lambda x: module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
@@ -95,7 +89,7 @@ def patchable(model: Any) -> list[tuple[Any, Any]]:
     out = []
     for module in model.modules():
         name = type(module).__name__
-        if name in MLP_CLASSES and _silu_act(module) and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        if covered(module):
             out.append((module, _mlp_forward(module)))
         elif name in RMSNORM_CLASSES and getattr(module, "weight", None) is not None:
             out.append((module, _norm_forward(module)))
@@ -106,18 +100,22 @@ def patchable(model: Any) -> list[tuple[Any, Any]]:
 def fused_training_ops(model: Any, enabled: bool = True) -> Iterator[int]:
     """Patch the covered modules' forwards while training; yields how many were patched.
 
-    Whatever `enabled` says, the exact speed-ups that keep nothing extra and change no value are on
-    too: per-sample attention over packed rows (`packed_attention`) and peft LoRA linears as one
-    fused op (`fused_lora`). `enabled` gates only the recomputing SwiGLU/RMSNorm above."""
+    Whatever `enabled` says, the exact speed-ups that change no value are on too: per-sample attention
+    over packed rows (`packed_attention`), peft LoRA linears as one fused op (`fused_lora`) and Llama
+    MLPs as one op keeping only gate and up (`fused_mlp`). `enabled` gates the recomputing
+    SwiGLU/RMSNorm above; the SwiGLU is then what an MLP the fused op cannot take falls back to."""
     from qingzhou.finetune.fused_lora import fused_lora_linears
+    from qingzhou.finetune.fused_mlp import fused_mlps
     from qingzhou.finetune.packed_attention import packed_attention
 
-    patched = [] if not enabled else [(m, fwd) for m, fwd in patchable(model) if "forward" not in m.__dict__]
+    chosen = [] if not enabled else [(m, fwd) for m, fwd in patchable(model) if "forward" not in m.__dict__]
+    fallbacks = {id(m): fwd for m, fwd in chosen if covered(m)}
+    patched = [(m, fwd) for m, fwd in chosen if id(m) not in fallbacks]
     for module, fwd in patched:
         module.forward = fwd
     try:
-        with packed_attention(model), fused_lora_linears(model):
-            yield len(patched)
+        with packed_attention(model), fused_lora_linears(model), fused_mlps(model, fallbacks):
+            yield len(chosen)
     finally:
         for module, _ in patched:
             module.__dict__.pop("forward", None)
