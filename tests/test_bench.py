@@ -46,13 +46,21 @@ def test_statistics_come_from_the_repetitions(monkeypatch, tok):
     out = B.bench(tiny(), tok, batch_sizes=[2], prompt_tokens=4, new_tokens=3, warmup=1, repeats=2,
                   measure_bandwidth=False, progress=False)
     (r,) = out["results"]
-    # timings in call order: warm-up (2, 4, 6) discarded, then prefill 8 / 14, ttft 10 / 16, e2e 12 / 18
-    prefill = [2 * 4 / 8, 2 * 4 / 14]
+    # clock calls per repetition (10): prefill start/end, 1-token generate start/end, 3-token generate
+    # start, 4 streamer stamps (prompt + 3 tokens), end. Call k advances the clock by k, so a span
+    # from call a to call b lasts a+1 + ... + b. Repetition 1 (after the warm-up) is calls 11..20,
+    # repetition 2 is calls 21..30; decode spans from the first new token's stamp to the last's.
+    span = lambda a, b: sum(range(a + 1, b + 1))  # noqa: E731
+    prefill = [2 * 4 / span(11, 12), 2 * 4 / span(21, 22)]
+    tpot = [span(17, 19) / 2, span(27, 29) / 2]
     assert r["prefill_tokens_per_s"]["mean"] == pytest.approx(statistics.fmean(prefill))
     assert r["prefill_tokens_per_s"]["std"] == pytest.approx(statistics.stdev(prefill))
-    assert r["ttft_ms"]["mean"] == pytest.approx(13_000) and r["ttft_ms"]["n"] == 2
-    assert r["tpot_ms"]["mean"] == pytest.approx(1000 * (12 - 10) / 2) and r["tpot_ms"]["std"] == 0
-    assert r["decode_tokens_per_s"]["mean"] == pytest.approx(2 / 1.0)
+    assert r["ttft_ms"]["mean"] == pytest.approx(1000 * statistics.fmean([span(13, 14), span(23, 24)]))
+    assert r["ttft_ms"]["n"] == 2
+    assert r["e2e_s"]["mean"] == pytest.approx(statistics.fmean([span(15, 20), span(25, 30)]))
+    assert r["tpot_ms"]["mean"] == pytest.approx(1000 * statistics.fmean(tpot))
+    assert r["tpot_ms"]["std"] == pytest.approx(1000 * statistics.stdev(tpot))
+    assert r["decode_tokens_per_s"]["mean"] == pytest.approx(statistics.fmean([2 / t for t in tpot]))
 
 
 def test_weights_bytes_counts_tied_embeddings_once():

@@ -3,8 +3,10 @@
 What optimum-benchmark users expect, kept small: for each batch size, warm-up runs, then `repeats`
 timed runs of (a) a prefill forward pass over `prompt_tokens` tokens, (b) `generate` of 1 token
 (time to first token) and (c) `generate` of `new_tokens` tokens with EOS disabled (fixed length).
-Time per output token is (c - b) / (new_tokens - 1), so prompt processing never inflates the decode
-figure. Every number is a mean with its sample standard deviation over the repetitions. Memory: peak
+Time per output token is the time from the first to the last new token of (c) over new_tokens - 1,
+read off a streamer that notes when each token arrives, so prompt processing never inflates the
+decode figure and a busy machine cannot make it negative (as the difference (c - b) of two timed
+runs could); the fast CUDA paths, which must not sync per token, keep (c - b). Every number is a mean with its sample standard deviation over the repetitions. Memory: peak
 device memory (CUDA-like backends) or the process's peak resident set (CPU), weights in memory and on
 disk. The decode roofline fraction compares bytes of weights read per step / time per step with a
 measured device copy bandwidth.
@@ -21,6 +23,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+class _TokenClock:
+    """A `generate` streamer that only notes when each put arrives (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -130,9 +145,11 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
         sync()
         return time.perf_counter() - start
 
-    def generate(ids, n: int):
+    def generate(ids, n: int, streamer: Any = None):
         return decode(model, ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id,
-                      fast=fast)
+                      fast=fast, streamer=streamer)
+
+    per_token_clock = fast_status(model, fast) == "eager"  # fast paths: no host sync per token
 
     results = []
     reset_peak_memory(device)
@@ -140,17 +157,19 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
                                               enabled=progress) as advance:
         for b in batch_sizes:
             ids = _prompt_ids(tokenizer, b, prompt_tokens, seed).to(device)
-            prefill, ttft, total = [], [], []
+            prefill, ttft, total, tpot = [], [], [], []
             for i in range(warmup + repeats):
                 p = timed(lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids)))  # noqa: B023 (timed calls it at once)
                 t1 = timed(lambda: generate(ids, 1))  # noqa: B023 (timed calls it at once)
-                tn = timed(lambda: generate(ids, new_tokens))  # noqa: B023 (timed calls it at once)
+                clock = _TokenClock() if per_token_clock else None
+                tn = timed(lambda: generate(ids, new_tokens, clock))  # noqa: B023 (timed calls it at once)
                 if i >= warmup:
                     prefill.append(p)
                     ttft.append(t1)
                     total.append(tn)
+                    span = clock.stamps[-1] - clock.stamps[1] if clock and len(clock.stamps) > 2 else tn - t1
+                    tpot.append(span / (new_tokens - 1))
                 advance(1, f"batch {b}")
-            tpot = [(tn - t1) / (new_tokens - 1) for tn, t1 in zip(total, ttft)]
             results.append({
                 "batch_size": b,
                 "prefill_tokens_per_s": _stats([b * prompt_tokens / t for t in prefill]),
