@@ -10,7 +10,7 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
 * `gptq-3-g64`, `gptq-4-g64` - ours, uniform asymmetric GPTQ (`quantize_quality.parse_setting`);
 * `fit-2.5`, `fit-3`, `fit-3.5`, `fit-4` - `qingzhou.compress.fit.fit` at the exact file size of uniform
   GPTQ g64 at that many bits (fractions: that fraction of the way from floor to ceil bits), then applied
-  with `quantize`; seconds = search + apply;
+  with `quantize`; seconds = search + apply; `fitu-<bits>`: the same with unweighted output errors;
 * `kq-Q2_K`, `kq-Q3_K_M`, `kq-Q4_K_M` and `...-imat` - llama.cpp's `llama-quantize` (with an importance
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
@@ -231,18 +231,20 @@ def fit_budget(model, bits: float, group: int = 64) -> int:
     return int(size_lo + (bits - lo) * (size_hi - size_lo))
 
 
-@arm(r"fit-([\d.]+)", "ours: fit plan")
+@arm(r"fitu?-([\d.]+)", "ours: fit plan")
 def run_fit(b: Bench, name: str) -> dict:
-    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both."""
+    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
+    `fitu-<bits>`: the same with unweighted output errors (`weighting="none"`), for comparison."""
     from qingzhou.compress.fit import Budget, fit
 
     bits = float(name.split("-")[1])
+    weighting = "none" if name.startswith("fitu-") else "fisher"
     model, tok = b.load()
     names, n = list(decoder_linears(model)), linear_weight_count(model)
     budget = fit_budget(model, bits)
     cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
     t0 = time.perf_counter()
-    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok)
+    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
     row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
     row.update(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
                fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None))
@@ -370,6 +372,8 @@ def family_of(name: str) -> str:
     family = runner_for(name)[0]
     if name.endswith("-imat"):
         return family + " + imatrix"
+    if name.startswith("fitu-"):
+        return family + " (unweighted errors)"
     return family + " AutoScheme" if name.startswith("ar-auto-") else family
 
 

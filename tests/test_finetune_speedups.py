@@ -153,3 +153,42 @@ def test_fused_mlp_falls_back_for_a_projection_it_cannot_take():
     _, ref_out, _ = _mlp_grads(model, False)
     _, out, _ = _mlp_grads(model, True, fallbacks)
     assert len(calls) == 2 and torch.equal(out, ref_out)
+
+
+def test_fused_ops_take_a_bitsandbytes_4bit_base_with_the_same_values_and_gradients():
+    """QLoRA: LoRA linears and MLPs over NF4 bases run fused, matching peft + bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+
+    from qingzhou.finetune.fused_lora import _lora_linears, fused_lora_linears
+    from qingzhou.finetune.fused_mlp import fused_mlps
+    from qingzhou.finetune.qlora import quantize_base_4bit
+
+    model = quantize_base_4bit(_tiny(), compute_dtype="float32")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for k, p in model.named_parameters():
+        if "lora_B" in k:
+            torch.nn.init.normal_(p, std=0.05)
+    assert len(_lora_linears(model)) == 14 and type(_lora_linears(model)[0]).__module__.endswith("lora.bnb")
+    torch.manual_seed(1)
+    ids, pos = _packed_batch(model.config.vocab_size)
+
+    def grads(fused):
+        model.zero_grad(set_to_none=True)
+        with fused_lora_linears(model, enabled=fused) as n_lin, fused_mlps(model, enabled=fused) as n_mlp:
+            out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        (out.square().mean()).backward()
+        return (n_lin, n_mlp), out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    _, ref_out, ref = grads(False)
+    counts, out, got = grads(True)
+    assert counts == (14, 2)
+    from qingzhou.finetune.fused_mlp import _parts
+
+    mlp = model.base_model.model.model.layers[0].mlp  # the fused op takes every projection, 4-bit base and all
+    assert all(_parts(p, torch.zeros(1, 64))[5] is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert (out - ref_out).abs().max() < 1e-4
+    assert ref.keys() == got.keys() and len(ref) == 28
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], rtol=1e-3, atol=1e-6), k

@@ -273,3 +273,55 @@ def test_gptq_option_errors_equal_the_solver_option_by_option():
     for o, e in errors:
         q = rtn_quantize_weight(W, QuantScheme(o.bits, o.group_size)).dequantize()
         assert e < float((((W - q) @ H) * (W - q)).sum()), o
+
+
+def test_row_weighted_gptq_errors_are_each_rows_error_times_its_weight():
+    """With row weights the error is sum_r w_r * (row r's share of tr((W-Q) H (W-Q)^T))."""
+    import torch
+
+    from qingzhou.compress.fit.gptq_options import gptq_option_errors
+
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(256, 64, generator=gen)
+    H = 2 / X.shape[0] * X.T @ X
+    W = torch.randn(24, 64, generator=gen) * 0.05
+    rw = torch.rand(24, generator=gen) * 10
+    options = [Option(3, 32), Option(4, 64)]
+    plain = gptq_option_errors(W, H, options, keep_weights=True, block_size=16)
+    weighted = gptq_option_errors(W, H, options, block_size=16, row_weights=rw)
+    for o in options:
+        E = W - plain[o].quantized.dequantize()
+        rows = ((E @ H) * E).sum(1)
+        assert weighted[o].error == pytest.approx(float((rows * rw).sum()), rel=1e-4)
+        assert plain[o].error == pytest.approx(float(rows.sum()), rel=1e-5)
+
+
+def test_output_fisher_is_the_mean_squared_loss_gradient_at_each_output():
+    import torch
+    import torch.nn.functional as F
+
+    from qingzhou.compress.fit.fisher import output_fisher
+    from qingzhou.finetune.testing import tiny_model
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.randint(5, 272, (24,), generator=gen) for _ in range(3)]
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    flags = [p.requires_grad for p in model.parameters()]
+    fisher = output_fisher(model, samples, names)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+    # direct: keep each output, backward the summed next-token loss, average the squared gradients
+    outs, ref = {}, {n: 0.0 for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names]
+    for s in samples:
+        model.zero_grad()
+        logits = model(input_ids=s[None], use_cache=False).logits[0, :-1]
+        grads = torch.autograd.grad(F.cross_entropy(logits, s[1:], reduction="sum"), [outs[n] for n in names])
+        for n, g in zip(names, grads):
+            ref[n] = ref[n] + g[0].square().sum(0)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        assert fisher[n].shape == (model.get_submodule(n).out_features,)
+        assert torch.allclose(fisher[n], ref[n] / 72, rtol=1e-4, atol=1e-12), n
+        assert float(fisher[n].sum()) > 0

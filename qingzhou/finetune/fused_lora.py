@@ -22,6 +22,51 @@ from typing import Any
 _FUNC: list[Any] = []
 
 
+class Frozen4bit:
+    """A frozen bitsandbytes 4-bit base weight inside a fused op (QLoRA): its output product and
+    input gradient computed the way bitsandbytes' own `matmul_4bit` computes them, the dense weight
+    only ever a transient of one product."""
+
+    def __init__(self, layer: Any) -> None:
+        self.weight, self.state = layer.weight, layer.weight.quant_state
+
+    def linear(self, x2: Any, bias: Any) -> Any:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x2, self.weight, bias=bias, quant_state=self.state)
+
+    def dense(self, dtype: Any) -> Any:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(self.weight.data.view(-1, 1), self.state).to(dtype)
+
+
+def frozen_4bit(base: Any, x: Any) -> Frozen4bit | None:
+    """`Frozen4bit` of a bitsandbytes `Linear4bit` base that computes in `x`'s dtype, else None."""
+    if type(base).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4") or \
+            not type(base).__module__.startswith("bitsandbytes"):
+        return None
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or base.weight.requires_grad or getattr(base, "compute_dtype", None) not in (None, x.dtype):
+        return None
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        return None
+    return Frozen4bit(base)
+
+
+def base_product(x2: Any, weight: Any, bias: Any, q4: Frozen4bit | None) -> Any:
+    """x W^T + b for a dense weight or a frozen 4-bit one."""
+    import torch.nn.functional as F
+
+    return q4.linear(x2, bias) if q4 is not None else F.linear(x2, weight, bias)
+
+
+def add_input_grad(gx: Any, g: Any, weight: Any, q4: Frozen4bit | None) -> Any:
+    """gx + g W (a new tensor when gx is None) for a dense weight or a frozen 4-bit one."""
+    w = q4.dense(g.dtype) if q4 is not None else weight
+    return g @ w if gx is None else gx.addmm_(g, w)
+
+
 def _function() -> Any:
     if _FUNC:
         return _FUNC[0]
@@ -30,14 +75,15 @@ def _function() -> Any:
 
     class LoraLinear(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float) -> Any:
+        def forward(ctx: Any, x: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float,
+                    q4: Frozen4bit | None) -> Any:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             xa = F.linear(x2, a).mul_(scaling)  # (N, r), scale folded into the thin factor
-            out = F.linear(x2, weight, bias)
+            out = base_product(x2, weight, bias, q4)
             out.addmm_(xa, b.t())
             ctx.save_for_backward(x2, xa, weight, a, b)
-            ctx.scaling, ctx.shape, ctx.has_bias = scaling, shape, bias is not None
+            ctx.scaling, ctx.shape, ctx.has_bias, ctx.q4 = scaling, shape, bias is not None, q4
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -48,7 +94,7 @@ def _function() -> Any:
             gb_in = (g @ b).mul_(ctx.scaling) if (need_x or need_a) else None  # (N, r): dL/d(x A^T)
             gx = gw = gbias = ga = gbb = None
             if need_x:
-                gx = (g @ weight).addmm_(gb_in, a).view(ctx.shape)
+                gx = add_input_grad(None, g, weight, ctx.q4).addmm_(gb_in, a).view(ctx.shape)
             if need_w:
                 gw = g.t() @ x2
             if need_bias and ctx.has_bias:
@@ -57,7 +103,7 @@ def _function() -> Any:
                 ga = gb_in.t() @ x2
             if need_b:
                 gbb = g.t() @ xa
-            return gx, gw, gbias, ga, gbb, None
+            return gx, gw, gbias, ga, gbb, None, None
 
     _FUNC.append(LoraLinear)
     return LoraLinear
@@ -72,12 +118,15 @@ def plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return None
-    if type(layer.base_layer) is not torch.nn.Linear or not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return None
-    a, base = layer.lora_A[name].weight, layer.base_layer.weight
-    if x.dtype != a.dtype or x.dtype != base.dtype or torch.is_autocast_enabled(x.device.type):
+    base = layer.base_layer
+    a = layer.lora_A[name].weight
+    if x.dtype != a.dtype or torch.is_autocast_enabled(x.device.type):
         return None
-    return name
+    if type(base) is torch.nn.Linear:
+        return name if base.weight.dtype == x.dtype else None
+    return name if frozen_4bit(base, x) is not None else None
 
 
 def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -85,22 +134,29 @@ def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if name is None:
         return type(layer).forward(layer, x, *args, **kwargs)
     base = layer.base_layer
-    return _function().apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             float(layer.scaling[name]))
+    q4 = frozen_4bit(base, x)
+    return _function().apply(x, None if q4 else base.weight, base.bias, layer.lora_A[name].weight,
+                             layer.lora_B[name].weight, float(layer.scaling[name]), q4)
 
 
-def lora_linear_class() -> type | None:
-    """peft's LoRA `Linear` class (None without peft)."""
+def lora_linear_classes() -> tuple[type, ...]:
+    """peft's LoRA layer classes over a dense and over a bitsandbytes 4-bit base (those importable)."""
+    classes = []
     try:
         from peft.tuners.lora import Linear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    return Linear
+
+        classes.append(Linear)
+        from peft.tuners.lora.bnb import Linear4bit
+
+        classes.append(Linear4bit)
+    except ImportError:  # peft is a dependency; its bnb layers exist only with bitsandbytes
+        pass
+    return tuple(classes)
 
 
 def _lora_linears(model: Any) -> list[Any]:
-    cls = lora_linear_class()
-    return [] if cls is None else [m for m in model.modules() if type(m) is cls]
+    classes = lora_linear_classes()
+    return [m for m in model.modules() if type(m) in classes]
 
 
 @contextlib.contextmanager

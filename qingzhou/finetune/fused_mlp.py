@@ -32,23 +32,25 @@ def _function() -> Any:
     import torch
     import torch.nn.functional as F
 
-    def project(x2: Any, w: Any, bias: Any, a: Any, b: Any, scaling: float) -> tuple[Any, Any]:
+    from qingzhou.finetune.fused_lora import add_input_grad, base_product
+
+    def project(x2: Any, w: Any, bias: Any, a: Any, b: Any, scaling: float, q4: Any) -> tuple[Any, Any]:
         """x W^T + bias (+ s (x A^T) B^T): the output and the thin LoRA factor (None without LoRA)."""
-        out = F.linear(x2, w, bias)
+        out = base_product(x2, w, bias, q4)
         if a is None:
             return out, None
         xa = F.linear(x2, a).mul_(scaling)
         out.addmm_(xa, b.t())
         return out, xa
 
-    def project_backward(g: Any, inp: Any, xa: Any, w: Any, a: Any, b: Any, scaling: float,
+    def project_backward(g: Any, inp: Any, xa: Any, w: Any, a: Any, b: Any, scaling: float, q4: Any,
                          needs: tuple[bool, ...], gx: Any) -> tuple[Any, ...]:
         """Gradients of one projection given its output gradient `g`; the input gradient is added into
         `gx` (or returned new when `gx` is None). needs = (x, weight, bias, A, B)."""
         need_x, need_w, need_bias, need_a, need_b = needs
         gb_in = (g @ b).mul_(scaling) if a is not None and (need_x or need_a) else None
         if need_x:
-            gx = g @ w if gx is None else gx.addmm_(g, w)
+            gx = add_input_grad(gx, g, w, q4)
             if gb_in is not None:
                 gx.addmm_(gb_in, a)
         gw = g.t() @ inp if need_w else None
@@ -60,15 +62,15 @@ def _function() -> Any:
     class SwiGLUMLP(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, x: Any, wg: Any, bg: Any, ag: Any, bgl: Any, wu: Any, bu: Any, au: Any, bul: Any,
-                    wd: Any, bd: Any, ad: Any, bdl: Any, sg: float, su: float, sd: float) -> Any:
+                    wd: Any, bd: Any, ad: Any, bdl: Any, sg: float, su: float, sd: float, q4s: tuple) -> Any:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
-            gate, xag = project(x2, wg, bg, ag, bgl, sg)
-            up, xau = project(x2, wu, bu, au, bul, su)
+            gate, xag = project(x2, wg, bg, ag, bgl, sg, q4s[0])
+            up, xau = project(x2, wu, bu, au, bul, su, q4s[1])
             h = F.silu(gate).mul_(up)
-            out, xad = project(h, wd, bd, ad, bdl, sd)
+            out, xad = project(h, wd, bd, ad, bdl, sd, q4s[2])
             ctx.save_for_backward(x2, gate, up, xag, xau, xad, wg, ag, bgl, wu, au, bul, wd, ad, bdl)
-            ctx.scales, ctx.shape = (sg, su, sd), shape
+            ctx.scales, ctx.shape, ctx.q4s = (sg, su, sd), shape, q4s
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
@@ -81,18 +83,19 @@ def _function() -> Any:
             silu = gate * sig
             h = silu * up
             # down projection: its input gradient gh (tokens x intermediate) is always needed below
-            gh, gwd, gbd, gad, gbdl = project_backward(g, h, xad, wd, ad, bdl, sd, (True, *n[9:13]), None)
+            q4g, q4u, q4d = ctx.q4s
+            gh, gwd, gbd, gad, gbdl = project_backward(g, h, xad, wd, ad, bdl, sd, q4d, (True, *n[9:13]), None)
             del h
             g_up = gh * silu
             del silu
             # d silu / d gate = sig * (1 + gate * (1 - sig)); built in place in `sig`'s complement
             g_gate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(gh)
             del sig, gh
-            gx, gwg, gbg, gag, gbgl = project_backward(g_gate, x2, xag, wg, ag, bgl, sg, n[0:5], None)
-            gx, gwu, gbu, gau, gbul = project_backward(g_up, x2, xau, wu, au, bul, su, (n[0], *n[5:9]), gx)
+            gx, gwg, gbg, gag, gbgl = project_backward(g_gate, x2, xag, wg, ag, bgl, sg, q4g, n[0:5], None)
+            gx, gwu, gbu, gau, gbul = project_backward(g_up, x2, xau, wu, au, bul, su, q4u, (n[0], *n[5:9]), gx)
             if gx is not None:
                 gx = gx.view(ctx.shape)
-            return (gx, gwg, gbg, gag, gbgl, gwu, gbu, gau, gbul, gwd, gbd, gad, gbdl, None, None, None)
+            return (gx, gwg, gbg, gag, gbgl, gwu, gbu, gau, gbul, gwd, gbd, gad, gbdl, None, None, None, None)
 
     _FUNC.append(SwiGLUMLP.apply)
     return _FUNC[0]
@@ -111,23 +114,25 @@ def covered(module: Any) -> bool:
             and all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")))
 
 
-def _parts(layer: Any, x: Any) -> tuple[Any, Any, Any, Any, float] | None:
-    """(weight, bias, A, B, scaling) of a projection this op can run, else None."""
+def _parts(layer: Any, x: Any) -> tuple[Any, Any, Any, Any, float, Any] | None:
+    """(weight, bias, A, B, scaling, frozen 4-bit base) of a projection this op can run, else None.
+    A 4-bit base (QLoRA) has weight None: its products go through `fused_lora.Frozen4bit`."""
     import torch
 
-    from qingzhou.finetune.fused_lora import lora_linear_class, plain_state
+    from qingzhou.finetune.fused_lora import frozen_4bit, lora_linear_classes, plain_state
 
     if type(layer) is torch.nn.Linear:
         if layer.weight.dtype != x.dtype:
             return None
-        return layer.weight, layer.bias, None, None, 1.0
-    cls = lora_linear_class()
-    if cls is not None and type(layer) is cls:
+        return layer.weight, layer.bias, None, None, 1.0, None
+    if type(layer) in lora_linear_classes():
         name = plain_state(layer, x, (), {})
         if name is None:
             return None
         base = layer.base_layer
-        return base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+        q4 = frozen_4bit(base, x)
+        return (None if q4 else base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                float(layer.scaling[name]), q4)
     return None
 
 
@@ -138,8 +143,8 @@ def _forward(module: Any, fallback: Callable[[Any], Any]) -> Callable[[Any], Any
         parts = [_parts(p, x) for p in (module.gate_proj, module.up_proj, module.down_proj)]
         if any(p is None for p in parts) or torch.is_autocast_enabled(x.device.type):
             return fallback(x)
-        (wg, bg, ag, bgl, sg), (wu, bu, au, bul, su), (wd, bd, ad, bdl, sd) = parts
-        return _function()(x, wg, bg, ag, bgl, wu, bu, au, bul, wd, bd, ad, bdl, sg, su, sd)
+        (wg, bg, ag, bgl, sg, qg), (wu, bu, au, bul, su, qu), (wd, bd, ad, bdl, sd, qd) = parts
+        return _function()(x, wg, bg, ag, bgl, wu, bu, au, bul, wd, bd, ad, bdl, sg, su, sd, (qg, qu, qd))
 
     return forward
 

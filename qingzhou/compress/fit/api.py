@@ -164,7 +164,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         tokenizer: Any = None, output_dir: str | Path | None = None, heldout: float | list[Any] = 0.1,
         neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
-        load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16") -> FitReport:
+        load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16",
+        weighting: str = "fisher") -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -177,6 +178,9 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     embeddings and norms, or the decode time outside the linears) whose plans are also solved and
     KL-checked (only those <= 1 can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
+    `weighting`: "fisher" (default) weighs each linear's per-row output error by the loss's
+    sensitivity to that output (`fisher.output_fisher`: one forward + backward per calibration
+    sample), so errors of different linears add up in loss units; "none" sums raw output errors.
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
     `gguf`: also write `output_dir/model.gguf`, the plan as llama.cpp per-tensor types
@@ -234,8 +238,16 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     if cfg.method == "gptq":
         gptq = {"block_size": cfg.block_size, "damp_percent": cfg.damp_percent, "act_order": cfg.act_order,
                 "hessian_clip": cfg.hessian_clip, "clip_grid": clip_grid}
+    if weighting not in ("fisher", "none"):
+        raise RecipeError(f"weighting must be fisher or none, not {weighting!r}.", where="fit weighting")
+    row_weights = None
+    if weighting == "fisher":
+        from qingzhou.compress.fit.fisher import output_fisher
+
+        row_weights = output_fisher(model, measure, linears)
+        seconds["fisher"] = time.perf_counter() - t0
     collector = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq, keep_weights=check,
-                                     options_of=lambda name, m: per_linear[name])
+                                     options_of=lambda name, m: per_linear[name], row_weights=row_weights)
     engine = LayerwiseOptions(device=getattr(cfg, "device", None), batch_size=getattr(cfg, "batch_size", 8),
                               offload_inputs=getattr(cfg, "offload_inputs", False), targets=linears.__contains__,
                               true_sequential=False)  # weights are not written: one pass per layer suffices

@@ -47,13 +47,14 @@ def gptq_option_errors(
     weight: torch.Tensor, H: torch.Tensor, options: Sequence[Option], *, sym: bool = False,
     clip_search: bool = True, block_size: int = 128, damp_percent: float = 0.01, act_order: bool = True,
     hessian_clip: bool = True, clip_grid: int = 100, keep_weights: bool = False, name: str = "",
-    max_elements: int = 1 << 26,
+    max_elements: int = 1 << 26, row_weights: torch.Tensor | None = None,
 ) -> dict[Option, OptionResult]:
     """GPTQ (static groups) of `weight` [out, in] under every non-keep option, in one pass.
 
     `H`: the linear's proxy Hessian (`HessianAccumulator.H`). Returns {option: OptionResult};
     `keep_weights` keeps each option's `QuantizedWeight` (codes uint8, the export's grid).
-    `max_elements`: at most this many stacked weights per column loop (options are chunked)."""
+    `max_elements`: at most this many stacked weights per column loop (options are chunked).
+    `row_weights` [out]: the error is `sum_r row_weights[r] * error of row r` (`fisher.output_fisher`)."""
     opts = [o for o in options if not o.keep]
     if not opts:
         return {}
@@ -101,7 +102,8 @@ def gptq_option_errors(
             E2 = (W0 - Q).square_()
             # GPTQ's column losses sum to tr(E H' E^T) for the H' it factorised (H + damp*I, dead
             # diagonal set to 1): the undamped error without an extra [rows x cols x cols] matmul
-            error = float(loss[j * rows:(j + 1) * rows].sum()) - damp * float(E2.sum()) - float(E2[:, dead].sum())
+            row_err = loss[j * rows:(j + 1) * rows] - damp * E2.sum(1) - E2[:, dead].sum(1)
+            error = float(row_err.sum() if row_weights is None else (row_err * row_weights.to(row_err)).sum())
             qw = None
             if keep_weights:
                 qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),

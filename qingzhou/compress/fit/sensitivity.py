@@ -61,10 +61,13 @@ class LinearSensitivity:
         return {o: (self.cost(o), e) for o, e in self.errors.items()}
 
 
-def output_error(weight: torch.Tensor, qweight: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T): the summed squared output error of Q on the inputs behind H."""
+def output_error(weight: torch.Tensor, qweight: torch.Tensor, H: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> float:
+    """tr((W - Q) H (W - Q)^T): the summed squared output error of Q on the inputs behind H (each
+    output row's share times `row_weights[row]` when given)."""
     E = (weight.float() - qweight.float()).to(H.device)
-    return float(((E @ H) * E).sum())
+    rows = ((E @ H) * E).sum(1)
+    return float(rows.sum() if row_weights is None else (rows * row_weights.to(rows)).sum())
 
 
 class SensitivityCollector(HessianCollector):
@@ -74,12 +77,15 @@ class SensitivityCollector(HessianCollector):
     width out of `options`). Results land in `sensitivities[name]`; weights are never written.
     `gptq`: None measures RTN; a dict of GPTQ settings (`block_size`, `damp_percent`, `act_order`,
     `hessian_clip`, `clip_grid`) measures GPTQ's error. `keep_weights` keeps each GPTQ option's
-    `QuantizedWeight` in `weights[name][option]` (to assemble candidate plans without re-solving)."""
+    `QuantizedWeight` in `weights[name][option]` (to assemble candidate plans without re-solving).
+    `row_weights[name]` [out]: weigh each output row's error (`fisher.output_fisher`, loss units)."""
 
     def __init__(self, options: Iterable[Option] | None = None, *, sym: bool = False, clip_search: bool = True,
                  options_of: Callable[[str, nn.Linear], Sequence[Option]] | None = None,
-                 gptq: dict[str, Any] | None = None, keep_weights: bool = False) -> None:
+                 gptq: dict[str, Any] | None = None, keep_weights: bool = False,
+                 row_weights: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
+        self.row_weights = row_weights or {}
         self.options = list(options) if options is not None else option_space()
         self.sym, self.clip_search = sym, clip_search
         self.options_of = options_of or (lambda name, m: options_for(m.in_features, self.options))
@@ -101,7 +107,8 @@ class SensitivityCollector(HessianCollector):
             from qingzhou.compress.fit.gptq_options import gptq_option_errors
 
             res = gptq_option_errors(w, H, options, sym=self.sym, clip_search=self.clip_search,
-                                     keep_weights=self.keep_weights, name=name, **self.gptq)
+                                     keep_weights=self.keep_weights, name=name,
+                                     row_weights=self.row_weights.get(name), **self.gptq)
             sens.errors = {o: 0.0 if o.keep else res[o].error for o in options}
             if self.keep_weights:
                 self.weights[name] = {o: r.quantized for o, r in res.items()}
@@ -117,10 +124,12 @@ class SensitivityCollector(HessianCollector):
             if self.keep_weights:
                 self.weights.setdefault(name, {})[option] = qw
             q = qw.dequantize().to(w.device)
+            rw = self.row_weights.get(name)
             if H is None:
-                sens.errors[option] = float(((w - q) ** 2).sum())
+                rows = ((w - q) ** 2).sum(1)
+                sens.errors[option] = float(rows.sum() if rw is None else (rows * rw.to(rows)).sum())
             else:
-                sens.errors[option] = output_error(w, q, H)
+                sens.errors[option] = output_error(w, q, H, rw)
         self.sensitivities[name] = sens
         return {"errors": {o.label: e for o, e in sens.errors.items()}, "tokens": tokens, "unfed": sens.unfed}
 
