@@ -109,8 +109,9 @@ def _function() -> Any:
     return LoraLinear
 
 
-def plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
-    """The active adapter when `layer` is a plain LoRA linear this call can fuse, else None."""
+def plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> tuple[str, Frozen4bit | None] | None:
+    """(active adapter, its frozen 4-bit base or None for a dense one) when `layer` is a plain LoRA
+    linear this call can fuse, else None."""
     import torch
 
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -125,16 +126,17 @@ def plain_state(layer: Any, x: Any, args: tuple, kwargs: dict) -> str | None:
     if x.dtype != a.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     if type(base) is torch.nn.Linear:
-        return name if base.weight.dtype == x.dtype else None
-    return name if frozen_4bit(base, x) is not None else None
+        return (name, None) if base.weight.dtype == x.dtype else None
+    q4 = frozen_4bit(base, x)
+    return (name, q4) if q4 is not None else None
 
 
 def _forward(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    name = plain_state(layer, x, args, kwargs)
-    if name is None:
+    state = plain_state(layer, x, args, kwargs)
+    if state is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    name, q4 = state
     base = layer.base_layer
-    q4 = frozen_4bit(base, x)
     return _function().apply(x, None if q4 else base.weight, base.bias, layer.lora_A[name].weight,
                              layer.lora_B[name].weight, float(layer.scaling[name]), q4)
 

@@ -9,8 +9,8 @@ sigmoid and two products over (tokens x intermediate), small beside the MLP's th
 
 Each projection is either a plain `nn.Linear` (trainable or frozen: full fine-tuning, frozen
 layers) or a peft LoRA linear in the plain state `fused_lora` accepts (scale folded into the thin
-factor, as there). Anything else (a quantized base, DoRA, LoRA dropout, autocast, mixed dtypes)
-takes the module's own forward. Same values and gradients as the stock modules (tested).
+factor, as there; its base dense or bitsandbytes 4-bit, QLoRA). Anything else (another quantized
+base, DoRA, LoRA dropout, autocast, mixed dtypes) takes the module's own forward. Same values and gradients as the stock modules (tested).
 
 Training only: `fused_mlps(model)` patches the covered MLP *instances* and restores them on exit;
 it is entered by the loop through `fused_training_ops`.
@@ -119,18 +119,18 @@ def _parts(layer: Any, x: Any) -> tuple[Any, Any, Any, Any, float, Any] | None:
     A 4-bit base (QLoRA) has weight None: its products go through `fused_lora.Frozen4bit`."""
     import torch
 
-    from qingzhou.finetune.fused_lora import frozen_4bit, lora_linear_classes, plain_state
+    from qingzhou.finetune.fused_lora import lora_linear_classes, plain_state
 
     if type(layer) is torch.nn.Linear:
         if layer.weight.dtype != x.dtype:
             return None
         return layer.weight, layer.bias, None, None, 1.0, None
     if type(layer) in lora_linear_classes():
-        name = plain_state(layer, x, (), {})
-        if name is None:
+        state = plain_state(layer, x, (), {})
+        if state is None:
             return None
+        name, q4 = state
         base = layer.base_layer
-        q4 = frozen_4bit(base, x)
         return (None if q4 else base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                 float(layer.scaling[name]), q4)
     return None

@@ -18,14 +18,25 @@ output channel of every linear).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover - torch is imported where the Fisher is computed
+    import torch
+    from torch import nn
+
+
+def weighted_total(row_errors: torch.Tensor, row_weights: torch.Tensor | None) -> float:
+    """sum_r row_weights[r] * row_errors[r] (the plain sum without weights): a linear's error in
+    loss units when the weights are `output_fisher`'s."""
+    if row_weights is None:
+        return float(row_errors.sum())
+    return float((row_errors * row_weights.to(row_errors)).sum())
 
 
 def output_fisher(model: nn.Module, samples: Sequence[torch.Tensor], targets: Iterable[str]) -> dict[str, torch.Tensor]:
     """{linear name: mean over calibration tokens of (d loss / d output channel)^2} [out_features],
     the loss being the summed next-token cross-entropy of each sample (1-D token tensor)."""
+    import torch
     import torch.nn.functional as F
 
     modules = dict(model.named_modules())

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qingzhou.compress.fit.fisher import weighted_total
 from qingzhou.compress.fit.storage import Option
 from qingzhou.compress.hessian import damped_inverse_cholesky, solver_hessian
 from qingzhou.llm.quantized.grid import QuantizedWeight, QuantScheme, find_params
@@ -103,7 +104,7 @@ def gptq_option_errors(
             # GPTQ's column losses sum to tr(E H' E^T) for the H' it factorised (H + damp*I, dead
             # diagonal set to 1): the undamped error without an extra [rows x cols x cols] matmul
             row_err = loss[j * rows:(j + 1) * rows] - damp * E2.sum(1) - E2[:, dead].sum(1)
-            error = float(row_err.sum() if row_weights is None else (row_err * row_weights.to(row_err)).sum())
+            error = weighted_total(row_err, row_weights)
             qw = None
             if keep_weights:
                 qw = QuantizedWeight(codes=c.to(torch.uint8).cpu(), scales=scales.half().cpu(),

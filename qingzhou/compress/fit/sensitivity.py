@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qingzhou.compress.fit.fisher import weighted_total
 from qingzhou.compress.fit.storage import Option, linear_bytes, option_space, options_for
 from qingzhou.compress.hessian import HessianAccumulator, HessianCollector
 
@@ -66,8 +67,7 @@ def output_error(weight: torch.Tensor, qweight: torch.Tensor, H: torch.Tensor,
     """tr((W - Q) H (W - Q)^T): the summed squared output error of Q on the inputs behind H (each
     output row's share times `row_weights[row]` when given)."""
     E = (weight.float() - qweight.float()).to(H.device)
-    rows = ((E @ H) * E).sum(1)
-    return float(rows.sum() if row_weights is None else (rows * row_weights.to(rows)).sum())
+    return weighted_total(((E @ H) * E).sum(1), row_weights)
 
 
 class SensitivityCollector(HessianCollector):
@@ -126,8 +126,7 @@ class SensitivityCollector(HessianCollector):
             q = qw.dequantize().to(w.device)
             rw = self.row_weights.get(name)
             if H is None:
-                rows = ((w - q) ** 2).sum(1)
-                sens.errors[option] = float(rows.sum() if rw is None else (rows * rw.to(rows)).sum())
+                sens.errors[option] = weighted_total(((w - q) ** 2).sum(1), rw)
             else:
                 sens.errors[option] = output_error(w, q, H, rw)
         self.sensitivities[name] = sens
