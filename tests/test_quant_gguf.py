@@ -106,9 +106,87 @@ def test_quantised_model_exports_its_dequantised_weights(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    with pytest.raises(ModelLoadError, match="llama"):
-        export_gguf(tiny_model("qwen2"), byte_tokenizer(), tmp_path / "x.gguf")
+    with pytest.raises(ModelLoadError, match="llama, mistral, qwen2, gemma3_text"):
+        export_gguf(tiny_model("gpt2"), byte_tokenizer(), tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def _gemma3(**kw):
+    """A tiny Gemma 3 with random norm weights (they init to 0, which would hide the 1 + w shift),
+    a head size other than hidden / heads, and five sliding layers then a global one."""
+    m = tiny_model("gemma3_text", head_dim=32, sliding_window=8, num_hidden_layers=6,  # llama.cpp's pattern:
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"], **kw)  # every 6th layer global
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return m
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+def test_f32_round_trip_of_other_architectures(arch, tmp_path):
+    """Qwen2 (q/k/v biases, NEOX rope: no permutation) and Gemma 3 (norms stored as 1 + w, extra
+    norms, head_dim 32 != 64 / 4, sliding window) come back from the file with the same logits."""
+    import gguf
+
+    m = _gemma3() if arch == "gemma3_text" else tiny_model("qwen2")
+    if arch == "qwen2":
+        assert m.model.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():
+            for layer in m.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    info = export_gguf(m, byte_tokenizer(), tmp_path / "m.gguf", "f32")
+    ids = _ids(261)[:, :20]  # longer than gemma's 8-token window
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "m.gguf")(ids).logits, m(ids).logits, atol=1e-4, rtol=1e-4)
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    name = {"qwen2": "qwen2", "gemma3_text": "gemma3"}[arch]
+    assert fields["general.architecture"].contents() == name
+    if arch == "gemma3_text":
+        assert fields["gemma3.attention.sliding_window"].contents() == 8
+        assert fields["gemma3.attention.key_length"].contents() == 32
+        assert info["tensor_types"] == {"F32": 1 + 6 * 13 + 2}  # embedding, 13 per layer, final norm, head
+        with pytest.raises(ModelLoadError, match="fixed gemma3 pattern"):
+            export_gguf(tiny_model("gemma3_text", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]),
+                        byte_tokenizer(), tmp_path / "x.gguf", "f32")
+    else:
+        assert info["tensor_types"] == {"F32": 1 + 2 * 12 + 2}  # 9 weights + 3 biases per layer
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_spm(tmp_path):
+    """A SentencePiece-style BPE (byte fallback, Gemma/Llama 2) becomes llama.cpp's `llama`
+    tokenizer: scores in vocabulary order, byte pieces BYTE, specials CONTROL, and transformers
+    reads it back into a tokenizer that splits text the same way."""
+    import gguf
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    words = ["▁", "t", "h", "e", "▁t", "he", "▁the", "c", "a", "▁c", "at", "▁cat", "s", "▁s", "▁sat"]
+    vocab = {p: i for i, p in enumerate(pieces + words)}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "c"), ("a", "t"), ("▁c", "at"), ("▁", "s"), ("▁s", "at")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>"]})
+    m = _gemma3(vocab_size=len(tok))
+    export_gguf(m, tok, tmp_path / "t.gguf", "f32")
+    fields = gguf.GGUFReader(str(tmp_path / "t.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    types = fields["tokenizer.ggml.token_type"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    assert types[vocab["<0x41>"]] == 6 and types[vocab["<bos>"]] == 3 and types[vocab["<unk>"]] == 2
+    assert types[len(tok) - 1] == 3 and types[vocab["▁cat"]] == 1
+    normal = [i for i, t in enumerate(types) if t == 1]
+    assert all(scores[a] > scores[b] for a, b in zip(normal, normal[1:]))  # earlier piece, higher priority
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    text = "the cat sat é"  # é falls back to bytes
+    assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_quantize_stage_exports_gguf_and_continues_from_the_file(tmp_path, tiny_llama_dir):

@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
                                                     "(default ~/.cache/qingzhou/fit)"),
         gguf: bool = typer.Option(False, "--gguf", help="also write OUT/model.gguf: the same plan as llama.cpp "
                                   "per-tensor types (8 -> q8_0, 4 -> q4_k, 3 -> q3_k, 2 -> q2_k, with llama.cpp's "
-                                  "fallback for rows not a multiple of 256), from the original weights; Llama/Mistral"),
+                                  "fallback for rows not a multiple of 256), from the original weights; Llama, Mistral, "
+                                  "Qwen2, Gemma 3"),
         gguf_keep: str = typer.Option("f16", "--gguf-keep", help="GGUF type of kept linears and embeddings: "
                                       "f16 | bf16 | f32"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),

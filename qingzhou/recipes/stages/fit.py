@@ -29,7 +29,7 @@ class FitStage(MethodStage):
     neighbours: list[float] = Field([0.95, 0.98, 1.02, 1.05], description="budget factors whose plans are also "
                                                                           "KL-checked (<= 1 may win)")
     gguf: bool = Field(False, description="also write model/model.gguf: the plan as llama.cpp per-tensor types "
-                                           "from the original weights (Llama/Mistral)")
+                                           "from the original weights (Llama, Mistral, Qwen2, Gemma 3)")
     gguf_keep: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF type of kept linears and embeddings")
     default_method: ClassVar[str] = "gptq"
 

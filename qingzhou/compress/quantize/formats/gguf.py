@@ -1,16 +1,21 @@
-"""Export a Llama-architecture model to a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q2_K,
+"""Export a Llama, Mistral, Qwen2 or Gemma 3 model to a llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q2_K,
 Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, or a per-tensor mix).
 
 What llama.cpp and transformers' GGUF loader need, and why each detail matters:
-* llama.cpp tensor names (`token_embd`, `blk.N.attn_q`, ...). q/k weights are stored in llama.cpp's
-  rotary layout: `convert_hf_to_gguf.py` permutes their rows per head (HF keeps the two rotary
-  halves apart, llama.cpp interleaves them) and transformers' loader undoes that permutation, so
-  we apply the same permutation here or every attention score would be wrong after loading;
-* `llama.*` hyper-parameters (context, width, heads, kv heads, rms eps, rope base/dims, vocab);
-* the tokenizer as `tokenizer.ggml.*` (BPE tokens, token types - special added tokens as
-  CONTROL -, merges, special ids, chat template), read from the fast tokenizer's own JSON so
-  nothing is re-derived, and `tokenizer.ggml.pre`, llama.cpp's name for the pre-tokenizer, found
-  as its converter finds it (see `gguf_pre`);
+* llama.cpp tensor names (`token_embd`, `blk.N.attn_q`, ...; `GGUFArch` per architecture). For
+  Llama/Mistral q/k weights are stored in llama.cpp's rotary layout: `convert_hf_to_gguf.py`
+  permutes their rows per head (HF keeps the two rotary halves apart, llama.cpp interleaves them)
+  and transformers' loader undoes that permutation, so we apply the same permutation here or every
+  attention score would be wrong after loading (Qwen2 and Gemma rotate NEOX-style: no permutation).
+  Gemma's RMSNorms scale by 1 + w; llama.cpp's gemma3 reads 1 + w, so norms are written shifted;
+* `<arch>.*` hyper-parameters (context, width, heads, kv heads, rms eps, rope base/dims, vocab;
+  Gemma 3's head size and sliding window);
+* the tokenizer as `tokenizer.ggml.*`, read from the fast tokenizer's own JSON so nothing is
+  re-derived: byte-level BPE (SmolLM2, Llama 3, Qwen2) as `gpt2` (tokens, types - special added
+  tokens as CONTROL -, merges) with `tokenizer.ggml.pre`, llama.cpp's name for the pre-tokenizer,
+  found as its converter finds it (see `gguf_pre`); SentencePiece BPE with byte fallback (Gemma,
+  Llama 2) as `llama` (tokens, scores in vocabulary order, which is SentencePiece's merge priority,
+  BYTE/CONTROL/USER types); special ids and the chat template either way;
 * the type of each tensor: `gguf_mix.plan_types`, llama-quantize's own rules (a Q4_K_M file gives
   some attn_v/ffn_down layers and the output head Q6_K, and rows that are not a multiple of 256
   fall back to Q5_0/Q5_1/Q8_0), plus per-tensor overrides (`tensor_types`); norms stay F32.
@@ -25,9 +30,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -41,14 +48,39 @@ from qingzhou.errors import ModelLoadError
 from qingzhou.io import set_default_mode
 
 GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"]
-SUPPORTED = ("llama", "mistral")  # model_type values written as general.architecture=llama
-_LAYER_NAMES = {
+
+_LLAMA_LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one transformers architecture maps onto a llama.cpp one (`convert_hf_to_gguf.py`'s
+    model class for it): tensor names, the row order of q/k, norm storage, biases, extra keys."""
+
+    name: str  # general.architecture
+    layer: dict[str, str]  # HF submodule of a decoder layer -> llama.cpp tensor stem
+    permute_qk: bool = True  # Llama's rotary halves -> llama.cpp's interleaved rows; NEOX-rope archs keep HF's
+    norm_shift: float = 0.0  # Gemma computes x * (1 + w) and stores w; llama.cpp reads 1 + w
+    biases: tuple[str, ...] = ()  # submodules whose bias is a tensor of the arch (Qwen2's q/k/v)
+    sliding_window: bool = False  # writes `<arch>.attention.sliding_window`
+    always_head_dims: bool = False  # writes key/value_length even when head_dim = hidden / heads
+
+
+_LLAMA = GGUFArch("llama", _LLAMA_LAYER)
+_QWEN2 = GGUFArch("qwen2", _LLAMA_LAYER, permute_qk=False,
+                  biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+_GEMMA3 = GGUFArch("gemma3", {**_LLAMA_LAYER, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                              "post_attention_layernorm": "post_attention_norm",
+                              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"},
+                   permute_qk=False, norm_shift=1.0, sliding_window=True, always_head_dims=True)
+ARCHS: dict[str, GGUFArch] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2, "gemma3_text": _GEMMA3}
+SUPPORTED = tuple(ARCHS)  # transformers model_type values the export takes
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFType = "q8_0",
@@ -66,15 +98,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     optional. `general.file_type` stays `qtype`'s.
     Returns a small summary (path, bytes, tensor types, pre-tokenizer and where that name came
     from). The file gets normal permissions (0666 less the umask). Raises `ModelLoadError` for architectures
-    other than Llama/Mistral, naming the supported ones. An existing file at `path` is replaced
+    other than Llama/Mistral/Qwen2/Gemma 3, naming the supported ones. An existing file at `path` is replaced
     only with `overwrite=True`.
     """
     import gguf
 
     cfg = model.config
-    if cfg.model_type not in SUPPORTED:
+    if cfg.model_type not in ARCHS:
         raise ModelLoadError(f"GGUF export supports {', '.join(SUPPORTED)} models, not {cfg.model_type!r}.",
                              where="export_gguf", hint="Save in the GPTQ layout (save_format: gguf -> gptq).")
+    arch = ARCHS[cfg.model_type]
+    if arch.sliding_window:
+        _check_swa_pattern(cfg)
     if qtype not in FILE_TYPES:
         raise ModelLoadError(f"unknown GGUF type {qtype!r}.", where="gguf_type", hint=f"Use one of {', '.join(FILE_TYPES)}.")
     rope = _rope(cfg)
@@ -88,13 +123,14 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     types: dict[str, int] = {}
-    pre, pre_source = (pre, "argument") if pre else llama_cpp_pre(tokenizer)
+    spm = _is_spm(tokenizer)
+    pre, pre_source = (pre, "argument") if pre else (("default", "sentencepiece") if spm else llama_cpp_pre(tokenizer))
     plan = _plan(model, qtype, tensor_types)
     try:
-        w = gguf.GGUFWriter(tmp, "llama")
-        _write_hparams(w, cfg, rope, qtype)
-        _write_tokenizer(w, tokenizer, cfg.vocab_size, pre)
-        for name, _, tensor in _llama_tensors(model):
+        w = gguf.GGUFWriter(tmp, arch.name)
+        _write_hparams(w, cfg, rope, qtype, arch)
+        (_write_spm_tokenizer if spm else _write_tokenizer)(w, tokenizer, cfg.vocab_size, pre)
+        for name, _, tensor in _arch_tensors(model):
             t = plan[name]
             types[t.name] = types.get(t.name, 0) + 1
             data = tensor.detach().float().cpu().numpy()
@@ -124,7 +160,7 @@ def _plan(model: nn.Module, qtype: str, tensor_types: Mapping[str, str] | None) 
     """GGML type per llama.cpp tensor name: `gguf_mix.plan_types` with the overrides resolved."""
     cfg = model.config
     shapes, aliases = [], {}
-    for name, hf, tensor in _llama_tensors(model):
+    for name, hf, tensor in _arch_tensors(model):
         shapes.append((name, tuple(tensor.shape)))
         for key in (name, name.removesuffix(".weight"), hf, hf.removesuffix(".weight")):
             aliases[key] = name
@@ -145,7 +181,15 @@ def _plan(model: nn.Module, qtype: str, tensor_types: Mapping[str, str] | None) 
 
 
 def _rope(cfg: Any) -> dict[str, Any]:
+    """The rope base llama.cpp needs. Gemma 3 keeps one set of parameters per attention kind: the
+    global layers' base is `rope.freq_base`; llama.cpp fixes the sliding layers' at 10000."""
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        local = dict(params.get("sliding_attention") or {})
+        if local and (local.get("rope_type", "default") != "default" or float(local.get("rope_theta", 1e4)) != 1e4):
+            raise ModelLoadError(f"sliding-window rope {local} is not what llama.cpp's gemma3 assumes "
+                                 "(default rope, base 10000).", where="export_gguf")
+        params = dict(params["full_attention"] or {})
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     kind = params.get("rope_type", "default")
     if kind not in ("default", None):
@@ -154,11 +198,24 @@ def _rope(cfg: Any) -> dict[str, Any]:
     return {"theta": float(theta)}
 
 
+SWA_PATTERN = 6  # llama.cpp's gemma3 makes every 6th layer global and the others sliding; the file cannot say otherwise
+
+
+def _check_swa_pattern(cfg: Any) -> None:
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    expected = ["full_attention" if (i + 1) % SWA_PATTERN == 0 else "sliding_attention"
+                for i in range(int(cfg.num_hidden_layers))]
+    if kinds and kinds != expected:
+        raise ModelLoadError(f"layer_types {kinds} differ from llama.cpp's fixed gemma3 pattern (every "
+                             f"{SWA_PATTERN}th layer global).", where="export_gguf",
+                             hint="Such a model cannot be written as gemma3 GGUF; save it in the GPTQ layout.")
+
+
 def _head_dim(cfg: Any) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
+def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str, arch: GGUFArch = _LLAMA) -> None:
     import gguf
 
     ftype = FILE_TYPES[qtype].file_type
@@ -173,9 +230,11 @@ def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str) -> None:
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_freq_base(rope["theta"])
     w.add_rope_dimension_count(_head_dim(cfg))
-    if _head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
+    if arch.always_head_dims or _head_dim(cfg) != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(_head_dim(cfg))
         w.add_value_length(_head_dim(cfg))
+    if arch.sliding_window:
+        w.add_sliding_window(int(cfg.sliding_window))
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -213,6 +272,60 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
         w.add_token_merges(merges)
     else:  # readers drop an empty array; scores let transformers derive the (empty) merge list
         w.add_token_scores([0.0] * n)
+    _write_special(w, tokenizer)
+
+
+def _is_spm(tokenizer: Any) -> bool:
+    """A SentencePiece-style BPE (byte fallback, `▁` for spaces: Gemma, Llama 2), which llama.cpp
+    runs as its `llama` tokenizer, rather than a byte-level BPE (`gpt2`)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    model = json.loads(backend.to_str()).get("model", {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_CONTROL_SCORE = -1000.0  # what convert_hf_to_gguf gives control tokens
+
+
+def _write_spm_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
+    """Tokens, scores and types for llama.cpp's SentencePiece tokenizer (`tokenizer.ggml.model =
+    llama`). Its BPE merges the adjacent pair whose joined piece has the highest score; a
+    SentencePiece BPE vocabulary is ordered by merge priority, so the score of piece i is -i
+    (only the order matters). Byte pieces `<0xNN>` are BYTE, special added tokens CONTROL, other
+    added tokens USER_DEFINED, the unknown token UNKNOWN."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
+    for content, (idx, _) in added.items():
+        vocab[content] = idx
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [_TOKEN_UNUSED] * n
+    scores = [_CONTROL_SCORE] * n
+    for tok, idx in vocab.items():
+        tokens[idx] = tok
+        types[idx] = _TOKEN_BYTE if _BYTE_PIECE.fullmatch(tok) else _TOKEN_NORMAL
+        scores[idx] = 0.0 if types[idx] == _TOKEN_BYTE else -float(idx)
+    for idx, special in added.values():
+        types[idx] = _TOKEN_CONTROL if special else _TOKEN_USER
+        scores[idx] = _CONTROL_SCORE if special else 0.0
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        types[int(unk)] = _TOKEN_UNKNOWN
+    prepend = "Prepend" in json.dumps(spec.get("normalizer")) or "Metaspace" in json.dumps(spec.get("pre_tokenizer"))
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(prepend)
+    _write_special(w, tokenizer)
+
+
+def _write_special(w: Any, tokenizer: Any) -> None:
+    """Special ids, add-bos and the chat template."""
     for key, adder in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                        ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
         idx = getattr(tokenizer, key, None)
@@ -236,26 +349,40 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return deq() if callable(deq) else module.weight
 
 
-def _llama_tensors(model: nn.Module):
-    """(llama.cpp name, HF name, float tensor) triples, q/k permuted, tied output head omitted."""
+def _arch_tensors(model: nn.Module):
+    """(llama.cpp name, HF name, float tensor) triples in file order: q/k permuted where the
+    architecture wants it, norms shifted for Gemma, biases where it has them, tied head omitted."""
     cfg = model.config
+    arch = ARCHS[cfg.model_type]
     base = model.model
     n_head = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float() + arch.norm_shift if arch.norm_shift else t
+
     yield "token_embd.weight", "model.embed_tokens.weight", base.embed_tokens.weight
     for i, layer in enumerate(base.layers):
         modules = dict(layer.named_modules())
-        for hf, ll in _LAYER_NAMES.items():
+        for hf, ll in arch.layer.items():
             m = modules[hf]
             t = _weight(m)
-            if hf == "self_attn.q_proj":
+            if ll.endswith("norm"):
+                t = norm(t)
+            elif arch.permute_qk and hf == "self_attn.q_proj":
                 t = _permute_rotary(t, n_head)
-            elif hf == "self_attn.k_proj":
+            elif arch.permute_qk and hf == "self_attn.k_proj":
                 t = _permute_rotary(t, n_kv)
             yield f"blk.{i}.{ll}.weight", f"model.layers.{i}.{hf}.weight", t
             if getattr(m, "bias", None) is not None:
-                raise ModelLoadError(f"{hf} of layer {i} has a bias, which llama-architecture GGUF has no "
-                                     "tensor for.", where="export_gguf")
-    yield "output_norm.weight", "model.norm.weight", base.norm.weight
+                if hf not in arch.biases:
+                    raise ModelLoadError(f"{hf} of layer {i} has a bias, which {arch.name}-architecture GGUF has "
+                                         "no tensor for.", where="export_gguf")
+                yield f"blk.{i}.{ll}.bias", f"model.layers.{i}.{hf}.bias", m.bias
+    yield "output_norm.weight", "model.norm.weight", norm(base.norm.weight)
     if not getattr(cfg, "tie_word_embeddings", False):
         yield "output.weight", "lm_head.weight", model.lm_head.weight
+
+
+# the name callers of the Llama-only version used
+_llama_tensors = _arch_tensors
