@@ -247,7 +247,10 @@ def run_fit(b: Bench, name: str) -> dict:
     report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
     row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
     row.update(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
-               fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None))
+               fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None),
+               kl_applied=report.kl_applied, chosen_by=report.chosen_by,
+               candidates=[{k: c.get(k) for k in ("name", "kl", "loss", "avg_bits", "mix", "chosen")}
+                           for c in report.candidates])
     return row
 
 

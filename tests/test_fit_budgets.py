@@ -97,7 +97,7 @@ def test_avg_bits_budget_is_honoured_by_the_written_files(tmp_path):
     assert bits == pytest.approx(report.avg_bits, rel=1e-12)
     assert bits <= 3.3
     assert len(report.mix()) > 1  # mixed widths, not a uniform setting
-    proxy = next(c for c in report.candidates if c["factor"] == 1.0)
+    proxy = next(c for c in report.candidates if c["factor"] == 1.0 and c["min_bits"] is None)
     assert proxy["avg_bits"] > 3.0  # the proxy plan spends the budget
     # the end-to-end check ran on every distinct candidate and picked among those within budget
     assert report.kl is not None and report.kl > 0 and report.kl_applied is not None
@@ -166,8 +166,8 @@ def test_speed_budget_uses_a_cached_timing_table(tmp_path):
     report = fit(model, Budget(min_tok_s=1.0, device="cpu"), {"method": "rtn"}, _calib(), apply=False,
                  timing_cache=tmp_path, neighbours=())
     assert report.predicted_tok_s >= 1.0
-    proxy = next(c for c in report.candidates if c["factor"] == 1.0)
-    assert report.predicted_tok_s == pytest.approx(1e9 / proxy["cost"])  # cost: ns per decode step, rest included
+    chosen = next(c for c in report.candidates if c["chosen"])
+    assert report.predicted_tok_s == pytest.approx(1e9 / chosen["cost"])  # cost: ns per decode step, rest included
     assert (tmp_path / CACHE_FILE).stat().st_mtime_ns == before
 
 
@@ -223,6 +223,28 @@ def test_pareto_plot_and_front(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
 
 
+def test_min_bits_candidate_has_no_narrow_linear_and_competes_on_kl():
+    from qingzhou.compress.fit import fit
+    from qingzhou.finetune.testing import tiny_model
+
+    # a budget tight enough that the unrestricted plan takes some 2-bit linears
+    report = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, _calib(), apply=False,
+                 neighbours=(), min_bits=(3,))
+    full = next(c for c in report.candidates if c["min_bits"] is None)
+    narrow = next(c for c in report.candidates if c["min_bits"] == 3)
+    assert any(k.startswith("w2") for k in full["mix"])
+    assert narrow["mix"] and not any(k.startswith("w2") for k in narrow["mix"])
+    assert narrow["avg_bits"] <= 4.0 and narrow["eligible"]
+    # the proxy prefers the unrestricted plan (it is the optimum of the summed errors) ...
+    assert full["loss"] <= narrow["loss"]
+    # ... and the plan of least held-out KL is the one applied
+    winner = min((c for c in report.candidates if c["eligible"]), key=lambda c: c["kl"])
+    assert report.kl == winner["kl"] and next(c for c in report.candidates if c["chosen"]) is winner
+    without = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, _calib(), apply=False,
+                  neighbours=(), min_bits=())
+    assert [c["min_bits"] for c in without.candidates] == [None]
+
+
 def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
     from qingzhou.compress.fit import fit, uniform_bytes
     from qingzhou.compress.quantize.api import quantize
@@ -238,7 +260,7 @@ def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
     report = fit(tiny_model("llama"), size, {"method": "rtn"}, _calib(), apply=False, neighbours=(0.95,))
     assert report.predicted_file_bytes <= size
     # the neighbour has 5% less room for the linears (not 5% of a file mostly made of embeddings)
-    by = {c["factor"]: c for c in report.candidates}
+    by = {c["factor"]: c for c in report.candidates if c["min_bits"] is None}
     fixed = report.plan.cost - sum(report.sensitivities[n].cost(o) for n, o in report.plan.choice.items()
                                    if n in report.sensitivities)
     room = size - (report.predicted_file_bytes - report.predicted_bytes) - fixed

@@ -51,6 +51,10 @@ FIT_BITS = (2, 3, 4, 8)
 FIT_GROUP_SIZES = (32, 64, 128)
 METHODS = ("gptq", "rtn")  # quantizers whose per-option error fit measures
 NEIGHBOURS = (0.95, 0.98, 1.02, 1.05)
+# Whole-space alternatives solved beside the budget neighbours: the plan with no linear below this
+# many bits. The per-linear errors add up well for small perturbations but under-price 2-bit
+# linears, whose errors compound through the layers; the KL check decides between the two.
+MIN_BITS = (3,)
 
 
 def fit_options() -> list[Option]:
@@ -165,7 +169,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
         load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16",
-        weighting: str = "fisher", fisher_samples: int = 16) -> FitReport:
+        weighting: str = "fisher", fisher_samples: int = 16, min_bits: tuple[int, ...] = MIN_BITS) -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -176,7 +180,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     measurement for the KL check, or explicit held-out samples (then all of `calib` is used);
     `neighbours`: factors on the budget's room above the fixed rest of the model (bytes of the
     embeddings and norms, or the decode time outside the linears) whose plans are also solved and
-    KL-checked (only those <= 1 can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
+    KL-checked (only those <= 1 can win); `min_bits`: for each, the plan at the budget that puts no
+    linear below that many bits is KL-checked too (and can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
     `weighting`: "fisher" (default) weighs each linear's per-row output error by the loss's
     sensitivity to that output (`fisher.output_fisher`: one forward + backward per calibration
@@ -188,7 +193,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     `gguf`: also write `output_dir/model.gguf`, the plan as llama.cpp per-tensor types
     (`fit.gguf.gguf_tensor_types`: 8 -> q8_0, 4 -> q4_k, 3 -> q3_k, 2 -> q2_k, keep -> `gguf_keep`,
     with llama.cpp's fallback where a row is not a multiple of 256), quantised from the original
-    weights; its bytes are `report.gguf["bytes"]` (not the GPTQ file's). Llama/Mistral only.
+    weights; its bytes are `report.gguf["bytes"]` (not the GPTQ file's). Llama, Mistral, Qwen2, Gemma 3.
     Raises `RecipeError` naming the smallest reachable size (bits, speed) when no plan fits.
     """
     import torch
@@ -269,11 +274,15 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     # a neighbour scales the room the plan distributes, not the whole budget: for SmolLM2 in fp32
     # the embeddings alone are ~2/3 of the file, so "5% of the file" would be ~15% of the linears
     factors = sorted({1.0, *neighbours})
-    plans: dict[float, Plan] = {}
+    plans: dict[tuple[float, int | None], Plan] = {}
     for f in factors:
         lim = limit if f == 1.0 else fixed + math.floor(f * (limit - fixed))
         if lim >= smallest:
-            plans[f] = solve_choice(table, lim)
+            plans[(f, None)] = solve_choice(table, lim)
+    for mb in sorted(set(min_bits)):
+        sub = {n: {o: v for o, v in row.items() if n == REST or o.keep or o.bits >= mb} for n, row in table.items()}
+        if all(sub.values()) and sum(min(c for c, _ in row.values()) for row in sub.values()) <= limit:
+            plans[(1.0, mb)] = solve_choice(sub, limit)
     seconds["solve"] = time.perf_counter() - t0
 
     def summary_of(plan: Plan) -> dict[str, Any]:
@@ -283,20 +292,24 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
 
     candidates: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}
-    for f, plan in plans.items():
+    for (f, mb), plan in plans.items():
         s = summary_of(plan)
         key = tuple(sorted((n, o.label) for n, o in s["choice"].items()))
-        row = {"factor": f, "eligible": f <= 1.0, "loss": s["loss"], "avg_bits": round(s["avg_bits"], 4),
+        row = {"factor": f, "min_bits": mb, "eligible": f <= 1.0, "loss": s["loss"], "avg_bits": round(s["avg_bits"], 4),
                "payload_bytes": s["payload"], "cost": s["cost"], "same_as": None, "kl": None}
         if key in seen:
-            row["same_as"] = seen[key]["factor"]
+            row["same_as"] = seen[key]["name"]
         else:
             seen[key] = row
+        row["name"] = f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
+        row["mix"] = {lab: sum(o.label == lab for o in s["choice"].values())
+                      for lab in sorted({o.label for o in s["choice"].values()})}
         row["_choice"] = s["choice"]
         candidates.append(row)
+    seen_rows = {r["name"]: r for r in candidates}
 
     t0 = time.perf_counter()
-    best = next(r for r in candidates if r["factor"] == 1.0)
+    best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None)
     chosen_by = "proxy"
     work = None
     if check:
@@ -307,13 +320,15 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
             r["kl"] = kl
         for r in candidates:
             if r["same_as"] is not None:
-                r["kl"] = next(u["kl"] for u in unique if u["factor"] == r["same_as"])
+                r["kl"] = seen_rows[r["same_as"]]["kl"]
         eligible = [r for r in candidates if r["eligible"] and r["kl"] is not None]
         winner = min(eligible, key=lambda r: (r["kl"], -r["factor"]))
         if winner is not best and winner["kl"] < best["kl"]:
             best, chosen_by = winner, "kl"
     collector.weights.clear()
     seconds["kl_check"] = time.perf_counter() - t0
+    for r in candidates:
+        r["chosen"] = r is best
 
     choice: dict[str, Option] = best["_choice"]
     report = FitReport(
@@ -323,7 +338,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"], chosen_by=chosen_by,
         candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
-        sensitivities=sens, plan=plans[1.0])
+        sensitivities=sens, plan=plans[(1.0, None)])
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 
