@@ -194,7 +194,7 @@ def verify_gguf(gguf: str | Path, text_file: str | Path, *, ctx: int = 512, chun
             "bos": (reads["special_ids"].get("bos"), fields.get("tokenizer.ggml.bos_token_id"), tok.bos_token_id),
             "eos": (reads["special_ids"].get("eos"), fields.get("tokenizer.ggml.eos_token_id"), tok.eos_token_id),
             "pad": (reads["special_ids"].get("pad"), fields.get("tokenizer.ggml.padding_token_id"), tok.pad_token_id),
-            "chat_template": reads["chat_template"] and bool(tok.chat_template),
+            "chat_template": reads["chat_template"] == bool(tok.chat_template),  # present in the file iff the model has one
         }
         out["tokenizer_ok"] = (reads["pre"] == fields.get("tokenizer.ggml.pre")
                                and all(len(set(v)) == 1 for k, v in out["tokenizer"].items() if k in ("bos", "eos", "pad"))

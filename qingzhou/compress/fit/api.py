@@ -169,7 +169,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         neighbours: tuple[float, ...] = NEIGHBOURS, options: list[Option] | None = None, apply: bool = True,
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
         load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16",
-        weighting: str = "fisher", fisher_samples: int = 16, min_bits: tuple[int, ...] = MIN_BITS) -> FitReport:
+        weighting: str = "fisher", fisher_samples: int = 16, fisher_autocast: str | None = None,
+        min_bits: tuple[int, ...] = MIN_BITS) -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -180,7 +181,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     measurement for the KL check, or explicit held-out samples (then all of `calib` is used);
     `neighbours`: factors on the budget's room above the fixed rest of the model (bytes of the
     embeddings and norms, or the decode time outside the linears) whose plans are also solved and
-    KL-checked (only those <= 1 can win); `min_bits`: for each, the plan at the budget that puts no
+    KL-checked when they are <= 1 (only those can win; the others' summed errors are reported);
+    `min_bits`: for each, the plan at the budget that puts no
     linear below that many bits is KL-checked too (and can win). `options`: the search space (default bits {2,3,4,8} x group {32,64,128} + keep).
     `clip_grid`: steps of the clip search while measuring (the apply uses the method's own).
     `weighting`: "fisher" (default) weighs each linear's per-row output error by the loss's
@@ -188,6 +190,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     sample), so errors of different linears add up in loss units; "none" sums raw output errors.
     `fisher_samples`: at most this many of the measured samples (evenly spaced) feed the Fisher; its
     backward through the whole model costs about one GPTQ run at 74 x 512 tokens on SmolLM2.
+    `fisher_autocast`: the Fisher pass's autocast dtype (None: the model's own dtype; "bfloat16" is
+    faster on CPUs with AMX but moves some linears' weights by tens of percent on SmolLM2).
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
     `gguf`: also write `output_dir/model.gguf`, the plan as llama.cpp per-tensor types
@@ -252,7 +256,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         from qingzhou.compress.fit.fisher import output_fisher
 
         step = max(1, len(measure) // max(1, fisher_samples))
-        row_weights = output_fisher(model, measure[::step][:fisher_samples], linears)
+        row_weights = output_fisher(model, measure[::step][:fisher_samples], linears, autocast=fisher_autocast)
         seconds["fisher"] = time.perf_counter() - t0
     collector = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq, keep_weights=check,
                                      options_of=lambda name, m: per_linear[name], row_weights=row_weights)
@@ -299,7 +303,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
                "payload_bytes": s["payload"], "cost": s["cost"], "same_as": None, "kl": None}
         if key in seen:
             row["same_as"] = seen[key]["name"]
-        else:
+        elif row["eligible"]:  # an over-budget plan is never the one another row's KL comes from
             seen[key] = row
         row["name"] = f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
         row["mix"] = {lab: sum(o.label == lab for o in s["choice"].values())
@@ -314,7 +318,9 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     work = None
     if check:
         work = copy.deepcopy(model)
-        unique = [r for r in candidates if r["same_as"] is None]
+        # only plans within the budget can win: the larger neighbours are solved (their loss shows
+        # the trend) but not run end to end
+        unique = [r for r in candidates if r["same_as"] is None and r["eligible"]]
         kls = heldout_kl(model, work, held, [r["_choice"] for r in unique], collector.weights, cfg)
         for r, kl in zip(unique, kls):
             r["kl"] = kl
@@ -474,6 +480,7 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
         originals = {n: modules[n].weight.detach().clone() for n in weights}
     totals = [0.0] * len(choices)
     tokens = 0
+    loaded: dict[str, Option] = {}  # what each linear of `work` holds now: only changes are written
     homes = (_home(reference), _home(work))
     reference.to(device)
     work.to(device)
@@ -483,13 +490,16 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
         with torch.no_grad():
             for batch in batch_samples(held, 1):
                 ids = batch.to(device)
-                ref = F.log_softmax(reference(input_ids=ids).logits.float(), dim=-1)
+                ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 for k, choice in enumerate(choices):
                     if choice is not None:
                         for name, o in choice.items():
+                            if loaded.get(name) == o:  # neighbouring plans share most of their choices
+                                continue
                             w = originals[name] if o.keep else weights[name][o].dequantize()
                             modules[name].weight.copy_(w.to(modules[name].weight))
-                    logq = F.log_softmax(work(input_ids=ids).logits.float(), dim=-1)
+                            loaded[name] = o
+                    logq = F.log_softmax(work(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                     totals[k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
                 tokens += ids.numel()
     finally:

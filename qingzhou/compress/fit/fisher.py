@@ -33,9 +33,16 @@ def weighted_total(row_errors: torch.Tensor, row_weights: torch.Tensor | None) -
     return float((row_errors * row_weights.to(row_errors)).sum())
 
 
-def output_fisher(model: nn.Module, samples: Sequence[torch.Tensor], targets: Iterable[str]) -> dict[str, torch.Tensor]:
+def output_fisher(model: nn.Module, samples: Sequence[torch.Tensor], targets: Iterable[str], *,
+                  autocast: str | None = None) -> dict[str, torch.Tensor]:
     """{linear name: mean over calibration tokens of (d loss / d output channel)^2} [out_features],
-    the loss being the summed next-token cross-entropy of each sample (1-D token tensor)."""
+    the loss being the summed next-token cross-entropy of each sample (1-D token tensor).
+
+    `autocast` ("bfloat16"): run the forward and backward under autocast in that dtype where the
+    device supports it (the squares are still summed in float64). The Fisher only weighs errors
+    against each other; on SmolLM2 the bf16 pass takes about a third of the fp32 time."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
@@ -65,7 +72,10 @@ def output_fisher(model: nn.Module, samples: Sequence[torch.Tensor], targets: It
         for p in flags:
             p.requires_grad_(False)
         model.eval()
-        with torch.enable_grad():
+        amp = contextlib.nullcontext()
+        if autocast is not None and torch.amp.is_autocast_available(device.type):
+            amp = torch.autocast(device.type, dtype=getattr(torch, autocast))
+        with torch.enable_grad(), amp:
             for s in samples:
                 ids = s.reshape(1, -1).to(device)
                 logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
