@@ -11,6 +11,8 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
 * `fit-2.5`, `fit-3`, `fit-3.5`, `fit-4` - `qingzhou.compress.fit.fit` at the exact file size of uniform
   GPTQ g64 at that many bits (fractions: that fraction of the way from floor to ceil bits), then applied
   with `quantize`; seconds = search + apply; `fitu-<bits>`: the same with unweighted output errors;
+  `fit-at-<arm>`: fit with the decoder linears at the stored size of another arm's (a k-quant mix, an
+  AutoRound run: run that arm first), the matched-size comparison;
 * `kq-Q2_K`, `kq-Q3_K_M`, `kq-Q4_K_M` and `...-imat` - llama.cpp's `llama-quantize` (with an importance
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
@@ -231,17 +233,34 @@ def fit_budget(model, bits: float, group: int = 64) -> int:
     return int(size_lo + (bits - lo) * (size_hi - size_lo))
 
 
+def matched_budget(b: Bench, model, peer: str) -> int:
+    """The file size at which our decoder linears take exactly the bytes `peer`'s row stores for
+    them (`linear_mb`, read from its cached row): fit matched to a peer's size."""
+    path = b.rows_dir / f"{peer}.json"
+    if not path.exists():
+        raise RuntimeError(f"fit-at-{peer} needs the {peer} row first (run that arm before it)")
+    linear = math.floor(json.loads(path.read_text())["linear_mb"] * 1e6 - 500)  # rounded to 1 kB: stay below
+    lin4, _ = gptq_sizes(model, decoder_linears(model), {n: (4, 64) for n in decoder_linears(model)})
+    return fit_budget(model, 4.0) - lin4 + linear
+
+
+@arm(r"fit-at-(.+)", "ours: fit plan at a peer's size")
+def run_fit_at(b: Bench, name: str) -> dict:
+    """`fit` at the decoder-linear size of another arm (`fit-at-kq-Q2_K-imat`): the matched-size
+    comparison with llama.cpp's k-quant mixes and AutoRound."""
+    return run_fit(b, name, matched=name.removeprefix("fit-at-"))
+
+
 @arm(r"fitu?-([\d.]+)", "ours: fit plan")
-def run_fit(b: Bench, name: str) -> dict:
+def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
     """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
     `fitu-<bits>`: the same with unweighted output errors (`weighting="none"`), for comparison."""
     from qingzhou.compress.fit import Budget, fit
 
-    bits = float(name.split("-")[1])
     weighting = "none" if name.startswith("fitu-") else "fisher"
     model, tok = b.load()
     names, n = list(decoder_linears(model)), linear_weight_count(model)
-    budget = fit_budget(model, bits)
+    budget = matched_budget(b, model, matched) if matched else fit_budget(model, float(name.split("-")[1]))
     cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
     t0 = time.perf_counter()
     report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
@@ -373,6 +392,8 @@ def run_autoround(b: Bench, name: str) -> dict:
 def family_of(name: str) -> str:
     """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
     family = runner_for(name)[0]
+    if name.startswith("fit-at-"):
+        return "ours: fit plan"  # one curve with the fit-<bits> rows
     if name.endswith("-imat"):
         return family + " + imatrix"
     if name.startswith("fitu-"):
@@ -412,7 +433,7 @@ def targets(rows: list[dict]) -> list[dict]:
     if "fit-4" in by:
         out.append({"target": f"fit at uniform-4-bit size below {TARGET_PPL_AT_4}", "value": by["fit-4"]["ppl"],
                     "limit": TARGET_PPL_AT_4, "holds": by["fit-4"]["ppl"] < TARGET_PPL_AT_4})
-    fits = [r for r in by.values() if r["arm"].startswith("fit-")]
+    fits = [r for r in by.values() if r["arm"].startswith("fit-")]  # fit-<bits> and fit-at-<peer>
     for peer in (r for r in by.values() if r["arm"].startswith(("kq-", "ar-"))):
         # a fit plan no larger (decoder linears, 1% slack) with lower perplexity beats the peer at its size
         same = [f for f in fits if f["linear_mb"] <= 1.01 * peer["linear_mb"]]
