@@ -251,11 +251,7 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
     if model.get("type") != "BPE":
         raise ModelLoadError(f"GGUF export supports byte-level BPE tokenizers, not {model.get('type')!r}.",
                              where="export_gguf")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
-    for content, (idx, _) in added.items():
-        vocab[content] = idx
-    n = max(vocab_size, max(vocab.values()) + 1)
+    vocab, added, n = _vocabulary(spec, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [_TOKEN_UNUSED] * n
     for tok, idx in vocab.items():
@@ -273,6 +269,16 @@ def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
     else:  # readers drop an empty array; scores let transformers derive the (empty) merge list
         w.add_token_scores([0.0] * n)
     _write_special(w, tokenizer)
+
+
+def _vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[dict[str, int], dict[str, tuple[int, bool]], int]:
+    """(token -> id with the added tokens in, added token -> (id, special), table length) from a
+    tokenizer.json; the table is at least the model's vocab_size (unused ids get placeholders)."""
+    vocab: dict[str, int] = dict(spec["model"]["vocab"])
+    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
+    for content, (idx, _) in added.items():
+        vocab[content] = idx
+    return vocab, added, max(vocab_size, max(vocab.values()) + 1)
 
 
 def _is_spm(tokenizer: Any) -> bool:
@@ -296,11 +302,7 @@ def _write_spm_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> N
     (only the order matters). Byte pieces `<0xNN>` are BYTE, special added tokens CONTROL, other
     added tokens USER_DEFINED, the unknown token UNKNOWN."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab: dict[str, int] = dict(spec["model"]["vocab"])
-    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
-    for content, (idx, _) in added.items():
-        vocab[content] = idx
-    n = max(vocab_size, max(vocab.values()) + 1)
+    vocab, added, n = _vocabulary(spec, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [_TOKEN_UNUSED] * n
     scores = [_CONTROL_SCORE] * n
