@@ -1,6 +1,6 @@
 """qingzhou's GGUF exports checked by llama.cpp itself: perplexity, tokenizer, llama-quantize.
 
-For SmolLM2 (or any Llama model qingzhou loads) and each GGUF type: export with qingzhou, run
+For SmolLM2 (or any model `export_gguf` takes: Llama, Mistral, Qwen2, Gemma 3) and each GGUF type: export with qingzhou, run
 llama.cpp's `llama-perplexity` on the first N WikiText-2 test chunks, and compute the same number
 in qingzhou from the same file (loaded back through transformers' `gguf_file=` by
 `qingzhou.llm.load_model`) with llama-perplexity's protocol: the text tokenized once (BOS first when
