@@ -240,7 +240,8 @@ def matched_budget(b: Bench, model, peer: str) -> int:
     if not path.exists():
         raise RuntimeError(f"fit-at-{peer} needs the {peer} row first (run that arm before it)")
     linear = math.floor(json.loads(path.read_text())["linear_mb"] * 1e6 - 500)  # rounded to 1 kB: stay below
-    lin4, _ = gptq_sizes(model, decoder_linears(model), {n: (4, 64) for n in decoder_linears(model)})
+    linears = decoder_linears(model)
+    lin4, _ = gptq_sizes(model, linears, {n: (4, 64) for n in linears})
     return fit_budget(model, 4.0) - lin4 + linear
 
 

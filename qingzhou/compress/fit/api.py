@@ -109,10 +109,7 @@ class FitReport:
 
     def mix(self) -> dict[str, int]:
         """How many linears took each option ({"w4g64": 120, "keep": 2, ...})."""
-        out: dict[str, int] = {}
-        for o in self.choice.values():
-            out[o.label] = out.get(o.label, 0) + 1
-        return dict(sorted(out.items()))
+        return option_mix(self.choice)
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers (metrics.json and the CLI table)."""
@@ -130,6 +127,14 @@ class FitReport:
         out["mix"] = self.mix()
         out["errors"] = {n: {o.label: e for o, e in s.errors.items()} for n, s in self.sensitivities.items()}
         return out
+
+
+def option_mix(choice: dict[str, Option]) -> dict[str, int]:
+    """How many linears of `choice` take each option, by label, sorted."""
+    out: dict[str, int] = {}
+    for o in choice.values():
+        out[o.label] = out.get(o.label, 0) + 1
+    return dict(sorted(out.items()))
 
 
 # Kept for callers of the groundwork API.
@@ -306,8 +311,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         elif row["eligible"]:  # an over-budget plan is never the one another row's KL comes from
             seen[key] = row
         row["name"] = f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
-        row["mix"] = {lab: sum(o.label == lab for o in s["choice"].values())
-                      for lab in sorted({o.label for o in s["choice"].values()})}
+        row["mix"] = option_mix(s["choice"])
         row["_choice"] = s["choice"]
         candidates.append(row)
     seen_rows = {r["name"]: r for r in candidates}

@@ -119,17 +119,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: GGUFT
 
         raise OutputError("the output file exists." if path.is_file() else "the output path is a folder.", where=str(path),
                           hint="Choose another path" + (", or pass overwrite=True (--force) to replace it." if path.is_file() else "."))
+    spec = _tokenizer_spec(tokenizer)  # parsed once: a 262k-entry vocabulary is tens of MB of JSON
+    spm = _is_spm(spec)
+    pre, pre_source = (pre, "argument") if pre else (("default", "sentencepiece") if spm else llama_cpp_pre(tokenizer))
+    plan = _plan(model, qtype, tensor_types)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     types: dict[str, int] = {}
-    spm = _is_spm(tokenizer)
-    pre, pre_source = (pre, "argument") if pre else (("default", "sentencepiece") if spm else llama_cpp_pre(tokenizer))
-    plan = _plan(model, qtype, tensor_types)
     try:
         w = gguf.GGUFWriter(tmp, arch.name)
         _write_hparams(w, cfg, rope, qtype, arch)
-        (_write_spm_tokenizer if spm else _write_tokenizer)(w, tokenizer, cfg.vocab_size, pre)
+        (_write_spm_tokenizer if spm else _write_tokenizer)(w, spec, tokenizer, cfg.vocab_size, pre)
         for name, _, tensor in _arch_tensors(model):
             t = plan[name]
             types[t.name] = types.get(t.name, 0) + 1
@@ -241,12 +242,16 @@ def _write_hparams(w: Any, cfg: Any, rope: dict[str, Any], qtype: str, arch: GGU
     w.add_custom_alignment(gguf.GGUF_DEFAULT_ALIGNMENT)  # llama.cpp's default, stated rather than implied
 
 
-def _write_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
-    """BPE vocabulary, merges and special ids from a fast tokenizer (`tokenizer.ggml.model = gpt2`)."""
+def _tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
+    """The fast tokenizer's own JSON (tokenizer.json), which both tokenizer writers read."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ModelLoadError("GGUF export needs a fast (tokenizers) tokenizer.", where="export_gguf")
-    spec = json.loads(backend.to_str())
+    return json.loads(backend.to_str())
+
+
+def _write_tokenizer(w: Any, spec: dict[str, Any], tokenizer: Any, vocab_size: int, pre: str) -> None:
+    """BPE vocabulary, merges and special ids from a fast tokenizer (`tokenizer.ggml.model = gpt2`)."""
     model = spec.get("model", {})
     if model.get("type") != "BPE":
         raise ModelLoadError(f"GGUF export supports byte-level BPE tokenizers, not {model.get('type')!r}.",
@@ -281,13 +286,10 @@ def _vocabulary(spec: dict[str, Any], vocab_size: int) -> tuple[dict[str, int], 
     return vocab, added, max(vocab_size, max(vocab.values()) + 1)
 
 
-def _is_spm(tokenizer: Any) -> bool:
+def _is_spm(spec: dict[str, Any]) -> bool:
     """A SentencePiece-style BPE (byte fallback, `▁` for spaces: Gemma, Llama 2), which llama.cpp
     runs as its `llama` tokenizer, rather than a byte-level BPE (`gpt2`)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    model = json.loads(backend.to_str()).get("model", {})
+    model = spec.get("model", {})
     return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
@@ -295,13 +297,12 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 _CONTROL_SCORE = -1000.0  # what convert_hf_to_gguf gives control tokens
 
 
-def _write_spm_tokenizer(w: Any, tokenizer: Any, vocab_size: int, pre: str) -> None:
+def _write_spm_tokenizer(w: Any, spec: dict[str, Any], tokenizer: Any, vocab_size: int, pre: str) -> None:
     """Tokens, scores and types for llama.cpp's SentencePiece tokenizer (`tokenizer.ggml.model =
     llama`). Its BPE merges the adjacent pair whose joined piece has the highest score; a
     SentencePiece BPE vocabulary is ordered by merge priority, so the score of piece i is -i
     (only the order matters). Byte pieces `<0xNN>` are BYTE, special added tokens CONTROL, other
     added tokens USER_DEFINED, the unknown token UNKNOWN."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab, added, n = _vocabulary(spec, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [_TOKEN_UNUSED] * n
@@ -385,6 +386,3 @@ def _arch_tensors(model: nn.Module):
     if not getattr(cfg, "tie_word_embeddings", False):
         yield "output.weight", "lm_head.weight", model.lm_head.weight
 
-
-# the name callers of the Llama-only version used
-_llama_tensors = _arch_tensors
