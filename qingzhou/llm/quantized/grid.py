@@ -73,6 +73,7 @@ def dequantize_codes(
 def find_params(
     w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False,
     grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4, col_weight: torch.Tensor | None = None,
+    coarse: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) for the values in `w` [rows, cols], float32.
 
@@ -81,6 +82,12 @@ def find_params(
     heavy-tailed norm 2.4 is GPTQ's choice (between MSE and max error). `col_weight` [cols]
     weighs each column's error (GPTQ passes the Hessian diagonal: the output error a column's
     rounding causes scales with its input's energy).
+
+    The search is coarse to fine: every `coarse`-th factor first, then the factors within
+    `coarse - 1` steps of each row's best (28 error evaluations instead of 81 for the default
+    grid; `coarse=1` is the exhaustive search). It is most of the time of `fit`'s option
+    measurement (12 grids per linear). On SmolLM2's weights at 2-4 bits, g64, Hessian-like column
+    weights, the summed objective is within 0.06% of the exhaustive search's (2.6-3x faster).
     """
     w = w.float()
     maxq = 2**bits - 1
@@ -88,22 +95,35 @@ def find_params(
     xmax = w.max(dim=1).values.clamp(min=0)
     if not clip_search:
         return _range_to_params(xmin, xmax, maxq, sym)
-    # all shrink factors at once ([factors, rows, cols]), in row chunks of bounded memory
-    p = 1 - torch.arange(int(max_shrink * grid) + 1, device=w.device, dtype=torch.float32) / grid
-    n_f, (rows, cols) = p.shape[0], w.shape
+    n_steps = int(max_shrink * grid)
+    steps = torch.arange(0, n_steps + 1, max(1, coarse), device=w.device)[:, None].expand(-1, w.shape[0])
+    best = _best_shrink(w, xmin, xmax, steps, grid, maxq, sym, norm, col_weight)
+    if coarse > 1:  # refine around each row's coarse best
+        offsets = torch.arange(-(coarse - 1), coarse, device=w.device)[:, None]
+        steps = (best[None] + offsets).clamp(0, n_steps)
+        best = _best_shrink(w, xmin, xmax, steps, grid, maxq, sym, norm, col_weight)
+    p = 1 - best.float() / grid
+    return _range_to_params(p * xmin, p * xmax, maxq, sym)
+
+
+def _best_shrink(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, steps: torch.Tensor, grid: int,
+                 maxq: int, sym: bool, norm: float, col_weight: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the shrink step (of `steps` [n_f, rows], ascending per row) with the lowest clip
+    error; ties keep the first, i.e. the least clipping."""
+    n_f, (rows, cols) = steps.shape[0], w.shape
     chunk = max(1, 2**20 // (n_f * max(cols, 1)))  # ~4 MB temporaries: cache-sized, 2x faster than 32 MB
-    scales, zeros = [], []
+    out = []
     for r0 in range(0, rows, chunk):
         ws = w[r0 : r0 + chunk]
-        lo, hi = p[:, None] * xmin[None, r0 : r0 + chunk], p[:, None] * xmax[None, r0 : r0 + chunk]
-        s, z = _range_to_params(lo.reshape(-1), hi.reshape(-1), maxq, sym)
+        st = steps[:, r0 : r0 + chunk]
+        p = 1 - st.float() / grid
+        s, z = _range_to_params((p * xmin[None, r0 : r0 + chunk]).reshape(-1),
+                                (p * xmax[None, r0 : r0 + chunk]).reshape(-1), maxq, sym)
         s, z = s.view(n_f, -1), z.view(n_f, -1)
         err = (fake_quantize(ws[None], s[..., None], z[..., None], maxq) - ws[None]).abs_().pow_(norm)
         err = err.sum(-1) if col_weight is None else err @ col_weight.to(err)
-        best = err.argmin(dim=0, keepdim=True)  # first minimum: ties keep the least clipping
-        scales.append(s.gather(0, best)[0])
-        zeros.append(z.gather(0, best)[0])
-    return torch.cat(scales), torch.cat(zeros)
+        out.append(st.gather(0, err.argmin(dim=0, keepdim=True))[0])
+    return torch.cat(out)
 
 
 def _range_to_params(
