@@ -8,7 +8,7 @@ with the same protocol are printed alongside for reference (not re-run here).
     python bench/quantize_quality.py                       # default settings
     python bench/quantize_quality.py --settings fp,rtn-asym-4,gptq-asym-4 --out /tmp/q.json
 Setting names: fp | bnb-{nf4,int8} | sq-8 | {rtn,gptq,awq,awqgptq}-{sym,asym}-{bits}[-g{group}][-noclip]
-[-noact][-noseq][-static|-dyn][-hclip|-nohclip] (group default 64; see parse_setting).
+[-noact][-noseq][-static|-dyn][-hclip|-nohclip][-dense<fraction>|-nodense] (group default 64; see parse_setting).
 Add `--tasks arc_easy,piqa` for zero-shot task scores of every setting.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 
 OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False},
            "static": {"static_groups": True}, "dyn": {"static_groups": False},
-           "hclip": {"hessian_clip": True}, "nohclip": {"hessian_clip": False}}
+           "hclip": {"hessian_clip": True}, "nohclip": {"hessian_clip": False},
+           "nodense": {"dense_target": 0.0}}
 
 
 def parse_setting(name: str) -> dict | None:
@@ -42,7 +43,9 @@ def parse_setting(name: str) -> dict | None:
     the per-group range search off, `noact` GPTQ's act-order, `noseq` true-sequential order;
     `static`/`dyn` fix every group's grid from the original weights before the column loop (as
     llm-compressor does; GPTQ's default) or when the loop reaches the group; `hclip`/`nohclip` weigh
-    the clip search's per-column error by the Hessian diagonal (GPTQ's default) or not.
+    the clip search's per-column error by the Hessian diagonal (GPTQ's default) or not; `dense0.25`/
+    `nodense` move GPTQ's target that fraction toward the dense model's outputs
+    (`GPTQConfig.dense_target`) or not.
     """
     if name == "fp":
         return None
@@ -56,6 +59,9 @@ def parse_setting(name: str) -> dict | None:
     method, grid, bits = parts[0], parts[1], int(parts[2])
     cfg: dict = {"method": method, "bits": bits, "group_size": 64, "sym": grid == "sym"}
     for opt in parts[3:]:
+        if opt.startswith("dense") and opt != "dense":  # dense0.25: GPTQConfig.dense_target
+            cfg["dense_target"] = float(opt[5:])
+            continue
         if opt.startswith("g") and opt[1:].lstrip("-").isdigit():
             cfg["group_size"] = int(opt[1:])
         elif opt in OPTIONS:

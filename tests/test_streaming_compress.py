@@ -236,3 +236,34 @@ def test_bf16_shards_stream_in_the_dtype_asked_for(src, calib, tmp_path):
     assert_same(tensors(tmp_path / "mem"), tensors(tmp_path / "st"))
     quantize(str(tmp_path / "bf16"), dict(GPTQ), calib, output_dir=tmp_path / "st16", streaming=True)
     assert tensors(tmp_path / "st16")["model.norm.weight"].dtype == torch.bfloat16  # default: as stored
+
+
+def test_dense_target_stream_resumes_to_the_same_bytes(src, calib, tmp_path, monkeypatch):
+    """GPTQ with dense targets carries the dense model's hidden states between layers: streamed,
+    it equals the in-memory run, and a run stopped after layer 1 resumes from the checkpointed
+    dense states (a resume from the compressed ones would give other weights)."""
+    cfg = {**GPTQ, "bits": 3, "dense_target": 0.5}
+    in_memory(src, quantize, cfg, calib, tmp_path / "mem")
+    mem = tensors(tmp_path / "mem")
+    plain = tmp_path / "plain"
+    quantize(str(src), {**cfg, "dense_target": 0.0}, calib, output_dir=plain, streaming=True)
+    assert any(not torch.equal(v, tensors(plain)[k]) for k, v in mem.items() if k.endswith(".qweight"))
+    log = tmp_path / "faults.log"
+    monkeypatch.setenv("QINGZHOU_FAULT_LOG", str(log))
+    monkeypatch.setattr(signals, "_fault_count", 0)
+    quantize(str(src), dict(cfg), calib, output_dir=tmp_path / "ref", streaming=True)
+    monkeypatch.delenv("QINGZHOU_FAULT_LOG")
+    assert_same(mem, tensors(tmp_path / "ref"))
+    labels = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    stop = labels.index("write model-00003-of-00004.safetensors")  # progress.json after layer 2
+    out = tmp_path / "again" / "ref"
+    monkeypatch.setenv("QINGZHOU_FAULT_INJECT", f"{stop}:SIGINT")
+    monkeypatch.setattr(signals, "_fault_count", 0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(str(src), dict(cfg), calib, output_dir=out, streaming=True)
+    monkeypatch.delenv("QINGZHOU_FAULT_INJECT")
+    assert list((out.parent / ".ref.streaming").glob("carried-*.bin"))
+    rep = quantize(str(src), dict(cfg), calib, output_dir=out, streaming=True)
+    assert rep.calibration["resumed_from_layer"] == 1
+    assert_same(mem, tensors(out))
+    assert not list(out.glob("carried-*"))

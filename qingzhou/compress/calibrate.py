@@ -489,6 +489,15 @@ class LayerHooks(Protocol):
     def end_layer(self, index: int, layer: nn.Module) -> None:
         """After the layer's outputs, the next layer's inputs, are computed."""
 
+    carries: bool  # true when the callback carries activations of its own between layers
+
+    def carried(self) -> list[torch.Tensor] | None:
+        """Per-batch tensors shaped like the hidden states that the callback carries into the next
+        layer (after `end_layer`); a streamed run checkpoints them with the layer."""
+
+    def restore_carried(self, tensors: list[torch.Tensor]) -> None:
+        """A resumed streamed run hands back what `carried` returned after the last finished layer."""
+
 
 class EngineSettings(Protocol):
     """The fields every calibrated method config carries (quantize, prune, moefy, structured)."""
@@ -557,6 +566,8 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     start = 0
     if stream is not None:
         start, inputs = stream.after_capture(model, inputs)
+        if 0 < start < len(layers) and getattr(callback, "carries", False):
+            callback.restore_carried(stream.read_carried(start))
     report = LayerwiseReport(layers=len(layers), samples=len(samples),
                              tokens=sum(b.tokens for b in inputs), device=str(device))
     observe_names = getattr(callback, "inputs_to_observe", None)

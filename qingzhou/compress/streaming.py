@@ -20,7 +20,9 @@ Output folder and resume. Everything is written into a work folder `.<out name>.
 the output: one shard per decoder layer plus one for the rest (`model-0000k-of-0000n.safetensors`,
 each written to a temp file and renamed), `progress.json` (layers finished, per-module results,
 and a fingerprint of method config, source and calibration samples), and `acts-<k>.bin`, layer
-k's inputs. When every layer is done the index, config.json and tokenizer are written, then the
+k's inputs, plus `carried-<k>.bin` when the method carries activations of its own from layer to
+layer (GPTQ's `dense_target`: the dense model's hidden states; a callback's `carried()` /
+`restore_carried()`). When every layer is done the index, config.json and tokenizer are written, then the
 marker, and the folder is renamed to the output: readers never see a half-written model. An
 interrupted run (Ctrl-C, SIGKILL, power loss after the last fsync) called again with the same
 arguments resumes at the first unfinished layer from the checkpointed activations: the bytes it
@@ -384,6 +386,9 @@ class LayerStream:
     def _acts_path(self, index: int) -> Path:
         return self.work / f"acts-{index:05d}.bin"
 
+    def _carried_path(self, index: int) -> Path:
+        return self.work / f"carried-{index:05d}.bin"
+
     # -- resume bookkeeping
     def bind(self, fingerprint: dict[str, Any]) -> None:
         """Open (or resume) the work folder for a run identified by `fingerprint` (method config,
@@ -522,6 +527,26 @@ class LayerStream:
         views = self._map_acts(self._acts_path(index), shared=False)
         return views if self.activations == "disk" else [v.clone() for v in views]
 
+    def read_carried(self, index: int) -> list[torch.Tensor]:
+        """The callback's carried activations checkpointed after layer `index - 1` (see `finish`)."""
+        path = self._carried_path(index)
+        if not path.exists():
+            raise RecipeError(f"the checkpoint of layer {index} lacks {path.name}, the activations the method "
+                              "carries between layers.", where=str(self.work),
+                              hint="Delete this unfinished streaming folder (qingzhou wrote it) and run again.")
+        return [v.clone() for v in self._map_acts(path, shared=False)]
+
+    def _write_carried(self, index: int, tensors: list[torch.Tensor]) -> None:
+        path = self._carried_path(index)
+        tmp = path.with_name(f".{path.name}.tmp")
+        views = self._map_acts(tmp, shared=True, create=True)
+        for view, t in zip(views, tensors, strict=True):
+            view.copy_(t)
+        del views
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
     def finish(self, index: int, layer: nn.Module, callback: Any) -> None:
         """Write layer `index` in its saved form, checkpoint the progress, release the layer."""
         prefix = f"{self.prefix}.{index}"
@@ -550,12 +575,16 @@ class LayerStream:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self._acts_path(index + 1))
+        carried = getattr(callback, "carried", None)
+        carried = carried() if carried is not None else None
+        if carried and index + 1 < self.n_layers:
+            self._write_carried(index + 1, carried)
         self._views = []
         self.stats[index] = stats
         self.done = index + 1
         self._save_progress()
-        old = self._acts_path(index)
-        old.unlink(missing_ok=True)
+        self._acts_path(index).unlink(missing_ok=True)
+        self._carried_path(index).unlink(missing_ok=True)
         _release(layer)
         for m in dense:  # replaced ones too: a caller's reference must not keep their weights alive
             _release(m)
@@ -595,7 +624,7 @@ class LayerStream:
             for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 if (self.reader.folder / f).exists():
                     shutil.copyfile(self.reader.folder / f, self.work / f)
-        for p in self.work.glob("acts-*.bin"):
+        for p in [*self.work.glob("acts-*.bin"), *self.work.glob("carried-*.bin")]:
             p.unlink()
         write_marker(self.work, "streamed compressed model")
         out = self.output_dir

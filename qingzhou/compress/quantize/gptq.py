@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class GPTQConfig(CalibratedConfig):
     """Defaults measured on SmolLM2 4-bit g64 (WikiText-2, 20 windows; llm-compressor's GPTQ 24.64):
     static groups + Hessian-weighted clip 23.56, static + plain clip 24.80, dynamic + Hessian clip
-    24.15, dynamic + plain clip 24.92, dynamic min/max 25.16."""
+    24.15, dynamic + plain clip 24.92, dynamic min/max 25.16. `dense_target` on SmolLM2 3-bit g64
+    (10 windows): 0 31.51, 0.25 29.44, 0.5 29.22, 1 32.68 (the full step overfits the calibration
+    tokens; `compress/dense_target.py`)."""
 
     method: Literal["gptq"] = "gptq"
     damp_percent: float = Field(0.01, ge=0, le=1, description="damping as a fraction of mean(diag H); "
@@ -29,6 +31,10 @@ class GPTQConfig(CalibratedConfig):
                                                   "loop reaches the group, on the error-updated weights")
     hessian_clip: bool = Field(True, description="weigh each column's error in the clip search (clip_search) by "
                                                  "its Hessian diagonal, i.e. by the output error it causes")
+    dense_target: float = Field(0.5, ge=0, le=1, description="move each linear's target this fraction of the way "
+                                "toward the dense model's outputs (asymmetric calibration, GPTQv2/GPTAQ; "
+                                "0: off, GPTQ's own target); costs one more layer forward and one more "
+                                "[in, in] product per input")
     true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
                                                     "within each layer, each seeing the quantised inputs")
 
@@ -41,6 +47,6 @@ def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], ca
 
     collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
                               act_order=cfg.act_order, static_groups=cfg.static_groups,
-                              hessian_clip=cfg.hessian_clip)
+                              hessian_clip=cfg.hessian_clip, dense_target=cfg.dense_target)
     report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

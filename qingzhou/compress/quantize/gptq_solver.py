@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qingzhou.compress.calibrate import apply_quantized, write_weight
+from qingzhou.compress.dense_target import DenseStream
 from qingzhou.compress.hessian import (
     HessianAccumulator,
     HessianCollector,
@@ -134,17 +135,52 @@ class GPTQCollector(HessianCollector):
     """Calibration-engine callback: accumulate each linear's Hessian, then run the solver."""
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
-                 act_order: bool, static_groups: bool, hessian_clip: bool = False):
+                 act_order: bool, static_groups: bool, hessian_clip: bool = False, dense_target: float = 0.0):
         super().__init__()
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
                          static_groups=static_groups, hessian_clip=hessian_clip)
+        self.dense = DenseStream() if dense_target > 0 else None
+        self.dense_alpha = dense_target
+
+    def begin_layer(self, index: int, layer: nn.Module, inputs: list[Any]) -> None:
+        if self.dense is not None:
+            self.dense.begin_layer(layer, inputs, [m for m in layer.modules() if isinstance(m, nn.Linear)])
+
+    def end_layer(self, index: int, layer: nn.Module) -> None:
+        if self.dense is not None:
+            self.dense.end_layer()
+
+    @property
+    def carries(self) -> bool:
+        return self.dense is not None
+
+    def carried(self) -> list[torch.Tensor] | None:
+        return self.dense.hidden if self.dense is not None else None
+
+    def restore_carried(self, tensors: list[torch.Tensor]) -> None:
+        if self.dense is not None:
+            self.dense.hidden = tensors
+
+    def add_batch(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        super().add_batch(name, module, x)
+        if self.dense is not None:
+            self.dense.add(module, x)
 
     def solve(self, name: str, module: nn.Linear, acc: HessianAccumulator) -> dict[str, Any]:
-        res = gptq_quantize_weight(module.weight, self.take_hessian(acc), self.plan[name], name=name, **self.opts)
+        H = self.take_hessian(acc)
+        target = None
+        if self.dense is not None:
+            target = self.dense.correct(module, H, acc.n, self.opts["damp_percent"], self.dense_alpha)  # type: ignore[arg-type]
+        res = gptq_quantize_weight(module.weight if target is None else target, H, self.plan[name], name=name,
+                                   **self.opts)
+        del H
         write_weight(module, res.weight)
-        return {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
-                "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
+        out = {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
+               "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
+        if self.dense is not None:
+            out["dense_target"] = target is not None
+        return out
 
     def fallback(self, name: str, module: nn.Linear) -> dict[str, Any]:
         warnings.warn(f"{name}: no calibration tokens reached it; quantised with RTN", stacklevel=3)
