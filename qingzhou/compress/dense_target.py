@@ -28,6 +28,8 @@ tokens in the two streams) keep their plain target.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
