@@ -15,9 +15,15 @@ WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def pytest_configure(config):
+    import signal
+
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: the
+    # tests that stop a run with SIGINT need Ctrl-C to raise KeyboardInterrupt as it does for users.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
