@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from qingzhou.compress.calibrate import LayerBatch, _first_input, _layer_output
-from qingzhou.compress.hessian import solver_hessian
+from qingzhou.compress.hessian import damped_inverse_cholesky, solver_hessian
 
 
 class DenseStream:
@@ -106,7 +106,7 @@ class DenseStream:
 
     @torch.no_grad()
     def correct(self, module: nn.Module, H: torch.Tensor, n_tokens: int, damp_percent: float,
-                alpha: float = 1.0) -> torch.Tensor | None:
+                alpha: float = 1.0, name: str = "") -> torch.Tensor | None:
         """W + alpha * W D H^-1 for `module` (float32, on its weight's device), or None when it has
         no paired dense inputs. `H` is its Hessian on the same `n_tokens`, damped as the solver
         damps it; alpha = 1 is the full least-squares target (see the module doc for why less)."""
@@ -114,15 +114,10 @@ class DenseStream:
         if acc is None or not acc.paired or acc.n != n_tokens or acc.n == 0:
             return None
         W = module.weight.detach().float()
-        Hs = solver_hessian(H, W.device)
-        mean_diag = float(torch.diag(Hs).mean())
-        torch.diagonal(Hs).add_(damp_percent * (mean_diag if mean_diag > 0 else 1.0))
-        L, info = torch.linalg.cholesky_ex(Hs)
-        if int(info) != 0:
-            return None
-        D = acc.D.to(W.device) * (2.0 / acc.n)
-        WD = W @ D
-        return W + alpha * torch.cholesky_solve(WD.T.contiguous(), L).T
+        # H^-1 = U^T U with GPTQ's damping and its retries on a Hessian that is not positive definite
+        U = damped_inverse_cholesky(solver_hessian(H, W.device), damp_percent, name=name).chol_inv_upper
+        WD = W @ (acc.D.to(W.device) * (2.0 / acc.n))
+        return W + alpha * ((WD @ U.T) @ U)
 
 
 class _Cross:

@@ -575,10 +575,8 @@ class LayerStream:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self._acts_path(index + 1))
-        carried = getattr(callback, "carried", None)
-        carried = carried() if carried is not None else None
-        if carried and index + 1 < self.n_layers:
-            self._write_carried(index + 1, carried)
+        if getattr(callback, "carries", False) and index + 1 < self.n_layers:  # as the engine restores them
+            self._write_carried(index + 1, callback.carried())
         self._views = []
         self.stats[index] = stats
         self.done = index + 1

@@ -171,7 +171,8 @@ class GPTQCollector(HessianCollector):
         H = self.take_hessian(acc)
         target = None
         if self.dense is not None:
-            target = self.dense.correct(module, H, acc.n, self.opts["damp_percent"], self.dense_alpha)  # type: ignore[arg-type]
+            target = self.dense.correct(module, H, acc.n, self.opts["damp_percent"], self.dense_alpha,  # type: ignore[arg-type]
+                                        name=name)
         res = gptq_quantize_weight(module.weight if target is None else target, H, self.plan[name], name=name,
                                    **self.opts)
         del H
