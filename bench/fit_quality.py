@@ -499,6 +499,13 @@ def model_tag(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".gguf") else model)
 
 
+def cached_rows(b: Bench) -> list[dict]:
+    """Every row cached in the results folder (one JSON per arm), default arms first."""
+    files = {p.stem: p for p in b.rows_dir.glob("*.json") if p.stem != "fit_quality"}
+    order = [n for n in DEFAULT_ARMS if n in files] + sorted(n for n in files if n not in DEFAULT_ARMS)
+    return [{**json.loads(files[n].read_text()), "arm": n, "family": family_of(n)} for n in order]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="alias or .gguf path (the k-quant arms need a GGUF)")
@@ -533,11 +540,11 @@ def main() -> None:
     b.samples = load_calibration(b.tokenizer, CalibrationConfig(
         source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=args.calib_rows))
     names = [n for n in args.arms.split(",") if n]
-    if args.report_only:
-        rows = [{**json.loads((b.rows_dir / f"{n}.json").read_text()), "family": family_of(n)}
-                for n in names if (b.rows_dir / f"{n}.json").exists()]
-    else:
-        rows = [run_arm(b, n) for n in names]
+    if not args.report_only:
+        for n in names:
+            run_arm(b, n)
+    rows = cached_rows(b)  # the report covers every row of the folder, not only the arms just run
+    names = list(dict.fromkeys([*DEFAULT_ARMS, *names]))
     checks = targets(rows)
     out = b.rows_dir
     out.mkdir(parents=True, exist_ok=True)

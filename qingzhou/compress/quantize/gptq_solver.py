@@ -53,8 +53,10 @@ class GPTQResult:
 def gptq_quantize_weight(
     weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
     damp_percent: float = 0.01, act_order: bool = True, static_groups: bool = False, name: str = "",
-    hessian_clip: bool = False,
+    hessian_clip: bool = False, refit: bool = False,
 ) -> GPTQResult:
+    """GPTQ of `weight` [out, in] on the proxy Hessian `H`; `refit`: afterwards, the least-squares
+    group scales for the chosen codes (`scale_refit.refit_scales`)."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
     H = solver_hessian(H, W.device)
@@ -82,7 +84,8 @@ def gptq_quantize_weight(
         hdiag = None if hdiag is None else hdiag[perm]
     inv = damped_inverse_cholesky(H, damp_percent, name=name)
     Hinv = inv.chol_inv_upper
-    del H
+    if not refit:
+        del H
 
     codes = torch.zeros(rows, cols, device=W.device)
     col_group = [0] * cols  # group of each (possibly permuted) column
@@ -120,6 +123,13 @@ def gptq_quantize_weight(
 
     g_idx = torch.empty(cols, dtype=torch.int32)
     g_idx[torch.tensor(orig_col)] = torch.tensor(col_group, dtype=torch.int32)
+    if refit:  # in the solver's column order, where H is
+        from qingzhou.compress.quantize.scale_refit import refit_scales
+
+        target = weight.detach().float()
+        scales, _ = refit_scales(target if perm is None else target[:, perm], codes, scales, zeros,
+                                 torch.tensor(col_group, dtype=torch.int32), H)
+        del H, target
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     gl = g_idx.long().to(W.device)  # the dequantised weight, with exactly the loaders' arithmetic
@@ -135,17 +145,21 @@ class GPTQCollector(HessianCollector):
     """Calibration-engine callback: accumulate each linear's Hessian, then run the solver."""
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
-                 act_order: bool, static_groups: bool, hessian_clip: bool = False, dense_target: float = 0.0):
+                 act_order: bool, static_groups: bool, hessian_clip: bool = False, dense_target: float = 0.0,
+                 refit: bool = False):
         super().__init__()
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
-                         static_groups=static_groups, hessian_clip=hessian_clip)
+                         static_groups=static_groups, hessian_clip=hessian_clip, refit=refit)
         self.dense = DenseStream() if dense_target > 0 else None
         self.dense_alpha = dense_target
 
     def begin_layer(self, index: int, layer: nn.Module, inputs: list[Any]) -> None:
-        if self.dense is not None:
-            self.dense.begin_layer(layer, inputs, [m for m in layer.modules() if isinstance(m, nn.Linear)])
+        if self.dense is not None:  # dense inputs only for the linears the plan quantises (memory)
+            ends = tuple(f".{index}.{rel}" for rel, m in layer.named_modules() if isinstance(m, nn.Linear))
+            planned = {e for e in ends if any(k.endswith(e) for k in self.plan)}
+            self.dense.begin_layer(layer, inputs, [m for rel, m in layer.named_modules()
+                                                   if isinstance(m, nn.Linear) and f".{index}.{rel}" in planned])
 
     def end_layer(self, index: int, layer: nn.Module) -> None:
         if self.dense is not None:
