@@ -32,7 +32,7 @@ PEERS = {  # from the issue: llm-compressor 0.14 and others, same protocol
 OPTIONS = {"noclip": {"clip_search": False}, "noact": {"act_order": False}, "noseq": {"true_sequential": False},
            "static": {"static_groups": True}, "dyn": {"static_groups": False},
            "hclip": {"hessian_clip": True}, "nohclip": {"hessian_clip": False},
-           "nodense": {"dense_target": 0.0}, "refit": {"refit_scales": True}, "norefit": {"refit_scales": False}}
+           "nodense": {"dense_target": 0.0}, "refit": {"refit_max_bits": 8}, "norefit": {"refit_max_bits": 0}}
 
 
 def parse_setting(name: str) -> dict | None:

@@ -68,3 +68,27 @@ def test_a_group_with_no_say_keeps_its_scale():
     scales, _ = refit_scales(W, codes, q.scales.float(), q.zeros.float(), q.g_idx, H)
     assert scales[0, 0] == q.scales[0, 0].float()
     assert torch.isfinite(scales).all() and (scales > 0).all()
+
+
+def test_quantize_refits_only_linears_at_or_below_refit_max_bits():
+    """`GPTQConfig.refit_max_bits`: a 3-bit linear's scales move with the default (3), a 4-bit
+    linear's stay as without refit; codes and zeros are the same either way."""
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.finetune.testing import tiny_model
+
+    g = torch.Generator().manual_seed(5)
+    calib = [torch.randint(0, 272, (48,), generator=g) for _ in range(8)]
+    over = [{"pattern": r"\.self_attn\.", "bits": 4}]  # attention 4-bit, the MLP 3-bit
+    models = {}
+    for refit in (0, 3):
+        m = tiny_model("llama")
+        quantize(m, {"method": "gptq", "bits": 3, "group_size": 32, "dense_target": 0.0, "refit_max_bits": refit,
+                     "overrides": over}, calib)
+        models[refit] = m
+    # layer 0's q_proj is in the first group: the same inputs either way, so the same GPTQ result
+    q = "model.layers.0.self_attn.q_proj"
+    a, b = (models[r].get_submodule(q) for r in (0, 3))
+    assert a.bits == 4 and torch.equal(a.scales, b.scales) and torch.equal(a.qweight, b.qweight)
+    up = "model.layers.0.mlp.up_proj"
+    a, b = (models[r].get_submodule(up) for r in (0, 3))
+    assert a.bits == 3 and not torch.equal(a.scales, b.scales)  # 3 bits: refit

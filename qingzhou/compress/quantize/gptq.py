@@ -19,8 +19,9 @@ class GPTQConfig(CalibratedConfig):
     static groups + Hessian-weighted clip 23.56, static + plain clip 24.80, dynamic + Hessian clip
     24.15, dynamic + plain clip 24.92, dynamic min/max 25.16. `dense_target` on SmolLM2 3-bit g64
     (10 windows): 0 31.51, 0.25 29.44, 0.5 29.22, 1 32.68 (the full step overfits the calibration
-    tokens; `compress/dense_target.py`). `refit_scales` on the same 3-bit setting (10 windows):
-    29.52 -> 28.85, for +6% quantize time (`compress/quantize/scale_refit.py`)."""
+    tokens; `compress/dense_target.py`). Scale refit (`compress/quantize/scale_refit.py`), 40 windows:
+    3-bit g64 30.04 -> 29.45, 4-bit g64 22.39 -> 22.51 (it fits the calibration tokens a little
+    too well at 4 bits), so `refit_max_bits` is 3; quantize time unchanged within noise."""
 
     method: Literal["gptq"] = "gptq"
     damp_percent: float = Field(0.01, ge=0, le=1, description="damping as a fraction of mean(diag H); "
@@ -36,8 +37,9 @@ class GPTQConfig(CalibratedConfig):
                                 "toward the dense model's outputs (asymmetric calibration, GPTQv2/GPTAQ; "
                                 "0: off, GPTQ's own target); costs one more layer forward and one more "
                                 "[in, in] product per input")
-    refit_scales: bool = Field(True, description="after the column loop, refit each group's fp16 scale to the "
-                               "codes GPTQ chose (least squares on the output error; codes and zeros unchanged)")
+    refit_max_bits: int = Field(3, ge=0, le=8, description="after the column loop, refit the fp16 group scales of "
+                                "linears with at most this many bits to the codes GPTQ chose (least squares on "
+                                "the output error; codes and zeros unchanged); 0: never")
     true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
                                                     "within each layer, each seeing the quantised inputs")
 
@@ -51,6 +53,6 @@ def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], ca
     collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
                               act_order=cfg.act_order, static_groups=cfg.static_groups,
                               hessian_clip=cfg.hessian_clip, dense_target=cfg.dense_target,
-                              refit=cfg.refit_scales)
+                              refit_max_bits=cfg.refit_max_bits)
     report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

@@ -146,11 +146,12 @@ class GPTQCollector(HessianCollector):
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
                  act_order: bool, static_groups: bool, hessian_clip: bool = False, dense_target: float = 0.0,
-                 refit: bool = False):
+                 refit_max_bits: int = 0):
         super().__init__()
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
-                         static_groups=static_groups, hessian_clip=hessian_clip, refit=refit)
+                         static_groups=static_groups, hessian_clip=hessian_clip)
+        self.refit_max_bits = refit_max_bits
         self.dense = DenseStream() if dense_target > 0 else None
         self.dense_alpha = dense_target
 
@@ -187,8 +188,9 @@ class GPTQCollector(HessianCollector):
         if self.dense is not None:
             target = self.dense.correct(module, H, acc.n, self.opts["damp_percent"], self.dense_alpha,  # type: ignore[arg-type]
                                         name=name)
-        res = gptq_quantize_weight(module.weight if target is None else target, H, self.plan[name], name=name,
-                                   **self.opts)
+        scheme = self.plan[name]
+        res = gptq_quantize_weight(module.weight if target is None else target, H, scheme, name=name,
+                                   refit=scheme.bits <= self.refit_max_bits, **self.opts)
         del H
         write_weight(module, res.weight)
         out = {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
