@@ -151,9 +151,40 @@ def plan_device_map(model: nn.Module, device: str, max_memory: dict[Any, int] | 
         memory[key] = budget - sizes[largest]
     if device != "cpu":
         memory.setdefault("cpu", 0)  # stream from the shards rather than pin the rest in RAM unasked
-    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=list(
-        getattr(model, "_no_split_modules", None) or ()), dtype=dtype)
+    shadows = _pack_shadows(model, device, dtype)
+    try:
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=list(
+            getattr(model, "_no_split_modules", None) or ()), dtype=dtype)
+    finally:
+        for m in shadows:
+            delattr(m, _SHADOW)  # also drops it from the non-persistent set
     return _split_to_layers(model, {k: (v if isinstance(v, str) else device) for k, v in device_map.items()})
+
+
+_SHADOW = "_qingzhou_int4pack_shadow"
+
+
+def _pack_shadows(model: nn.Module, device: str, dtype: torch.dtype) -> list[nn.Module]:
+    """Meta buffers the size of the int4 pack each resident 4-bit layer builds on its first
+    forward (`QuantLinear.fast_kernel`), so accelerate's placement counts it: a resident 4-bit layer
+    then holds its GPTQ buffers and the pack, about twice its checkpoint bytes (a streamed layer
+    carries only the pack). Only the planning sees them; the caller deletes them after."""
+    from qingzhou.llm.quantized.int4_kernel import GROUP_SIZES, _inner_k_tiles, supported
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    if not supported(torch.device(device).type, dtype):
+        return []
+    out = []
+    for m in model.modules():
+        if not (isinstance(m, QuantLinear) and m.bits == 4 and m.kernel != "dequant"
+                and m.group_size in GROUP_SIZES and m.in_features % m.group_size == 0
+                and _inner_k_tiles(m.in_features) is not None and m.out_features % 8 == 0):
+            continue
+        # packed codes (as many bytes as qweight) + bf16 scale/zero pairs + the GEMM route's fp32 copies
+        nbytes = m.qweight.numel() * 4 + m.scales.numel() * 12
+        m.register_buffer(_SHADOW, torch.empty(nbytes, dtype=torch.uint8, device="meta"), persistent=False)
+        out.append(m)
+    return out
 
 
 def _split_to_layers(model: nn.Module, device_map: dict[str, Any]) -> dict[str, Any]:
