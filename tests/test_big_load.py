@@ -372,7 +372,7 @@ def test_resident_4bit_layers_count_their_kernel_pack_in_the_budget(gptq_tiny):
             big(IDS)
         streamed = set(big.qingzhou_offload["streamed_modules"])
 
-        def is_streamed(name: str) -> bool:
+        def is_streamed(name: str, streamed: set[str] = streamed) -> bool:
             return any(name == m or name.startswith(m + ".") for m in streamed)
 
         held = sum(t.numel() * t.element_size() for n, t in big.state_dict().items()
