@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.llm.host_memory import trim_heap
+from qingzhou.llm.host_memory import fix_mmap_threshold, trim_heap
 from qingzhou.compress.calibrate import LayerBatch, active_stream, find_decoder_layers, streaming_layers  # noqa: F401 (re-exported)
 from qingzhou.errors import ModelLoadError, RecipeError
 from qingzhou.io import (
@@ -285,11 +285,11 @@ def _release(module: nn.Module) -> None:
     """Back to the meta device: the memory of `module`'s tensors is freed, and so are the
     runtime caches packed layers keep as plain attributes (`QuantLinear`'s int4 packs and
     dequantised weights), which `.to("meta")` does not see."""
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
     for m in module.modules():
-        if isinstance(getattr(m, "_fast", None), dict):
-            m._fast.clear()
-        if getattr(m, "_cached", None) is not None:
-            m._cached = None
+        if isinstance(m, QuantLinear):
+            m.clear_runtime()
     module.to("meta")
 
 
@@ -674,8 +674,6 @@ def open_stream(source: str | Path, output_dir: str | Path | None, *, dtype: str
     if not isinstance(source, (str, Path)):
         raise RecipeError("streaming takes the model as a folder path, not a loaded model.", where="model",
                           hint="Pass the Hugging Face folder; the model is built on the meta device from it.")
-    from qingzhou.llm.host_memory import fix_mmap_threshold
-
     fix_mmap_threshold()  # layer-sized temporaries go back to the OS when freed (host_memory.py)
     model, reader, torch_dtype = open_meta_model(source, dtype)
     stream = LayerStream(model, reader, output_dir, dtype=torch_dtype, activations=activations, overwrite=overwrite)

@@ -169,16 +169,15 @@ def _pack_shadows(model: nn.Module, device: str, dtype: torch.dtype) -> list[nn.
     forward (`QuantLinear.fast_kernel`), so accelerate's placement counts it: a resident 4-bit layer
     then holds its GPTQ buffers and the pack, about twice its checkpoint bytes (a streamed layer
     carries only the pack). Only the planning sees them; the caller deletes them after."""
-    from qingzhou.llm.quantized.int4_kernel import GROUP_SIZES, _inner_k_tiles, supported
+    from qingzhou.llm.quantized.int4_kernel import supported, why_not_shape
     from qingzhou.llm.quantized.qlinear import QuantLinear
 
     if not supported(torch.device(device).type, dtype):
         return []
     out = []
     for m in model.modules():
-        if not (isinstance(m, QuantLinear) and m.bits == 4 and m.kernel != "dequant"
-                and m.group_size in GROUP_SIZES and m.in_features % m.group_size == 0
-                and _inner_k_tiles(m.in_features) is not None and m.out_features % 8 == 0):
+        if not (isinstance(m, QuantLinear) and m.kernel != "dequant"
+                and why_not_shape(m.bits, m.group_size, m.in_features, m.out_features) is None):
             continue
         # packed codes (as many bytes as qweight) + bf16 scale/zero pairs + the GEMM route's fp32 copies
         nbytes = m.qweight.numel() * 4 + m.scales.numel() * 12

@@ -157,10 +157,8 @@ class GPTQCollector(HessianCollector):
 
     def begin_layer(self, index: int, layer: nn.Module, inputs: list[Any]) -> None:
         if self.dense is not None:  # dense inputs only for the linears the plan quantises (memory)
-            ends = tuple(f".{index}.{rel}" for rel, m in layer.named_modules() if isinstance(m, nn.Linear))
-            planned = {e for e in ends if any(k.endswith(e) for k in self.plan)}
-            self.dense.begin_layer(layer, inputs, [m for rel, m in layer.named_modules()
-                                                   if isinstance(m, nn.Linear) and f".{index}.{rel}" in planned])
+            self.dense.begin_layer(layer, inputs, [m for rel, m in layer.named_modules() if isinstance(m, nn.Linear)
+                                                   and any(k.endswith(f".{index}.{rel}") for k in self.plan)])
 
     def end_layer(self, index: int, layer: nn.Module) -> None:
         if self.dense is not None:

@@ -92,6 +92,14 @@ def supported(device_type: str, dtype: torch.dtype) -> bool:
 
 def why_not(bits: int, group_size: int, in_features: int, out_features: int, g_idx: torch.Tensor) -> str | None:
     """None if the layer's shape fits the kernel, else the reason (shown in bench/describe output)."""
+    reason = why_not_shape(bits, group_size, in_features, out_features)
+    if reason is None and _column_order(g_idx, group_size) is None:
+        return "groups of unequal size in g_idx"
+    return reason
+
+
+def why_not_shape(bits: int, group_size: int, in_features: int, out_features: int) -> str | None:
+    """`why_not` without the g_idx check: what a layer still on the meta device can be judged by."""
     if bits != 4:
         return f"{bits}-bit weights (the kernel is 4-bit only)"
     if group_size not in GROUP_SIZES:
@@ -100,8 +108,6 @@ def why_not(bits: int, group_size: int, in_features: int, out_features: int, g_i
         return f"in_features {in_features} is not a multiple of the group size and of 32"
     if out_features % 8:
         return f"out_features {out_features} is not a multiple of 8"
-    if _column_order(g_idx, group_size) is None:
-        return "groups of unequal size in g_idx"
     return None
 
 

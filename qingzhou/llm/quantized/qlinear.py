@@ -85,9 +85,14 @@ class QuantLinear(nn.Module):
         zeros = self.zero_points()
         return dequantize_codes(codes, self.scales, zeros, self.g_idx)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # new buffers: packed copies are stale
+    def clear_runtime(self) -> None:
+        """Drop the int4 packs and the cached dequantised weight built from the buffers (plain
+        attributes: `.to("meta")` and new buffers do not reach them)."""
         self._fast.clear()
         self._cached = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new buffers: packed copies are stale
+        self.clear_runtime()
         super()._load_from_state_dict(*args, **kwargs)
 
     def fast_kernel(self, device: torch.device, dtype: torch.dtype) -> Int4Pack | None:
