@@ -61,6 +61,14 @@ def launch(args: list[str], env: dict[str, str], *launch_flags: str, config: Pat
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _first_error(err: str, lines: int = 40) -> str:
+    """From a launch's stderr, the lines from the first traceback or error on (or the tail): the
+    launcher's own summary at the end names only the signal, not its cause."""
+    text = err.splitlines()
+    start = next((i for i, line in enumerate(text) if "Traceback" in line or "Error" in line or "terminate" in line), None)
+    return "\n".join(text[start:start + lines] if start is not None else text[-lines:])
+
+
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
@@ -180,8 +188,8 @@ def test_two_nodes_on_localhost_train_and_save(tmp_path, tiny_llama_dir, rows_fi
          "--fsdp_reshard_after_forward", "false", *args],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, (out[-2000:], err[-4000:])
+    failed = [(rank, _first_error(err)) for rank, (p, (_, err)) in enumerate(zip(procs, results)) if p.returncode]
+    assert not failed, failed  # both nodes' first error lines: the node that failed first is the cause
     single_args = finetune_args(rows_file, tiny_llama_dir, tmp_path / "single", "full", 8, steps=6, save_every=3)
     _ok(subprocess.run([sys.executable, *single_args], env=_env(), capture_output=True, text=True, timeout=600))
     a = json.loads((tmp_path / "nodes" / "metrics.json").read_text())

@@ -564,6 +564,9 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
         # paths relative to the file's own folder: it may be a temp folder renamed later (recipe stages)
         atomic_write_json(s.output_dir / "metrics.json", {**result.to_dict(), "output_dir": ".", "artifact_dir": artifact,
                                                           "config": cfg.model_dump()})
+    # every process returns once the artifact and metrics are on disk: none leaves (and closes its
+    # connections) while the main process is still writing
+    acc.wait_for_everyone()
     return result
 
 

@@ -121,6 +121,17 @@ def check_fsdp_model(model: Any, cfg: Any, plugin: Any) -> None:
                      "fsdp_auto_wrap_policy: SIZE_BASED_WRAP.")
 
 
+def leave_process_group() -> None:
+    """End a launched run's process group in step with the others (a barrier, then destroy), as
+    torch asks of every process before it exits: left to interpreter shutdown, a node whose peers
+    have already closed their connections can abort (SIGABRT) instead of exiting 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_sharded(model: Any) -> bool:
     """True when FSDP2 manages (part of) the model; its parameters are then DTensor shards, except
     between a forward and the next backward under shard-grad-op (see `reshard`)."""

@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         from qingzhou.finetune import finetune, parse_finetune_config
         from qingzhou.finetune.checkpoint import checkpoint_root
         from qingzhou.finetune.loop import claim_output_dir
+        from qingzhou.finetune.sharding import leave_process_group
         from qingzhou.llm import load_model
 
         cfg = parse_finetune_config({"method": method, "progress": not as_json, **(settings or {}), **parse_sets(sets)})
@@ -61,6 +62,7 @@ def register(app: typer.Typer) -> None:
         claim_output_dir(out_dir, checkpoint_root(out_dir), resume=resume, overwrite=force)  # before the model loads
         mdl, tok = load_model(model, device=device, **load_options(allow_pickle, trust_remote_code, strict))
         result = finetune(mdl, tok, data_cfg, cfg, output_dir=out_dir, resume=resume, base_source=model, overwrite=force)
+        leave_process_group()  # under `accelerate launch`; nothing otherwise
         if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: the result once, from the main process
             return
         if as_json:
