@@ -19,8 +19,9 @@ Models whose quantised layers all take the exact dequantising path (3/8-bit, rag
 the fp32 head, so they stay exact end to end. Memory: the bf16 copy costs half the head in fp32
 (57 MB for SmolLM2).
 
-`load_quantized` and `quantize` (when it packs layers) call `use_bf16_head`, so `qingzhou eval`,
-`bench`, `generate` and the quickstart get it without a flag; `use_bf16_head(model, False)` undoes it.
+`load_quantized` and `quantize` (when it packs layers) call `use_fast_runtime` (this head, plus one
+int4 matmul per q/k/v and gate/up set: `siblings.py`), so `qingzhou eval`, `bench`, `generate` and
+the quickstart get it without a flag; `use_exact_runtime` undoes both.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from qingzhou.llm.quantized import int4_kernel
 from qingzhou.llm.quantized.qlinear import QuantLinear
+from qingzhou.llm.quantized.siblings import fuse_siblings, unfuse_siblings
 
 _BF16 = torch.bfloat16
 
@@ -93,12 +95,23 @@ def use_bf16_head(model: nn.Module, on: bool | None = None) -> bool:
     return on
 
 
+def use_fast_runtime(model: nn.Module) -> nn.Module:
+    """The default runtime of a packed model held in memory: the bf16 head where the 4-bit layers
+    compute in bf16 (`use_bf16_head`), and one int4 matmul per set of linears that read the same
+    input (`siblings.fuse_siblings`: q/k/v, gate/up). Neither changes the logits beyond the bf16
+    rounding the 4-bit kernel already has."""
+    use_bf16_head(model)
+    fuse_siblings(model)
+    return model
+
+
 def use_exact_runtime(model: nn.Module) -> nn.Module:
     """Compute every quantised layer and the head exactly (dequantised weights in the model's own
     dtype, no bf16 inside): for comparing with another runtime's fp32 logits."""
+    unfuse_siblings(model)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel = "dequant"
-            m._fast.clear()
+            m.clear_runtime()
     use_bf16_head(model, False)
     return model
