@@ -114,9 +114,11 @@ class DenseStream:
         if acc is None or not acc.paired or acc.n != n_tokens or acc.n == 0:
             return None
         W = module.weight.detach().float()
-        # H^-1 = U^T U with GPTQ's damping and its retries on a Hessian that is not positive definite
-        U = damped_inverse_cholesky(solver_hessian(H, W.device), damp_percent, name=name).chol_inv_upper
         WD = W @ (acc.D.to(W.device) * (2.0 / acc.n))
+        del acc  # D ([in, in], popped above) goes before the inverse's matrices exist: lower peak memory
+        # H^-1 = U^T U with GPTQ's damping and its retries on a Hessian that is not positive definite;
+        # H itself, not a copy (its diagonal is damped and restored in place)
+        U = damped_inverse_cholesky(solver_hessian(H, W.device, copy=False), damp_percent, name=name).chol_inv_upper
         return W + alpha * ((WD @ U.T) @ U)
 
 

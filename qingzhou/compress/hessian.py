@@ -164,13 +164,21 @@ class HessianCollector:
         raise NotImplementedError
 
 
-def solver_hessian(H: torch.Tensor, device: torch.device) -> torch.Tensor:
+def solver_hessian(H: torch.Tensor, device: torch.device, *, copy: bool = True) -> torch.Tensor:
     """A float32 copy of `H` on `device` for a column solver, with the diagonal of dead input
     channels (never non-zero on calibration data) set to 1 so the matrix can be inverted; their
-    weights then see no error pushed onto them and keep their values."""
+    weights then see no error pushed onto them and keep their values.
+
+    `copy=False` returns `H` itself where it already is float32 on `device` with no dead channel
+    (a copy otherwise): an [n, n] float32 is 256 MiB for an 8192-wide down_proj, and these copies
+    set the peak memory of a streamed big model. The caller must then leave `H` as it found it
+    (`damped_inverse_cholesky` restores the diagonal it damps)."""
     import torch
 
-    H = H.detach().float().clone().to(device)
+    H = H.detach()
+    if not copy and H.dtype == torch.float32 and H.device == torch.device(device) and bool((torch.diag(H) != 0).all()):
+        return H
+    H = H.float().clone().to(device)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     return H

@@ -51,15 +51,23 @@ class GPTQResult:
 
 @torch.no_grad()
 def gptq_quantize_weight(
-    weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
+    weight: torch.Tensor, H: torch.Tensor | list[torch.Tensor], scheme: QuantScheme, *, block_size: int = 128,
     damp_percent: float = 0.01, act_order: bool = True, static_groups: bool = False, name: str = "",
     hessian_clip: bool = False, refit: bool = False,
 ) -> GPTQResult:
     """GPTQ of `weight` [out, in] on the proxy Hessian `H`; `refit`: afterwards, the least-squares
-    group scales for the chosen codes (`scale_refit.refit_scales`)."""
+    group scales for the chosen codes (`scale_refit.refit_scales`).
+
+    `H` is only read. Passed as a one-element list, it is handed over: the solver pops it and works
+    on it without a copy (its act-order permutation then replaces it), so a caller that keeps no
+    other reference saves two [in, in] float32 matrices at the peak (what a streamed big model's
+    down_proj needs most)."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    H = solver_hessian(H, W.device)
+    if isinstance(H, list):
+        H = solver_hessian(H.pop(), W.device, copy=False)
+    else:
+        H = solver_hessian(H, W.device)
     gs = scheme.effective_group_size(cols)
     n_groups = scheme.groups(cols)
     maxq = scheme.maxq
@@ -187,9 +195,10 @@ class GPTQCollector(HessianCollector):
             target = self.dense.correct(module, H, acc.n, self.opts["damp_percent"], self.dense_alpha,  # type: ignore[arg-type]
                                         name=name)
         scheme = self.plan[name]
-        res = gptq_quantize_weight(module.weight if target is None else target, H, scheme, name=name,
-                                   refit=scheme.bits <= self.refit_max_bits, **self.opts)
+        handed = [H]  # handed over: the solver permutes it instead of copying it (peak memory)
         del H
+        res = gptq_quantize_weight(module.weight if target is None else target, handed, scheme, name=name,
+                                   refit=scheme.bits <= self.refit_max_bits, **self.opts)
         write_weight(module, res.weight)
         out = {"quantized": res.quantized, "loss": res.loss, "tokens": acc.n,
                "damp_percent": res.damp_percent, "damp_retries": res.damp_retries}
