@@ -7,7 +7,7 @@ The fast path. Plain eager `generate` at batch 1 is bound by Python/kernel-launc
 (under 10% of the memory-bandwidth roofline for a 1B model on an H100), not by the GPU. transformers
 already knows the cure: a *static* KV cache gives the decode step fixed shapes, and then its
 `generate` compiles that step with `torch.compile` (mode "reduce-overhead" = CUDA graphs on CUDA;
-the prefill stays eager). `decode()` turns that on (`fast=True`, or `"auto"` on CUDA), sizes the
+the prefill stays eager). `decode()` turns that on (`fast=True`, or `"auto"` = CUDA only), sizes the
 static cache in buckets so a new prompt length does not recompile, and falls back to the eager path
 - once per model, with a warning - when compilation fails (no Triton, an unsupported layer...).
 Greedy output is the same tokens as eager (checked in tests/test_generate_fast.py).
@@ -47,9 +47,7 @@ class FastDecode:
     different lengths reuse one compiled graph. `loop`: plain greedy decoding runs qingzhou's own
     per-token loop around the compiled step instead of `generate`'s (module docstring);
     `cuda_graph`: on CUDA that loop captures the whole step (compiled forward + token pick) in one
-    CUDA graph and replays it, so no Python runs per token. `loop_only`: where the own loop does not
-    apply (sampling, processors, a streamer, padded rows), plain eager `generate` instead of a
-    static-cache `generate` (`CPU_DECODE`).
+    CUDA graph and replays it, so no Python runs per token.
     """
 
     compile: bool = True
@@ -60,13 +58,9 @@ class FastDecode:
     loop: bool = True
     eos_check_every: int = 8
     cuda_graph: bool = True
-    loop_only: bool = False
 
 
 FastOption = bool | Literal["auto"] | FastDecode
-# "auto" on a CPU: greedy decoding through the own loop (static cache, no compile: a C++ compile of
-# the step costs minutes there), everything else eager. Measured in bench/decode_speed.py.
-CPU_DECODE = FastDecode(compile=False, loop_only=True)
 _FAILED = "_qingzhou_fast_failed"  # set on a model whose compiled decode failed once: stay eager
 _GRAPH_FAILED = "_qingzhou_graph_failed"  # set where capturing the decode step failed: plain steps
 
@@ -74,13 +68,12 @@ _GRAPH_FAILED = "_qingzhou_graph_failed"  # set where capturing the decode step 
 def resolve_fast(model: Any, fast: FastOption) -> FastDecode | None:
     """The fast-path settings to use for `model`, or None for the eager path.
 
-    "auto" means the compiled step on CUDA, the own loop without compiling on a CPU (`CPU_DECODE`:
-    the compile costs more than it saves there), eager elsewhere; never for a model whose fast
-    path already failed."""
+    "auto" means CUDA only (on CPU the compiled step is rarely worth its compile time), and never
+    for a model whose fast path already failed."""
     if fast is False or getattr(model, _FAILED, None):
         return None
     if fast == "auto":
-        return {"cuda": FastDecode(), "cpu": CPU_DECODE}.get(_device_type(model))
+        return FastDecode() if _device_type(model) == "cuda" else None
     return fast if isinstance(fast, FastDecode) else FastDecode()
 
 
@@ -143,10 +136,8 @@ _PROCESSOR_FIELDS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": 
 def loop_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwargs: dict[str, Any],
                  streamer: Any) -> bool:
     """Whether plain greedy decoding of unpadded prompts is asked for, which the own loop reproduces."""
-    if set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
+    if streamer is not None or set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
         return False
-    if streamer is not None and (input_ids.shape[0] != 1 or _device_type(model) != "cpu"):
-        return False  # a streamer needs the token on the host each step: free on a CPU only
     if not hasattr(model, "get_compiled_call") or cache_argument(model) is None or hasattr(model, "get_base_model"):
         return False
     config = getattr(model, "generation_config", None)
@@ -219,10 +210,9 @@ def _capture(state: _Greedy) -> Any:
 
 def greedy_loop(model: Any, input_ids: Any, *, max_new_tokens: int, settings: FastDecode,
                 min_new_tokens: int | None = None, eos_token_id: Any = None, pad_token_id: int | None = None,
-                streamer: Any = None, **_: Any) -> Any:
+                **_: Any) -> Any:
     """Greedy decoding as `generate` does it (same tokens, same output length and padding), with
-    only the compiled decode step and an argmax per token - on CUDA one graph replay (module docstring).
-    A `streamer` (batch 1 on a CPU) gets the prompt, then each token as `generate` hands them over."""
+    only the compiled decode step and an argmax per token - on CUDA one graph replay (module docstring)."""
     import torch
     from transformers import StaticCache
 
@@ -244,10 +234,7 @@ def greedy_loop(model: Any, input_ids: Any, *, max_new_tokens: int, settings: Fa
                     pad_token_id, min_new_tokens or 0)
     if settings.compile and device.type == "cuda" and not graphs:
         state.mark_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
-    check_every = 1 if streamer is not None else max(1, settings.eos_check_every)
-    sent = 0  # tokens handed to the streamer so far
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    check_every = max(1, settings.eos_check_every)
     with torch.no_grad():
         out = model(input_ids=input_ids, cache_position=torch.arange(length, device=device), use_cache=True,
                     **{state.arg: cache}, **state.extra)
@@ -255,8 +242,6 @@ def greedy_loop(model: Any, input_ids: Any, *, max_new_tokens: int, settings: Fa
         del out
         replay = None
         for i in range(1, max_new_tokens):  # i tokens produced so far
-            if streamer is not None:
-                sent = _stream(streamer, state.tokens, sent, i)
             if eos_ids.numel() and i % check_every == 0 and bool(state.finished.all()):
                 break
             if replay is None and graphs and i == 3 and max_new_tokens > 4:  # steps 1-2 warmed the compile up
@@ -273,17 +258,7 @@ def greedy_loop(model: Any, input_ids: Any, *, max_new_tokens: int, settings: Fa
         hit = torch.isin(tokens[:, :produced], eos_ids)
         first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(hit[:, 0], produced, dtype=torch.long))
         produced = int(first.max()) + 1
-    if streamer is not None:
-        _stream(streamer, tokens, sent, produced)
-        streamer.end()
     return torch.cat([input_ids, tokens[:, :produced]], dim=1)
-
-
-def _stream(streamer: Any, tokens: Any, sent: int, upto: int) -> int:
-    """Hand tokens[:, sent:upto] to the streamer one at a time, as `generate` does; returns upto."""
-    for j in range(sent, upto):
-        streamer.put(tokens[:, j].cpu())
-    return upto
 
 
 def _use_graph(model: Any, settings: FastDecode, device: Any) -> bool:
@@ -334,12 +309,9 @@ def decode(model: Any, input_ids: Any, *, max_new_tokens: int, fast: FastOption 
         return model.generate(**call, streamer=streamer)
     try:
         if settings.loop and loop_applies(model, input_ids, attention_mask, generate_kwargs, streamer):
-            out = greedy_loop(model, input_ids, max_new_tokens=max_new_tokens, settings=settings, streamer=streamer,
-                              **generate_kwargs)
+            out = greedy_loop(model, input_ids, max_new_tokens=max_new_tokens, settings=settings, **generate_kwargs)
             model._qingzhou_fast_ok = True
             return out
-        if settings.loop_only:
-            return model.generate(**call, streamer=streamer)
         extra = fast_generate_kwargs(model, settings, input_ids.shape[1] + max_new_tokens)
         if streamer is not None and not getattr(model, "_qingzhou_fast_ok", False):
             model.generate(**{**call, "max_new_tokens": 2, "min_new_tokens": None}, **extra)
@@ -358,11 +330,7 @@ def fast_status(model: Any, fast: FastOption) -> str:
     if getattr(model, _FAILED, None):
         return f"eager (fast path failed: {getattr(model, _FAILED)})"
     settings = resolve_fast(model, fast)
-    if settings is None:
-        return "eager"
-    if settings.loop_only:
-        return "loop (static cache) for greedy, else eager"
-    return "static+compile" if settings.compile else "static"
+    return "eager" if settings is None else ("static+compile" if settings.compile else "static")
 
 
 def _device_type(model: Any) -> str:
@@ -417,7 +385,7 @@ def generate(
 ) -> GenerationResult:
     """Generate a reply to `prompt`. temperature 0 is greedy (deterministic).
 
-    `fast`: the decode path (module docstring); "auto" = compiled on CUDA, the own loop on a CPU."""
+    `fast`: the static-cache + compiled decode path (module docstring); "auto" = on CUDA only."""
     import torch
     from transformers import TextStreamer, set_seed
 

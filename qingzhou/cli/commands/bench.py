@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         new_tokens: int = typer.Option(32, "--new-tokens", min=2),
         warmup: int = typer.Option(1, "--warmup", min=0),
         repeats: int = typer.Option(3, "--repeats", min=1),
-        fast: str = typer.Option("auto", "--fast", help="fast decode: auto (compiled on CUDA, own greedy loop on CPU) | on (compiled) | off (eager)"),
+        fast: str = typer.Option("auto", "--fast", help="static-cache + compiled decode: auto (CUDA only) | on | off"),
         out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result JSON here"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
         allow_pickle: bool = AllowPickleOpt,

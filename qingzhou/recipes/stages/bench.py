@@ -20,7 +20,7 @@ class BenchStage(StageConfig):
     new_tokens: int = Field(32, ge=2)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
-    fast: bool | Literal["auto"] = Field("auto", description="fast decode path (auto: compiled on CUDA, own greedy loop on CPU)")
+    fast: bool | Literal["auto"] = Field("auto", description="static-cache + compiled decode (auto: CUDA only)")
     measure_bandwidth: bool = True
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
         None, description="benchmark a copy cast to this dtype (the run's model is left as it is): e.g. bfloat16 "
