@@ -28,7 +28,9 @@ dense model in fp32 and bf16 with its 4-bit GPTQ g64 folder (quantised once with
 calibration and cached under ~/.cache/qingzhou/bench), measured interleaved in one process, and
 llama.cpp's `llama-bench` on qingzhou's q4_0 export and on the shipped Q4_1 GGUF with the same
 threads; it prints the ratios 4-bit/fp32, 4-bit/bf16, 4-bit/llama.cpp and the perplexity-evaluation
-time of the 4-bit model over dense fp32 (targets: >= 1.3x, >= 1.5x, >= 0.5x, <= 1).
+time of the 4-bit model over dense fp32 (targets: >= 1.3x, >= 1.5x, >= 0.5x, <= 1). One more arm runs
+the 4-bit folder as the runtime did before fused sibling matmuls and the CPU greedy loop (each
+linear its own int4 call, eager `generate`), so the gain of those two is measured in the same run.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PREVIOUS = "4-bit, per-linear + eager generate"  # the 4-bit runtime measured on 2026-12-02
 
 SHAPES = {  # real models' shapes (random weights): "a 1B Llama-shape model" in the issues
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -192,6 +196,8 @@ def main() -> None:
     parser.add_argument("--q4-folder", default=None, help="--cpu-runtime: 4-bit folder (made and cached if absent)")
     parser.add_argument("--q4-method", default="gptq", help="--cpu-runtime: method making the 4-bit folder")
     parser.add_argument("--llama-bench", default=None, help="--cpu-runtime: path of llama.cpp's llama-bench")
+    parser.add_argument("--no-previous-runtime", action="store_true",
+                        help="--cpu-runtime: skip the arm of the 4-bit runtime before fused siblings + the CPU loop")
     parser.add_argument("--ppl-windows", type=int, default=4, help="--cpu-runtime: perplexity windows timed (0: skip)")
     parser.add_argument("--ppl-seq-len", type=int, default=2048)
     parser.add_argument("--ppl-text", default=None, help="default ../shared/data/wikitext-2-raw/wiki.test.raw")
@@ -323,12 +329,20 @@ def cpu_runtime(args) -> dict:
     models = {"dense fp32": dense, "dense bf16": load_model(args.model, dtype="bfloat16", device="cpu")[0]}
     q4_folder = _q4_folder(args, args.model)
     models["4-bit gptq g64"] = load_model(str(q4_folder), device="cpu")[0]
+    paths = {name: "auto" for name in models}
+    if not args.no_previous_runtime:  # the runtime before fused siblings and the CPU loop, as a baseline
+        from qingzhou.llm.quantized.siblings import unfuse_siblings
+
+        before = load_model(str(q4_folder), device="cpu")[0]
+        unfuse_siblings(before)
+        models[PREVIOUS] = before
+        paths[PREVIOUS] = False  # eager generate
     ids = tok(args.prompt, return_tensors="pt").input_ids
     rates: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):  # interleaved: a noisy machine slows every arm alike
             for name, model in models.items():
-                r = measure(model, ids, args.new_tokens, "auto", 0, 1, lambda: None)
+                r = measure(model, ids, args.new_tokens, paths[name], 0, 1, lambda: None)
                 if i >= args.warmup:
                     rates[name] += r
     from qingzhou.eval.bench import _stats
@@ -336,9 +350,11 @@ def cpu_runtime(args) -> dict:
     decode = {k: _stats(v) for k, v in rates.items()}
     result = {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
               "prompt_tokens": int(ids.shape[1]), "q4_folder": str(q4_folder), "decode_tokens_per_s": decode,
-              "decode_path": {k: fast_status(m, "auto") for k, m in models.items()}}
+              "decode_path": {k: fast_status(m, paths[k]) for k, m in models.items()}}
     q4 = decode["4-bit gptq g64"]["mean"]
     result["ratios"] = {"4bit/fp32": q4 / decode["dense fp32"]["mean"], "4bit/bf16": q4 / decode["dense bf16"]["mean"]}
+    if PREVIOUS in decode:
+        result["ratios"]["4bit/previous runtime"] = q4 / decode[PREVIOUS]["mean"]
     print(json.dumps({"decode_tokens_per_s": decode, "ratios": result["ratios"]}), flush=True)  # partial result
     binary = args.llama_bench or os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or LLAMA_BENCH
     if Path(binary).exists():
