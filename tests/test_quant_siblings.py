@@ -112,3 +112,17 @@ def test_new_buffers_drop_the_fused_pack():
         attn.k_proj.load_state_dict(state)
         after = attn.k_proj(x)
     assert torch.allclose(after, 2 * before, rtol=2e-2, atol=1e-3)
+
+
+def test_a_deep_copied_model_keeps_its_own_fused_sets():
+    import copy
+
+    model = _packed()
+    twin = copy.deepcopy(model)
+    ids = torch.randint(5, 272, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model(ids).logits, twin(ids).logits
+    assert torch.equal(a, b)
+    group = twin.model.layers[0].self_attn.q_proj.siblings
+    assert group is not model.model.layers[0].self_attn.q_proj.siblings
+    assert group.members[0] is twin.model.layers[0].self_attn.q_proj

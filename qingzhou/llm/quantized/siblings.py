@@ -40,9 +40,10 @@ class SiblingGroup:
 
     def __init__(self, members: list[QuantLinear]):
         self.members = members
-        bounds, start = {}, 0
+        # by position, never by id(): a deep-copied model copies the group with its members
+        bounds, start = [], 0
         for m in members:
-            bounds[id(m)] = (start, start + m.out_features)
+            bounds.append((start, start + m.out_features))
             start += m.out_features
         self.bounds = bounds
         self._packs: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
@@ -73,16 +74,19 @@ class SiblingGroup:
     def output(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
         """`layer`'s output columns of the fused matmul of `x` (computed once per input), or None
         where the fused kernel does not run for this device and dtype."""
-        lo, hi = self.bounds[id(layer)]
+        k = next((i for i, m in enumerate(self.members) if m is layer), None)
+        if k is None:  # not one of this group's layers (a copy holding a stale group): compute alone
+            return None
+        lo, hi = self.bounds[k]
         version = _version(x)
-        if not (x is self._x and version == self._version and id(layer) in self._waiting):
+        if not (x is self._x and version == self._version and k in self._waiting):
             pack = self._pack(x.device, x.dtype)
             if pack is None:
                 return None
             self._y = pack(x)
             self._x, self._version = x, version
-            self._waiting = set(self.bounds)
-        self._waiting.discard(id(layer))
+            self._waiting = set(range(len(self.members)))
+        self._waiting.discard(k)
         y = self._y[..., lo:hi].contiguous()
         if not self._waiting:  # the whole set is served: hold no activations between steps
             self._x = self._y = None
