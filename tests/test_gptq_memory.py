@@ -42,31 +42,42 @@ def _problem():
     return W, H
 
 
+def _peak_in_fresh_process(mode: str) -> float:
+    """Extra peak RSS, in [N, N] matrices, of one solver call in its own interpreter: in a long test
+    session freed pages are reused without showing in the peak, so only a fresh process measures."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, mode], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["matrices"]
+
+
 def test_a_handed_over_hessian_is_not_copied_and_gives_the_same_result():
-    torch.set_num_threads(2)
     scheme = QuantScheme(bits=4, group_size=128, sym=False, clip_search=False)
-    matrix = N * N * 4
     W, H = _problem()
-    copied_peak, copied = _peak_over_start(lambda: gptq_quantize_weight(W, H, scheme, act_order=True))  # noqa: B023
+    copied = gptq_quantize_weight(W, H, scheme, act_order=True)
     handed = [H]
     H = None
-    owned_peak, owned = _peak_over_start(lambda: gptq_quantize_weight(W, handed, scheme, act_order=True))
+    owned = gptq_quantize_weight(W, handed, scheme, act_order=True)
     assert handed == []  # popped: the caller holds no reference any more
     assert torch.equal(owned.quantized.codes, copied.quantized.codes)
     assert torch.equal(owned.quantized.scales, copied.quantized.scales)
-    assert owned_peak <= 2.4 * matrix, owned_peak / matrix
-    assert copied_peak - owned_peak >= 0.8 * matrix, (copied_peak / matrix, owned_peak / matrix)
+    copied_peak, owned_peak = _peak_in_fresh_process("copied"), _peak_in_fresh_process("handed")
+    assert owned_peak <= 2.7, owned_peak  # the inverse's two factors (+ W-sized buffers)
+    assert copied_peak - owned_peak >= 0.8, (copied_peak, owned_peak)
 
 
-def _print_ratios():  # pragma: no cover - run by hand: python tests/test_gptq_memory.py
+def _measure(mode: str) -> None:  # one solver call; prints its extra peak in matrices
+    import json
+
+    torch.set_num_threads(2)
     scheme = QuantScheme(bits=4, group_size=128, sym=False, clip_search=False)
     W, H = _problem()
-    a, _ = _peak_over_start(lambda: gptq_quantize_weight(W, H, scheme, act_order=True))
-    handed = [H]
+    arg = [H] if mode == "handed" else H
     H = None
-    b, _ = _peak_over_start(lambda: gptq_quantize_weight(W, handed, scheme, act_order=True))
-    print(f"copied {a / (N * N * 4):.2f} matrices, handed over {b / (N * N * 4):.2f}")
+    peak, _ = _peak_over_start(lambda: gptq_quantize_weight(W, arg, scheme, act_order=True))
+    print(json.dumps({"mode": mode, "matrices": peak / (N * N * 4)}))
 
 
 if __name__ == "__main__":
-    _print_ratios()
+    _measure(sys.argv[1] if len(sys.argv) > 1 else "handed")
