@@ -1,7 +1,7 @@
 """GPTQ's peak memory on a wide linear (what a streamed big model's down_proj sets): a Hessian
-handed over to the solver is permuted in place of copies, so at most two more [in, in] float32
-matrices than the caller held exist at once (the inverse's factors), against three or more when
-the solver copies it; the result is the same."""
+handed over to the solver is permuted in place of copies, so its peak holds about one [in, in]
+float32 matrix less than when the solver copies it (measured here: 2.4 against 3.4 matrices above
+the caller's), and the result is the same."""
 from __future__ import annotations
 
 import sys
