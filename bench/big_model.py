@@ -7,7 +7,9 @@ Sections (one per part of issue 20):
             qingzhou's offload (`load_model(..., max_memory=...)`) vs accelerate's
             `device_map="auto"` + `max_memory` offload vs AirLLM, on the same model and budget;
             tokens/s, peak RSS, and whether the greedy tokens agree. Each engine runs in its own
-            process (peak RSS is per process, and AirLLM lives in its own venv).
+            process (peak RSS is per process, and AirLLM lives in its own venv). The engine
+            `in-memory` (qingzhou with the whole model resident, no budget) is the ceiling every
+            offload engine approaches from below: add it with --engines ...,in-memory.
   stream    streaming quantization (issue 20 part 2) lives in bench/big_model_stream.py (another
             helper's); `stream` runs it when it is there.
 
@@ -222,7 +224,8 @@ def _engine(engine: str, folder: str, budget: int, tokens: int, dtype: str) -> N
     else:
         from qingzhou.llm import load_model
 
-        model, _ = load_model(folder, dtype=dtype, device="cpu", max_memory=budget)
+        # "in-memory": the whole model resident, no budget: the ceiling any offload can approach
+        model, _ = load_model(folder, dtype=dtype, device="cpu", max_memory=None if engine == "in-memory" else budget)
     load_s = time.perf_counter() - t0
     with torch.inference_mode():
         model(ids[:, :1])  # warm-up: one forward, not counted
@@ -266,17 +269,18 @@ def offload(shape: str, tokens: int, threads: int, engines: list[str], bits_list
         folder = bf16 if bits == 16 else make_4bit(shape)
         if bits == 4:  # the first 4-bit load writes the int4 kernel cache: do it outside the measured process
             run_engine("qingzhou", folder, budget, 1, "bfloat16", threads)
-        for engine in engines if bits == 16 else ["qingzhou"]:
+        for engine in engines if bits == 16 else [e for e in engines if e in ("qingzhou", "in-memory")]:
             r = run_engine(engine, folder, budget, tokens, "bfloat16", threads)
-            r.update(shape=shape, bits=bits, budget_mb=round(budget / 2**20), model_mb=round(folder_bytes(folder) / 2**20))
+            r.update(shape=shape, bits=bits, budget_mb=None if engine == "in-memory" else round(budget / 2**20),
+                     model_mb=round(folder_bytes(folder) / 2**20))
             rows.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
     ref = next((r.get("tokens") for r in rows if r.get("bits") == 16 and r.get("engine") == "qingzhou"), None)
-    peers = [r["tokens_per_s"] for r in rows if r.get("engine") != "qingzhou" and r.get("tokens_per_s")]
+    peers = [r["tokens_per_s"] for r in rows if r.get("engine") in ("accelerate", "airllm") and r.get("tokens_per_s")]
     for r in rows:
         if r.get("tokens") is not None and r["bits"] == 16:
             r["same_tokens_as_qingzhou"] = r["tokens"] == ref
-        if r.get("engine") == "qingzhou" and r.get("tokens_per_s") and peers:
+        if r.get("engine") in ("qingzhou", "in-memory") and r.get("tokens_per_s") and peers:
             r["x_fastest_peer_bf16"] = round(r["tokens_per_s"] / max(peers), 2)
     print(markdown(rows))
     return rows
@@ -288,7 +292,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         tps = r.get("tokens_per_s", r.get("skipped") or ("error: " + " ".join(r.get("error", []))[-80:]))
         lines.append(f"| {r.get('shape')} | {r['engine']} | {'bf16' if r.get('bits') == 16 else '4-bit g128'} | "
-                     f"{r.get('budget_mb')} | {tps} | {r.get('x_fastest_peer_bf16', '')} | {r.get('peak_rss_mb', '')} | "
+                     f"{r.get('budget_mb') or 'none'} | {tps} | {r.get('x_fastest_peer_bf16', '')} | {r.get('peak_rss_mb', '')} | "
                      f"{r.get('load_s', '')} | {r.get('same_tokens_as_qingzhou', '')} |")
     return "\n".join(lines)
 

@@ -174,7 +174,7 @@ def test_gptq_layout_loads_without_a_dense_weight(gptq_tiny):
 def test_gptq_layout_offloaded_streams_packed_bytes(gptq_tiny, tiny4):
     from qingzhou.llm import load_model
 
-    from qingzhou.llm.quantized.runtime import use_bf16_head
+    from qingzhou.llm.quantized.runtime import use_fast_head
 
     folder, _ = gptq_tiny
     big, _ = load_model(str(folder), dtype="float32", device="cpu", max_memory=int(_layer_bytes(folder) * 2.2))
@@ -183,7 +183,7 @@ def test_gptq_layout_offloaded_streams_packed_bytes(gptq_tiny, tiny4):
     # the streamed head computes in fp32 (the bf16 head copy is for a resident head): compare with
     # the resident model's exact head, so every streamed 4-bit layer is checked to 1e-5
     ref, _ = load_model(str(folder), dtype="float32", device="cpu")
-    use_bf16_head(ref, False)
+    use_fast_head(ref, False)
     with torch.inference_mode():
         torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-5)
     # a streamed 4-bit layer is about a quarter (plus scales) of its fp32 size / half of bf16

@@ -10,7 +10,7 @@ from qingzhou.finetune.testing import tiny_model
 from qingzhou.llm.quantized import int4_kernel
 from qingzhou.llm.quantized.grid import QuantScheme, rtn_quantize_weight
 from qingzhou.llm.quantized.qlinear import QuantLinear
-from qingzhou.llm.quantized.runtime import Bf16Head, use_bf16_head
+from qingzhou.llm.quantized.runtime import HEAD_INT8_MAX_ROWS, FastHead, _int8_rows, use_fast_head
 
 U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 
@@ -118,32 +118,32 @@ def _quantized_tiny(bits=4):
 IDS = torch.tensor([[3, 17, 99, 250, 42, 7, 7, 130]])
 
 
-def test_a_4bit_model_gets_the_bf16_head_tied_and_within_rounding(tmp_path):
+def test_a_4bit_model_gets_the_fast_head_tied_and_within_rounding(tmp_path):
     from qingzhou.compress.quantize import load_quantized, save_quantized
 
     model = _quantized_tiny()
     head = model.get_output_embeddings()
-    assert isinstance(head, Bf16Head) and head.weight is model.get_input_embeddings().weight
+    assert isinstance(head, FastHead) and head.weight is model.get_input_embeddings().weight
     keys = set(model.state_dict())
     with torch.no_grad():
         fast = model(IDS).logits
         for m in model.modules():
             if isinstance(m, QuantLinear):
                 m.kernel = "dequant"
-        assert use_bf16_head(model, False) is False
+        assert use_fast_head(model, False) is False
         assert type(model.get_output_embeddings()) is torch.nn.Linear
         exact = model(IDS).logits
     assert set(model.state_dict()) == keys
     rel = ((fast - exact).norm() / exact.norm()).item()
     assert 0 < rel < 2e-2
     assert fast.argmax(-1).eq(exact.argmax(-1)).float().mean() > 0.8
-    use_bf16_head(model, True)
+    use_fast_head(model, True)
     save_quantized(model, None, tmp_path / "q")
     again = load_quantized(tmp_path / "q")
-    assert isinstance(again.get_output_embeddings(), Bf16Head)
+    assert isinstance(again.get_output_embeddings(), FastHead)
 
 
-def test_bf16_head_is_exact_with_autograd_and_follows_weight_changes():
+def test_fast_head_is_exact_with_autograd_and_follows_weight_changes():
     model = _quantized_tiny()
     head = model.get_output_embeddings()
     h = torch.randn(2, head.in_features)
@@ -154,6 +154,41 @@ def test_bf16_head_is_exact_with_autograd_and_follows_weight_changes():
         assert not torch.equal(approx, exact) and torch.allclose(approx, exact, rtol=2e-2, atol=2e-2)
         head.weight.mul_(2)
         torch.testing.assert_close(head(h), 2 * approx, rtol=2e-2, atol=2e-2)
+
+
+def test_fast_head_decodes_from_its_int8_copy_and_many_rows_from_the_bf16_copy():
+    model = _quantized_tiny()
+    head = model.get_output_embeddings()
+    w = head.weight.detach()
+    codes, scale = _int8_rows(w)
+    deq = codes.float() * scale.float()[:, None]
+    # per-row symmetric int8: each weight within half a step (+ the bf16 rounding of the scale)
+    assert ((deq - w).abs() <= scale.float()[:, None] * (0.5 + 127 * U) + 1e-7).all()
+    with torch.no_grad():
+        for rows in (1, HEAD_INT8_MAX_ROWS):
+            h = torch.randn(rows, head.in_features)
+            y = head(h)
+            assert y.dtype == torch.float32 and "int8" in head._copies and "bf16" not in head._copies
+            via_int8 = h.to(torch.bfloat16).float() @ deq.T
+            assert ((y - via_int8).norm() / via_int8.norm()).item() < 1e-2  # bf16 output rounding
+            exact = torch.nn.functional.linear(h, w)
+            rel = ((y - exact).norm() / exact.norm()).item()
+            assert 0 < rel < 2e-2 and y.argmax(-1).eq(exact.argmax(-1)).all()
+        many = torch.randn(HEAD_INT8_MAX_ROWS + 1, head.in_features)
+        y = head(many)
+        assert "bf16" in head._copies
+        exact = torch.nn.functional.linear(many, w)
+        bound = 2 * U * (many.abs() @ w.abs().T) + U * exact.abs() + 1e-6
+        assert ((y - exact).abs() <= bound).all()  # the bf16 copy: bf16 rounding only
+
+
+def test_fast_head_falls_back_to_bf16_where_the_int8_kernel_does_not_tile():
+    head = FastHead(torch.nn.Linear(40, 300, bias=True))  # 40 inputs: not a multiple of 16
+    h = torch.randn(1, 40)
+    with torch.no_grad():
+        y = head(h)
+    assert head._copies["int8"][1] is None and "bf16" in head._copies
+    torch.testing.assert_close(y, torch.nn.functional.linear(h, head.weight, head.bias), rtol=2e-2, atol=2e-2)
 
 
 def test_models_without_kernel_layers_keep_the_fp32_head():
