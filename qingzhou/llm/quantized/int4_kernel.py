@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qingzhou.llm.quantized.grid import dequantize_codes
+
 GROUP_SIZES = (32, 64, 128, 256)
 # device type -> activation dtypes the fused kernel takes (computing in `_COMPUTE_DTYPE`), measured
 _FAST_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32, torch.float16)}
@@ -159,10 +161,10 @@ class Int4Pack:
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-              group_size: int, device: torch.device, dtype: torch.dtype,
-              reference: Callable[[torch.Tensor], torch.Tensor], force: bool = False,
+              group_size: int, device: torch.device, dtype: torch.dtype, force: bool = False,
               qweight: torch.Tensor | None = None) -> Int4Pack | None:
-        """Pack `codes` [out, in] (GPTQ grid) for `device`; None if the kernel is missing or wrong here.
+        """Pack `codes` [out, in] (GPTQ grid: `scales`/`zeros` [groups, out]) for `device`; None if the
+        kernel is missing here, or disagrees with the dequantised weight on a random input.
 
         `force` uses the kernel for activation dtypes where it runs but is not the fast choice, and
         for every row count. `qweight` (the layer's GPTQ buffer) enables the CPU GEMM route for
@@ -191,7 +193,9 @@ class Int4Pack:
             # the kernel's layout is what could disagree on some device; the GEMM route is plain torch
             rng = torch.Generator(device).manual_seed(0)  # not the global RNG: sampling stays reproducible
             x = torch.randn(4, in_f, device=device, dtype=dtype, generator=rng)
-            got, want = fast(x).float(), reference(x).float()
+            weight = dequantize_codes(codes, scales, zeros, g_idx).to(device, dtype)
+            got, want = fast(x).float(), torch.nn.functional.linear(x, weight).float()
+            del weight
         except (RuntimeError, NotImplementedError) as e:  # op missing in this build / device
             warnings.warn(f"int4 packed matmul unavailable on {device.type} ({e}); using the dequantising path",
                           stacklevel=3)

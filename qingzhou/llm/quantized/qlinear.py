@@ -107,12 +107,8 @@ class QuantLinear(nn.Module):
         key = (device, dtype)
         if key not in self._fast:
             codes = unpack_qweight(self.qweight, self.bits, self.in_features)
-            zeros = self.zero_points()
-            weight = dequantize_codes(codes, self.scales, zeros, self.g_idx).to(device, dtype)
-            self._fast[key] = Int4Pack.build(
-                codes, self.scales, zeros, self.g_idx, self.group_size, device, dtype,
-                reference=lambda x: F.linear(x, weight),
-                force=self.kernel == "int4pack", qweight=self.qweight)
+            self._fast[key] = Int4Pack.build(codes, self.scales, self.zero_points(), self.g_idx, self.group_size,
+                                             device, dtype, force=self.kernel == "int4pack", qweight=self.qweight)
         return self._fast[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qingzhou.llm.quantized.int4_kernel import Int4Pack
 from qingzhou.llm.quantized.pack import unpack_qweight
-from qingzhou.llm.quantized.grid import dequantize_codes
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
 # child names that read one input, per parent module (Llama, Mistral, Qwen2, Gemma 3 use these names)
@@ -65,10 +63,8 @@ class SiblingGroup:
             zeros = torch.cat([m.zero_points() for m in ms], dim=1)
             scales = torch.cat([m.scales for m in ms], dim=1)
             qweight = torch.cat([m.qweight for m in ms], dim=1)
-            g_idx = ms[0].g_idx
-            weight = dequantize_codes(codes, scales, zeros, g_idx).to(device, dtype)
-            self._packs[key] = Int4Pack.build(codes, scales, zeros, g_idx, ms[0].group_size, device, dtype,
-                                              reference=lambda x: F.linear(x, weight), qweight=qweight)
+            self._packs[key] = Int4Pack.build(codes, scales, zeros, ms[0].g_idx, ms[0].group_size, device, dtype,
+                                              qweight=qweight)
         return self._packs[key]
 
     def output(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor | None:
