@@ -339,7 +339,7 @@ def cpu_runtime(args) -> dict:
             unfuse_siblings(model)
             if name == PREVIOUS:
                 model.get_output_embeddings().int8_max_rows = 0  # the bf16 copy for every row
-            models[name] = model
+            models[name], paths[name] = model, "auto"
     ids = tok(args.prompt, return_tensors="pt").input_ids
     rates: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():

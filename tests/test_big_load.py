@@ -52,10 +52,14 @@ def _layer_bytes(folder: Path) -> int:
     return max(sum(index.nbytes(n) for n in index.layer_names(f"model.layers.{i}")) for i in range(4))
 
 
-@pytest.mark.parametrize("layout", ["one", "sharded"])
-def test_offloaded_model_gives_the_in_memory_tokens_and_logits(tiny4, layout):
+@pytest.mark.parametrize("layout,read", [("one", "map"), ("sharded", "map"), ("sharded", "buffers")])
+def test_offloaded_model_gives_the_in_memory_tokens_and_logits(tiny4, layout, read, monkeypatch):
+    """CPU compute reads streamed layers from the mapped shards ("map"); the accelerator route
+    ("buffers": pread into two buffers in a read-ahead thread) is run on the CPU too."""
     from qingzhou.llm import generate, load_model
+    from qingzhou.llm.offload import Streamer
 
+    monkeypatch.setattr(Streamer, "cpu_read", read)
     folder = tiny4[layout]
     ref, tok = load_model(str(folder), dtype="float32", device="cpu")
     budget = int(_layer_bytes(folder) * 2.2)
@@ -68,6 +72,7 @@ def test_offloaded_model_gives_the_in_memory_tokens_and_logits(tiny4, layout):
         torch.testing.assert_close(big(IDS).logits, ref(IDS).logits, rtol=0, atol=0)
     assert _greedy(big) == _greedy(ref)
     streamer = big.qingzhou_streamer
+    assert streamer.buffered == (read == "buffers") and (streamer.buffer_bytes > 0) == streamer.buffered
     before = streamer.loads
     a = generate(big, tok2, "hello there", max_new_tokens=8, chat=False)
     b = generate(ref, tok, "hello there", max_new_tokens=8, chat=False)

@@ -27,7 +27,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _PAGE = mmap.PAGESIZE
-_MADV_WILLNEED, _MADV_DONTNEED, _MADV_POPULATE_READ = 3, 4, 22  # Linux values
+_MADV_WILLNEED, _MADV_DONTNEED = 3, 4  # Linux values
 
 
 def _libc_madvise():
@@ -48,8 +48,8 @@ class ShardIndex:
 
     The headers are parsed here (8-byte length + JSON, the safetensors format), so a tensor is a
     view of the mapped file: reading a layer costs page-cache reads, not a copy, and `release`
-    hands the pages back (the process's resident set stays about one layer). ctypes' madvise
-    runs without the GIL, so `prefetch` in a background thread overlaps the main thread's compute.
+    hands the pages back (the process's resident set stays about one layer); `will_need` asks the
+    kernel to read pages ahead without waiting for them.
     """
 
     def __init__(self, folder: str | Path):
@@ -148,12 +148,11 @@ class ShardIndex:
                 continue
             _, base = self._map(f)
             start = (base + b) // _PAGE * _PAGE
-            if _MADVISE(ctypes.c_void_p(start), base + e - start, advice) != 0 and advice == _MADV_POPULATE_READ:
-                _MADVISE(ctypes.c_void_p(start), base + e - start, _MADV_WILLNEED)  # kernel < 5.14
+            _MADVISE(ctypes.c_void_p(start), base + e - start, advice)
 
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Read these tensors' bytes into memory now (blocking; call it from a background thread)."""
-        self._advise(names, _MADV_POPULATE_READ)
+    def will_need(self, names: Iterable[str]) -> None:
+        """Ask the kernel to read these tensors' pages ahead (returns at once; no-op when cached)."""
+        self._advise(names, _MADV_WILLNEED)
 
     def release(self, names: Iterable[str]) -> None:
         """Give these tensors' pages back (they stay in the page cache; views stay valid, re-read on use)."""
