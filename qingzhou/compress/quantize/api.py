@@ -20,7 +20,7 @@ from qingzhou.llm.quantized.gptq_layout import (
     save_quantized,
 )
 from qingzhou.llm.quantized.qlinear import QuantLinear
-from qingzhou.llm.quantized.runtime import use_fast_runtime
+from qingzhou.llm.quantized.runtime import use_fast_head
 
 
 @dataclass
@@ -125,7 +125,7 @@ def quantize(
         report.linear_bytes_after = _pack(model, quantized) if cfg.pack else _codes_bytes(quantized)
         round_to_storage(model, skip={f"{name}.weight" for name in quantized})  # the checkpoint stores 16-bit tensors
         if cfg.pack:
-            use_fast_runtime(model)  # as load_quantized does: the same runtime in memory and reloaded
+            use_fast_head(model)  # as load_quantized does: the same runtime in memory and reloaded
     report.seconds = run.seconds
     qc = result.get("quantization_config") or quantization_config(cfg, plan, run.skipped)
     setattr(model, QUANT_ATTR, qc)

@@ -29,7 +29,7 @@ from torch import nn
 
 from qingzhou.llm.quantized.pack import pack_qzeros, pack_rows, unpack_qzeros, unpack_rows
 from qingzhou.llm.quantized.qlinear import QuantLinear
-from qingzhou.llm.quantized.runtime import use_fast_head, use_fast_runtime
+from qingzhou.llm.quantized.runtime import use_fast_head
 from qingzhou.errors import ModelLoadError
 from qingzhou.io import atomic_dir, atomic_write_json
 
@@ -204,9 +204,7 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
     if not model.qingzhou_offload["streamed_modules"]:
         for name in ("qingzhou_offload", "qingzhou_shards"):
             delattr(model, name)  # fully resident: nothing maps the shards any more
-        use_fast_runtime(model)  # the fast head beside the 4-bit layers, fused q/k/v and gate/up (runtime.py)
-    else:
-        use_fast_head(model)  # streamed layers get their packs per forward (offload.py): no fusing
+    use_fast_head(model)  # the CPU runtime of 4-bit layers computes a resident head in bf16 too (runtime.py)
     return model.eval()
 
 

@@ -9,8 +9,7 @@ saving is gone); the buffers stay the single source of truth for saving.
 computes in bf16 whatever the activation dtype, casting at the layer boundary, and takes a
 dequantise-to-bf16 GEMM route for many rows; on CUDA it runs for bf16 activations), chosen by
 `kernel`: "auto" (the default) uses it where it is the fast choice, "int4pack" forces the kernel
-wherever it runs, "dequant" never uses it (the exact fp32 path, e.g. to compare against). Layers
-that read one input (q/k/v, gate/up) can share one fused matmul (`siblings.py`).
+wherever it runs, "dequant" never uses it (the exact fp32 path, e.g. to compare against).
 
 Inference (no autograd) through the dequantising path - layers the kernel cannot take: 3/8-bit,
 ragged or odd group sizes - keeps the rebuilt weight in the activation dtype after the first call
@@ -60,8 +59,6 @@ class QuantLinear(nn.Module):
         # qzeros hold v1 (zero - 1) in memory; a layer streamed from a gptq_v2 checkpoint keeps v2
         self.qzeros_v2 = False
         self._fast: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
-        # set by siblings.fuse_siblings: the q/k/v (gate/up) set this layer computes with in one matmul
-        self.siblings = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -93,8 +90,6 @@ class QuantLinear(nn.Module):
         attributes: `.to("meta")` and new buffers do not reach them)."""
         self._fast.clear()
         self._cached = None
-        if self.siblings is not None:
-            self.siblings.clear()
 
     def _load_from_state_dict(self, *args, **kwargs):  # new buffers: packed copies are stale
         self.clear_runtime()
@@ -116,10 +111,6 @@ class QuantLinear(nn.Module):
         # The fused kernels have no backward: training through this layer (LoRA on a quantised
         # base, distillation) takes the dequantising path.
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if self.siblings is not None and self.kernel == "auto" and not needs_grad:
-            y = self.siblings.output(self, x)  # one int4 matmul for the whole q/k/v (gate/up) set
-            if y is not None:
-                return y + bias if bias is not None else y
         fast = None if needs_grad else self.fast_kernel(x.device, x.dtype)
         if fast is not None:
             y = fast(x)

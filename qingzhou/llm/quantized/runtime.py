@@ -28,9 +28,11 @@ rows) (tests/test_quant_runtime.py). With autograd on (training through the mode
 exact fp32 `nn.Linear` computation. Models whose quantised layers all take the exact dequantising
 path (3/8-bit, ragged groups) keep the fp32 head, so they stay exact end to end.
 
-`load_quantized` and `quantize` (when it packs layers) call `use_fast_runtime` (this head, plus one
-int4 matmul per q/k/v and gate/up set: `siblings.py`), so `qingzhou eval`, `bench`, `generate` and
-the quickstart get it without a flag; `use_exact_runtime` undoes both.
+`load_quantized` and `quantize` (when it packs layers) call `use_fast_head`, so `qingzhou eval`,
+`bench`, `generate` and the quickstart get this head without a flag; `use_exact_runtime` undoes it
+and computes every quantised layer exactly too.
+(One int4 matmul per q/k/v and gate/up set, sharing their input, was tried and removed: 1.01x,
+within the noise, in `bench/decode_speed.py --cpu-runtime` on 2026-12-03.)
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ from torch import nn
 
 from qingzhou.llm.quantized import int4_kernel
 from qingzhou.llm.quantized.qlinear import QuantLinear
-from qingzhou.llm.quantized.siblings import fuse_siblings, unfuse_siblings
 
 _BF16 = torch.bfloat16
 
@@ -156,20 +157,9 @@ def use_fast_head(model: nn.Module, on: bool | None = None) -> bool:
     return on
 
 
-def use_fast_runtime(model: nn.Module) -> nn.Module:
-    """The default runtime of a packed model held in memory: the fast head (bf16; int8 weights for
-    decode rows) where the 4-bit layers compute in bf16 (`use_fast_head`), and one int4 matmul per
-    set of linears that read the same input (`siblings.fuse_siblings`: q/k/v, gate/up). The fusion
-    leaves the logits unchanged; the head adds bf16 rounding, and int8 rounding at decode."""
-    use_fast_head(model)
-    fuse_siblings(model)
-    return model
-
-
 def use_exact_runtime(model: nn.Module) -> nn.Module:
     """Compute every quantised layer and the head exactly (dequantised weights in the model's own
     dtype, no bf16 inside): for comparing with another runtime's fp32 logits."""
-    unfuse_siblings(model)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel = "dequant"
