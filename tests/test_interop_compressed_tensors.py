@@ -116,15 +116,16 @@ def test_pack_quantized_decompresses_to_our_weights_exactly(bits, group_size, sy
     assert sd["model.embed_tokens.weight"].dtype == torch.float16  # 16-bit like llm-compressor's files
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, -1)])
-def test_transformers_loads_symmetric_pack_quantized_with_our_logits(bits, group_size, tmp_path):
+@pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 8, -1), ("qwen2", 4, 32),
+                                                   ("gemma3_text", 4, 32)])
+def test_transformers_loads_symmetric_pack_quantized_with_our_logits(arch, bits, group_size, tmp_path):
     """transformers' compressed-tensors integration (decompressing on load) computes what we do.
     Asymmetric files are decompressed exactly above; transformers + compressed-tensors 0.20.1 cannot
     load them (its meta-device pass leaves `weight_zero_point` unpacked, then the packed tensor that
     its own compressor writes mismatches), which holds for llm-compressor's files too."""
     from transformers import AutoModelForCausalLM
 
-    m = tiny_model("llama")
+    m = tiny_model(arch, **({"head_dim": 16} if arch == "gemma3_text" else {}))
     quantize(m, {"method": "rtn", "bits": bits, "group_size": group_size, "sym": True}, _calib())
     folder, qc, _ = _export(m, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

@@ -46,6 +46,9 @@ CASES = {  # name: (model kwargs, quantize config)
     "fallback_48": ({}, {"method": "gptq", "bits": 4, "group_size": 48}),  # 64 % 48: every layer -> 32
     "mixed_groups": (WIDE, {"method": "rtn", "bits": 4, "group_size": 128}),  # 192 -> 64, down_proj 128
     "int8": ({}, {"method": "rtn", "bits": 8, "group_size": 32}),
+    # other architecture families we export: Qwen2 (q/k/v biases), Gemma 3 (its own norms and scaling)
+    "qwen2_asym": ({"arch": "qwen2"}, {"method": "gptq", "bits": 4, "group_size": 32}),
+    "gemma3_sym": ({"arch": "gemma3_text", "head_dim": 16}, {"method": "rtn", "bits": 4, "group_size": 32, "sym": True}),
 }
 
 
@@ -55,7 +58,8 @@ def _calib(n=4, length=32):
 
 def _make(case, folder):
     kw, cfg = CASES[case]
-    m = tiny_model("llama", **kw)
+    kw = dict(kw)
+    m = tiny_model(kw.pop("arch", "llama"), **kw)
     quantize(m, cfg, _calib())
     save_quantized(m, byte_tokenizer(), folder)
     return m
@@ -80,7 +84,7 @@ def test_gptq_folder_has_what_gptqmodel_and_vllm_read(case, tmp_path):
     assert isinstance(qc["desc_act"], bool) and isinstance(qc["sym"], bool) and qc["lm_head"] is False
     assert qc["checkpoint_format"] == ("gptq" if qc["sym"] else "gptq_v2")  # GPTQModel: no asym v1 from others
     assert qc["desc_act"] == CASES[case][1].get("act_order", CASES[case][1]["method"] == "gptq")
-    assert raw["architectures"] == ["LlamaForCausalLM"] and raw["dtype"] == "float16"
+    assert raw["architectures"] == [type(m).__name__] and raw["dtype"] == "float16"
     sd = load_file(str(tmp_path / "q" / "model.safetensors"))
     n = 0
     for name, layer in m.named_modules():
