@@ -191,6 +191,22 @@ def test_fast_head_falls_back_to_bf16_where_the_int8_kernel_does_not_tile():
     torch.testing.assert_close(y, torch.nn.functional.linear(h, head.weight, head.bias), rtol=2e-2, atol=2e-2)
 
 
+def test_a_bf16_model_gets_the_fast_head_only_when_held_wholly_in_memory():
+    from qingzhou.compress.quantize import quantize
+
+    model = tiny_model("llama", tie_word_embeddings=True).to(torch.bfloat16)
+    quantize(model, {"method": "rtn", "bits": 4, "group_size": 32})
+    head = model.get_output_embeddings()
+    assert isinstance(head, FastHead) and head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        one = model(IDS[:, :1]).logits  # a decode row: the int8 copy
+        assert "int8" in head._copies and head._copies["int8"][1] is not None
+        exact = torch.nn.functional.linear(model.model(IDS[:, :1]).last_hidden_state, head.weight)  # normed already
+    assert ((one.float() - exact.float()).norm() / exact.float().norm()).item() < 2e-2
+    model.qingzhou_offload = {"streamed_modules": ["model.layers.1"]}  # as load_model marks a budgeted model
+    assert use_fast_head(model, False) is False and use_fast_head(model) is False
+
+
 def test_models_without_kernel_layers_keep_the_fp32_head():
     model = _quantized_tiny(bits=3)
     assert type(model.get_output_embeddings()) is torch.nn.Linear

@@ -12,7 +12,7 @@ process, one thread, interleaved (noisy, shared machine), 16 greedy tokens:
 
 A bf16 head still reads 57 MB per token, as much as all 4-bit layers together. So where a model's
 4-bit layers compute in bf16 (CPU, `QuantLinear` layers the int4 kernel takes, the head in
-fp32/fp16), `use_fast_head` swaps the head for `FastHead`, which shares the head's weight
+fp32/fp16, or bf16 in a model held wholly in memory), `use_fast_head` swaps the head for `FastHead`, which shares the head's weight
 `Parameter` (tying, `state_dict` keys and saving are unchanged) and at inference multiplies
 - decode rows (at most `HEAD_INT8_MAX_ROWS`) with a symmetric per-row int8 copy (28 MB) through
   torch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations): one thread, the
@@ -141,15 +141,16 @@ def computes_in_bf16(model: nn.Module) -> bool:
 
 def use_fast_head(model: nn.Module, on: bool | None = None) -> bool:
     """Install (`on=True`), remove (`False`) or decide by `computes_in_bf16` (None) the fast head on
-    `model`'s output embeddings; returns whether it is installed. Only an fp32/fp16 `nn.Linear` on
-    CPU is swapped."""
+    `model`'s output embeddings; returns whether it is installed. Only an `nn.Linear` on CPU is
+    swapped: an fp32/fp16 one always, a bf16 one (whose int8 copy is all the head adds) only in a
+    model held wholly in memory, never in one streamed under a memory budget."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
     if not isinstance(head, nn.Linear):
         return False
     if on is None:
-        on = (head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, torch.float16)
-              and computes_in_bf16(model))
+        dtypes = (torch.float32, torch.float16) + (() if hasattr(model, "qingzhou_offload") else (_BF16,))
+        on = head.weight.device.type == "cpu" and head.weight.dtype in dtypes and computes_in_bf16(model)
     if on and not isinstance(head, FastHead):
         model.set_output_embeddings(FastHead(head))
     elif not on and isinstance(head, FastHead):
