@@ -54,7 +54,11 @@ def llama_cpp_tool(name: str) -> Path | None:
 
 def _run(cmd: list[str], timeout: int = 3600) -> tuple[int, str, float]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # LLAMA_ARG_REPACK=0: no repacked/AMX weight buffers. A GGML_NATIVE build on an AMX CPU runs
+    # q8_0 batches through AMX tiles, which this project's VM traps (SIGILL in
+    # tinygemm_kernel_amx<block_q8_0>); the plain CPU kernels compute the same quantized products.
+    env = {**os.environ, "LLAMA_ARG_REPACK": os.environ.get("LLAMA_ARG_REPACK", "0")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
 
 
