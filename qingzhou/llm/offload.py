@@ -74,7 +74,7 @@ class Streamer:
                 self.names[m] = [n for n in self.names[m] if n not in self.placeholders] + extra
                 self.source.update({n: kernels.index for n in extra})
         self.prefetch = prefetch
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qingzhou-prefetch") if prefetch else None
+        self._pool: ThreadPoolExecutor | None = None  # the read-ahead thread of the buffered route
         self._stream = side_stream(self.device)
         self._pending: dict[str, Future] = {}
         self._current: str | None = None
@@ -89,6 +89,8 @@ class Streamer:
         sized = [self.need[m] for m in modules if m in set(layers or ())] or list(self.need.values())
         self.buffered = self.device.type != "cpu" or self.cpu_read == "buffers"
         self.buffer_bytes = max(sized) if sized and self.buffered else 0
+        if prefetch and self.buffered:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qingzhou-prefetch")
         self._buffers: list[torch.Tensor | None] = [None, None]
 
     def _sources(self, module: str) -> list[ShardIndex]:
@@ -173,9 +175,9 @@ class Streamer:
             for src in self._sources(previous):  # its mapped pages go back (they stay in the page cache)
                 src.release(self._stored_names(previous, src))
         nxt = self.modules[(self.modules.index(module) + 1) % len(self.modules)]
-        if self._pool is None or nxt == module:
+        if not self.prefetch:
             return
-        if self.need[nxt] <= self.buffer_bytes:
+        if self._pool is not None and self.need[nxt] <= self.buffer_bytes:
             self._pending[nxt] = self._pool.submit(self._load, nxt, self._free_slot())
         elif not self.buffered:  # ask the kernel to read the next module ahead
             for src in self._sources(nxt):
