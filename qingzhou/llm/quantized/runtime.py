@@ -12,15 +12,20 @@ process, one thread, interleaved (noisy, shared machine), 16 greedy tokens:
 
 A bf16 head still reads 57 MB per token, as much as all 4-bit layers together. So where a model's
 4-bit layers compute in bf16 (CPU, `QuantLinear` layers the int4 kernel takes, the head in
-fp32/fp16, or bf16 in a model held wholly in memory), `use_fast_head` swaps the head for `FastHead`, which shares the head's weight
-`Parameter` (tying, `state_dict` keys and saving are unchanged) and at inference multiplies
-- decode rows (at most `HEAD_INT8_MAX_ROWS`) with a symmetric per-row int8 copy (28 MB) through
-  torch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations): one thread, the
-  SmolLM2 head took 1.9 ms against 6.8 ms for the bf16 matmul. llama.cpp's q4_0 files keep that
-  head in 4.5 bits. On SmolLM2 4-bit, WikiText-2 perplexity over 8 windows with every row through
-  such an int8 head: 25.381 against 25.385 with the bf16 head;
-- more rows (prompts, perplexity windows) with a bf16 copy, where the int8 kernel is several times
-  slower than a bf16 GEMM (2048 rows: 1.7 s against 0.2 s).
+fp32/fp16, or bf16 in a model held wholly in memory), `use_fast_head` swaps the head for
+`FastHead`, which shares the head's weight `Parameter` (tying, `state_dict` keys and saving are
+unchanged) and at inference multiplies
+- decode rows (at most `HEAD_INT8_MAX_ROWS`) with a symmetric per-row int8 copy through torch's
+  int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations). SmolLM2's head, 2 threads,
+  quiet machine: 1 row 1.02 ms against 1.95 ms for the bf16 matmul, 4 rows 1.61 against 2.04,
+  8 rows 3.12 against 2.15 (hence 4); Llama-3.2-3B's 128256 x 3072 head: 25 against 49 ms. In
+  `bench/decode_speed.py --cpu-runtime` SmolLM2 4-bit decodes 1.12x faster with it. llama.cpp's
+  q4_0 files keep that head in 4.5 bits. WikiText-2 perplexity of SmolLM2 4-bit over 8 windows
+  with every row through such an int8 head: 25.381 against 25.385 with the bf16 head;
+- more rows (prompts, perplexity windows) with a bf16 copy (the weight itself when it is bf16),
+  where the int8 kernel is several times slower than a bf16 GEMM (2048 rows: 1.7 s against 0.2 s).
+Memory: the int8 copy is a quarter of an fp32 head (half of a bf16 one); the bf16 copy of an fp32
+head, made only when many rows come (generate computes the head on the last row only), half.
 Each copy is made on first use and rebuilt if the weight changes; the int8 kernel is checked once
 against its dequantised weight (and skipped where it does not tile: inputs not a multiple of 16).
 The logits differ from the fp32 head's by bf16 rounding (many rows) or int8 + bf16 rounding (decode
