@@ -19,7 +19,7 @@ unchanged) and at inference multiplies
   int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations). SmolLM2's head, 2 threads,
   quiet machine: 1 row 1.02 ms against 1.95 ms for the bf16 matmul, 4 rows 1.61 against 2.04,
   8 rows 3.12 against 2.15 (hence 4); Llama-3.2-3B's 128256 x 3072 head: 25 against 49 ms. In
-  `bench/decode_speed.py --cpu-runtime` SmolLM2 4-bit decodes 1.12x faster with it. llama.cpp's
+  the CPU-runtime arms of `bench/decode_speed.py` SmolLM2 4-bit decodes 1.12x faster with it. llama.cpp's
   q4_0 files keep that head in 4.5 bits. WikiText-2 perplexity of SmolLM2 4-bit over 8 windows
   with every row through such an int8 head: 25.381 against 25.385 with the bf16 head;
 - more rows (prompts, perplexity windows) with a bf16 copy (the weight itself when it is bf16),
@@ -37,7 +37,7 @@ path (3/8-bit, ragged groups) keep the fp32 head, so they stay exact end to end.
 `bench`, `generate` and the quickstart get this head without a flag; `use_exact_runtime` undoes it
 and computes every quantised layer exactly too.
 (One int4 matmul per q/k/v and gate/up set, sharing their input, was tried and removed: 1.01x,
-within the noise, in `bench/decode_speed.py --cpu-runtime` on 2026-12-03.)
+within the noise, in the CPU-runtime arms of `bench/decode_speed.py` on 2026-12-03.)
 """
 from __future__ import annotations
 
