@@ -125,7 +125,7 @@ def test_transformers_loads_symmetric_pack_quantized_with_our_logits(arch, bits,
     its own compressor writes mismatches), which holds for llm-compressor's files too."""
     from transformers import AutoModelForCausalLM
 
-    m = tiny_model(arch, **({"head_dim": 16} if arch == "gemma3_text" else {}))
+    m = tiny_model(arch)
     quantize(m, {"method": "rtn", "bits": bits, "group_size": group_size, "sym": True}, _calib())
     folder, qc, _ = _export(m, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

@@ -48,7 +48,7 @@ CASES = {  # name: (model kwargs, quantize config)
     "int8": ({}, {"method": "rtn", "bits": 8, "group_size": 32}),
     # other architecture families we export: Qwen2 (q/k/v biases), Gemma 3 (its own norms and scaling)
     "qwen2_asym": ({"arch": "qwen2"}, {"method": "gptq", "bits": 4, "group_size": 32}),
-    "gemma3_sym": ({"arch": "gemma3_text", "head_dim": 16}, {"method": "rtn", "bits": 4, "group_size": 32, "sym": True}),
+    "gemma3_sym": ({"arch": "gemma3_text"}, {"method": "rtn", "bits": 4, "group_size": 32, "sym": True}),
 }
 
 

@@ -34,13 +34,16 @@ def byte_tokenizer(chat_template: str | None = CHATML, eos: str = "<|im_end|>") 
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 272, seed: int = 0, **overrides: Any) -> Any:
-    """A 2-layer, 64-wide random causal LM of the given architecture (llama, qwen2, mistral, gpt2)."""
+    """A 2-layer, 64-wide random causal LM of the given architecture (llama, qwen2, mistral, gemma,
+    gemma3_text, gpt2)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common = dict(vocab_size=vocab_size, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   pad_token_id=0, bos_token_id=1, eos_token_id=4, tie_word_embeddings=False)
+    if arch.startswith("gemma"):  # Gemma configs default to 256-wide heads whatever the width
+        common["head_dim"] = common["hidden_size"] // common["num_attention_heads"]
     if arch == "gpt2":
         common = dict(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_positions=512,
                       bos_token_id=1, eos_token_id=4)
