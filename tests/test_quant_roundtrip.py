@@ -55,6 +55,13 @@ def test_save_load_same_logits(arch, tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     if arch == "qwen2":  # q/k/v biases survive
         assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    # a resident load keeps its 4-bit codes once, in the kernel's pack, and saves the same tensors
+    four = [m for m in loaded.modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    assert four and all(m.is_compact() for m in four)
+    assert not any(m.is_compact() for m in loaded.modules() if isinstance(m, QuantLinear) and m.bits != 4)
+    save_quantized(loaded, None, tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == sd.keys() and all(torch.equal(again[k], sd[k]) for k in sd)
 
 
 def test_packed_equals_fake_quant():

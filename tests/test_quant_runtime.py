@@ -76,12 +76,50 @@ def test_many_rows_take_the_bf16_gemm_route_and_agree_with_the_kernel(act_order)
     _within_bf16_rounding(y_kernel.reshape(rows, -1), layer, x.reshape(rows, -1))
 
 
-def test_dequantize_bf16_is_the_dequantised_weight_rounded_once():
-    layer = _layer(96, 128, group=32, act_order=True)
+@pytest.mark.parametrize("out_f", [96, 192, 80])  # 80: a 64-row block and a 16-row tail
+def test_the_pack_reads_back_its_codes_and_the_kernels_weight(out_f):
+    """The GEMM route's weight is the one the kernel computes with: the kernel applied to the
+    identity gives it back, and the codes read from the pack are the layer's own."""
+    layer = _layer(out_f, 128, group=32, act_order=True)
     fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
-    got = int4_kernel.dequantize_bf16(layer.qweight, fast.scales, fast.zeros, 32, fast.perm)
-    want = layer.dequantize_weight().T[fast.perm].to(torch.bfloat16)
-    assert torch.equal(got, want)
+    assert fast.block is not None
+    assert torch.equal(fast.codes().long(), layer.codes()[:, fast.perm])
+    got = fast.dequantize_bf16()
+    eye = torch.eye(128, dtype=torch.bfloat16)
+    assert torch.equal(got.T, fast.matmul(eye, fast.packed, 32, fast.scales_and_zeros))
+    want = layer.dequantize_weight()[:, fast.perm]
+    scale = layer.scales.float().T[:, layer.g_idx.long()][:, fast.perm]  # each weight's group scale
+    # bf16 scale and zero term (|code - 8|, |8 - zero| <= 8 steps each), then the result rounded
+    assert ((got.float() - want).abs() <= 16 * U * scale + U * want.abs() + 1e-6).all()
+
+
+def test_a_compact_layer_drops_qweight_and_gives_it_back_exactly(tmp_path):
+    """`compact_when_packed`: after the first CPU forward the layer holds its codes once (the pack);
+    its outputs do not change, and `state_dict`, `codes()`, `.to()` and saving see the real `qweight`."""
+    layer = _layer(192, 576, act_order=True)
+    twin = _layer(192, 576, act_order=True)
+    qweight = layer.qweight.clone()
+    layer.compact_when_packed = True
+    x = torch.randn(3, 576)
+    with torch.no_grad():
+        y, y_twin = layer(x), twin(x)
+    assert layer.is_compact() and not twin.is_compact()
+    assert torch.equal(y, y_twin)
+    assert layer.qweight.untyped_storage().nbytes() == 4 and layer.qweight.shape == qweight.shape
+    assert torch.equal(layer.state_dict()["qweight"], qweight)
+    assert torch.equal(layer.codes(), twin.codes())
+    with torch.no_grad():  # many rows: the GEMM route reads the pack
+        big = torch.randn(int4_kernel.CPU_KERNEL_MAX_ROWS + 1, 576)
+        assert torch.equal(layer(big), twin(big))
+    fresh = _layer(192, 576, seed=1)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh.qweight, qweight)
+    layer.to(torch.float32)  # `.to()` moves the real buffer
+    assert not layer.is_compact() and torch.equal(layer.qweight, qweight)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y) and layer.is_compact()
+    layer.load_state_dict(_layer(192, 576, seed=2).state_dict())  # new weights replace the codes
+    assert not layer.is_compact() and torch.equal(layer.qweight, _layer(192, 576, seed=2).qweight)
 
 
 @pytest.mark.parametrize("bits,group,in_f", [(3, 64, 576), (8, 64, 576), (4, 48, 144)])

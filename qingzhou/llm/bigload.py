@@ -165,10 +165,12 @@ _SHADOW = "_qingzhou_int4pack_shadow"
 
 
 def _pack_shadows(model: nn.Module, device: str, dtype: torch.dtype) -> list[nn.Module]:
-    """Meta buffers the size of the int4 pack each resident 4-bit layer builds on its first
-    forward (`QuantLinear.fast_kernel`), so accelerate's placement counts it: a resident 4-bit layer
-    then holds its GPTQ buffers and the pack, about twice its checkpoint bytes (a streamed layer
-    carries only the pack). Only the planning sees them; the caller deletes them after."""
+    """Meta buffers the size of what each resident 4-bit layer adds on its first forward
+    (`QuantLinear.fast_kernel`), so accelerate's placement counts it. On the CPU the layer then
+    drops its GPTQ `qweight` for the pack, which holds the same codes (`compact_when_packed`, set by
+    `load_quantized` on resident layers): what it adds is the pack's bf16 scale/zero pairs. On an
+    accelerator it keeps both, about twice its checkpoint bytes. (A streamed layer carries only the
+    pack.) Only the planning sees them; the caller deletes them after."""
     from qingzhou.llm.quantized.int4_kernel import supported, why_not_shape
     from qingzhou.llm.quantized.qlinear import QuantLinear
 
@@ -179,8 +181,8 @@ def _pack_shadows(model: nn.Module, device: str, dtype: torch.dtype) -> list[nn.
         if not (isinstance(m, QuantLinear) and m.kernel != "dequant"
                 and why_not_shape(m.bits, m.group_size, m.in_features, m.out_features) is None):
             continue
-        # packed codes (as many bytes as qweight) + bf16 scale/zero pairs + the GEMM route's fp32 copies
-        nbytes = m.qweight.numel() * 4 + m.scales.numel() * 12
+        # bf16 scale/zero pairs, + the packed codes (as many bytes as qweight) where qweight stays
+        nbytes = m.scales.numel() * 4 + (0 if torch.device(device).type == "cpu" else m.qweight.numel() * 4)
         m.register_buffer(_SHADOW, torch.empty(nbytes, dtype=torch.uint8, device="meta"), persistent=False)
         out.append(m)
     return out

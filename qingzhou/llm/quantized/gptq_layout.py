@@ -198,9 +198,11 @@ def load_quantized(folder: str | Path, *, dtype: torch.dtype = torch.float32,
                              hint="GPTQ checkpoints load here in the 'gptq' (v1) and 'gptq_v2' formats.")
     model = load_big(folder, dtype=dtype, device=str(torch.device(device)), quant_layers=install_meta_layers, **big)
     for m in model.modules():  # resident v2 layers become v1, what QuantLinear holds; streamed ones keep the flag
-        if isinstance(m, QuantLinear) and m.qzeros_v2 and m.qzeros.device.type != "meta":
-            m.qzeros.copy_(qzeros_v2_to_v1(m.qzeros, m.bits, m.out_features))
-            m.qzeros_v2 = False
+        if isinstance(m, QuantLinear) and m.qzeros.device.type != "meta":
+            if m.qzeros_v2:
+                m.qzeros.copy_(qzeros_v2_to_v1(m.qzeros, m.bits, m.out_features))
+                m.qzeros_v2 = False
+            m.compact_when_packed = True  # resident: keep the codes once, in the kernel's pack (qlinear.py)
     if not model.qingzhou_offload["streamed_modules"]:
         for name in ("qingzhou_offload", "qingzhou_shards"):
             delattr(model, name)  # fully resident: nothing maps the shards any more

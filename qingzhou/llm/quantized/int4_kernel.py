@@ -123,21 +123,31 @@ def _column_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
     return perm if torch.equal(g[perm], expected) else None
 
 
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+def _cpu_pack_block(packed: torch.Tensor, codes: torch.Tensor) -> int | None:
+    """The row-block width of the CPU packed layout, if `packed` decodes back to `codes` with one.
+
+    torch does not document `_convert_weight_to_int4pack_for_cpu`'s layout; measured on torch 2.13
+    (AVX512): row blocks of 64, each uint8 [K, 32] with byte j of column k holding row j's code in
+    its low nibble and row j+32's in its high one; the last N % 64 rows as uint8 [K, rows/2] with
+    rows 2j and 2j+1 in the low and high nibble. A 32-row block is tried for other builds; None
+    (nothing reads back exactly) means the pack's codes cannot be read back."""
+    n, k = codes.shape
+    for block in (64, 32):
+        if packed.numel() * 2 == n * k and torch.equal(_decode_cpu_pack(packed, n, k, block), codes):
+            return block
+    return None
 
 
-def dequantize_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    perm: torch.Tensor | None) -> torch.Tensor:
-    """The [in, out] bf16 weight of a 4-bit GPTQ `qweight` [in/8, out] with contiguous groups
-    (columns in `perm` order for act-order layers), computed in fp32 and rounded once to bf16.
-    `scales`, `zeros` are fp32 [groups, 1, out]. Vectorised: about 0.5-3 ms for a 576x1536 layer."""
-    n_in = qweight.shape[0] * 8
-    codes = (qweight.unsqueeze(1) >> _SHIFTS.to(qweight.device).view(1, 8, 1)) & 15  # [in/8, 8, out]
-    codes = codes.reshape(n_in, -1)
-    if perm is not None:
-        codes = codes.index_select(0, perm)
-    codes = codes.view(n_in // group_size, group_size, -1).to(torch.float32)
-    return ((codes - zeros) * scales).to(_COMPUTE_DTYPE).view(n_in, -1)
+def _decode_cpu_pack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Codes [N, K] (uint8) of a CPU int4 pack with row blocks of `block` (`_cpu_pack_block`)."""
+    flat = packed.reshape(-1)
+    full = n // block * block
+    q = flat[: full * k // 2].view(n // block, k, block // 2)
+    parts = [torch.cat([q & 15, q >> 4], dim=2).permute(0, 2, 1).reshape(full, k)]
+    if full < n:  # the tail block: adjacent rows share a byte
+        t = flat[full * k // 2:].view(k, (n - full) // 2)
+        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(k, n - full).T)
+    return torch.cat(parts)
 
 
 @dataclass
@@ -145,7 +155,10 @@ class Int4Pack:
     """A layer's weights in the kernel's packed layout, for one device and activation dtype.
 
     `max_rows`: inputs with more rows than this take the dequantise-to-bf16 + GEMM route (the rows
-    rule in the module docstring); None = always the kernel."""
+    rule in the module docstring); None = always the kernel. `block`: the row-block width of a CPU
+    pack that reads back to its codes (`_cpu_pack_block`), else None. The pack holds everything the
+    layer computes with (codes, bf16 scales and zero terms), so a layer can drop its GPTQ-layout
+    `qweight` once packed and rebuild it from here (`QuantLinear` with `compact_when_packed`)."""
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
@@ -155,20 +168,17 @@ class Int4Pack:
     matmul: Callable
     compute_dtype: torch.dtype = _COMPUTE_DTYPE
     max_rows: int | None = None
-    qweight: torch.Tensor | None = None  # the layer's GPTQ buffer (shared, not a copy), for the GEMM route
-    scales: torch.Tensor | None = None  # fp32 [groups, 1, out]
-    zeros: torch.Tensor | None = None  # fp32 [groups, 1, out]
+    block: int | None = None
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-              group_size: int, device: torch.device, dtype: torch.dtype, force: bool = False,
-              qweight: torch.Tensor | None = None) -> Int4Pack | None:
+              group_size: int, device: torch.device, dtype: torch.dtype, force: bool = False) -> Int4Pack | None:
         """Pack `codes` [out, in] (GPTQ grid: `scales`/`zeros` [groups, out]) for `device`; None if the
         kernel is missing here, or disagrees with the dequantised weight on a random input.
 
         `force` uses the kernel for activation dtypes where it runs but is not the fast choice, and
-        for every row count. `qweight` (the layer's GPTQ buffer) enables the CPU GEMM route for
-        many rows.
+        for every row count. The CPU GEMM route for many rows reads the codes back from the pack,
+        so it exists where the pack's layout is known (`block`).
         """
         packer = _PACKERS.get(device.type)
         if packer is None or not (force or supported(device.type, dtype)):
@@ -179,17 +189,17 @@ class Int4Pack:
         order, tiles = _column_order(g_idx, group_size), _inner_k_tiles(in_f)
         identity = torch.equal(order, torch.arange(in_f, device=order.device))
         compute = _COMPUTE_DTYPE if device.type == "cpu" else dtype
-        gemm = device.type == "cpu" and not force and qweight is not None
         try:
             pack, matmul = packer[0], packer[1]()
-            packed = pack(codes[:, order].to(device), tiles)
+            ordered = codes[:, order].to(device)
+            packed = pack(ordered, tiles)
+            block = _cpu_pack_block(packed, ordered.to(torch.uint8)) if device.type == "cpu" else None
+            del ordered
             s = scales.float()
             sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(device=device, dtype=compute).contiguous()
+            gemm = block is not None and not force
             fast = cls(packed, sz, None if identity else order.to(device), group_size, out_f, matmul, compute,
-                       CPU_KERNEL_MAX_ROWS if gemm else None,
-                       qweight.to(device) if gemm else None,
-                       s.to(device).unsqueeze(1) if gemm else None,
-                       zeros.float().to(device).unsqueeze(1) if gemm else None)
+                       CPU_KERNEL_MAX_ROWS if gemm else None, block)
             # the kernel's layout is what could disagree on some device; the GEMM route is plain torch
             rng = torch.Generator(device).manual_seed(0)  # not the global RNG: sampling stays reproducible
             x = torch.randn(4, in_f, device=device, dtype=dtype, generator=rng)
@@ -215,10 +225,28 @@ class Int4Pack:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if self.max_rows is not None and x2.shape[0] > self.max_rows:
-            w = dequantize_bf16(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
-            y = x2 @ w
+            y = x2 @ self.dequantize_bf16().T
         else:
             y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes [out, in] read back from the pack, input columns in `perm` order
+        (CPU packs with a known layout only)."""
+        if self.block is None:
+            raise RuntimeError("this int4 pack's layout is not known; its codes cannot be read back")
+        n, k = self.out_features, self.packed.numel() * 2 // self.out_features
+        return _decode_cpu_pack(self.packed, n, k, self.block)
+
+    def dequantize_bf16(self) -> torch.Tensor:
+        """The [out, in] bf16 weight the kernel computes with (its own bf16 scales and zero terms,
+        input columns in `perm` order), computed in fp32 and rounded once: the GEMM route's weight.
+        Vectorised: about 0.5-3 ms for a 576x1536 layer."""
+        codes = self.codes()
+        n, k = codes.shape
+        sz = self.scales_and_zeros.float()  # [groups, out, 2]
+        scale, zero = sz[..., 0].T.unsqueeze(-1), sz[..., 1].T.unsqueeze(-1)  # [out, groups, 1]
+        w = (codes.view(n, k // self.group_size, self.group_size).float() - 8) * scale + zero
+        return w.to(self.compute_dtype).view(n, k)

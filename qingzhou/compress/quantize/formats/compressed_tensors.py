@@ -95,7 +95,7 @@ def _pack_quantized(name: str, m: QuantLinear, state: dict[str, torch.Tensor]) -
     for k in ("qweight", "qzeros", "scales", "g_idx"):
         state.pop(f"{name}.{k}", None)
     words = -(-in_f * bits // 32)
-    state[f"{name}.weight_packed"] = m.qweight.detach().cpu()[:words].T.contiguous()
+    state[f"{name}.weight_packed"] = m.gptq_qweight().detach().cpu()[:words].T.contiguous()
     state[f"{name}.weight_scale"] = m.scales.detach().cpu().T.contiguous()  # fp16, as the grid chose it
     state[f"{name}.weight_shape"] = torch.tensor([out_f, in_f])
     zeros = m.zero_points().cpu()  # [groups, out], in [0, 2**bits)
