@@ -43,7 +43,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PREVIOUS = "4-bit, bf16 head"  # the 4-bit runtime measured on 2026-12-02
+PREVIOUS = "4-bit, transformers forward"  # the 4-bit runtime before lean decoding (2026-12-03)
 
 SHAPES = {  # real models' shapes (random weights): "a 1B Llama-shape model" in the issues
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--q4-method", default="gptq", help="--cpu-runtime: method making the 4-bit folder")
     parser.add_argument("--llama-bench", default=None, help="--cpu-runtime: path of llama.cpp's llama-bench")
     parser.add_argument("--no-previous-runtime", action="store_true",
-                        help="--cpu-runtime: skip the arm of the 4-bit runtime before the int8 head")
+                        help="--cpu-runtime: skip the arm of the 4-bit model through transformers' forward")
     parser.add_argument("--ppl-windows", type=int, default=4, help="--cpu-runtime: perplexity windows timed (0: skip)")
     parser.add_argument("--ppl-seq-len", type=int, default=2048)
     parser.add_argument("--ppl-text", default=None, help="default ../shared/data/wikitext-2-raw/wiki.test.raw")
@@ -330,10 +330,8 @@ def cpu_runtime(args) -> dict:
     q4_folder = _q4_folder(args, args.model)
     models["4-bit gptq g64"] = load_model(str(q4_folder), device="cpu")[0]
     paths = {name: "auto" for name in models}
-    if not args.no_previous_runtime:  # the runtime before the int8 head
-        before = load_model(str(q4_folder), device="cpu")[0]
-        before.get_output_embeddings().int8_max_rows = 0  # the bf16 copy for every row
-        models[PREVIOUS], paths[PREVIOUS] = before, "auto"
+    if not args.no_previous_runtime:  # the same model and kernels through transformers' forward
+        models[PREVIOUS], paths[PREVIOUS] = models["4-bit gptq g64"], False
     ids = tok(args.prompt, return_tensors="pt").input_ids
     rates: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
@@ -351,7 +349,7 @@ def cpu_runtime(args) -> dict:
     q4 = decode["4-bit gptq g64"]["mean"]
     result["ratios"] = {"4bit/fp32": q4 / decode["dense fp32"]["mean"], "4bit/bf16": q4 / decode["dense bf16"]["mean"]}
     if PREVIOUS in decode:
-        result["ratios"]["4bit/previous runtime (bf16 head)"] = q4 / decode[PREVIOUS]["mean"]
+        result["ratios"]["4bit/previous runtime (transformers forward)"] = q4 / decode[PREVIOUS]["mean"]
     print(json.dumps({"decode_tokens_per_s": decode, "ratios": result["ratios"]}), flush=True)  # partial result
     binary = args.llama_bench or os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or LLAMA_BENCH
     if Path(binary).exists():

@@ -23,6 +23,12 @@ fixed buffers - is captured once as a CUDA graph and replayed per token (`cuda_g
 per-call cost of the compiled function (guards, CUDA-graph-tree checks over every weight) stayed
 ~2 ms per token without it. Sampling, logits processors, streamers and padded batches go
 through `generate`.
+
+On the CPU, `fast="auto"` decodes Llama-family models whose decoder linears are 4-bit (the CPU
+int4 kernel's) through `quantized/lean_decode.py` when the call is plain greedy decoding of one
+unpadded row (streaming included): the same weights and kernels without transformers' per-layer
+Python, checked against the model's own forward on first use. `fast=False` is transformers'
+`generate` everywhere.
 """
 from __future__ import annotations
 
@@ -304,6 +310,10 @@ def decode(model: Any, input_ids: Any, *, max_new_tokens: int, fast: FastOption 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     call = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+    if fast == "auto" and lean_applies(model, input_ids, attention_mask, generate_kwargs, max_new_tokens):
+        out = _lean(model, input_ids, max_new_tokens, streamer, **generate_kwargs)
+        if out is not None:
+            return out
     settings = resolve_fast(model, fast)
     if settings is None:
         return model.generate(**call, streamer=streamer)
@@ -325,8 +335,43 @@ def decode(model: Any, input_ids: Any, *, max_new_tokens: int, fast: FastOption 
     return out
 
 
+def lean_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwargs: dict[str, Any],
+                 max_new_tokens: int) -> bool:
+    """Whether `decode` takes the lean CPU path (`quantized/lean_decode.py`): one unpadded row, plain
+    greedy decoding (a streamer is fine), a model that path covers."""
+    from qingzhou.llm.quantized import lean_decode
+
+    if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
+        return False
+    if set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
+        return False
+    config = getattr(model, "generation_config", None)
+    if "do_sample" not in generate_kwargs and getattr(config, "do_sample", False):
+        return False
+    if any(getattr(config, f, None) not in neutral for f, neutral in _PROCESSOR_FIELDS.items()):
+        return False
+    return (lean_decode.why_not(model) is None
+            and lean_decode.fits_window(model, input_ids.shape[1] + max_new_tokens))
+
+
+def _lean(model: Any, input_ids: Any, max_new_tokens: int, streamer: Any, *, eos_token_id: Any = None,
+          pad_token_id: int | None = None, min_new_tokens: int | None = None, **_: Any) -> Any:
+    from qingzhou.llm.quantized import lean_decode
+
+    config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return lean_decode.greedy(model, input_ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                              min_new_tokens=min_new_tokens or 0, streamer=streamer)
+
+
 def fast_status(model: Any, fast: FastOption) -> str:
-    """What `decode` will run for this model: "eager", "static", "static+compile" or the failure."""
+    """What `decode` will run for this model: "lean" (CPU 4-bit, plain greedy), "eager", "static",
+    "static+compile" or the failure."""
+    from qingzhou.llm.quantized import lean_decode
+
+    if fast == "auto" and lean_decode.why_not(model) is None:
+        return "lean"
     if getattr(model, _FAILED, None):
         return f"eager (fast path failed: {getattr(model, _FAILED)})"
     settings = resolve_fast(model, fast)

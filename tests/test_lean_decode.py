@@ -1,0 +1,106 @@
+"""Lean CPU decoding of 4-bit Llama-family models (issue 19): the same greedy tokens as
+transformers' `generate`, streaming included; models it does not cover, or where its first-use
+check fails, decode through transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qingzhou.compress.quantize import quantize
+from qingzhou.finetune.testing import tiny_model
+from qingzhou.llm.generate import decode, fast_status
+from qingzhou.llm.quantized import lean_decode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = torch.tensor([[1, 17, 99, 42, 250, 7, 3, 130]])
+
+
+def _calib(n=4, length=32):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, 272, (length,), generator=g) for _ in range(n)]
+
+
+def _q4(arch: str, **overrides):
+    model = tiny_model(arch, seed=4, **overrides)
+    quantize(model, {"method": "rtn", "bits": 4, "group_size": 32}, _calib())
+    return model.eval()
+
+
+def _reference(model, n, **kw):
+    with torch.inference_mode():
+        return decode(model, PROMPT, max_new_tokens=n, fast=False, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 64}),
+                                            ("llama", {"num_key_value_heads": 4})])
+def test_lean_decoding_gives_generates_tokens(arch, overrides):
+    model = _q4(arch, **overrides)
+    assert lean_decode.why_not(model) is None and fast_status(model, "auto") == "lean"
+    with torch.inference_mode():
+        got = decode(model, PROMPT, max_new_tokens=24, fast="auto", do_sample=False)
+    assert getattr(model, lean_decode._CHECKED, False)  # the lean path ran (and passed its check)
+    assert torch.equal(got, _reference(model, 24))
+
+
+def test_lean_logits_match_the_models_forward():
+    model = _q4("qwen2")  # q/k/v biases
+    decoder = lean_decode.LeanDecoder(model, 16)
+    with torch.inference_mode():
+        first = decoder.step(PROMPT)
+        nxt = decoder.step(torch.tensor([[5]]))
+        want = model(torch.cat([PROMPT, torch.tensor([[5]])], 1)).logits[0, -2:]
+    got = torch.stack([first, nxt])
+    # the head differs: one lean row goes through its int8 copy, the forward's 9 rows through bf16
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_eos_min_new_tokens_and_streaming_follow_generate():
+    from transformers import TextStreamer
+
+    model = _q4("llama")
+    first = int(_reference(model, 1)[0, -1])
+    pieces = []
+
+    class Collect(TextStreamer):
+        def __init__(self):
+            self.skip_prompt, self.seen = True, 0
+
+        def put(self, value):
+            self.seen += 1
+            if self.seen > 1:
+                pieces.append(int(value.reshape(-1)[0]))
+
+        def end(self):
+            pieces.append("end")
+
+    for kw in ({"eos_token_id": first}, {"eos_token_id": first, "min_new_tokens": 3}):
+        with torch.inference_mode():
+            got = decode(model, PROMPT, max_new_tokens=10, fast="auto", do_sample=False, **kw)
+        assert torch.equal(got, _reference(model, 10, **kw)), kw
+    assert got.shape[1] > PROMPT.shape[1] + 1  # min_new_tokens held the end token back
+    with torch.inference_mode():
+        got = decode(model, PROMPT, max_new_tokens=6, fast="auto", do_sample=False, streamer=Collect())
+    assert pieces == got[0, PROMPT.shape[1]:].tolist() + ["end"]
+
+
+def test_models_it_does_not_cover_say_why():
+    dense = tiny_model("llama")
+    assert "4-bit" in lean_decode.why_not(dense) and fast_status(dense, "auto") == "eager"
+    assert "architecture 'gemma3_text'" in lean_decode.why_not(tiny_model("gemma3_text"))
+    mistral = _q4("mistral", sliding_window=16)
+    assert not lean_decode.fits_window(mistral, PROMPT.shape[1] + 12)
+    with torch.inference_mode():  # past its window: transformers' path, same as the reference
+        assert torch.equal(decode(mistral, PROMPT, max_new_tokens=12, fast="auto", do_sample=False),
+                           _reference(mistral, 12))
+    assert not getattr(mistral, lean_decode._CHECKED, False)
+
+
+def test_a_first_use_mismatch_falls_back_to_transformers(monkeypatch, caplog):
+    model = _q4("llama")
+    monkeypatch.setattr(lean_decode.LeanDecoder, "_rope", lambda self, x, cos, sin: x)  # a wrong lean step
+    with torch.inference_mode():
+        got = decode(model, PROMPT, max_new_tokens=8, fast="auto", do_sample=False)
+    assert torch.equal(got, _reference(model, 8))
+    assert "disagrees" in caplog.text and "logits disagreed" in lean_decode.why_not(model)
+    assert fast_status(model, "auto") == "eager"
