@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qingzhou.llm.generate import accepts, cache_argument
+from qingzhou.llm.forward_args import accepts, cache_argument
 from qingzhou.progress import progress_bar
 
 _DEFAULT_MAX_LENGTH = 2048

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from qingzhou.llm.forward_args import accepts, cache_argument
 from qingzhou.llm.modes import eval_mode
 
 log = logging.getLogger(__name__)
@@ -108,25 +109,6 @@ def fast_generate_kwargs(model: Any, settings: FastDecode, total_tokens: int) ->
     else:
         kwargs["disable_compile"] = True
     return kwargs
-
-
-def accepts(model: Any, argument: str) -> bool:
-    """Whether the (innermost) causal LM's forward takes `argument` (e.g. `logits_to_keep`)."""
-    import inspect
-
-    inner = model
-    while hasattr(inner, "get_base_model"):  # peft wrappers pass extra kwargs through
-        inner = inner.get_base_model()
-    try:
-        return argument in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def cache_argument(model: Any) -> str | None:
-    """The forward argument (and output field) carrying the KV cache: transformers >= 5.24 names it
-    `cache`, earlier versions `past_key_values`; None for a model that takes neither."""
-    return next((k for k in ("cache", "past_key_values") if accepts(model, k)), None)
 
 
 # generate() arguments the own loop reproduces; anything else (sampling, processors...) goes to generate

@@ -138,7 +138,7 @@ def decode_step_seconds(model: nn.Module, device: torch.device, *, context: int 
     attends over about the same `context` tokens)."""
     from transformers import StaticCache
 
-    from qingzhou.llm.generate import cache_argument
+    from qingzhou.llm.forward_args import cache_argument
 
     arg = cache_argument(model)
     vocab = max(2, int(getattr(model.config, "vocab_size", 2)))

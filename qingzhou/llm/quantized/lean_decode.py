@@ -161,7 +161,7 @@ def _check(model: nn.Module, ids: torch.Tensor, hidden: list[torch.Tensor]) -> b
     cached step as generate runs them (the int4 kernel's result depends on the row count, so a
     single forward over all the ids would differ by bf16 rounding). Hidden states, not logits: the
     head's int8 decode copy would blur the comparison."""
-    from qingzhou.llm.generate import cache_argument
+    from qingzhou.llm.forward_args import cache_argument
 
     arg = cache_argument(model)
     prompt = ids[:, : ids.shape[1] - len(hidden) + 1]
