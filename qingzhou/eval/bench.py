@@ -150,7 +150,8 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
         return decode(model, ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id,
                       fast=fast, streamer=streamer)
 
-    per_token_clock = fast_status(model, fast) == "eager"  # fast paths: no host sync per token
+    # eager and lean decoding sync per token (a clock streamer times them); compiled paths do not
+    per_token_clock = fast_status(model, fast) in ("eager", "lean")
 
     results = []
     reset_peak_memory(device)
