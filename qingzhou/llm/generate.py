@@ -124,16 +124,22 @@ _PROCESSOR_FIELDS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": 
 def loop_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwargs: dict[str, Any],
                  streamer: Any) -> bool:
     """Whether plain greedy decoding of unpadded prompts is asked for, which the own loop reproduces."""
-    if streamer is not None or set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
+    if streamer is not None or not _plain_greedy(model, generate_kwargs):
         return False
     if not hasattr(model, "get_compiled_call") or cache_argument(model) is None or hasattr(model, "get_base_model"):
+        return False
+    return bool(attention_mask.all())
+
+
+def _plain_greedy(model: Any, generate_kwargs: dict[str, Any]) -> bool:
+    """Whether the call and the model's generation config ask for plain greedy decoding (no
+    sampling, no logits processors): what the own loop and the lean path reproduce."""
+    if set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
         return False
     config = getattr(model, "generation_config", None)
     if "do_sample" not in generate_kwargs and getattr(config, "do_sample", False):
         return False
-    if any(getattr(config, f, None) not in neutral for f, neutral in _PROCESSOR_FIELDS.items()):
-        return False
-    return bool(attention_mask.all())
+    return all(getattr(config, f, None) in neutral for f, neutral in _PROCESSOR_FIELDS.items())
 
 
 class _Greedy:
@@ -323,14 +329,7 @@ def lean_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwarg
     greedy decoding (a streamer is fine), a model that path covers."""
     from qingzhou.llm.quantized import lean_decode
 
-    if input_ids.shape[0] != 1 or not bool(attention_mask.all()):
-        return False
-    if set(generate_kwargs) - _LOOP_KWARGS or generate_kwargs.get("do_sample"):
-        return False
-    config = getattr(model, "generation_config", None)
-    if "do_sample" not in generate_kwargs and getattr(config, "do_sample", False):
-        return False
-    if any(getattr(config, f, None) not in neutral for f, neutral in _PROCESSOR_FIELDS.items()):
+    if input_ids.shape[0] != 1 or not bool(attention_mask.all()) or not _plain_greedy(model, generate_kwargs):
         return False
     return (lean_decode.why_not(model) is None
             and lean_decode.fits_window(model, input_ids.shape[1] + max_new_tokens))
