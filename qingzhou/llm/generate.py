@@ -336,7 +336,7 @@ def lean_applies(model: Any, input_ids: Any, attention_mask: Any, generate_kwarg
 
 
 def _lean(model: Any, input_ids: Any, max_new_tokens: int, streamer: Any, *, eos_token_id: Any = None,
-          pad_token_id: int | None = None, min_new_tokens: int | None = None, **_: Any) -> Any:
+          min_new_tokens: int | None = None, **_: Any) -> Any:  # one row: pad_token_id is never used
     from qingzhou.llm.quantized import lean_decode
 
     config = getattr(model, "generation_config", None)

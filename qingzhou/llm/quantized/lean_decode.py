@@ -13,8 +13,8 @@ q/k/v biases are the modules' own) whose decoder linears are `QuantLinear`s the 
 takes, on the CPU, batch 1, plain greedy decoding; sliding-window models only while the whole
 sequence fits their window. Its first use on a model checks the final hidden states of the prompt's
 last position and of the first decoded token against the model's own forward (relative error
-`_CHECK_RTOL`); on a mismatch the model is marked and decodes through `transformers` from then on. Greedy tokens equal the transformers path's
-(tests/test_lean_decode.py); the logits differ by float summation order only.
+`_CHECK_RTOL`); on a mismatch the model is marked and decodes through `transformers` from then on.
+Greedy tokens equal the transformers path's (tests/test_lean_decode.py).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def why_not(model: nn.Module) -> str | None:
     if cfg is None or getattr(cfg, "model_type", None) not in ARCHS:
         return f"architecture {getattr(cfg, 'model_type', None)!r} (lean decoding covers {', '.join(ARCHS)})"
     if getattr(model, _FAILED, None):
-        return f"its logits disagreed with the model's own forward ({getattr(model, _FAILED)})"
+        return f"its hidden states disagreed with the model's own forward ({getattr(model, _FAILED)})"
     if hasattr(model, "qingzhou_offload") or hasattr(model, "get_base_model"):
         return "offloaded or adapter-wrapped model"
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -190,27 +190,24 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, eo
         return input_ids
     decoder = LeanDecoder(model, input_ids.shape[1] + max_new_tokens)
     eos = sorted(set(eos_ids))
-    out: list[int] = []
+    out: list[int] = []  # tokens streamed
+    pending: list[int] = []  # tokens picked, not yet streamed (the first-use check runs before any)
 
     def pick(logits: torch.Tensor) -> int:
-        if len(out) < min_new_tokens and eos:
+        if len(out) + len(pending) < min_new_tokens and eos:  # end held back, as generate does
             logits = logits.clone()
             logits[eos] = float("-inf")
         return int(logits.argmax())
 
     with torch.inference_mode():
-        logits = decoder.step(input_ids)
-        pending = [pick(logits)]  # tokens picked, not yet streamed
+        pending.append(pick(decoder.step(input_ids)))
         if not getattr(model, _CHECKED, False):
             hidden = [decoder.hidden]
             if max_new_tokens > 1 and pending[0] not in eos:
-                out.append(pending[0])
-                logits = decoder.step(torch.tensor([[pending[0]]]))
+                pending.append(pick(decoder.step(torch.tensor([[pending[0]]]))))
                 hidden.append(decoder.hidden)
-                pending.append(pick(logits))
-                out.pop()
-            if not _check(model, torch.cat([input_ids, torch.tensor([pending[:len(hidden) - 1]],
-                                                                     dtype=input_ids.dtype)], 1), hidden):
+            checked = torch.cat([input_ids, torch.tensor([pending[:len(hidden) - 1]], dtype=input_ids.dtype)], 1)
+            if not _check(model, checked, hidden):
                 return None
         if streamer is not None:
             streamer.put(input_ids.cpu())

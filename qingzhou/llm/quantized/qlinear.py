@@ -99,14 +99,15 @@ class QuantLinear(nn.Module):
         """Whether `qweight` is dropped (held by the CPU pack; module docstring)."""
         return self._stub is not None and self._buffers.get("qweight") is self._stub
 
-    def _compact_pack(self) -> Int4Pack:
-        return next(p for (dev, _), p in self._fast.items() if p is not None and p.block is not None)
+    def _readable_pack(self) -> Int4Pack | None:
+        """A CPU pack whose codes read back (`Int4Pack.block`), if the layer has one."""
+        return next((p for p in self._fast.values() if p is not None and p.block is not None), None)
 
     def codes(self) -> torch.Tensor:
         """The integer codes [out, in], from `qweight` or, in a compact layer, from the pack."""
         if not self.is_compact():
             return unpack_qweight(self.qweight, self.bits, self.in_features)
-        pack = self._compact_pack()
+        pack = self._readable_pack()
         codes = pack.codes().to(torch.int32)
         if pack.perm is None:
             return codes
@@ -120,7 +121,7 @@ class QuantLinear(nn.Module):
 
     def _compact(self) -> None:
         """Drop `qweight` if a CPU pack reads back to exactly its codes (else keep it)."""
-        if self.is_compact() or not any(p is not None and p.block is not None for p in self._fast.values()):
+        if self.is_compact() or self._readable_pack() is None:
             return
         real = self.qweight
         self._stub = torch.zeros(1, dtype=real.dtype, device=real.device).expand(real.shape)
