@@ -128,6 +128,28 @@ def test_solver_coarse_grid_never_exceeds_budget():
     assert plan.cost <= budget
 
 
+def test_uniform_choice_is_the_best_shared_option_within_budget():
+    from qingzhou.compress.fit.solve import uniform_choice
+
+    rng = random.Random(8)
+    for case in range(60):
+        table = {f"l{i}": {f"o{j}": (rng.randint(1, 60), rng.random()) for j in range(4)} for i in range(4)}
+        table["rest"] = {"keep": (rng.randint(1, 30), 0.0), "k2": (99, 0.0)}
+        budget = rng.randint(40, 250)
+        plan = uniform_choice(table, budget, fixed=("rest",))
+        fits = [(sum(table[i][o][1] for i in table if i != "rest"), o) for o in ("o0", "o1", "o2", "o3")
+                if sum(table[i][o][0] for i in table if i != "rest") + table["rest"]["keep"][0] <= budget]
+        if not fits:
+            assert plan is None, case
+            continue
+        loss, option = min(fits)
+        assert plan.choice == {**{i: option for i in table if i != "rest"}, "rest": "keep"}, case
+        assert plan.cost == total_cost(table, plan.choice) <= budget
+        assert plan.loss == pytest.approx(loss)
+    # an option not every item has is never the uniform one
+    assert uniform_choice({"a": {"x": (1, 0.0)}, "b": {"y": (1, 0.0)}}, 10) is None
+
+
 def test_solver_infeasible_budget_names_smallest_size():
     table = {"a": {"x": (100, 1.0), "y": (40, 5.0)}, "b": {"x": (30, 0.0), "y": (70, 0.0)}}
     assert solve_choice(table, 70).choice == {"a": "y", "b": "x"}

@@ -97,7 +97,7 @@ def test_avg_bits_budget_is_honoured_by_the_written_files(tmp_path):
     assert bits == pytest.approx(report.avg_bits, rel=1e-12)
     assert bits <= 3.3
     assert len(report.mix()) > 1  # mixed widths, not a uniform setting
-    proxy = next(c for c in report.candidates if c["factor"] == 1.0 and c["min_bits"] is None)
+    proxy = next(c for c in report.candidates if c["factor"] == 1.0 and c["min_bits"] is None and not c["uniform"])
     assert proxy["avg_bits"] > 3.0  # the proxy plan spends the budget
     # the end-to-end check ran on every distinct candidate and picked among those within budget
     assert report.kl is not None and report.kl > 0 and report.kl_applied is not None
@@ -243,7 +243,12 @@ def test_min_bits_candidate_has_no_narrow_linear_and_competes_on_kl():
     assert report.kl == winner["kl"] and next(c for c in report.candidates if c["chosen"]) is winner
     without = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, _calib(), apply=False,
                   neighbours=(), min_bits=())
-    assert [c["min_bits"] for c in without.candidates] == [None]
+    assert [(c["min_bits"], c["uniform"]) for c in without.candidates] == [(None, False), (None, True)]
+    # the best uniform setting within the budget is always a KL-checked candidate
+    same = next(c for c in report.candidates if c["uniform"])
+    assert len(same["mix"]) == 1 and same["eligible"] and same["avg_bits"] <= 4.0 and same["kl"] is not None
+    assert same["name"] == f"uniform {next(iter(same['mix']))}"
+    assert same["loss"] >= full["loss"]  # the knapsack's optimum is never worse on its own proxy
 
 
 def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
@@ -261,7 +266,7 @@ def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
     report = fit(tiny_model("llama"), size, {"method": "rtn"}, _calib(), apply=False, neighbours=(0.95,))
     assert report.predicted_file_bytes <= size
     # the neighbour has 5% less room for the linears (not 5% of a file mostly made of embeddings)
-    by = {c["factor"]: c for c in report.candidates if c["min_bits"] is None}
+    by = {c["factor"]: c for c in report.candidates if c["min_bits"] is None and not c["uniform"]}
     fixed = report.plan.cost - sum(report.sensitivities[n].cost(o) for n, o in report.plan.choice.items()
                                    if n in report.sensitivities)
     room = size - (report.predicted_file_bytes - report.predicted_bytes) - fixed

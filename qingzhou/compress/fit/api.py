@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qingzhou.compress.fit.budget import Budget
-from qingzhou.compress.fit.solve import Plan, solve_choice
+from qingzhou.compress.fit.solve import Plan, solve_choice, uniform_choice
 from qingzhou.compress.fit.storage import KEEP, Option, header_bytes_bound, linear_bytes, model_bytes, option_space
 from qingzhou.errors import RecipeError
 
@@ -283,15 +283,18 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     # a neighbour scales the room the plan distributes, not the whole budget: for SmolLM2 in fp32
     # the embeddings alone are ~2/3 of the file, so "5% of the file" would be ~15% of the linears
     factors = sorted({1.0, *neighbours})
-    plans: dict[tuple[float, int | None], Plan] = {}
+    # key: (budget factor, min bits, uniform?)
+    plans: dict[tuple[float, int | None, bool], Plan] = {}
     for f in factors:
         lim = limit if f == 1.0 else fixed + math.floor(f * (limit - fixed))
         if lim >= smallest:
-            plans[(f, None)] = solve_choice(table, lim)
+            plans[(f, None, False)] = solve_choice(table, lim)
     for mb in sorted(set(min_bits)):
         sub = {n: {o: v for o, v in row.items() if n == REST or o.keep or o.bits >= mb} for n, row in table.items()}
         if all(sub.values()) and sum(min(c for c, _ in row.values()) for row in sub.values()) <= limit:
-            plans[(1.0, mb)] = solve_choice(sub, limit)
+            plans[(1.0, mb, False)] = solve_choice(sub, limit)
+    if check and (same := uniform_choice(table, limit, fixed=(REST,))) is not None:
+        plans[(1.0, None, True)] = same
     seconds["solve"] = time.perf_counter() - t0
 
     def summary_of(plan: Plan) -> dict[str, Any]:
@@ -301,23 +304,25 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
 
     candidates: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}
-    for (f, mb), plan in plans.items():
+    for (f, mb, uniform), plan in plans.items():
         s = summary_of(plan)
         key = tuple(sorted((n, o.label) for n, o in s["choice"].items()))
-        row = {"factor": f, "min_bits": mb, "eligible": f <= 1.0, "loss": s["loss"], "avg_bits": round(s["avg_bits"], 4),
-               "payload_bytes": s["payload"], "cost": s["cost"], "same_as": None, "kl": None}
+        row = {"factor": f, "min_bits": mb, "uniform": uniform, "eligible": f <= 1.0, "loss": s["loss"],
+               "avg_bits": round(s["avg_bits"], 4), "payload_bytes": s["payload"], "cost": s["cost"],
+               "same_as": None, "kl": None}
         if key in seen:
             row["same_as"] = seen[key]["name"]
         elif row["eligible"]:  # an over-budget plan is never the one another row's KL comes from
             seen[key] = row
-        row["name"] = f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
+        label = next(iter(s["choice"].values())).label if uniform and s["choice"] else ""
+        row["name"] = f"uniform {label}" if uniform else f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
         row["mix"] = option_mix(s["choice"])
         row["_choice"] = s["choice"]
         candidates.append(row)
     seen_rows = {r["name"]: r for r in candidates}
 
     t0 = time.perf_counter()
-    best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None)
+    best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None and not r["uniform"])
     chosen_by = "proxy"
     work = None
     if check:
@@ -348,7 +353,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"], chosen_by=chosen_by,
         candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
-        sensitivities=sens, plan=plans[(1.0, None)])
+        sensitivities=sens, plan=plans[(1.0, None, False)])
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 

@@ -99,6 +99,29 @@ def solve_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]],
                 exact=resolution == exact_res)
 
 
+def uniform_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]], budget: int, *,
+                   fixed: Sequence[Hashable] = ()) -> Plan | None:
+    """The best plan that gives every item (but the `fixed` ones, which take their cheapest option)
+    the same option, within `budget`; None when no shared option fits.
+
+    Why beside the optimal plan: the knapsack minimises the summed per-item proxy, which does not see
+    how errors compound through the layers; the uniform setting a user would have picked is the
+    baseline the mixed plan must beat end to end, so it is always a candidate of the KL check."""
+    chosen = [i for i in table if i not in fixed]
+    if not chosen:
+        return None
+    shared = [o for o in table[chosen[0]] if all(o in table[i] for i in chosen)]
+    base = {i: min(table[i], key=lambda o, i=i: table[i][o][0]) for i in fixed}
+    best: Plan | None = None
+    for o in shared:
+        choice = {i: (base[i] if i in base else o) for i in table}
+        cost = total_cost(table, choice)
+        loss = sum(float(table[i][c][1]) for i, c in choice.items())
+        if cost <= budget and (best is None or loss < best.loss):
+            best = Plan(choice=choice, cost=cost, loss=loss, budget=budget, resolution=1)
+    return best
+
+
 def brute_force(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]], budget: int) -> float:
     """The least total loss within `budget` by enumerating every plan (tests, tiny tables only);
     inf when none fits."""
@@ -118,4 +141,4 @@ def total_cost(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]],
     return sum(int(table[i][o][0]) for i, o in choice.items())
 
 
-__all__: Sequence[str] = ("Plan", "solve_choice", "brute_force", "total_cost", "MAX_STATES")
+__all__: Sequence[str] = ("Plan", "solve_choice", "uniform_choice", "brute_force", "total_cost", "MAX_STATES")
