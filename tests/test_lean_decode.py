@@ -42,6 +42,28 @@ def test_lean_decoding_gives_generates_tokens(arch, overrides):
     assert torch.equal(got, _reference(model, 24))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_stacked_packs_share_the_layers_memory_and_give_the_same_tokens(arch):
+    # 64-wide heads: q (128 rows), k and v (64 each) are whole 64-row blocks of the CPU pack
+    model = _q4(arch, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    layers = lean_decode._layers(model, torch.float32)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    stacked = layers[0].qkv if arch == "llama" else layers[0].qkv.pack  # qwen2: the pack + its q/k/v biases
+    assert isinstance(stacked, lean_decode.Int4Pack) and stacked.out_features == 256
+    assert isinstance(layers[0].gate_up, lean_decode.Int4Pack)
+    base = stacked.packed.untyped_storage().data_ptr()
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):  # views into the stacked pack: no second copy
+        assert proj.fast_kernel(torch.device("cpu"), torch.float32).packed.untyped_storage().data_ptr() == base
+    x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        sep = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        assert torch.allclose(layers[0].qkv(x), sep, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(layers[0].gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), atol=1e-5)
+        got = decode(model, PROMPT, max_new_tokens=16, fast="auto", do_sample=False)
+    assert getattr(model, lean_decode._CHECKED, False)
+    assert torch.equal(got, _reference(model, 16))
+
+
 def test_lean_logits_match_the_models_forward():
     model = _q4("qwen2")  # q/k/v biases
     decoder = lean_decode.LeanDecoder(model, 16)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qingzhou.llm.quantized import int4_kernel
+from qingzhou.llm.quantized.int4_kernel import Int4Pack
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,73 @@ def _linear(module: QuantLinear, dtype: torch.dtype) -> Callable[[torch.Tensor],
     bias = module.bias
     if bias is None:
         return pack
-    bias = bias.to(dtype)
-    return lambda x: pack(x) + bias
+    return _Biased(pack, bias.to(dtype))
+
+
+@dataclass
+class _Biased:
+    """An int4 pack plus a bias (Qwen2's q/k/v)."""
+
+    pack: Int4Pack
+    bias: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pack(x) + self.bias
+
+
+def _fused(modules: list[QuantLinear], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One call computing `cat([m(x) for m in modules], -1)`: q/k/v (or gate/up) read the same input,
+    so one int4 matmul over their stacked packs replaces three (two) and their casts.
+
+    The CPU pack is laid out in blocks of output rows (`int4_kernel._cpu_pack_block`), so when every
+    layer but the last has a whole number of blocks the stacked pack is the concatenation of the
+    layers' packs, bit for bit. Each layer's own pack then becomes a view into the stacked one, so
+    fusing costs no memory and the layers' own forward keeps working. Where the packs cannot be
+    stacked (unknown layout, different groups or column orders) or the stacked call disagrees with
+    the separate ones on a random input, the layers run one by one."""
+    packs = [m.fast_kernel(torch.device("cpu"), dtype) for m in modules]
+    calls = [_linear(m, dtype) for m in modules]
+
+    def separate(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c(x) for c in calls], dim=-1)
+
+    first = packs[0]
+    if first is None or any(
+            p is None or p.block is None or p.block != first.block or p.group_size != first.group_size
+            or p.compute_dtype != first.compute_dtype or p.matmul is not first.matmul or p.max_rows != first.max_rows
+            or p.packed.shape[1:] != first.packed.shape[1:] or (p.perm is None) != (first.perm is None)
+            or (p.perm is not None and not torch.equal(p.perm, first.perm)) for p in packs):
+        return separate
+    if any(p.out_features % p.block for p in packs[:-1]):
+        return separate
+    stacked = Int4Pack(torch.cat([p.packed for p in packs]), torch.cat([p.scales_and_zeros for p in packs], dim=1),
+                       first.perm, first.group_size, sum(p.out_features for p in packs), first.matmul,
+                       first.compute_dtype, first.max_rows, first.block)
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(1, first.packed.shape[1] * 2, dtype=dtype, generator=rng)
+    if not torch.allclose(stacked(x), torch.cat([p(x) for p in packs], dim=-1), rtol=1e-3, atol=1e-3):
+        log.debug("stacked int4 packs disagree with the separate ones; running them one by one")
+        return separate
+    offset = 0
+    for p in packs:  # the separate packs become views: no second copy of the weights
+        p.packed = stacked.packed[offset: offset + p.out_features]
+        offset += p.out_features
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return stacked
+    bias = torch.cat([b.to(dtype) if b is not None else torch.zeros(m.out_features, dtype=dtype)
+                      for b, m in zip(biases, modules)])
+    return _Biased(stacked, bias)
+
+
+def _norm(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module(x)` for a Llama-style RMSNorm as one `F.rms_norm` call (fp32: the same formula the
+    module computes in ~7 ops); the module itself otherwise."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if dtype != torch.float32 or weight is None or eps is None or not type(module).__name__.endswith("RMSNorm"):
+        return module
+    shape = (weight.shape[-1],)
+    return lambda x: F.rms_norm(x, shape, weight, eps)
 
 
 def why_not(model: nn.Module) -> str | None:
@@ -91,15 +157,30 @@ def fits_window(model: nn.Module, total_tokens: int) -> bool:
 
 @dataclass
 class _Layer:
-    norm1: nn.Module
-    norm2: nn.Module
-    q: Callable
-    k: Callable
-    v: Callable
+    norm1: Callable
+    norm2: Callable
+    qkv: Callable  # -> [.., (heads + 2 kv_heads) * head_dim]: q, k, v side by side
     o: Callable
-    gate: Callable
-    up: Callable
+    gate_up: Callable  # -> [.., 2 * intermediate]
     down: Callable
+
+
+_PLAN = "_qingzhou_lean_layers"  # (dtype, [_Layer]) kept on the model: stacking packs is done once
+
+
+def _layers(model: nn.Module, dtype: torch.dtype) -> list[_Layer]:
+    """The model's decoder layers as lean calls, built on first use and kept on the model."""
+    cached = getattr(model, _PLAN, None)
+    if cached is not None and cached[0] == dtype:
+        return cached[1]
+    layers = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        layers.append(_Layer(_norm(layer.input_layernorm, dtype), _norm(layer.post_attention_layernorm, dtype),
+                             _fused([a.q_proj, a.k_proj, a.v_proj], dtype), _linear(a.o_proj, dtype),
+                             _fused([m.gate_proj, m.up_proj], dtype), _linear(m.down_proj, dtype)))
+    object.__setattr__(model, _PLAN, (dtype, layers))  # a plain attribute, not a submodule
+    return layers
 
 
 class LeanDecoder:
@@ -113,22 +194,24 @@ class LeanDecoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         dtype = inner.embed_tokens.weight.dtype
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
-                                      *(_linear(x, dtype) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                                                     m.gate_proj, m.up_proj, m.down_proj))))
+        self.layers = _layers(model, dtype)
+        self.intermediate = model.config.intermediate_size
         shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype)
         self.values = torch.zeros(shape, dtype=dtype)
         self.scaling = self.head_dim ** -0.5
         self.length = 0  # positions filled
         self.hidden: torch.Tensor | None = None
+        # rotate_half(x) = x @ rotation: a signed permutation, so the product is exact
+        half = self.head_dim // 2
+        rotation = torch.zeros(self.head_dim, self.head_dim, dtype=dtype)
+        rotation[torch.arange(half) + half, torch.arange(half)] = -1
+        rotation[torch.arange(half), torch.arange(half) + half] = 1
+        self.rotation = rotation
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        """Rotary embedding of x [.., head_dim]: `x * cos + rotate_half(x) * sin`, as the model does."""
+        return torch.addcmul(x * cos, x @ self.rotation, sin)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [vocab] of the last of `ids` [1, T], appended at the current position."""
@@ -137,19 +220,19 @@ class LeanDecoder:
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(start, end).unsqueeze(0)
         cos, sin = self.inner.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, head_dim]
-        h_, kv_, d = self.heads, self.kv_heads, self.head_dim
-        for i, layer in enumerate(self.layers):
-            h = layer.norm1(x)
-            q = self._rope(layer.q(h).view(1, t, h_, d).transpose(1, 2), cos, sin)
-            k = self._rope(layer.k(h).view(1, t, kv_, d).transpose(1, 2), cos, sin)
-            self.keys[i, :, :, start:end] = k
-            self.values[i, :, :, start:end] = layer.v(h).view(1, t, kv_, d).transpose(1, 2)
-            att = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end],
-                                                 is_causal=t > 1, scale=self.scaling, enable_gqa=kv_ != h_)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, T, 1, head_dim]
+        h_, kv_, d, inter = self.heads, self.kv_heads, self.head_dim, self.intermediate
+        gqa = kv_ != h_
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            qkv = layer.qkv(layer.norm1(x))
+            qk = self._rope(qkv[..., : (h_ + kv_) * d].view(1, t, h_ + kv_, d), cos, sin)  # q and k heads at once
+            keys[:, :, start:end] = qk[:, :, h_:].transpose(1, 2)
+            values[:, :, start:end] = qkv[..., (h_ + kv_) * d:].view(1, t, kv_, d).transpose(1, 2)
+            att = F.scaled_dot_product_attention(qk[:, :, :h_].transpose(1, 2), keys[:, :, :end], values[:, :, :end],
+                                                 is_causal=t > 1, scale=self.scaling, enable_gqa=gqa)
             x = x + layer.o(att.transpose(1, 2).reshape(1, t, h_ * d))
-            h = layer.norm2(x)
-            x = x + layer.down(F.silu(layer.gate(h)) * layer.up(h))
+            gu = layer.gate_up(layer.norm2(x))
+            x = x + layer.down(F.silu(gu[..., :inter]) * gu[..., inter:])
         self.length = end
         self.hidden = self.inner.norm(x[:, -1:])[0, -1]  # the final hidden state (first-use check)
         return self.model.lm_head(self.hidden)
