@@ -15,6 +15,8 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
   AutoRound run: run that arm first), the matched-size comparison;
 * `kq-Q2_K`, `kq-Q3_K_M`, `kq-Q4_K_M` and `...-imat` - llama.cpp's `llama-quantize` (with an importance
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
+* `<arm>+kd` for a `gptq-*` or `fit-*` arm: that model, then its per-group scales trained towards the
+  dense model (`distill(..., method="quant_scales")`, forward KL, 38 steps of 4 calibration rows);
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
   in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200).
 
@@ -211,8 +213,19 @@ def quantized_row(b: Bench, name: str, model, tok, names: list[str], n_weights: 
     return row
 
 
-@arm(r"gptq-(\d)-g(\d+)", "ours: uniform GPTQ")
-def run_gptq(b: Bench, name: str) -> dict:
+@dataclass
+class Built:
+    """A compressed model in memory and what its row needs."""
+
+    model: object
+    tok: object
+    names: list
+    n_weights: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def build_gptq(b: Bench, name: str) -> Built:
     from qingzhou.compress.quantize import quantize
 
     bits, group = re.fullmatch(r"gptq-(\d)-g(\d+)", name).groups()
@@ -220,7 +233,13 @@ def run_gptq(b: Bench, name: str) -> dict:
     names, n = list(decoder_linears(model)), linear_weight_count(model)
     t0 = time.perf_counter()
     quantize(model, parse_setting(f"gptq-asym-{bits}-g{group}"), b.samples, tokenizer=tok)
-    return quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
+    return Built(model, tok, names, n, time.perf_counter() - t0)
+
+
+@arm(r"gptq-(\d)-g(\d+)", "ours: uniform GPTQ")
+def run_gptq(b: Bench, name: str) -> dict:
+    m = build_gptq(b, name)
+    return quantized_row(b, name, m.model, m.tok, m.names, m.n_weights, m.seconds)
 
 
 def fit_budget(model, bits: float, group: int = 64) -> int:
@@ -252,10 +271,7 @@ def run_fit_at(b: Bench, name: str) -> dict:
     return run_fit(b, name, matched=name.removeprefix("fit-at-"))
 
 
-@arm(r"fitu?-([\d.]+)", "ours: fit plan")
-def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
-    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
-    `fitu-<bits>`: the same with unweighted output errors (`weighting="none"`), for comparison."""
+def build_fit(b: Bench, name: str, matched: str | None = None) -> Built:
     from qingzhou.compress.fit import Budget, fit
 
     weighting = "none" if name.startswith("fitu-") else "fisher"
@@ -265,12 +281,54 @@ def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
     cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
     t0 = time.perf_counter()
     report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
-    row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
-    row.update(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
-               fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None),
-               kl_applied=report.kl_applied, chosen_by=report.chosen_by,
-               candidates=[{k: c.get(k) for k in ("name", "kl", "loss", "avg_bits", "mix", "chosen")}
-                           for c in report.candidates])
+    extra = dict(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
+                 fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None),
+                 kl_applied=report.kl_applied, chosen_by=report.chosen_by,
+                 candidates=[{k: c.get(k) for k in ("name", "kl", "loss", "avg_bits", "mix", "chosen")}
+                             for c in report.candidates])
+    return Built(model, tok, names, n, time.perf_counter() - t0, extra)
+
+
+@arm(r"fitu?-([\d.]+)", "ours: fit plan")
+def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
+    """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
+    `fitu-<bits>`: the same with unweighted output errors (`weighting="none"`), for comparison."""
+    m = build_fit(b, name, matched)
+    row = quantized_row(b, name, m.model, m.tok, m.names, m.n_weights, m.seconds)
+    row.update(m.extra)
+    return row
+
+
+KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 82 at batch 4)
+
+
+@arm(r"(gptq-\d-g\d+|fit-[\d.]+)\+kd", "ours: + scale repair (KD)")
+def run_kd(b: Bench, name: str) -> dict:
+    """Another arm's model, then `distill(..., method="quant_scales")`: only the per-group scales
+    train, towards the dense model (forward KL of the full logits), on the same calibration rows
+    (10% held out for the KL before/after); codes, zeros and the file size stay. Seconds = the
+    base arm's + the repair's."""
+    from qingzhou.data import DataConfig, prepare_data
+    from qingzhou.finetune.distill import distill
+
+    base = name.removesuffix("+kd")
+    m = build_gptq(b, base) if base.startswith("gptq-") else build_fit(b, base)
+    teacher, _ = b.load()
+    rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in b.samples]
+    data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
+                                   cache=False), m.tok, records=rows)
+    cfg = {"method": "quant_scales", "divergence": "forward_kl", "temperature": 1.0, "kd_ratio": 1.0,
+           "top_k": None, "learning_rate": 1e-3, "max_steps": KD_STEPS, "batch_size": 4, "warmup_ratio": 0.0,
+           "scheduler": "cosine", "save_every_minutes": 0, "progress": True}
+    t0 = time.perf_counter()
+    rep = distill(m.model, teacher, m.tok, cfg, data, output_dir=b.work / f"{name}-distill", overwrite=True)
+    kd_seconds = time.perf_counter() - t0
+    del teacher
+    row = quantized_row(b, name, rep.model, m.tok, m.names, m.n_weights, m.seconds + kd_seconds)
+    shutil.rmtree(b.work / f"{name}-distill", ignore_errors=True)
+    row.update(m.extra)
+    row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=KD_STEPS,
+               kd_train_rows=len(data.train), kd_kl_before=rep.kl_before, kd_kl_after=rep.kl_after)
     return row
 
 

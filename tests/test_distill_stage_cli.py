@@ -113,3 +113,26 @@ def test_cli_distill_json(tmp_path, tiny_dirs, text_file):
     data = json.loads(res.stdout)
     assert data["finetune"]["steps"] == 3 and data["teacher"]["mode"] == "cache" and data["teacher"]["k"] == 16
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_cli_distill_quant_scales_repairs_a_quantized_folder(tmp_path, tiny_dirs, text_file):
+    from qingzhou.cli.main import app
+    from qingzhou.llm import load_model
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    q = tmp_path / "q3"
+    res = CliRunner().invoke(app, ["quantize", str(tiny_dirs["llama"]), str(q), "--method", "rtn", "--bits", "3",
+                                   "--group-size", "32"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["distill", str(q), text_file, "--teacher", str(tiny_dirs["llama"]),
+                                   "--out", str(tmp_path / "out"), "--method", "quant_scales", "--max-steps", "12",
+                                   "--lr", "1e-2", "--top-k", "0", "--max-length", "64", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    # (the KL going down is test_quant_scales.py's, with a confident teacher; this random one is near uniform)
+    assert data["finetune"]["method"] == "quant_scales" and data["finetune"]["steps"] == 12
+    model, _ = load_model(str(tmp_path / "out" / "model"), device="cpu")  # a GPTQ folder again
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    before = json.loads((q / "config.json").read_text())["quantization_config"]
+    after = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["quantization_config"]
+    assert (before["bits"], before["group_size"]) == (after["bits"], after["group_size"]) == (3, 32)

@@ -530,12 +530,16 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
     """Held-out loss after training, the artifact (adapter or model + tokenizer), the result and metrics.json."""
     cfg, acc, state, unwrapped = s.cfg, s.accelerator, s.state, s.unwrapped
     seconds = state["seconds"] + time.perf_counter() - s.t0
+    meta = METHODS.get(cfg.method, where="method").meta
+    if meta.get("finish") is not None:  # e.g. trained quantization scales back into their stored form
+        meta["finish"](s.unwrapped)
     eval_after = s.evaluate()
     if eval_after is not None:
         state["eval_loss"].append((cfg.max_steps, eval_after))
     if s.use_cache is not None:  # training ran without a KV cache; the saved/returned model decodes with one
         unwrapped.config.use_cache = s.use_cache
-    artifact = "model" if cfg.method == "full" else "adapter"
+    save = meta.get("save")  # a method whose artifact is a whole model in its own format
+    artifact = "model" if cfg.method == "full" or save is not None else "adapter"
     artifact_dir = s.output_dir / artifact
     acc.wait_for_everyone()
     base_note = record_base(unwrapped, base_source) if base_source and hasattr(unwrapped, "peft_config") else None
@@ -547,8 +551,11 @@ def _save(s: _Session, base_source: str | None) -> FinetuneResult:
         gathered["state_dict"] = acc.get_state_dict(s.model)
     if acc.is_main_process:
         with atomic_dir(artifact_dir, overwrite=True, what=f"finetune {artifact}") as tmp:  # inside our own folder
-            unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered)
-            s.tokenizer.save_pretrained(tmp)
+            if save is not None:
+                save(unwrapped, s.tokenizer, tmp)
+            else:
+                unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered)
+                s.tokenizer.save_pretrained(tmp)
             if base_note is not None:
                 atomic_write_json(tmp / BASE_NOTE, base_note)
     result = FinetuneResult(

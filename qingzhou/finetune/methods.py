@@ -12,16 +12,19 @@ from pydantic import Field, ValidationError
 
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.config import FinetuneConfig
+from qingzhou.finetune.quant_scales import QuantScalesConfig, fold_scales, make_scales_trainable, save_quantized_folder
 from qingzhou.registry import Registry
 
 # name -> build(model, cfg) -> trainable model; config = the method's FinetuneConfig subclass;
-# meta `mergeable`: the adapter can be merged into the base weights (export merge).
+# meta `mergeable`: the adapter can be merged into the base weights (export merge); `save`:
+# `finish(model)` runs on every process after training (before the held-out loss and the save);
+# `save(model, tokenizer, folder)` writes a whole-model artifact in the method's own format.
 METHODS: Registry[Any] = Registry("fine-tuning method")
 
 
-def register_method(name: str, config: type[FinetuneConfig], *, mergeable: bool):
+def register_method(name: str, config: type[FinetuneConfig], *, mergeable: bool, finish: Any = None, save: Any = None):
     """Decorator: `build(model, cfg) -> trainable model` for fine-tuning method `name`."""
-    return METHODS.register(name, config, mergeable=mergeable)
+    return METHODS.register(name, config, mergeable=mergeable, finish=finish, save=save)
 
 
 def parse_finetune_config(data: dict[str, Any] | FinetuneConfig) -> FinetuneConfig:
@@ -94,6 +97,12 @@ def build_full(model: Any, cfg: FullConfig) -> Any:
                 for p in module.parameters():
                     p.requires_grad_(False)
     return model
+
+
+@register_method("quant_scales", QuantScalesConfig, mergeable=False, finish=fold_scales,
+                 save=save_quantized_folder)
+def build_quant_scales(model: Any, cfg: QuantScalesConfig) -> Any:
+    return make_scales_trainable(model, train_norms=cfg.train_norms)
 
 
 # ---------------------------------------------------------------- LoRA family

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         teacher: str = typer.Option("smollm2", "--teacher", "-t", help="the teacher: alias, HF folder, .gguf or hub id"),
         out_dir: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="output folder (model/ or adapter/)"),
         method: str = typer.Option(DistillStage.default_method, "--method",
-                                   help="training method: full (pruned students), lora, ..."),
+                                   help="training method: full (pruned students), lora, quant_scales (a quantized student's scales), ..."),
         top_k: Optional[int] = typer.Option(None, "--top-k", help="cache the teacher's top-k logits (0: live teacher) "
                                                                   f"(default: {DistillConfig.model_fields['top_k'].default})"),
         hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="> 0 adds hidden-state matching"),

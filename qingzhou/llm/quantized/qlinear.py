@@ -69,6 +69,9 @@ class QuantLinear(nn.Module):
         # qzeros hold v1 (zero - 1) in memory; a layer streamed from a gptq_v2 checkpoint keeps v2
         self.qzeros_v2 = False
         self._fast: dict[tuple[torch.device, torch.dtype], Int4Pack | None] = {}
+        # a trainable multiplier of `scales` while they are trained (`finetune/quant_scales.py`): None
+        # otherwise, so state dicts hold only the GPTQ tensors
+        self.register_parameter("scale_factor", None)
         self.compact_when_packed = False  # drop `qweight` once a CPU pack holds the same codes
         self._stub: torch.Tensor | None = None  # the stand-in buffer of a compact layer
 
@@ -93,7 +96,8 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self) -> torch.Tensor:
         """The [out, in] float32 weight these buffers encode."""
-        return dequantize_codes(self.codes(), self.scales, self.zero_points(), self.g_idx)
+        scales = self.scales if self.scale_factor is None else self.scales.float() * self.scale_factor
+        return dequantize_codes(self.codes(), scales, self.zero_points(), self.g_idx)
 
     def is_compact(self) -> bool:
         """Whether `qweight` is dropped (held by the CPU pack; module docstring)."""
@@ -169,8 +173,11 @@ class QuantLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         # The fused kernels have no backward: training through this layer (LoRA on a quantised
         # base, distillation) takes the dequantising path.
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        fast = None if needs_grad else self.fast_kernel(x.device, x.dtype)
+        # Scales being trained (`finetune/quant_scales.py`) change every step: nothing built from
+        # them may be kept, and the dequantising path is the one autograd differentiates.
+        training_scales = self.scale_factor is not None
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or training_scales)
+        fast = None if needs_grad or training_scales else self.fast_kernel(x.device, x.dtype)
         if fast is not None:
             if self.compact_when_packed and not self.is_compact():
                 self._compact()
@@ -180,7 +187,7 @@ class QuantLinear(nn.Module):
             weight = self._cached
         else:
             weight = self.dequantize_weight().to(x.device, x.dtype)
-            self._cached = weight if self.cache_dequantized and not needs_grad else None
+            self._cached = weight if self.cache_dequantized and not (needs_grad or training_scales) else None
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:

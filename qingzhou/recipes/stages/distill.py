@@ -4,7 +4,7 @@ run started from, to win back quality lost to pruning or quantization.
     - kind: distill
       teacher: base            # the run's first loaded model | an earlier stage's name | a model source
       data: {source: builtin:calib, format: text, max_length: 512}
-      method: full             # any fine-tuning method: full (pruned students), lora (quantized ones) ...
+      method: full             # any fine-tuning method: full (pruned students), lora or quant_scales (quantized ones) ...
       learning_rate: 1.0e-4
       max_steps: 200
       divergence: forward_kl   # distillation settings sit flat beside the training settings
