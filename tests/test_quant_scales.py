@@ -129,3 +129,38 @@ def test_scales_are_the_only_trainable_tensors_and_fold_back(tmp_path):
         torch.testing.assert_close(student(x).logits, before, rtol=0, atol=0)  # fp16 -> fp32 -> fp16: exact
     with pytest.raises(RecipeError, match="no quantized"):
         make_scales_trainable(tiny_model("llama"))
+
+
+def test_recipe_fit_then_scale_repair_keeps_the_plan(tmp_path, tiny_llama_dir):
+    """`fit` then `distill` with `method: quant_scales` (teacher: the loaded model): the repaired
+    model is the fitted plan with other scales - same per-linear bits and codes, same file size."""
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from qingzhou.recipes.runner import run_recipe
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f"Line {i}: the grid operator balances supply and demand." for i in range(40)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "stages": [
+        {"kind": "load", "model": str(tiny_llama_dir), "device": "cpu", "dtype": "float32"},
+        {"kind": "fit", "method": "rtn", "avg_bits": 3.5, "neighbours": []},
+        {"kind": "distill", "teacher": "base", "method": "quant_scales", "max_steps": 4, "batch_size": 2,
+         "top_k": None, "data": {"source": str(text), "format": "text", "max_length": 48}},
+    ]}, sort_keys=False))
+    run_recipe(str(recipe), tmp_path / "run", progress=False)
+    fitted, repaired = tmp_path / "run" / "02-fit" / "model", tmp_path / "run" / "03-distill" / "model"
+    a, b = load_file(str(fitted / "model.safetensors")), load_file(str(repaired / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        if k.endswith("scales"):
+            assert a[k].dtype == b[k].dtype == torch.float16 and a[k].shape == b[k].shape
+        elif k.endswith(("qweight", "qzeros", "g_idx")):
+            assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("scales"))
+    assert (fitted / "model.safetensors").stat().st_size == (repaired / "model.safetensors").stat().st_size
+    qa = json.loads((fitted / "config.json").read_text())["quantization_config"]
+    qb = json.loads((repaired / "config.json").read_text())["quantization_config"]
+    assert qa.get("dynamic") == qb.get("dynamic") and qa["bits"] == qb["bits"]
