@@ -274,6 +274,9 @@ def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
     from qingzhou.compress.fit.storage import Option
 
     uniform_loss = sum(s.errors[Option(3, 64)] for s in report.sensitivities.values())  # 64 divides 64 and 128
+    # the uniform candidate is that very setting: its own header is exact, so it fits the file it came from
+    same = next(c for c in report.candidates if c["uniform"])
+    assert same["mix"] == {"w3g64": len(report.sensitivities)} and same["eligible"] and same["kl"] is not None
     assert report.loss <= uniform_loss  # the plan is never worse (by the measured loss) than uniform at its size
 
 

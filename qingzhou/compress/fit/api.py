@@ -293,7 +293,11 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         sub = {n: {o: v for o, v in row.items() if n == REST or o.keep or o.bits >= mb} for n, row in table.items()}
         if all(sub.values()) and sum(min(c for c, _ in row.values()) for row in sub.values()) <= limit:
             plans[(1.0, mb, False)] = solve_choice(sub, limit)
-    if check and (same := uniform_choice(table, limit, fixed=(REST,))) is not None:
+    budget_of = None
+    if budget.kind == "max_size":  # one option's header is smaller than the bound over all options
+        def budget_of(o: Option) -> int:
+            return int(budget.max_size) - header_bytes_bound(model, {n: [o] for n in sens})
+    if check and (same := uniform_choice(table, limit, fixed=(REST,), budget_of=budget_of)) is not None:
         plans[(1.0, None, True)] = same
     seconds["solve"] = time.perf_counter() - t0
 

@@ -15,7 +15,7 @@ within `resolution` bytes per item of the budget. numpy only (torch-free).
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -100,9 +100,11 @@ def solve_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]],
 
 
 def uniform_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]], budget: int, *,
-                   fixed: Sequence[Hashable] = ()) -> Plan | None:
+                   fixed: Sequence[Hashable] = (),
+                   budget_of: Callable[[Hashable], int] | None = None) -> Plan | None:
     """The best plan that gives every item (but the `fixed` ones, which take their cheapest option)
-    the same option, within `budget`; None when no shared option fits.
+    the same option, within `budget` (or `budget_of(option)`, where the room depends on the option:
+    a file's header is exact for one option, bounded for a mix); None when no shared option fits.
 
     Why beside the optimal plan: the knapsack minimises the summed per-item proxy, which does not see
     how errors compound through the layers; the uniform setting a user would have picked is the
@@ -117,8 +119,9 @@ def uniform_choice(table: Mapping[Hashable, Mapping[Hashable, tuple[int, float]]
         choice = {i: (base[i] if i in base else o) for i in table}
         cost = total_cost(table, choice)
         loss = sum(float(table[i][c][1]) for i, c in choice.items())
-        if cost <= budget and (best is None or loss < best.loss):
-            best = Plan(choice=choice, cost=cost, loss=loss, budget=budget, resolution=1)
+        room = budget if budget_of is None else budget_of(o)
+        if cost <= room and (best is None or loss < best.loss):
+            best = Plan(choice=choice, cost=cost, loss=loss, budget=room, resolution=1)
     return best
 
 
