@@ -64,3 +64,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+DISTILL_WORDS = "the river boat carries rice and salt past the old stone bridge at dawn while herons fish".split()
+DISTILL_ROWS = [{"text": f"day {i}: " + " ".join(DISTILL_WORDS[(i * 3 + j * 7) % len(DISTILL_WORDS)] for j in range(12 + i % 9))}
+                for i in range(44)]
+
+
+@pytest.fixture(scope="module")
+def distill_data():
+    """(byte tokenizer, 44 short text rows prepared with 10% held out): the distillation tests' data."""
+    from qingzhou.data import DataConfig, prepare_data
+    from qingzhou.finetune.testing import byte_tokenizer
+
+    tok = byte_tokenizer()
+    return tok, prepare_data(DataConfig(source="<records>", format="text", max_length=96, eval_fraction=0.1,
+                                        cache=False), tok, records=DISTILL_ROWS)

@@ -10,23 +10,17 @@ import pytest
 import torch
 
 from qingzhou.finetune.distill import distill, parse_distill_config
-from qingzhou.data import DataConfig, prepare_data
 from qingzhou.errors import RecipeError
-from qingzhou.finetune.testing import byte_tokenizer, tiny_model
+from qingzhou.finetune.testing import tiny_model
 
-WORDS = "the river boat carries rice and salt past the old stone bridge at dawn while herons fish".split()
-ROWS = [{"text": f"day {i}: " + " ".join(WORDS[(i * 3 + j * 7) % len(WORDS)] for j in range(12 + i % 9))} for i in range(44)]
+@pytest.fixture(scope="module")
+def tok(distill_data):
+    return distill_data[0]
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tok):
-    return prepare_data(DataConfig(source="<records>", format="text", max_length=96, eval_fraction=0.1,
-                                   cache=False), tok, records=ROWS)
+def data(distill_data):
+    return distill_data[1]
 
 
 def _teacher(seed=0):

@@ -10,25 +10,10 @@ import pytest
 import torch
 
 from qingzhou.compress.quantize import quantize
-from qingzhou.data import DataConfig, prepare_data
 from qingzhou.errors import RecipeError
 from qingzhou.finetune.distill import distill
 from qingzhou.finetune.quant_scales import fold_scales, make_scales_trainable, quant_layers
-from qingzhou.finetune.testing import byte_tokenizer, tiny_model
-
-WORDS = "the river boat carries rice and salt past the old stone bridge at dawn while herons fish".split()
-ROWS = [{"text": f"day {i}: " + " ".join(WORDS[(i * 3 + j * 7) % len(WORDS)] for j in range(12 + i % 9))} for i in range(44)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tok):
-    return prepare_data(DataConfig(source="<records>", format="text", max_length=96, eval_fraction=0.1,
-                                   cache=False), tok, records=ROWS)
+from qingzhou.finetune.testing import tiny_model
 
 
 def _pair():
@@ -53,9 +38,10 @@ def _buffers(model, name):
     return {n: getattr(m, name).detach().clone() for n, m in quant_layers(model).items()}
 
 
-def test_training_the_scales_lowers_kl_and_keeps_codes_zeros_and_bytes(tmp_path, tok, data):
+def test_training_the_scales_lowers_kl_and_keeps_codes_zeros_and_bytes(tmp_path, distill_data):
     from qingzhou.llm import load_model
 
+    tok, data = distill_data
     teacher, student = _pair()
     codes = {n: m.codes() for n, m in quant_layers(student).items()}
     zeros, scales = _buffers(student, "qzeros"), _buffers(student, "scales")
@@ -86,7 +72,8 @@ def test_training_the_scales_lowers_kl_and_keeps_codes_zeros_and_bytes(tmp_path,
     assert (folder / "model.safetensors").stat().st_size == (reference / "model.safetensors").stat().st_size
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, tok, data):
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, distill_data):
+    tok, data = distill_data
     cfg = _cfg(tmp_path, max_steps=8, save_every=3)
     teacher, student = _pair()
     straight = distill(student, teacher, tok, cfg, data, output_dir=tmp_path / "straight")
