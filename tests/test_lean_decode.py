@@ -62,6 +62,18 @@ def test_stacked_packs_share_the_layers_memory_and_give_the_same_tokens(arch):
         got = decode(model, PROMPT, max_new_tokens=16, fast="auto", do_sample=False)
     assert getattr(model, lean_decode._CHECKED, False)
     assert torch.equal(got, _reference(model, 16))
+    # new scales (a repair, a reload) drop the layers' packs: the kept plan is rebuilt, not reused
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.mlp.up_proj):
+            proj.scales.mul_(1.5)
+            proj.clear_runtime()
+    with torch.inference_mode():
+        again = decode(model, PROMPT, max_new_tokens=16, fast="auto", do_sample=False)
+    assert lean_decode._layers(model, torch.float32) is not layers
+    assert torch.equal(again, _reference(model, 16))
+    with torch.inference_mode():
+        want, got = model(PROMPT).logits[0, -1], lean_decode.LeanDecoder(model, 16).step(PROMPT)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2  # the new weights, not the kept plan's
 
 
 def test_lean_logits_match_the_models_forward():

@@ -170,21 +170,28 @@ class _Layer:
     down: Callable
 
 
-_PLAN = "_qingzhou_lean_layers"  # (dtype, [_Layer]) kept on the model: stacking packs is done once
+_PLAN = "_qingzhou_lean_layers"  # (dtype, packs, [_Layer]) kept on the model: stacking packs is done once
+
+
+def _packs(model: nn.Module, dtype: torch.dtype) -> list[Int4Pack | None]:
+    """Every decoder linear's current CPU pack (what a kept plan was built from)."""
+    key = (torch.device("cpu"), dtype)
+    return [lin._fast.get(key) for lin in model.modules() if isinstance(lin, QuantLinear)]
 
 
 def _layers(model: nn.Module, dtype: torch.dtype) -> list[_Layer]:
-    """The model's decoder layers as lean calls, built on first use and kept on the model."""
+    """The model's decoder layers as lean calls, built on first use and kept on the model while its
+    layers keep the packs the plan was built from (new weights or scales drop them)."""
     cached = getattr(model, _PLAN, None)
-    if cached is not None and cached[0] == dtype:
-        return cached[1]
+    if cached is not None and cached[0] == dtype and all(a is b for a, b in zip(cached[1], _packs(model, dtype))):
+        return cached[2]
     layers = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         layers.append(_Layer(_norm(layer.input_layernorm, dtype), _norm(layer.post_attention_layernorm, dtype),
                              _fused([a.q_proj, a.k_proj, a.v_proj], dtype), _linear(a.o_proj, dtype),
                              _fused([m.gate_proj, m.up_proj], dtype), _linear(m.down_proj, dtype)))
-    object.__setattr__(model, _PLAN, (dtype, layers))  # a plain attribute, not a submodule
+    object.__setattr__(model, _PLAN, (dtype, _packs(model, dtype), layers))  # a plain attribute, not a submodule
     return layers
 
 

@@ -161,8 +161,8 @@ class QuantLinear(nn.Module):
 
     def fast_kernel(self, device: torch.device, dtype: torch.dtype) -> Int4Pack | None:
         """The fused int4 layout for (device, dtype), built once; None where the kernel does not apply."""
-        if self.kernel == "dequant" or self.bits != 4:
-            return None
+        if self.kernel == "dequant" or self.bits != 4 or self.scale_factor is not None:
+            return None  # (scales in training change every step: no pack is built from them)
         key = (device, dtype)
         if key not in self._fast:
             self._fast[key] = Int4Pack.build(self.codes(), self.scales, self.zero_points(), self.g_idx, self.group_size,
@@ -177,7 +177,7 @@ class QuantLinear(nn.Module):
         # them may be kept, and the dequantising path is the one autograd differentiates.
         training_scales = self.scale_factor is not None
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or training_scales)
-        fast = None if needs_grad or training_scales else self.fast_kernel(x.device, x.dtype)
+        fast = None if needs_grad else self.fast_kernel(x.device, x.dtype)
         if fast is not None:
             if self.compact_when_packed and not self.is_compact():
                 self._compact()
