@@ -16,9 +16,9 @@ from qingzhou.finetune.quant_scales import QuantScalesConfig, fold_scales, make_
 from qingzhou.registry import Registry
 
 # name -> build(model, cfg) -> trainable model; config = the method's FinetuneConfig subclass;
-# meta `mergeable`: the adapter can be merged into the base weights (export merge); `save`:
-# `finish(model)` runs on every process after training (before the held-out loss and the save);
-# `save(model, tokenizer, folder)` writes a whole-model artifact in the method's own format.
+# meta `mergeable`: the adapter can be merged into the base weights (export merge); `finish(model)`
+# runs on every process after training (before the held-out loss and the save); `save(model,
+# tokenizer, folder)` writes a whole-model artifact in the method's own format.
 METHODS: Registry[Any] = Registry("fine-tuning method")
 
 

@@ -5,16 +5,17 @@ scale can still move. Training the scales end to end (usually with the distillat
 the dense model, `qingzhou distill --method quant_scales`) repairs error that layer-by-layer
 calibration cannot see - how errors compound through the layers - and changes nothing in the file:
 same codes, same zeros, same bytes, same runtimes. The same idea as EfficientQAT's end-to-end stage
-(E2E-QP) and PEQA. Measured on SmolLM2-135M uniform 3-bit GPTQ g64 (forward KL to the dense model,
-74 c4_demo rows of 512 tokens, lr 1e-4 cosine, batch 4, 2 epochs): WikiText-2 perplexity 29.45 ->
-27.73 (-5.9%), held-out KL 0.201 -> 0.183 (2026-12-03, a standalone script of the same method).
+(E2E-QP) and PEQA. Measured on SmolLM2-135M with `bench/fit_quality.py --arms fit-3,fit-3+kd`
+(fit's plan at the size of uniform 3-bit GPTQ g64, then 38 steps of 4 calibration rows, forward KL
+to the dense model, lr 1e-3 cosine): WikiText-2 perplexity 28.82 -> 27.29, held-out KL 0.191 ->
+0.171; uniform 3-bit GPTQ is 29.45 (2026-12-03).
 
 How: `make_scales_trainable` gives each layer an fp32 multiplier of its scales, `scale_factor` (the
 only trainable tensors; optionally the norms too), and `QuantLinear.forward` takes its dequantising
 path, which is differentiable in it, and caches nothing while it exists. `fold_scales` multiplies
 it into the stored (fp16) scales and drops it and every packed copy, so the trained model runs and
-saves exactly like the one loaded; the loop calls it before writing the
-artifact, which is a GPTQ-layout folder (`save_quantized`).
+saves exactly like the one loaded; the loop calls it before writing the artifact, which is a
+GPTQ-layout folder (`save_quantized`).
 """
 from __future__ import annotations
 
