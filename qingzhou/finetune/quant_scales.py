@@ -5,7 +5,7 @@ scale can still move. Training the scales end to end (usually with the distillat
 the dense model, `qingzhou distill --method quant_scales`) repairs error that layer-by-layer
 calibration cannot see - how errors compound through the layers - and changes nothing in the file:
 same codes, same zeros, same bytes, same runtimes. The same idea as EfficientQAT's end-to-end stage
-(E2E-QP) and PEQA. Measured on SmolLM2-135M with `bench/fit_quality.py --arms fit-3,fit-3+kd`
+(E2E-QP) and PEQA. Measured on SmolLM2-135M by the `fit-3` and `fit-3+kd` arms of `bench/fit_quality.py`
 (fit's plan at the size of uniform 3-bit GPTQ g64, then 38 steps of 4 calibration rows, forward KL
 to the dense model, lr 1e-3 cosine): WikiText-2 perplexity 28.82 -> 27.29, held-out KL 0.191 ->
 0.171; uniform 3-bit GPTQ is 29.45 (2026-12-03).
