@@ -60,10 +60,15 @@ def test_fp32_input_takes_the_kernel_within_bf16_rounding(out_f, in_f, group, sy
         _within_bf16_rounding(y, layer, x)
 
 
+@pytest.mark.parametrize("gemm_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_many_rows_take_the_bf16_gemm_route_and_agree_with_the_kernel(act_order):
+def test_many_rows_take_the_gemm_route_and_agree_with_the_kernel(act_order, gemm_dtype):
+    """bf16 GEMM where the CPU has one (AVX-512/AMX), fp32 where it does not (plain AVX2): both
+    routes are tried here, whatever this machine has."""
     layer = _layer(192, 576, act_order=act_order)
     fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
+    assert fast.gemm_dtype == int4_kernel.cpu_gemm_dtype()
+    fast.gemm_dtype = gemm_dtype
     rows = int4_kernel.CPU_KERNEL_MAX_ROWS + 44
     x = torch.randn(2, rows // 2, 576)
     with torch.no_grad():
@@ -194,7 +199,15 @@ def test_fast_head_is_exact_with_autograd_and_follows_weight_changes():
         torch.testing.assert_close(head(h), 2 * approx, rtol=2e-2, atol=2e-2)
 
 
-def test_fast_head_decodes_from_its_int8_copy_and_many_rows_from_the_bf16_copy():
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16-gemm-cpu", "avx2-cpu"])
+def gemm_dtype(request, monkeypatch):
+    """Both kinds of CPU, whatever this one is: with a fast bf16 GEMM (many rows through a bf16
+    copy) and without (plain AVX2: many rows through the weight itself)."""
+    monkeypatch.setattr(int4_kernel, "cpu_gemm_dtype", lambda: request.param)
+    return request.param
+
+
+def test_fast_head_decodes_from_its_int8_copy_and_many_rows_by_the_cpus_gemm(gemm_dtype):
     model = _quantized_tiny()
     head = model.get_output_embeddings()
     w = head.weight.detach()
@@ -214,18 +227,21 @@ def test_fast_head_decodes_from_its_int8_copy_and_many_rows_from_the_bf16_copy()
             assert 0 < rel < 2e-2 and y.argmax(-1).eq(exact.argmax(-1)).all()
         many = torch.randn(HEAD_INT8_MAX_ROWS + 1, head.in_features)
         y = head(many)
-        assert "bf16" in head._copies
         exact = torch.nn.functional.linear(many, w)
-        bound = 2 * U * (many.abs() @ w.abs().T) + U * exact.abs() + 1e-6
-        assert ((y - exact).abs() <= bound).all()  # the bf16 copy: bf16 rounding only
+        if gemm_dtype == torch.float32:  # the weight itself, no copy
+            assert "bf16" not in head._copies and torch.equal(y, exact)
+        else:
+            assert "bf16" in head._copies
+            bound = 2 * U * (many.abs() @ w.abs().T) + U * exact.abs() + 1e-6
+            assert ((y - exact).abs() <= bound).all()  # the bf16 copy: bf16 rounding only
 
 
-def test_fast_head_falls_back_to_bf16_where_the_int8_kernel_does_not_tile():
+def test_fast_head_falls_back_to_the_gemm_where_the_int8_kernel_does_not_tile(gemm_dtype):
     head = FastHead(torch.nn.Linear(40, 300, bias=True))  # 40 inputs: not a multiple of 16
     h = torch.randn(1, 40)
     with torch.no_grad():
         y = head(h)
-    assert head._copies["int8"][1] is None and "bf16" in head._copies
+    assert head._copies["int8"][1] is None and ("bf16" in head._copies) == (gemm_dtype == torch.bfloat16)
     torch.testing.assert_close(y, torch.nn.functional.linear(h, head.weight, head.bias), rtol=2e-2, atol=2e-2)
 
 

@@ -72,6 +72,28 @@ def test_training_the_scales_lowers_kl_and_keeps_codes_zeros_and_bytes(tmp_path,
     assert (folder / "model.safetensors").stat().st_size == (reference / "model.safetensors").stat().st_size
 
 
+def test_train_norms_moves_only_the_norms_and_the_folder_keeps_them(tmp_path, distill_data):
+    """`train_norms`: the RMSNorm weights train beside the scales (the bench's repair arm uses it);
+    embeddings and head stay, and the saved folder holds the trained norms."""
+    from qingzhou.llm import load_model
+
+    tok, data = distill_data
+    teacher, student = _pair()
+    dense = {n: p.detach().clone() for n, p in student.named_parameters()}
+    rep = distill(student, teacher, tok, _cfg(tmp_path, train_norms=True, max_steps=12), data,
+                  output_dir=tmp_path / "run")
+    assert rep.kl_after < rep.kl_before
+    moved = {n for n, p in rep.model.named_parameters() if not torch.equal(p, dense[n])}
+    norms = {n for n in dense if "norm" in n}
+    assert moved and moved <= norms, moved - norms
+    reloaded, _ = load_model(str(tmp_path / "run" / "model"), device="cpu")
+    params = dict(reloaded.named_parameters())
+    for n in moved:  # stored in fp16, as every dense tensor of the folder
+        trained = rep.model.get_parameter(n).detach()
+        assert torch.equal(params[n], trained.half().to(params[n].dtype))
+        assert not torch.equal(params[n], dense[n].half().to(params[n].dtype))
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, distill_data):
     tok, data = distill_data
     cfg = _cfg(tmp_path, max_steps=8, save_every=3)

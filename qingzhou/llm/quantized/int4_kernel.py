@@ -36,6 +36,16 @@ perplexity windows) the dequantise + GEMM route; both beat dense fp32 at every r
 The rule is deterministic (no per-process timing, which on a shared machine flips between runs), so
 a model gives the same logits in every process.
 
+CPUs without a fast bf16 GEMM (`cpu_bf16_gemm_fast`: oneDNN's bf16 support, i.e. AVX-512 or AMX;
+plain AVX2 machines, e.g. older AMD EPYC and most laptops, have none) run a bf16 GEMM several times
+slower than fp32. There the many-rows route dequantises to fp32 and runs an fp32 GEMM instead.
+Measured with `bench/cpu_routes.py` (it prints these figures for the machine it runs on) on such a
+2-core AMD EPYC (AVX2 only), one thread, another job running, 2048 rows of a 576 -> 1536 layer: bf16
+dequantise + GEMM 419 ms, int4 kernel 99 ms, fp32 dequantise + GEMM 67 ms, dense fp32 49 ms. At 1-256
+rows the kernel stays within 1.4-2.4x of a cached fp32 weight without keeping one, and meets the fp32
+dequantise + GEMM route between 128 and 256 rows (256 rows: 14.0 against 15.0 ms, 14.2 against
+8.3 ms for 1536 -> 576), so the row limit stays 256.
+
 Act-order checkpoints have a non-monotonic `g_idx`; sorting the input columns by group makes the
 groups contiguous again, so the layer keeps a column permutation (made once, when the layer is
 packed) and gathers `x` with it; the result is the same sum in another order.
@@ -46,6 +56,7 @@ disagreement on some device falls back instead of producing wrong logits.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +70,21 @@ GROUP_SIZES = (32, 64, 128, 256)
 _FAST_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32, torch.float16)}
 _COMPUTE_DTYPE = torch.bfloat16
 CPU_KERNEL_MAX_ROWS = 256  # see the rows rule in the module docstring
+
+
+@functools.cache
+def cpu_bf16_gemm_fast() -> bool:
+    """Whether this CPU runs bf16 GEMMs natively (oneDNN's check: AVX-512 or AMX); where it does
+    not, the many-rows routes compute in fp32 (module docstring)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_gemm_dtype() -> torch.dtype:
+    """The dtype of the CPU many-rows GEMM routes (the int4 layers' and the fast head's)."""
+    return torch.bfloat16 if cpu_bf16_gemm_fast() else torch.float32
 _SELF_CHECK_RTOL = 2e-2
 
 
@@ -154,8 +180,8 @@ def _decode_cpu_pack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.
 class Int4Pack:
     """A layer's weights in the kernel's packed layout, for one device and activation dtype.
 
-    `max_rows`: inputs with more rows than this take the dequantise-to-bf16 + GEMM route (the rows
-    rule in the module docstring); None = always the kernel. `block`: the row-block width of a CPU
+    `max_rows`: inputs with more rows than this take the dequantise + GEMM route, in `gemm_dtype`
+    (the rows rule in the module docstring); None = always the kernel. `block`: the row-block width of a CPU
     pack that reads back to its codes (`_cpu_pack_block`), else None. The pack holds everything the
     layer computes with (codes, bf16 scales and zero terms), so a layer can drop its GPTQ-layout
     `qweight` once packed and rebuild it from here (`QuantLinear` with `compact_when_packed`)."""
@@ -169,6 +195,7 @@ class Int4Pack:
     compute_dtype: torch.dtype = _COMPUTE_DTYPE
     max_rows: int | None = None
     block: int | None = None
+    gemm_dtype: torch.dtype = _COMPUTE_DTYPE  # the many-rows route's (fp32 on CPUs without fast bf16)
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -199,7 +226,8 @@ class Int4Pack:
             sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(device=device, dtype=compute).contiguous()
             gemm = block is not None and not force
             fast = cls(packed, sz, None if identity else order.to(device), group_size, out_f, matmul, compute,
-                       CPU_KERNEL_MAX_ROWS if gemm else None, block)
+                       CPU_KERNEL_MAX_ROWS if gemm else None, block,
+                       cpu_gemm_dtype() if device.type == "cpu" else compute)
             # the kernel's layout is what could disagree on some device; the GEMM route is plain torch
             rng = torch.Generator(device).manual_seed(0)  # not the global RNG: sampling stays reproducible
             x = torch.randn(4, in_f, device=device, dtype=dtype, generator=rng)
@@ -220,12 +248,14 @@ class Int4Pack:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != self.compute_dtype:
-            x2 = x2.to(self.compute_dtype)
+        gemm = self.max_rows is not None and x2.shape[0] > self.max_rows
+        dtype = self.gemm_dtype if gemm else self.compute_dtype
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        if self.max_rows is not None and x2.shape[0] > self.max_rows:
-            y = x2 @ self.dequantize_bf16().T
+        if gemm:
+            y = x2 @ self.dequantize(dtype).T
         else:
             y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         if y.dtype != x.dtype:
@@ -244,9 +274,14 @@ class Int4Pack:
         """The [out, in] bf16 weight the kernel computes with (its own bf16 scales and zero terms,
         input columns in `perm` order), computed in fp32 and rounded once: the GEMM route's weight.
         Vectorised: about 0.5-3 ms for a 576x1536 layer."""
+        return self.dequantize(torch.bfloat16)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """That weight in `dtype` (fp32: exactly the kernel's bf16 scales and zero terms applied
+        to the codes, not rounded again)."""
         codes = self.codes()
         n, k = codes.shape
         sz = self.scales_and_zeros.float()  # [groups, out, 2]
         scale, zero = sz[..., 0].T.unsqueeze(-1), sz[..., 1].T.unsqueeze(-1)  # [out, groups, 1]
         w = (codes.view(n, k // self.group_size, self.group_size).float() - 8) * scale + zero
-        return w.to(self.compute_dtype).view(n, k)
+        return w.to(dtype).view(n, k)

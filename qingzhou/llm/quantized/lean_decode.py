@@ -88,6 +88,7 @@ def _fused(modules: list[QuantLinear], dtype: torch.dtype) -> Callable[[torch.Te
     if first is None or any(
             p is None or p.block is None or p.block != first.block or p.group_size != first.group_size
             or p.compute_dtype != first.compute_dtype or p.matmul is not first.matmul or p.max_rows != first.max_rows
+            or p.gemm_dtype != first.gemm_dtype
             or p.packed.shape[1:] != first.packed.shape[1:] or (p.perm is None) != (first.perm is None)
             or (p.perm is not None and not torch.equal(p.perm, first.perm)) for p in packs):
         return separate
@@ -95,7 +96,7 @@ def _fused(modules: list[QuantLinear], dtype: torch.dtype) -> Callable[[torch.Te
         return separate
     stacked = Int4Pack(torch.cat([p.packed for p in packs]), torch.cat([p.scales_and_zeros for p in packs], dim=1),
                        first.perm, first.group_size, sum(p.out_features for p in packs), first.matmul,
-                       first.compute_dtype, first.max_rows, first.block)
+                       first.compute_dtype, first.max_rows, first.block, first.gemm_dtype)
     rng = torch.Generator().manual_seed(0)
     x = torch.randn(1, first.packed.shape[1] * 2, dtype=dtype, generator=rng)
     if not torch.allclose(stacked(x), torch.cat([p(x) for p in packs], dim=-1), rtol=1e-3, atol=1e-3):

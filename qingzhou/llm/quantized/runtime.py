@@ -23,7 +23,11 @@ unchanged) and at inference multiplies
   q4_0 files keep that head in 4.5 bits. WikiText-2 perplexity of SmolLM2 4-bit over 8 windows
   with every row through such an int8 head: 25.381 against 25.385 with the bf16 head;
 - more rows (prompts, perplexity windows) with a bf16 copy (the weight itself when it is bf16),
-  where the int8 kernel is several times slower than a bf16 GEMM (2048 rows: 1.7 s against 0.2 s).
+  where the int8 kernel is several times slower than a bf16 GEMM (2048 rows: 1.7 s against 0.2 s);
+  on a CPU without a fast bf16 GEMM (`int4_kernel.cpu_bf16_gemm_fast`, plain AVX2) with the weight
+  itself, in its own dtype: there a bf16 GEMM is several times slower than fp32 (SmolLM2's head,
+  `bench/cpu_routes.py`, one thread, AVX2 EPYC: 64 rows 391 ms bf16, 68 ms fp32, 150 ms int8; 1 row
+  7.1 ms int8, 11.1 ms fp32, so decode rows keep the int8 copy there too).
 Memory: the int8 copy is a quarter of an fp32 head (half of a bf16 one); the bf16 copy of an fp32
 head, made only when many rows come (generate computes the head on the last row only), half.
 Each copy is made on first use and rebuilt if the weight changes; the int8 kernel is checked once
@@ -125,14 +129,17 @@ class FastHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, self.in_features).to(_BF16)
+        x2 = x.reshape(-1, self.in_features)
         int8 = self._int8() if x2.shape[0] <= self.int8_max_rows else None
         if int8 is not None:
-            y = _int8_matmul(x2.contiguous(), *int8)
+            y = _int8_matmul(x2.to(_BF16).contiguous(), *int8)
             b = self._bias()
             y = y if b is None else y + b
+        elif int4_kernel.cpu_gemm_dtype() != _BF16 and self.weight.device.type == "cpu":
+            # no fast bf16 GEMM on this CPU: the weight itself (module docstring)
+            y = F.linear(x2.to(self.weight.dtype), self.weight, self.bias)
         else:
-            y = F.linear(x2, self._copy("bf16", lambda: self.weight.detach().to(_BF16)), self._bias())
+            y = F.linear(x2.to(_BF16), self._copy("bf16", lambda: self.weight.detach().to(_BF16)), self._bias())
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def plain(self) -> nn.Linear:
