@@ -46,10 +46,10 @@ def layer_rows(in_f: int, out_f: int, rows: list[int], group: int = 64) -> list[
         xb = x.bfloat16()
         reps = 10 if n <= 64 else 3
         out.append({"shape": f"{in_f}->{out_f}", "rows": n,
-                    "int4 kernel": best_ms(lambda: pack.matmul(xb, pack.packed, group, pack.scales_and_zeros), reps),
-                    "dequant+GEMM bf16": best_ms(lambda: xb @ pack.dequantize(torch.bfloat16).T, reps),
-                    "dequant+GEMM fp32": best_ms(lambda: x @ pack.dequantize(torch.float32).T, reps),
-                    "dense fp32 (cached)": best_ms(lambda: x @ dense.T, reps)})
+                    "int4 kernel": best_ms(lambda xb=xb: pack.matmul(xb, pack.packed, group, pack.scales_and_zeros), reps),
+                    "dequant+GEMM bf16": best_ms(lambda xb=xb: xb @ pack.dequantize(torch.bfloat16).T, reps),
+                    "dequant+GEMM fp32": best_ms(lambda x=x: x @ pack.dequantize(torch.float32).T, reps),
+                    "dense fp32 (cached)": best_ms(lambda x=x: x @ dense.T, reps)})
     return out
 
 
@@ -64,9 +64,9 @@ def head_rows(in_f: int, vocab: int, rows: list[int]) -> list[dict]:
         x = torch.randn(n, in_f)
         reps = 3 if n <= 64 else 1
         out.append({"shape": f"head {in_f}->{vocab}", "rows": n,
-                    "int8": best_ms(lambda: _int8_matmul(x.bfloat16(), codes, scale), reps),
-                    "bf16": best_ms(lambda: x.bfloat16() @ wb.T, reps),
-                    "fp32": best_ms(lambda: x @ w.T, reps)})
+                    "int8": best_ms(lambda x=x: _int8_matmul(x.bfloat16(), codes, scale), reps),
+                    "bf16": best_ms(lambda x=x: x.bfloat16() @ wb.T, reps),
+                    "fp32": best_ms(lambda x=x: x @ w.T, reps)})
     return out
 
 
