@@ -89,7 +89,7 @@ def test_the_pack_reads_back_its_codes_and_the_kernels_weight(out_f):
     fast = layer.fast_kernel(torch.device("cpu"), torch.float32)
     assert fast.block is not None
     assert torch.equal(fast.codes().long(), layer.codes()[:, fast.perm])
-    got = fast.dequantize_bf16()
+    got = fast.dequantize(torch.bfloat16)
     eye = torch.eye(128, dtype=torch.bfloat16)
     assert torch.equal(got.T, fast.matmul(eye, fast.packed, 32, fast.scales_and_zeros))
     want = layer.dequantize_weight()[:, fast.perm]

@@ -29,7 +29,7 @@ thread, min of interleaved repeats, SmolLM2-135M's layer shapes (576x576, 576x15
     512    6.5-26         1.5-14                      14-39                 0.9-8.7
 
 The int4 kernel is a matrix-vector kernel: at decode (1 row) it is 1-6x faster than dense fp32 and
-bf16; its time grows with the rows, while dequantising the weight to bf16 (`dequantize_bf16`, a
+bf16; its time grows with the rows, while dequantising the weight to bf16 (`Int4Pack.dequantize`, a
 fixed ~0.5-3 ms per layer, no copy kept) and running oneDNN's bf16 GEMM grows slowly. They cross at
 about 256 rows. Rule: up to `CPU_KERNEL_MAX_ROWS` (256) rows the kernel, more rows (long prompts,
 perplexity windows) the dequantise + GEMM route; both beat dense fp32 at every row count measured.
@@ -70,6 +70,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 _FAST_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32, torch.float16)}
 _COMPUTE_DTYPE = torch.bfloat16
 CPU_KERNEL_MAX_ROWS = 256  # see the rows rule in the module docstring
+_SELF_CHECK_RTOL = 2e-2
 
 
 @functools.cache
@@ -85,7 +86,6 @@ def cpu_bf16_gemm_fast() -> bool:
 def cpu_gemm_dtype() -> torch.dtype:
     """The dtype of the CPU many-rows GEMM routes (the int4 layers' and the fast head's)."""
     return torch.bfloat16 if cpu_bf16_gemm_fast() else torch.float32
-_SELF_CHECK_RTOL = 2e-2
 
 
 def _inner_k_tiles(in_features: int) -> int | None:
@@ -270,15 +270,10 @@ class Int4Pack:
         n, k = self.out_features, self.packed.numel() * 2 // self.out_features
         return _decode_cpu_pack(self.packed, n, k, self.block)
 
-    def dequantize_bf16(self) -> torch.Tensor:
-        """The [out, in] bf16 weight the kernel computes with (its own bf16 scales and zero terms,
-        input columns in `perm` order), computed in fp32 and rounded once: the GEMM route's weight.
-        Vectorised: about 0.5-3 ms for a 576x1536 layer."""
-        return self.dequantize(torch.bfloat16)
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """That weight in `dtype` (fp32: exactly the kernel's bf16 scales and zero terms applied
-        to the codes, not rounded again)."""
+        """The [out, in] weight the kernel computes with (its own bf16 scales and zero terms, input
+        columns in `perm` order), computed in fp32 and rounded once to `dtype` (none for fp32): the
+        GEMM route's weight. Vectorised: about 0.5-3 ms for a 576x1536 layer in bf16."""
         codes = self.codes()
         n, k = codes.shape
         sz = self.scales_and_zeros.float()  # [groups, out, 2]
