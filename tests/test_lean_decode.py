@@ -138,3 +138,16 @@ def test_a_first_use_mismatch_falls_back_to_transformers(monkeypatch, caplog):
     assert torch.equal(got, _reference(model, 8))
     assert "disagrees" in caplog.text and "hidden states disagreed" in lean_decode.why_not(model)
     assert fast_status(model, "auto") == "eager"
+
+
+def test_rotary_embedding_is_rounded_as_the_models():
+    # the o-proj int4 kernel casts its input to bf16, so a last-bit difference here became ~1e-3 in
+    # SmolLM2's final hidden state (torch.addcmul's fused multiply-add on AVX2 CPUs): it must be exact
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    model = _q4("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    decoder = lean_decode.LeanDecoder(model, 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 12, 3, 64, generator=g) * 30
+    cos, sin = torch.randn(1, 12, 1, 64, generator=g), torch.randn(1, 12, 1, 64, generator=g)
+    assert torch.equal(decoder._rope(x, cos, sin), x * cos + rotate_half(x) * sin)
