@@ -264,7 +264,7 @@ def matched_budget(b: Bench, model, peer: str) -> int:
     return fit_budget(model, 4.0) - lin4 + linear
 
 
-@arm(r"fit-at-(.+)", "ours: fit plan at a peer's size")
+@arm(r"fit-at-([^+]+)", "ours: fit plan at a peer's size")
 def run_fit_at(b: Bench, name: str) -> dict:
     """`fit` at the decoder-linear size of another arm (`fit-at-kq-Q2_K-imat`): the matched-size
     comparison with llama.cpp's k-quant mixes and AutoRound."""
@@ -302,7 +302,7 @@ def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
 KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 82 at batch 4)
 
 
-@arm(r"(gptq-\d-g\d+|fit-[\d.]+)\+kd", "ours: + scale repair (KD)")
+@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)\+kd", "ours: + scale repair (KD)")
 def run_kd(b: Bench, name: str) -> dict:
     """Another arm's model, then `distill(..., method="quant_scales")`: only the per-group scales
     train, towards the dense model (forward KL of the full logits), on the same calibration rows
@@ -312,7 +312,10 @@ def run_kd(b: Bench, name: str) -> dict:
     from qingzhou.finetune.distill import distill
 
     base = name.removesuffix("+kd")
-    m = build_gptq(b, base) if base.startswith("gptq-") else build_fit(b, base)
+    if base.startswith("gptq-"):
+        m = build_gptq(b, base)
+    else:
+        m = build_fit(b, base, base.removeprefix("fit-at-") if base.startswith("fit-at-") else None)
     teacher, _ = b.load()
     rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in b.samples]
     data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
@@ -451,7 +454,7 @@ def run_autoround(b: Bench, name: str) -> dict:
 def family_of(name: str) -> str:
     """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
     family = runner_for(name)[0]
-    if name.startswith("fit-at-"):
+    if name.startswith("fit-at-") and not name.endswith("+kd"):
         return "ours: fit plan"  # one curve with the fit-<bits> rows
     if name.endswith("-imat"):
         return family + " + imatrix"
