@@ -224,10 +224,10 @@ class LeanDecoder:
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of x [.., head_dim]: `x * cos + rotate_half(x) * sin`, rounded as the model
-        rounds it. Not `torch.addcmul`: its fused multiply-add (AVX2 builds, two threads) differs from the
-        model's in the last bit, and the int4 kernel's bf16 cast of o-proj's input turns that into ~1e-3
-        (measured on SmolLM2 4-bit: 2.1e-3 and 7.2e-3 relative error in the final hidden state with
-        addcmul, 0.0 with this product and sum)."""
+        rounds it. Not `torch.addcmul`: its fused multiply-add (seen on an AVX2-only CPU) differs from
+        the model's product and sum in the last bit, and the int4 kernel's bf16 cast of o-proj's input
+        turns that into ~1e-3 (measured on SmolLM2 4-bit, 2 threads: 2.1e-3 and 7.2e-3 relative error
+        in the final hidden state with addcmul, 0.0 with this product and sum)."""
         return x * cos + (x @ self.rotation) * sin
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
