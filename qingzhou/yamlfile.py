@@ -2,6 +2,7 @@
 and the line of every key, so validation errors can point at `file:line: key.path`."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ def parse(text: str, source: str, *, error: type[QingzhouError] = RecipeError) -
         raise error(f"malformed YAML: {e}", where=source) from None
     except RecursionError:  # absurdly deep nesting
         raise error("malformed YAML: nested too deeply.", where=source) from None
+    except ValueError as e:  # unchecked by PyYAML: a "\U..." escape past U+10FFFF, a date like 2024-13-01
+        line = _bad_escape_line(text)
+        if line:
+            raise error("malformed YAML: a \\U escape names no Unicode character (the largest is \\U0010FFFF).",
+                        where=f"{source}:{line}") from None
+        raise error(f"malformed YAML: a value cannot be read ({e}).", where=source) from None
+
+
+_ESCAPE = re.compile(r"\\U([0-9A-Fa-f]{8})")
+
+
+def _bad_escape_line(text: str) -> int | None:
+    """The 1-based line of the first `\\UXXXXXXXX` escape beyond U+10FFFF, if any."""
+    for m in _ESCAPE.finditer(text):
+        if int(m.group(1), 16) > 0x10FFFF:
+            return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 def load(path: str | Path, *, error: type[QingzhouError] = RecipeError) -> tuple[Any, str]:
@@ -73,7 +91,7 @@ def key_lines(text: str) -> dict[tuple, int]:
         root = yaml.compose(text)
         if root is not None:
             walk(root, ())
-    except (yaml.YAMLError, RecursionError):
+    except (yaml.YAMLError, RecursionError, ValueError):
         pass
     return lines
 

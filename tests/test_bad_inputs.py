@@ -43,6 +43,8 @@ LOAD = "  - kind: load\n    model: {tiny}\n    device: cpu\n"
 FILES: dict[str, str | bytes] = {
     # recipes (the line numbers the cases expect are those of these texts)
     "malformed.yaml": "name: x\nstages:\n  - kind: load\n    model: [smollm2\n",
+    "bad_escape.yaml": "name: x\nstages:\n  - kind: \"\\U00110000\"\n",  # PyYAML raises a bare ValueError
+    "bad_date.yaml": "name: x\ncreated: 2024-13-01\nstages:\n  - kind: load\n",
     "typo_key.yaml": _recipe("  - kind: load\n    modle: smollm2\n"),
     "typo_kind.yaml": _recipe("  - kind: load\n  - kind: evl\n"),
     "no_kind.yaml": _recipe("  - kind: load\n  - perplexity: {}\n"),
@@ -97,6 +99,7 @@ FILES: dict[str, str | bytes] = {
     "task_field_syntax.yaml": "task: t\nkind: multiple_choice\nmetrics: [acc]\nheadline: acc\n"
                               "local:\n  path: rows.jsonl\n  fields:\n    gold: \"answer ==\"\n",
     "task_no_metrics.yaml": "task: t\nkind: multiple_choice\nheadline: acc\nlocal: {path: rows.jsonl}\n",
+    "task_bad_escape.yaml": "task: t\nkind: \"\\U00110000\"\n",
     "task_kind.yaml": "task: t\nkind: multiple_choise\nmetrics: [acc]\nheadline: acc\nlocal: {path: rows.jsonl}\n",
     "task_undefined.yaml": "task: t\nkind: multiple_choice\ndoc_to_text: \"{{ quer }}\\nAnswer:\"\nmetrics: [acc]\n"
                            "headline: acc\nlocal: {path: mc.jsonl}\n",
@@ -180,6 +183,8 @@ T = "--device", "cpu"
 CASES = [
     # ------------------------------------------------------------------ recipes (validate / run)
     Case("malformed-yaml", ("validate", "{malformed.yaml}"), ("malformed.yaml:5:1", "malformed YAML", "started at line 4")),
+    Case("escape-past-unicode", ("validate", "{bad_escape.yaml}"), ("bad_escape.yaml:3", "malformed YAML", "\\U0010FFFF")),
+    Case("impossible-date", ("validate", "{bad_date.yaml}"), ("bad_date.yaml", "malformed YAML", "month must be in 1..12")),
     Case("unknown-key", ("validate", "{typo_key.yaml}"), ("typo_key.yaml:4", "stages.0.modle", "did you mean 'model'")),
     Case("unknown-stage-kind", ("validate", "{typo_kind.yaml}"), ("typo_kind.yaml:4", "stages.1.kind", "Did you mean 'eval'")),
     Case("stage-without-kind", ("validate", "{no_kind.yaml}"), ("no_kind.yaml:4", "stages.1", "no 'kind'")),
@@ -197,6 +202,7 @@ CASES = [
     Case("recipe-file-missing", ("validate", "{root}/nope.yaml"), ("recipe file not found", "nope.yaml")),
     Case("unknown-builtin-recipe", ("validate", "quikstart"), ("quikstart", "Did you mean 'quickstart'")),
     Case("bad-override", ("validate", "{ok.yaml}", "-s", "seed"), ("override 'seed'", "KEY.PATH=VALUE")),
+    Case("override-impossible-date", ("validate", "{ok.yaml}", "-s", "seed=2024-13-01"), ("seed", "integer")),
     Case("override-bad-index", ("validate", "{ok.yaml}", "-s", "stages.7.seq_len=1"), ("stages.7", "not an index")),
     Case("markup-in-recipe-path", ("validate", "{[red]markup[/b].yaml}"), ("[red]markup[/b].yaml:5:1", "malformed YAML")),
     # every file a recipe names is checked before any model loads
@@ -269,6 +275,8 @@ CASES = [
     Case("finetune-rows-not-objects", ("finetune", "{rows_not_objects.json}", "-m", "{tiny}", *T, "-o", "{root}/ft5"), ("rows_not_objects.json, row 1", "JSON object")),
     Case("finetune-unknown-method", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "--method", "loraa", "-o", "{root}/ft6"), ("loraa", "'lora'")),
     Case("finetune-bad-set", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "--set", "dropout", "-o", "{root}/ft7"), ("--set 'dropout'", "KEY=VALUE")),
+    Case("finetune-set-impossible-date", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "--set", "dropout=2024-13-01",
+                                          "-o", "{root}/ft8"), ("dropout", "number")),
     Case("finetune-out-is-a-file", ("finetune", "{rows.jsonl}", "-m", "{tiny}", *T, "-o", "{a_file}"), ("--out", "a_file", "is a file")),
     # ------------------------------------------------------------------ task files
     Case("unknown-task", ("eval", "tasks", "arc_easyy", "-m", "{tiny}", *T), ("arc_easyy", "Did you mean 'arc_easy'")),
@@ -276,6 +284,8 @@ CASES = [
     Case("task-expression-syntax", ("eval", "tasks", "{task_field_syntax.yaml}", "-m", "{tiny}", *T),
          ("task_field_syntax.yaml:8", "local.fields.gold", "syntax error")),
     Case("task-missing-key", ("eval", "tasks", "{task_no_metrics.yaml}", "-m", "{tiny}", *T), ("task_no_metrics.yaml", "metrics", "required")),
+    Case("task-escape-past-unicode", ("eval", "tasks", "{task_bad_escape.yaml}", "-m", "{tiny}", *T),
+         ("task_bad_escape.yaml:2", "malformed YAML", "\\U0010FFFF")),
     Case("task-bad-kind", ("eval", "tasks", "{task_kind.yaml}", "-m", "{tiny}", *T), ("task_kind.yaml:2", "kind", "multiple_choise")),
     Case("task-undefined-field", ("eval", "tasks", "{task_undefined.yaml}", "-m", "{tiny}", *T, "--data-dir", "{root}"),
          ("task_undefined.yaml:3", "doc_to_text", "template line 1", "'quer' is undefined")),

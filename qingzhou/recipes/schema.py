@@ -65,7 +65,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, _, raw = text.partition("=")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: what PyYAML leaves unchecked (2024-13-01, "\U00110000")
         value = raw
     return [p for p in key.strip().split(".") if p], value
 
