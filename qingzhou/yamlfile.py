@@ -64,6 +64,16 @@ def _bad_escape_line(text: str) -> int | None:
     return None
 
 
+def scalar(raw: str) -> Any:
+    """A command-line value (`-s KEY=VALUE`, `--set KEY=VALUE`) read as YAML (numbers, booleans,
+    lists); text YAML cannot read stays the text, so the schema names the key it does not fit.
+    ValueError: what PyYAML leaves unchecked (2024-13-01, "\\U00110000")."""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError):
+        return raw
+
+
 def load(path: str | Path, *, error: type[QingzhouError] = RecipeError) -> tuple[Any, str]:
     """Read and parse a YAML file: (data, text)."""
     text = read_text(path, error=error)

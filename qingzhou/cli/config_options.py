@@ -127,6 +127,7 @@ def config_options(*configs: type[BaseModel], exclude: Iterable[str] = (),
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
     """`-s key=value` pairs (dotted keys nest: calibration.num_samples=16), values read as YAML."""
+    from qingzhou import yamlfile
     from qingzhou.errors import RecipeError
 
     out: dict[str, Any] = {}
@@ -138,18 +139,8 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = _scalar(raw)
+        node[leaf] = yamlfile.scalar(raw)
     return out
-
-
-def _scalar(raw: str) -> Any:
-    """A --set value read as YAML (numbers, booleans, lists); text YAML cannot read stays the text."""
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except (yaml.YAMLError, ValueError):
-        return raw
 
 
 def calibration_help() -> dict[str, str]:

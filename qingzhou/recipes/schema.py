@@ -63,10 +63,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"bad override '{text}'.", hint="Expected KEY.PATH=VALUE, e.g. -s stages.1.seq_len=256.")
     key, _, raw = text.partition("=")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, ValueError):  # ValueError: what PyYAML leaves unchecked (2024-13-01, "\U00110000")
-        value = raw
+    value = yamlfile.scalar(raw) if raw.strip() else ""
     return [p for p in key.strip().split(".") if p], value
 
 
