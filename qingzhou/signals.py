@@ -6,8 +6,12 @@ is to die on the spot, skipping every `finally`. Two helpers change that:
 * `graceful_stop()` around a training loop turns SIGINT/SIGTERM into a flag the loop polls after
   each optimizer step, so it can save a checkpoint at a step boundary and then raise `Interrupted`.
   A second Ctrl-C does not wait (it raises `KeyboardInterrupt` at once).
-* `terminate_as_interrupt()` around a whole run makes SIGTERM raise `Interrupted` like Ctrl-C's
-  `KeyboardInterrupt`, so temp folders are removed and run.json says "interrupted".
+* `terminate_as_interrupt()` around a whole run makes SIGINT and SIGTERM raise `Interrupted` (a
+  `KeyboardInterrupt`), so temp folders are removed and run.json says "interrupted", and it records
+  the signal: when a library turns the KeyboardInterrupt into another error on its way up (seen in
+  CI: a run sent SIGINT 0.5 s in failed with transformers' lazy-import `ModuleNotFoundError`), the
+  run still ends as interrupted, not as a failure with a traceback. `cli.common.guarded` does the
+  same around every command.
 
 `fault_point(label)` marks the places where a crash would hurt most (just before a file or folder
 is renamed into place, after each training step, at each stage start). It does nothing unless the
@@ -76,20 +80,24 @@ def graceful_stop() -> Iterator[StopRequest]:
 
 
 @contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises `Interrupted` (as SIGINT raises KeyboardInterrupt)."""
+def terminate_as_interrupt(seen: StopRequest | None = None) -> Iterator[StopRequest]:
+    """Within the block SIGINT and SIGTERM raise `Interrupted` and are recorded in `seen` (returned):
+    whatever error the run then ends with, the caller knows a signal caused it."""
+    seen = seen if seen is not None else StopRequest()
     if not _main_thread():
-        yield
+        yield seen
         return
 
     def handler(signum, frame):
+        seen.signum = signum
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield seen
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 _fault_count = 0

@@ -369,6 +369,38 @@ def test_the_bitsandbytes_hint_survives_printing(capsys):
     assert "pip install 'qingzhou[bnb]'" in err and "/tmp/[red]x[/b]" in err
 
 
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_a_library_turns_into_another_error_exits_as_interrupted(signum, code, capsys):
+    """Ctrl-C (or a scheduler's SIGTERM) during any command ends as "interrupted" with the shell's
+    code, even when a library catches the interrupt and raises its own error (transformers' lazy
+    import turns a failed import into `ModuleNotFoundError`); any other error still propagates."""
+    import os
+    import signal
+
+    import typer
+
+    from qingzhou.cli.common import guarded
+
+    @guarded
+    def command(kill: bool):
+        try:
+            if kill:
+                os.kill(os.getpid(), getattr(signal, signum))
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'.") from e
+        raise ModuleNotFoundError("no signal: a real error")
+
+    with pytest.raises(typer.Exit) as e:
+        command(True)
+    assert e.value.exit_code == code
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handlers are gone
+    with pytest.raises(ModuleNotFoundError, match="a real error"):
+        command(False)
+
+
 # ---------------------------------------------------------------------- malicious task files
 
 EVIL_TEMPLATES = {

@@ -151,6 +151,49 @@ def test_interrupted_finetune_continues_from_its_checkpoint_to_the_same_weights(
     assert other.stages[1]["metrics"]["resumed_from"] is None
 
 
+def test_ctrl_c_that_a_library_turns_into_another_error_still_ends_as_interrupted(files, tmp_path, monkeypatch):
+    """Seen in CI: a run sent SIGINT 0.5 s in failed with transformers' lazy-import
+    `ModuleNotFoundError` (its `__getattr__` turns a failed import into one). Here a stage turns
+    its KeyboardInterrupt into that error the same way; the run knows a signal arrived, so it still
+    ends as interrupted (exit code 130, run.json "interrupted", the resume command)."""
+    import os
+    import signal
+
+    from qingzhou.recipes.registry import STAGES
+    from qingzhou.registry import Entry
+
+    recipe, _, _ = files
+    straight = run_recipe(str(recipe), tmp_path / "straight", progress=False, log=lambda m: None)
+    real = STAGES.get("eval")
+
+    def eval_whose_import_is_interrupted(cfg, ctx):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, handled at the next bytecode
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt as e:  # what transformers' lazy module does with a failed import
+            raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'.") from e
+        raise AssertionError("the signal did not arrive")
+
+    monkeypatch.setitem(STAGES._entries, "eval", Entry("eval", eval_whose_import_is_interrupted, real.config,
+                                                       real.meta, real.doc))
+    out = tmp_path / "run"
+    with pytest.raises(signals.Interrupted) as stopped:
+        run_recipe(str(recipe), out, progress=False, log=lambda m: None)
+    assert stopped.value.exit_code == 130
+    assert isinstance(stopped.value.__cause__, ModuleNotFoundError)
+    assert stopped.value.message.startswith("stopped during 03-eval; completed stages are kept.")
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["error"] == stopped.value.message
+    assert not (out / "03-eval").exists() and not list(out.glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+
+    monkeypatch.setitem(STAGES._entries, "eval", real)
+    resumed = run_recipe(str(recipe), out, resume=True, progress=False, log=lambda m: None)
+    assert [s["resumed"] for s in resumed.stages] == [True, True, False]
+    assert resumed.stages[2]["metrics"]["perplexity"]["ppl"] == straight.stages[2]["metrics"]["perplexity"]["ppl"]
+
+
 def test_run_names_cannot_leave_runs(tmp_path, tiny_llama_dir, monkeypatch):
     recipe = validate_recipe({"name": "../../elsewhere", "stages": [
         {"kind": "load", "model": str(tiny_llama_dir), "device": "cpu"}]})

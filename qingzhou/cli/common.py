@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qingzhou.errors import DeviceError, QingzhouError, UsageError
+from qingzhou.signals import StopRequest, terminate_as_interrupt
 
 STATE = {"debug": False}
 out = Console()
@@ -31,8 +32,10 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        seen = StopRequest()  # Ctrl-C / SIGTERM during the command, whatever error a library makes of it
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt(seen):
+                return fn(*args, **kwargs)
         except QingzhouError as e:
             if STATE["debug"]:
                 raise
@@ -57,6 +60,12 @@ def guarded(fn):
             message = getattr(e, "message", "") or "completed stages are kept; rerun with --resume to continue."
             err.print(f"[yellow]interrupted[/]: {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
+        except Exception:
+            if not seen.requested or STATE["debug"]:
+                raise
+            err.print("[yellow]interrupted[/]: completed stages are kept; rerun with --resume to continue.",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + seen.signum) from None
 
     return wrapper
 

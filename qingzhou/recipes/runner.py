@@ -51,7 +51,7 @@ from qingzhou.io import (
 from qingzhou.recipes.context import ModelCache, ModelRef, StageContext
 from qingzhou.recipes.registry import STAGES, StageConfig, stage_dir_name
 from qingzhou.recipes.schema import Recipe, load_recipe
-from qingzhou.signals import Interrupted, fault_point, terminate_as_interrupt
+from qingzhou.signals import Interrupted, StopRequest, fault_point, terminate_as_interrupt
 
 STAGE_FILE = "stage.json"
 CHECKPOINTS = "checkpoints"
@@ -359,8 +359,9 @@ def run_recipe(
     history: list[dict[str, Any]] = []
     after = ""
     current: str | None = None
+    seen = StopRequest()  # the signal that stopped the run, if one did
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(seen):
             for index, cfg in enumerate(recipe.stages, start=1):
                 name = stage_dir_name(index, cfg.kind)
                 final_dir, ckpt_dir = run_dir / name, run_dir / CHECKPOINTS / name
@@ -406,6 +407,10 @@ def run_recipe(
             raise
         raise Interrupted(signal.SIGINT, message) from None
     except BaseException as e:
+        if seen.requested:  # a signal arrived and a library turned its KeyboardInterrupt into this error
+            record["status"] = "interrupted"
+            record["error"] = message = _resume_hint(recipe, run_dir, current)
+            raise Interrupted(seen.signum, message) from e
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
         raise
