@@ -200,6 +200,7 @@ def main() -> None:
                         help="--cpu-runtime: skip the arm of the 4-bit model through transformers' forward")
     parser.add_argument("--ppl-windows", type=int, default=4, help="--cpu-runtime: perplexity windows timed (0: skip)")
     parser.add_argument("--ppl-seq-len", type=int, default=2048)
+    parser.add_argument("--ppl-repeats", type=int, default=2, help="--cpu-runtime: interleaved perplexity repeats (min kept)")
     parser.add_argument("--ppl-text", default=None, help="default ../shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -367,7 +368,7 @@ def cpu_runtime(args) -> dict:
         text = load_text(str(text_path))
         times: dict[str, list[float]] = {"dense fp32": [], "4-bit gptq g64": []}
         ppl = {}
-        for _ in range(2):  # interleaved, the faster of two
+        for _ in range(max(1, args.ppl_repeats)):  # interleaved, the fastest kept
             for name in times:
                 start = time.perf_counter()
                 res = perplexity(models[name], tok, text, seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,

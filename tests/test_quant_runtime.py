@@ -264,3 +264,29 @@ def test_a_bf16_model_gets_the_fast_head_only_when_held_wholly_in_memory():
 def test_models_without_kernel_layers_keep_the_fp32_head():
     model = _quantized_tiny(bits=3)
     assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+def test_a_pass_keeps_the_many_rows_weight_and_drops_it_after(gemm_dtype):
+    """`keep_dequantized` (perplexity windows, log-likelihood batches): the many-rows route's
+    dequantised weight is made once and reused across forwards with identical logits, freed on
+    leaving; with no memory share to spare it is not kept at all."""
+    from qingzhou.llm.quantized.runtime import keep_dequantized
+
+    model = _quantized_tiny()
+    ids = torch.randint(0, model.config.vocab_size, (3, 100))  # 300 rows: the GEMM route
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        packs = [p for m in layers for p in m._fast.values() if p is not None]
+        assert len(packs) == len(layers) and all(p.gemm_weight is None for p in packs)
+        with keep_dequantized(model) as kept:
+            first = model(input_ids=ids).logits
+            held = [p.gemm_weight for p in packs]
+            second = model(input_ids=ids).logits
+            assert kept and all(w is not None and w.dtype == gemm_dtype for w in held)
+            assert all(p.gemm_weight is w for p, w in zip(packs, held))  # reused, not rebuilt
+        assert all(p.gemm_weight is None for p in packs) and not any(m.keep_dequantized for m in layers)
+        assert torch.equal(first, plain) and torch.equal(second, plain)
+        with keep_dequantized(model, share=0.0) as kept:
+            model(input_ids=ids)
+            assert not kept and all(p.gemm_weight is None for p in packs)

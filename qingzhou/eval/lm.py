@@ -265,7 +265,9 @@ class HFLM:
                 raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length")
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         shared, plain = self._split_shared(pairs)
-        with progress_bar(len(pairs), self._desc(desc), enabled=self.progress) as advance:
+        from qingzhou.llm.quantized.runtime import keep_dequantized
+
+        with progress_bar(len(pairs), self._desc(desc), enabled=self.progress) as advance, keep_dequantized(self.model):
             group_cost = lambda batch: sum(self._group_logits(members, pairs) for _, members in batch)  # noqa: E731
             for batch in _budget_batches(shared, self.batch_size, self.max_logit_elements, group_cost):
                 for idx, score in self._score_shared(batch, pairs):

@@ -67,7 +67,10 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()
-    with progress_bar(len(windows), "perplexity", enabled=progress) as advance, torch.inference_mode(), eval_mode(model):
+    from qingzhou.llm.quantized.runtime import keep_dequantized
+
+    with progress_bar(len(windows), "perplexity", enabled=progress) as advance, torch.inference_mode(), \
+            eval_mode(model), keep_dequantized(model):
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits

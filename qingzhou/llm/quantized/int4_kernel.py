@@ -44,7 +44,9 @@ Measured with `bench/cpu_routes.py` (it prints these figures for the machine it 
 dequantise + GEMM 419 ms, int4 kernel 99 ms, fp32 dequantise + GEMM 67 ms, dense fp32 49 ms. At 1-256
 rows the kernel stays within 1.4-2.4x of a cached fp32 weight without keeping one, and meets the fp32
 dequantise + GEMM route between 128 and 256 rows (256 rows: 14.0 against 15.0 ms, 14.2 against
-8.3 ms for 1536 -> 576), so the row limit stays 256.
+8.3 ms for 1536 -> 576), so the row limit stays 256. During a pass of many long inputs (perplexity
+windows) `runtime.keep_dequantized` keeps the route's weight between calls instead of dequantising
+every layer again per window (about 5% of a window's time on that CPU).
 
 Act-order checkpoints have a non-monotonic `g_idx`; sorting the input columns by group makes the
 groups contiguous again, so the layer keeps a column permutation (made once, when the layer is
@@ -196,6 +198,7 @@ class Int4Pack:
     max_rows: int | None = None
     block: int | None = None
     gemm_dtype: torch.dtype = _COMPUTE_DTYPE  # the many-rows route's (fp32 on CPUs without fast bf16)
+    gemm_weight: torch.Tensor | None = None  # the many-rows route's weight, while `keep` asks for it
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -245,7 +248,9 @@ class Int4Pack:
             return None
         return fast
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """`x @ W.T`; `keep` keeps the many-rows route's dequantised weight for the next call
+        (`runtime.keep_dequantized`), otherwise it is made per call and any kept one is dropped."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         gemm = self.max_rows is not None and x2.shape[0] > self.max_rows
@@ -255,7 +260,9 @@ class Int4Pack:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if gemm:
-            y = x2 @ self.dequantize(dtype).T
+            w = self.gemm_weight if keep and self.gemm_weight is not None else self.dequantize(dtype)
+            self.gemm_weight = w if keep else None
+            y = x2 @ w.T
         else:
             y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         if y.dtype != x.dtype:

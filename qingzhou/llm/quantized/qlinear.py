@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
         # otherwise, so state dicts hold only the GPTQ tensors
         self.register_parameter("scale_factor", None)
         self.compact_when_packed = False  # drop `qweight` once a CPU pack holds the same codes
+        self.keep_dequantized = False  # keep the pack's many-rows weight between calls (runtime.keep_dequantized)
         self._stub: torch.Tensor | None = None  # the stand-in buffer of a compact layer
 
     @classmethod
@@ -181,7 +182,7 @@ class QuantLinear(nn.Module):
         if fast is not None:
             if self.compact_when_packed and not self.is_compact():
                 self._compact()
-            y = fast(x)
+            y = fast(x, keep=self.keep_dequantized)
             return y + bias if bias is not None else y
         if self._cached is not None and self._cached.device == x.device and self._cached.dtype == x.dtype:
             weight = self._cached

@@ -45,7 +45,8 @@ within the noise, in the CPU-runtime arms of `bench/decode_speed.py` on 2026-12-
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -187,3 +188,46 @@ def use_exact_runtime(model: nn.Module) -> nn.Module:
             m.clear_runtime()
     use_fast_head(model, False)
     return model
+
+
+# The share of the memory available now that dequantised weights kept for a pass may take.
+KEEP_MEMORY_SHARE = 0.25
+
+
+@contextlib.contextmanager
+def keep_dequantized(model: nn.Module, share: float = KEEP_MEMORY_SHARE) -> Iterator[bool]:
+    """Within the block the 4-bit CPU layers keep the weight their many-rows route dequantises
+    (`Int4Pack.__call__`) instead of rebuilding it at every call; on leaving it is dropped. Yields
+    whether it is kept.
+
+    For passes of many long inputs (perplexity windows, log-likelihood batches): each window of a
+    perplexity run dequantised every layer again, which made a 4-bit evaluation slower than the
+    dense model's on AVX2 CPUs, where that route computes in fp32 (SmolLM2, 2 windows of 2048:
+    1.10x the dense time). Kept, the pass costs one dequantisation plus dense-speed GEMMs.
+    Rule: only for a model held wholly in memory (never one streamed under a memory budget) and
+    only when the kept weights (out x in in the route's dtype, over the layers the kernel takes)
+    fit in `share` of the memory available now; otherwise every call dequantises as before.
+    Decode rows (the int4 kernel) are unaffected, and the logits are identical either way.
+    """
+    import psutil
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.kernel != "dequant"
+              and m.qweight.device.type == "cpu"
+              and int4_kernel.why_not(m.bits, m.group_size, m.in_features, m.out_features, m.g_idx) is None]
+    size = torch.finfo(int4_kernel.cpu_gemm_dtype()).bits // 8
+    need = sum(m.in_features * m.out_features for m in layers) * size
+    keep = bool(layers) and not hasattr(model, "qingzhou_offload") and \
+        need <= share * psutil.virtual_memory().available
+    if not keep:
+        yield False
+        return
+    for m in layers:
+        m.keep_dequantized = True
+    try:
+        yield True
+    finally:
+        for m in layers:
+            m.keep_dequantized = False
+            for pack in m._fast.values():
+                if pack is not None:
+                    pack.gemm_weight = None
