@@ -23,6 +23,7 @@ from qingzhou.errors import DeviceError, QingzhouError, UsageError
 from qingzhou.signals import StopRequest, terminate_as_interrupt
 
 STATE = {"debug": False}
+_RESUME = "completed stages are kept; rerun with --resume to continue."  # an interrupt without its own message
 out = Console()
 err = Console(stderr=True)
 
@@ -55,16 +56,13 @@ def guarded(fn):
             print_error("file error", f"{target}{e.strerror or e}.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (qingzhou.signals.Interrupted): say how to go on
-            from rich.markup import escape
-
-            message = getattr(e, "message", "") or "completed stages are kept; rerun with --resume to continue."
+            message = getattr(e, "message", "") or _RESUME
             err.print(f"[yellow]interrupted[/]: {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except Exception:
             if not seen.requested or STATE["debug"]:
                 raise
-            err.print("[yellow]interrupted[/]: completed stages are kept; rerun with --resume to continue.",
-                      highlight=False, soft_wrap=True)
+            err.print(f"[yellow]interrupted[/]: {escape(_RESUME)}", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + seen.signum) from None
 
     return wrapper

@@ -151,13 +151,17 @@ class FastHead(nn.Linear):
         return head
 
 
-def computes_in_bf16(model: nn.Module) -> bool:
-    """Whether `model` has 4-bit layers that the CPU int4 kernel takes (and so compute in bf16)."""
+def _cpu_kernel_layers(model: nn.Module) -> Iterator[QuantLinear]:
+    """The 4-bit layers of `model` that the CPU int4 kernel takes."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel != "dequant" and m.qweight.device.type == "cpu":
             if int4_kernel.why_not(m.bits, m.group_size, m.in_features, m.out_features, m.g_idx) is None:
-                return True
-    return False
+                yield m
+
+
+def computes_in_bf16(model: nn.Module) -> bool:
+    """Whether `model` has 4-bit layers that the CPU int4 kernel takes (and so compute in bf16)."""
+    return next(_cpu_kernel_layers(model), None) is not None
 
 
 def use_fast_head(model: nn.Module, on: bool | None = None) -> bool:
@@ -211,9 +215,7 @@ def keep_dequantized(model: nn.Module, share: float = KEEP_MEMORY_SHARE) -> Iter
     """
     import psutil
 
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.kernel != "dequant"
-              and m.qweight.device.type == "cpu"
-              and int4_kernel.why_not(m.bits, m.group_size, m.in_features, m.out_features, m.g_idx) is None]
+    layers = list(_cpu_kernel_layers(model))
     size = torch.finfo(int4_kernel.cpu_gemm_dtype()).bits // 8
     need = sum(m.in_features * m.out_features for m in layers) * size
     keep = bool(layers) and not hasattr(model, "qingzhou_offload") and \
