@@ -310,6 +310,7 @@ def run_kd(b: Bench, name: str) -> dict:
     base arm's + the repair's."""
     from qingzhou.data import DataConfig, prepare_data
     from qingzhou.finetune.distill import distill
+    from qingzhou.io import discard_dir
 
     base = name.removesuffix("+kd")
     if base.startswith("gptq-"):
@@ -323,12 +324,17 @@ def run_kd(b: Bench, name: str) -> dict:
     cfg = {"method": "quant_scales", "divergence": "forward_kl", "temperature": 1.0, "kd_ratio": 1.0,
            "top_k": None, "learning_rate": 1e-3, "max_steps": KD_STEPS, "batch_size": 4, "warmup_ratio": 0.0,
            "scheduler": "cosine", "save_every_minutes": 0, "progress": True}
+    work = b.work / f"{name}-distill"
+    # the bench's own scratch folder: a run stopped while deleting it can leave it without the
+    # marker that `overwrite` needs, so a leftover goes first (renamed aside, then deleted)
+    if work.exists():
+        discard_dir(work, require_marker=False)
     t0 = time.perf_counter()
-    rep = distill(m.model, teacher, m.tok, cfg, data, output_dir=b.work / f"{name}-distill", overwrite=True)
+    rep = distill(m.model, teacher, m.tok, cfg, data, output_dir=work, overwrite=True)
     kd_seconds = time.perf_counter() - t0
     del teacher
     row = quantized_row(b, name, rep.model, m.tok, m.names, m.n_weights, m.seconds + kd_seconds)
-    shutil.rmtree(b.work / f"{name}-distill", ignore_errors=True)
+    discard_dir(work, require_marker=False)
     row.update(m.extra)
     row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=KD_STEPS,
                kd_train_rows=len(data.train), kd_kl_before=rep.kl_before, kd_kl_after=rep.kl_after)

@@ -398,22 +398,19 @@ def run_recipe(
                 record["input_hashes"].update(entry.get("input_hashes", {}))
                 atomic_write_json(run_dir / "run.json", record)
         record["status"] = "complete"
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Interrupted)
+    except BaseException as e:
+        # Ctrl-C or SIGTERM (Interrupted), or any error after a recorded signal (a library turned
+        # its KeyboardInterrupt into another error): interrupted, resumable; anything else failed
+        if not (isinstance(e, KeyboardInterrupt) or seen.requested):
+            record["status"] = "failed"
+            record["error"] = f"{type(e).__name__}: {e}"
+            raise
         record["status"] = "interrupted"
-        message = _resume_hint(recipe, run_dir, current)
-        record["error"] = message
+        record["error"] = message = _resume_hint(recipe, run_dir, current)
         if isinstance(e, Interrupted):
             e.message = message
             raise
-        raise Interrupted(signal.SIGINT, message) from None
-    except BaseException as e:
-        if seen.requested:  # a signal arrived and a library turned its KeyboardInterrupt into this error
-            record["status"] = "interrupted"
-            record["error"] = message = _resume_hint(recipe, run_dir, current)
-            raise Interrupted(seen.signum, message) from e
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        raise
+        raise Interrupted(seen.signum or signal.SIGINT, message) from (None if isinstance(e, KeyboardInterrupt) else e)
     finally:
         record["finished_at"] = _now()
         atomic_write_json(run_dir / "run.json", record)
