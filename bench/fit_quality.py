@@ -17,6 +17,7 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
 * `<arm>+kd` for a `gptq-*` or `fit-*` arm: that model, then its per-group scales trained towards the
   dense model (`distill(..., method="quant_scales")`, forward KL, 38 steps of 4 calibration rows);
+  `+kd<steps>` another step count, a trailing `n` trains the norms too (`fit-3+kd114n`);
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
   in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200).
 
@@ -302,7 +303,7 @@ def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
 KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 82 at batch 4)
 
 
-@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)\+kd", "ours: + scale repair (KD)")
+@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)\+kd(\d+)?(n)?", "ours: + scale repair (KD)")
 def run_kd(b: Bench, name: str) -> dict:
     """Another arm's model, then `distill(..., method="quant_scales")`: only the per-group scales
     train, towards the dense model (forward KL of the full logits), on the same calibration rows
@@ -312,7 +313,8 @@ def run_kd(b: Bench, name: str) -> dict:
     from qingzhou.finetune.distill import distill
     from qingzhou.io import discard_dir
 
-    base = name.removesuffix("+kd")
+    base, steps, norms = re.fullmatch(r"(.+)\+kd(\d+)?(n)?", name).groups()
+    steps = int(steps) if steps else KD_STEPS
     if base.startswith("gptq-"):
         m = build_gptq(b, base)
     else:
@@ -322,7 +324,8 @@ def run_kd(b: Bench, name: str) -> dict:
     data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
                                    cache=False), m.tok, records=rows)
     cfg = {"method": "quant_scales", "divergence": "forward_kl", "temperature": 1.0, "kd_ratio": 1.0,
-           "top_k": None, "learning_rate": 1e-3, "max_steps": KD_STEPS, "batch_size": 4, "warmup_ratio": 0.0,
+           "top_k": None, "learning_rate": 1e-3, "max_steps": steps,
+           "train_norms": bool(norms), "batch_size": 4, "warmup_ratio": 0.0,
            "scheduler": "cosine", "save_every_minutes": 0, "progress": True}
     work = b.work / f"{name}-distill"
     # the bench's own scratch folder: a run stopped while deleting it can leave it without the
@@ -336,7 +339,7 @@ def run_kd(b: Bench, name: str) -> dict:
     row = quantized_row(b, name, rep.model, m.tok, m.names, m.n_weights, m.seconds + kd_seconds)
     discard_dir(work, require_marker=False)
     row.update(m.extra)
-    row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=KD_STEPS,
+    row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=steps, kd_norms=bool(norms),
                kd_train_rows=len(data.train), kd_kl_before=rep.kl_before, kd_kl_after=rep.kl_after)
     return row
 
@@ -460,7 +463,7 @@ def run_autoround(b: Bench, name: str) -> dict:
 def family_of(name: str) -> str:
     """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
     family = runner_for(name)[0]
-    if name.startswith("fit-at-") and not name.endswith("+kd"):
+    if name.startswith("fit-at-") and "+kd" not in name:
         return "ours: fit plan"  # one curve with the fit-<bits> rows
     if name.endswith("-imat"):
         return family + " + imatrix"
@@ -496,7 +499,8 @@ def targets(rows: list[dict], model: str = "smollm2") -> list[dict]:
     is held to be no worse than uniform 4-bit GPTQ."""
     by = {r["arm"]: r for r in rows if "ppl" in r}
     out = []
-    for arm, how in (("fit-3", ""), ("fit-3+kd", " (+ scale repair)")):
+    repaired = sorted(a for a in by if a.startswith("fit-3+kd"))
+    for arm, how in (("fit-3", ""), *((a, f" (+ scale repair, {a.split('+')[1]})") for a in repaired)):
         if arm in by and "gptq-3-g64" in by:
             limit = (1 - TARGET_GAIN_AT_3) * by["gptq-3-g64"]["ppl"]
             out.append({"target": f"fit at uniform-3-bit size{how} >= 15% below our uniform 3-bit GPTQ",
@@ -519,7 +523,7 @@ def targets(rows: list[dict], model: str = "smollm2") -> list[dict]:
                     "holds": (best["ppl"] < peer["ppl"]) if best else None})
     gptq_s = [by[a]["seconds"] for a in ("gptq-3-g64", "gptq-4-g64") if a in by]
     for f in fits:
-        if gptq_s and not f["arm"].endswith("+kd"):  # the repair is an optional stage after search + apply
+        if gptq_s and "+kd" not in f["arm"]:  # the repair is an optional stage after search + apply
             # the faster uniform run: a run that shared the machine is slower, never faster
             limit = TARGET_TIME_FACTOR * min(gptq_s)
             out.append({"target": f"{f['arm']} search+apply <= 3x one uniform GPTQ run", "value": f["seconds"],
