@@ -301,9 +301,10 @@ def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
 
 
 KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 82 at batch 4)
+KD_SUFFIX = r"\+kd(\d+)?(n)?"  # `+kd`, `+kd<steps>`, a trailing `n`: the norms train too
 
 
-@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)\+kd(\d+)?(n)?", "ours: + scale repair (KD)")
+@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)" + KD_SUFFIX, "ours: + scale repair (KD)")
 def run_kd(b: Bench, name: str) -> dict:
     """Another arm's model, then `distill(..., method="quant_scales")`: only the per-group scales
     train, towards the dense model (forward KL of the full logits), on the same calibration rows
@@ -313,7 +314,7 @@ def run_kd(b: Bench, name: str) -> dict:
     from qingzhou.finetune.distill import distill
     from qingzhou.io import discard_dir
 
-    base, steps, norms = re.fullmatch(r"(.+)\+kd(\d+)?(n)?", name).groups()
+    base, steps, norms = re.fullmatch(r"(.+)" + KD_SUFFIX, name).groups()
     steps = int(steps) if steps else KD_STEPS
     if base.startswith("gptq-"):
         m = build_gptq(b, base)
