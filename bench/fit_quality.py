@@ -18,6 +18,8 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
 * `<arm>+kd` for a `gptq-*` or `fit-*` arm: that model, then its per-group scales trained towards the
   dense model (`distill(..., method="quant_scales")`, forward KL, 38 steps of 4 calibration rows);
   `+kd<steps>` another step count, a trailing `n` trains the norms too (`fit-3+kd114n`);
+* `<arm>+bt<steps>` for a `gptq-*`, `fit-*` or `fit-at-*` arm: GPTQ applied with block tuning
+  (`GPTQConfig.block_tune_steps`, steps of 2 calibration rows, scales only); before `+kd` when both;
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
   in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200).
 
@@ -226,14 +228,27 @@ class Built:
     extra: dict = field(default_factory=dict)
 
 
+BT_SUFFIX = r"\+bt(\d+)"  # `+bt<steps>`: GPTQ with block tuning, that many steps per decoder layer
+BT_SETTINGS = {"block_tune_scale_lr": 2e-3, "batch_size": 2}  # a step = 2 calibration rows
+
+
+def with_block_tune(cfg: dict, name: str) -> tuple[dict, str]:
+    """`cfg` with the block tuning that `name`'s `+bt<steps>` asks for, and the name without it."""
+    m = re.search(BT_SUFFIX + "$", name)
+    if m is None:
+        return cfg, name
+    return {**cfg, **BT_SETTINGS, "block_tune_steps": int(m.group(1))}, name[:m.start()]
+
+
 def build_gptq(b: Bench, name: str) -> Built:
     from qingzhou.compress.quantize import quantize
 
-    bits, group = re.fullmatch(r"gptq-(\d)-g(\d+)", name).groups()
+    cfg, base = with_block_tune({}, name)
+    bits, group = re.fullmatch(r"gptq-(\d)-g(\d+)", base).groups()
     model, tok = b.load()
     names, n = list(decoder_linears(model)), linear_weight_count(model)
     t0 = time.perf_counter()
-    quantize(model, parse_setting(f"gptq-asym-{bits}-g{group}"), b.samples, tokenizer=tok)
+    quantize(model, {**parse_setting(f"gptq-asym-{bits}-g{group}"), **cfg}, b.samples, tokenizer=tok)
     return Built(model, tok, names, n, time.perf_counter() - t0)
 
 
@@ -241,6 +256,11 @@ def build_gptq(b: Bench, name: str) -> Built:
 def run_gptq(b: Bench, name: str) -> dict:
     m = build_gptq(b, name)
     return quantized_row(b, name, m.model, m.tok, m.names, m.n_weights, m.seconds)
+
+
+@arm(r"gptq-(\d)-g(\d+)" + BT_SUFFIX, "ours: uniform GPTQ + block tuning")
+def run_gptq_bt(b: Bench, name: str) -> dict:
+    return run_gptq(b, name)
 
 
 def fit_budget(model, bits: float, group: int = 64) -> int:
@@ -265,7 +285,7 @@ def matched_budget(b: Bench, model, peer: str) -> int:
     return fit_budget(model, 4.0) - lin4 + linear
 
 
-@arm(r"fit-at-([^+]+)", "ours: fit plan at a peer's size")
+@arm(r"fit-at-([^+]+)" + f"({BT_SUFFIX})?", "ours: fit plan at a peer's size")
 def run_fit_at(b: Bench, name: str) -> dict:
     """`fit` at the decoder-linear size of another arm (`fit-at-kq-Q2_K-imat`): the matched-size
     comparison with llama.cpp's k-quant mixes and AutoRound."""
@@ -276,10 +296,12 @@ def build_fit(b: Bench, name: str, matched: str | None = None) -> Built:
     from qingzhou.compress.fit import Budget, fit
 
     weighting = "none" if name.startswith("fitu-") else "fisher"
+    # the grid and engine of our uniform rows (the plan sets bits/groups), + block tuning if asked
+    cfg, name = with_block_tune(parse_setting("gptq-asym-4-g64"), name)
+    matched = matched and with_block_tune({}, matched)[1]
     model, tok = b.load()
     names, n = list(decoder_linears(model)), linear_weight_count(model)
     budget = matched_budget(b, model, matched) if matched else fit_budget(model, float(name.split("-")[1]))
-    cfg = parse_setting("gptq-asym-4-g64")  # the grid and engine of our uniform rows; the plan sets bits/groups
     t0 = time.perf_counter()
     report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
     extra = dict(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
@@ -291,6 +313,7 @@ def build_fit(b: Bench, name: str, matched: str | None = None) -> Built:
 
 
 @arm(r"fitu?-([\d.]+)", "ours: fit plan")
+@arm(r"fit-([\d.]+)" + BT_SUFFIX, "ours: fit plan + block tuning")
 def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
     """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
     `fitu-<bits>`: the same with unweighted output errors (`weighting="none"`), for comparison."""
@@ -304,7 +327,7 @@ KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 8
 KD_SUFFIX = r"\+kd(\d+)?(n)?"  # `+kd`, `+kd<steps>`, a trailing `n`: the norms train too
 
 
-@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)" + KD_SUFFIX, "ours: + scale repair (KD)")
+@arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)" + f"(?:{BT_SUFFIX})?" + KD_SUFFIX, "ours: + scale repair (KD)")
 def run_kd(b: Bench, name: str) -> dict:
     """Another arm's model, then `distill(..., method="quant_scales")`: only the per-group scales
     train, towards the dense model (forward KL of the full logits), on the same calibration rows
@@ -314,7 +337,7 @@ def run_kd(b: Bench, name: str) -> dict:
     from qingzhou.finetune.distill import distill
     from qingzhou.io import discard_dir
 
-    base, steps, norms = re.fullmatch(r"(.+)" + KD_SUFFIX, name).groups()
+    base, steps, norms = re.fullmatch(r"(.+?)" + KD_SUFFIX, name).groups()
     steps = int(steps) if steps else KD_STEPS
     if base.startswith("gptq-"):
         m = build_gptq(b, base)
@@ -464,8 +487,8 @@ def run_autoround(b: Bench, name: str) -> dict:
 def family_of(name: str) -> str:
     """The plot/table family: the registered one, split where one runner makes two kinds of rows."""
     family = runner_for(name)[0]
-    if name.startswith("fit-at-") and "+kd" not in name:
-        return "ours: fit plan"  # one curve with the fit-<bits> rows
+    if name.startswith("fit-at-") and "+kd" not in name:  # one curve with the fit-<bits> rows
+        return "ours: fit plan" + (" + block tuning" if "+bt" in name else "")
     if name.endswith("-imat"):
         return family + " + imatrix"
     if name.startswith("fitu-"):
@@ -500,8 +523,8 @@ def targets(rows: list[dict], model: str = "smollm2") -> list[dict]:
     is held to be no worse than uniform 4-bit GPTQ."""
     by = {r["arm"]: r for r in rows if "ppl" in r}
     out = []
-    repaired = sorted(a for a in by if a.startswith("fit-3+kd"))
-    for arm, how in (("fit-3", ""), *((a, f" (+ scale repair, {a.split('+')[1]})") for a in repaired)):
+    repaired = sorted(a for a in by if a.startswith(("fit-3+kd", "fit-3+bt")))  # + block tuning / scale repair
+    for arm, how in (("fit-3", ""), *((a, f" (+{a.split('+', 1)[1]})") for a in repaired)):
         if arm in by and "gptq-3-g64" in by:
             limit = (1 - TARGET_GAIN_AT_3) * by["gptq-3-g64"]["ppl"]
             out.append({"target": f"fit at uniform-3-bit size{how} >= 15% below our uniform 3-bit GPTQ",

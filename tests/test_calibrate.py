@@ -81,6 +81,31 @@ def test_later_groups_see_the_rewritten_weights():
     assert len(rec.finished) == 2
 
 
+def test_refine_layer_rewrites_any_linear_and_the_next_layer_sees_it():
+    """`refine_layer` runs after the last group and before the outputs: a rewrite there (here of
+    the finished attention's o_proj, whose output the engine had recorded for replay) reaches the
+    next layer's inputs, which equal the final model's own hidden states."""
+
+    class Refine(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[int] = []
+
+        def refine_layer(self, index, layer, inputs):
+            self.calls.append(index)
+            layer.self_attn.o_proj.weight.mul_(3.0)
+            return True
+
+    model = tiny_model("llama")
+    samples = _samples()
+    rec = Refine()
+    run_layerwise(model, samples, rec, LayerwiseOptions(batch_size=4, device="cpu"))
+    assert rec.calls == [0, 1]
+    with torch.no_grad():
+        hs = model(torch.stack(samples), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(rec.layer_inputs[1], hs[1], rtol=1e-4, atol=1e-5)
+
+
 def test_linear_without_activations_is_reported():
     model = tiny_model("llama")
     model.model.layers[1].mlp.unused = nn.Linear(64, 64)  # never called in forward

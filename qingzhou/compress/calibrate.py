@@ -29,7 +29,9 @@ and may add the hooks of `LayerHooks` (`inputs_to_observe` + `observe`, `begin_l
    `finish_group(index, layer, modules)` with `modules` = {full name: nn.Linear} of the group
    (names that got no tokens are included; see `report.unfed`). The callback may rewrite only the
    weights of these modules, in place (or replace them in the layer).
-4. `end_layer(index, layer)`, after the layer's outputs (the next layer's inputs) are computed.
+4. `refine_layer(index, layer, inputs)`, after every group is finished and before the outputs are
+   computed: a last pass over the whole layer (block tuning); returns True if it changed weights.
+5. `end_layer(index, layer)`, after the layer's outputs (the next layer's inputs) are computed.
 
 Full names are those `model.named_modules()` gives (`model.layers.3.self_attn.q_proj`), so methods
 key per-module settings by them. With `true_sequential=True` a layer's linears are processed in
@@ -486,6 +488,10 @@ class LayerHooks(Protocol):
     def begin_layer(self, index: int, layer: nn.Module, inputs: list[LayerBatch]) -> None:
         """Before the layer's groups are collected (after the observation pass)."""
 
+    def refine_layer(self, index: int, layer: nn.Module, inputs: list[LayerBatch]) -> bool:
+        """After all groups are finished, before the outputs are computed; may rewrite any linear
+        of the layer. Returns True when it changed weights (recorded child outputs are dropped)."""
+
     def end_layer(self, index: int, layer: nn.Module) -> None:
         """After the layer's outputs, the next layer's inputs, are computed."""
 
@@ -573,6 +579,7 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
     observe_names = getattr(callback, "inputs_to_observe", None)
     begin_layer = getattr(callback, "begin_layer", None)
     end_layer = getattr(callback, "end_layer", None)
+    refine_layer = getattr(callback, "refine_layer", None)
     for i, layer in enumerate(layers):
         if i < start:  # resumed: written by an earlier, interrupted run
             continue
@@ -608,6 +615,8 @@ def run_layerwise(model: nn.Module, samples: Sequence[torch.Tensor], callback: L
                         warnings.warn(f"{name} received no calibration activations; "
                                       "the method falls back to its data-free path for it", stacklevel=2)
                 callback.finish_group(i, layer, modules)
+        if refine_layer is not None and refine_layer(i, layer, inputs):
+            replay = None  # recorded child outputs predate the refined weights
         outputs = []
         with replay.run(len(plan.groups)) if replay is not None else nullcontext():
             for j, batch in enumerate(inputs):

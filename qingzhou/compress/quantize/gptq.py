@@ -40,6 +40,15 @@ class GPTQConfig(CalibratedConfig):
     refit_max_bits: int = Field(3, ge=0, le=8, description="after the column loop, refit the fp16 group scales of "
                                 "linears with at most this many bits to the codes GPTQ chose (least squares on "
                                 "the output error; codes and zeros unchanged); 0: never")
+    block_tune_steps: int = Field(0, ge=0, description="after GPTQ rounds a decoder layer, train its codes and "
+                                  "group scales this many Adam steps against the layer's output (block tuning, "
+                                  "`compress/quantize/block_tune.py`; same file; 0: off)")
+    block_tune_lr: float = Field(0.0, ge=0, description="block tuning: step of the rounding offsets, in grid steps (0: codes stay GPTQ's, "
+                                 "only the scales train)")
+    block_tune_scale_lr: float = Field(1e-3, ge=0, description="block tuning: relative step of the group scales")
+    block_tune_target: float = Field(0.0, ge=0, le=1, description="block tuning matches the original layer's "
+                                     "output on the quantised model's inputs, moved this fraction toward the "
+                                     "dense model's output (needs dense_target > 0)")
     true_sequential: bool = Field(True, description="quantise attention projections before the MLP "
                                                     "within each layer, each seeing the quantised inputs")
 
@@ -48,11 +57,15 @@ class GPTQConfig(CalibratedConfig):
 def run_gptq(model: nn.Module, cfg: GPTQConfig, plan: dict[str, QuantScheme], calib: Any) -> dict[str, Any]:
     """Calibrate layer by layer with GPTQ; weights are rewritten in place (fake-quant)."""
     from qingzhou.compress.calibrate import LayerwiseOptions, run_layerwise
+    from qingzhou.compress.quantize.block_tune import BlockTuneSettings
     from qingzhou.compress.quantize.gptq_solver import GPTQCollector
 
     collector = GPTQCollector(plan, block_size=cfg.block_size, damp_percent=cfg.damp_percent,
                               act_order=cfg.act_order, static_groups=cfg.static_groups,
                               hessian_clip=cfg.hessian_clip, dense_target=cfg.dense_target,
-                              refit_max_bits=cfg.refit_max_bits)
+                              refit_max_bits=cfg.refit_max_bits,
+                              block_tune=BlockTuneSettings(cfg.block_tune_steps, cfg.block_tune_lr,
+                                                           cfg.block_tune_scale_lr),
+                              block_tune_target=cfg.block_tune_target)
     report = run_layerwise(model, calib, collector, LayerwiseOptions.from_config(cfg, targets=plan.__contains__))
     return {"modules": collector.results, "calibration": report.to_dict()}

@@ -16,6 +16,7 @@ Differences from the reference, all for quality or robustness:
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 
 from qingzhou.compress.calibrate import apply_quantized, write_weight
 from qingzhou.compress.dense_target import DenseStream
+from qingzhou.compress.quantize.block_tune import BlockTuneSettings, tune_layer
 from qingzhou.compress.hessian import (
     HessianAccumulator,
     HessianCollector,
@@ -154,7 +156,8 @@ class GPTQCollector(HessianCollector):
 
     def __init__(self, plan: dict[str, QuantScheme], *, block_size: int, damp_percent: float,
                  act_order: bool, static_groups: bool, hessian_clip: bool = False, dense_target: float = 0.0,
-                 refit_max_bits: int = 0):
+                 refit_max_bits: int = 0, block_tune: BlockTuneSettings | None = None,
+                 block_tune_target: float = 0.0):
         super().__init__()
         self.plan = plan
         self.opts = dict(block_size=block_size, damp_percent=damp_percent, act_order=act_order,
@@ -162,11 +165,60 @@ class GPTQCollector(HessianCollector):
         self.refit_max_bits = refit_max_bits
         self.dense = DenseStream() if dense_target > 0 else None
         self.dense_alpha = dense_target
+        self.tune = block_tune if block_tune is not None and block_tune.steps > 0 else None
+        self.tune_target = block_tune_target if self.dense is not None else 0.0
+        self.targets: list[torch.Tensor] = []  # the layer outputs block tuning matches, per batch
 
     def begin_layer(self, index: int, layer: nn.Module, inputs: list[Any]) -> None:
         if self.dense is not None:  # dense inputs only for the linears the plan quantises (memory)
             self.dense.begin_layer(layer, inputs, [m for rel, m in layer.named_modules() if isinstance(m, nn.Linear)
                                                    and any(k.endswith(f".{index}.{rel}") for k in self.plan)])
+        if self.tune is not None:
+            self.targets = self._tune_targets(layer, inputs)
+
+    @torch.no_grad()
+    def _tune_targets(self, layer: nn.Module, inputs: list[Any]) -> list[torch.Tensor]:
+        """The original layer's outputs on the engine's inputs, moved `tune_target` of the way
+        toward the dense model's outputs (the dense-target idea, `compress/dense_target.py`, at
+        the level of the layer)."""
+        from qingzhou.compress.calibrate import _layer_output
+
+        a = self.tune_target
+        dense = self.dense.next_hidden if self.dense is not None and a > 0 else None
+        device = next(layer.parameters()).device
+        out = []
+        for j, b in enumerate(inputs):
+            own = None
+            if a < 1 or dense is None:
+                bb = b.to(device)
+                own = _layer_output(layer(bb.hidden, **bb.kwargs)).to(b.hidden.device)
+            if dense is None:
+                out.append(own)
+            elif own is None:
+                out.append(dense[j])
+            else:
+                out.append(own.lerp_(dense[j].to(own.device, own.dtype), a))
+        return out
+
+    def refine_layer(self, index: int, layer: nn.Module, inputs: list[Any]) -> bool:
+        """Block tuning (`block_tune.py`) of this layer's GPTQ results; True if weights changed."""
+        if self.tune is None:
+            return False
+        names = {rel: full for rel, m in layer.named_modules() if isinstance(m, nn.Linear)
+                 for full in self.results if full.endswith(f".{index}.{rel}")
+                 and "quantized" in self.results[full] and "fallback" not in self.results[full]}
+        res = tune_layer(layer, {rel: self.results[full]["quantized"] for rel, full in names.items()},
+                         inputs, self.targets, self.tune)
+        self.targets = []
+        if res is None:
+            return False
+        for rel, full in names.items():  # per module, so the report (and a streamed run's) keeps it
+            self.results[full]["quantized"] = res["quantized"][rel]
+            self.results[full]["block_tune"] = {"layer_mse_before": res["loss_before"],
+                                                "layer_mse_after": res["loss_after"], "kept": res["kept"]}
+        logging.getLogger(__name__).info("layer %d block tuning: output MSE %.4g -> %.4g%s", index,
+                                         res["loss_before"], res["loss_after"], "" if res["kept"] else " (not kept)")
+        return bool(res["kept"])
 
     def end_layer(self, index: int, layer: nn.Module) -> None:
         if self.dense is not None:
