@@ -253,14 +253,10 @@ def build_gptq(b: Bench, name: str) -> Built:
 
 
 @arm(r"gptq-(\d)-g(\d+)", "ours: uniform GPTQ")
+@arm(r"gptq-(\d)-g(\d+)" + BT_SUFFIX, "ours: uniform GPTQ + block tuning")
 def run_gptq(b: Bench, name: str) -> dict:
     m = build_gptq(b, name)
     return quantized_row(b, name, m.model, m.tok, m.names, m.n_weights, m.seconds)
-
-
-@arm(r"gptq-(\d)-g(\d+)" + BT_SUFFIX, "ours: uniform GPTQ + block tuning")
-def run_gptq_bt(b: Bench, name: str) -> dict:
-    return run_gptq(b, name)
 
 
 def fit_budget(model, bits: float, group: int = 64) -> int:

@@ -1,12 +1,14 @@
-"""Block tuning: after GPTQ has rounded a decoder layer, train its quantised weights and group scales
-together so that the *layer's output* matches its target (EfficientQAT's Block-AP, started from
-GPTQ's codes instead of round-to-nearest).
+"""Block tuning: after GPTQ has rounded a decoder layer, train its group scales (and, with `lr > 0`,
+its codes) so that the *layer's output* matches its target (EfficientQAT's Block-AP, started from
+GPTQ's codes instead of round-to-nearest). Default: scales only; on SmolLM2 3-bit, training the
+codes too raised every layer's output error above GPTQ's (gradient-picked flips undo GPTQ's error
+compensation), while scales alone lowered it.
 
 Why: GPTQ fits each linear to its own inputs one at a time; the errors of q/k/v, o, gate/up and down
 meet only in the layer's output, through softmax and SiLU, which no per-linear solve sees. Training
 the whole layer against its output lets the codes of one linear make up for another's. The file
-does not change: each linear keeps its bits, group size, zero points and g_idx; only which integer
-code each weight takes and the fp16 scales move.
+does not change: each linear keeps its bits, group size, zero points and g_idx; only the fp16
+scales (and, if asked, which integer code each weight takes) move.
 
 How: every quantised linear of the layer gets a rounding offset V per weight (in grid steps,
 initialised at 0, so training starts exactly at GPTQ's codes c) and a per-group scale multiplier m

@@ -40,8 +40,8 @@ class GPTQConfig(CalibratedConfig):
     refit_max_bits: int = Field(3, ge=0, le=8, description="after the column loop, refit the fp16 group scales of "
                                 "linears with at most this many bits to the codes GPTQ chose (least squares on "
                                 "the output error; codes and zeros unchanged); 0: never")
-    block_tune_steps: int = Field(0, ge=0, description="after GPTQ rounds a decoder layer, train its codes and "
-                                  "group scales this many Adam steps against the layer's output (block tuning, "
+    block_tune_steps: int = Field(0, ge=0, description="after GPTQ rounds a decoder layer, train its group "
+                                  "scales (and codes, if block_tune_lr > 0) this many Adam steps against the layer's output (block tuning, "
                                   "`compress/quantize/block_tune.py`; same file; 0: off)")
     block_tune_lr: float = Field(0.0, ge=0, description="block tuning: step of the rounding offsets, in grid steps (0: codes stay GPTQ's, "
                                  "only the scales train)")

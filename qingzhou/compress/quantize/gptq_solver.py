@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qingzhou.compress.calibrate import apply_quantized, write_weight
+from qingzhou.compress.calibrate import _layer_output, apply_quantized, write_weight
 from qingzhou.compress.dense_target import DenseStream
 from qingzhou.compress.quantize.block_tune import BlockTuneSettings, tune_layer
 from qingzhou.compress.hessian import (
@@ -181,8 +181,6 @@ class GPTQCollector(HessianCollector):
         """The original layer's outputs on the engine's inputs, moved `tune_target` of the way
         toward the dense model's outputs (the dense-target idea, `compress/dense_target.py`, at
         the level of the layer)."""
-        from qingzhou.compress.calibrate import _layer_output
-
         a = self.tune_target
         dense = self.dense.next_hidden if self.dense is not None and a > 0 else None
         device = next(layer.parameters()).device
