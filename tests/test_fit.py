@@ -251,6 +251,9 @@ def test_fit_plan_quantizes_within_budget(tmp_path):
         fit(model, model_bytes(model, {n: Option(2, -1) for n in lins}) - 1, {"method": "rtn"}, calib, apply=False)
     result = fit(model, budget, {"method": "rtn"}, calib, apply=False, neighbours=())
     assert set(result.choice) == set(lins)
+    stages = {k: v for k, v in result.seconds.items() if k != "total"}
+    assert {"fisher", "sensitivity", "solve", "kl_check"} <= set(stages)
+    assert sum(stages.values()) <= result.seconds["total"] + 0.03  # each stage counted once (2-decimal rounding)
     assert w3 < result.predicted_bytes <= budget  # spends the budget: more than the 3-bit plan
     assert len(set(result.choice.values())) > 1
     quantize(model, result.quantize_config())

@@ -263,6 +263,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         step = max(1, len(measure) // max(1, fisher_samples))
         row_weights = output_fisher(model, measure[::step][:fisher_samples], linears, autocast=fisher_autocast)
         seconds["fisher"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # each stage's seconds are its own: the stages add up to the total
     collector = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq, keep_weights=check,
                                      options_of=lambda name, m: per_linear[name], row_weights=row_weights)
     engine = LayerwiseOptions(device=getattr(cfg, "device", None), batch_size=getattr(cfg, "batch_size", 8),
