@@ -111,6 +111,36 @@ def test_solver_matches_brute_force():
         assert plan.loss == pytest.approx(brute_force(table, budget)), case
 
 
+def test_solver_with_droppable_groups_matches_brute_force():
+    """Whole groups (decoder layers) may be dropped: the DP is still exactly optimal over every
+    keep/drop pattern, pays a kept group's own cost, and drops a group's items together."""
+    from qingzhou.compress.fit.solve import DROPPED, Droppable
+
+    rng = random.Random(7)
+    drops = 0
+    for case in range(80):
+        table = {f"l{i}": {f"o{j}": (rng.randint(1, 60), rng.random()) for j in range(rng.randint(1, 3))}
+                 for i in range(6)}
+        items = list(table)
+        groups = [Droppable(tuple(items[1:3]), rng.randint(0, 12), rng.uniform(0.0, 3.0)),
+                  Droppable(tuple(items[4:6]), rng.randint(0, 12), rng.uniform(0.0, 3.0))]
+        lo = sum(min(c for c, _ in table[i].values()) for i in (items[0], items[3]))
+        hi = sum(max(c for c, _ in t.values()) for t in table.values()) + sum(g.cost for g in groups)
+        budget = rng.randint(lo, hi)
+        plan = solve_choice(table, budget, droppable=groups)
+        kept = [g for g in groups if plan.choice[g.items[0]] != DROPPED]
+        for g in groups:  # all or nothing
+            assert len({plan.choice[i] == DROPPED for i in g.items}) == 1
+        assert plan.cost == total_cost(table, plan.choice) + sum(g.cost for g in kept) <= budget
+        want = sum(table[i][o][1] for i, o in plan.choice.items() if o != DROPPED)
+        assert plan.loss == pytest.approx(want + sum(g.loss for g in groups if g not in kept))
+        assert plan.loss == pytest.approx(brute_force(table, budget, groups)), case
+        drops += len(groups) - len(kept)
+    assert drops > 0  # the cases exercise dropping, not only keeping
+    with pytest.raises(RecipeError, match="smallest reachable size"):
+        solve_choice(table, lo - 1, droppable=groups)
+
+
 def test_solver_coarse_grid_never_exceeds_budget():
     rng = random.Random(5)
     for _ in range(40):
