@@ -102,3 +102,25 @@ def test_nothing_left_is_an_error():
 
     with pytest.raises(RecipeError, match="nothing would be left"):
         structured_prune(tiny_model("llama"), {"layers": 2}, calib())
+
+
+def test_explicit_drop_layers_removes_those_layers_without_calibration():
+    """`drop_layers` (a fit plan's choice) removes exactly those layers, keeps the others' weights
+    and order, needs no calibration data, and refuses indices that are not this model's."""
+    import torch
+
+    from qingzhou.errors import RecipeError
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    before = [layer.mlp.down_proj.weight.clone() for layer in model.model.layers]
+    report = structured_prune(model, {"drop_layers": [2, 0]})  # no calibration given
+    assert report.removed_layers == [0, 2] and model.config.num_hidden_layers == 2
+    assert all(torch.equal(layer.mlp.down_proj.weight, before[i]) for layer, i in zip(model.model.layers, (1, 3)))
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    for bad in ([4], [1, 1], [0, 1, 2, 3]):
+        with pytest.raises(RecipeError, match="drop_layers"):
+            structured_prune(tiny_model("llama", num_hidden_layers=4), {"drop_layers": bad})
+    with pytest.raises(RecipeError, match="drop_layers"):
+        structured_prune(tiny_model("llama", num_hidden_layers=4), {"drop_layers": [1], "layers": 1}, calib())

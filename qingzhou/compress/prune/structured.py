@@ -46,6 +46,8 @@ class StructuredConfig(LayerwiseSettings):
     mlp_multiple: int = Field(1, ge=1, description="round the kept MLP width down to a multiple of this "
                                                    "(e.g. 64 for efficient GPU shapes)")
     layers: int = Field(0, ge=0, description="number of decoder layers removed (lowest block importance)")
+    drop_layers: list[int] = Field(default_factory=list, description="these decoder layers (0-based indices) "
+                                   "removed, chosen by the caller (a `fit` plan); instead of `layers`")
 
 
 @dataclass
@@ -253,16 +255,24 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
         raise RecipeError(f"nothing would be left: heads={cfg.heads} of {n_kv} KV groups, mlp={cfg.mlp} of "
                           f"{config.intermediate_size} channels, layers={cfg.layers} of {n_layers}.",
                           where="structured", hint="Lower the fractions.")
+    if cfg.drop_layers:
+        bad = sorted({i for i in cfg.drop_layers if not 0 <= i < n_layers})
+        if cfg.layers or bad or len(set(cfg.drop_layers)) != len(cfg.drop_layers) or len(cfg.drop_layers) >= n_layers:
+            raise RecipeError(f"drop_layers {cfg.drop_layers} is not a set of layer indices of this model "
+                              f"(0..{n_layers - 1}, each once, at least one layer left), or comes with "
+                              f"layers={cfg.layers}.", where="structured drop_layers",
+                              hint="Give either `layers` (how many, chosen by importance) or `drop_layers` (which).")
 
-    samples = calibration_samples(calib, cfg, tokenizer, "prune")
     stats = StructureStats(head_dim)
-    targets = {f"{prefix}.{i}.self_attn.o_proj" for i in range(n_layers)} if drop_groups else set()
-    targets |= {f"{prefix}.{i}.mlp.down_proj" for i in range(n_layers)} if keep_channels < config.intermediate_size else set()
-    cal = run_layerwise(model, samples, stats,
-                        LayerwiseOptions.from_config(cfg, targets=targets.__contains__, true_sequential=False))
-    report.calibration = cal.to_dict()
-    report.layer_importance = [stats.angle[i][0] / max(stats.angle[i][1], 1) if i in stats.angle else 0.0
-                               for i in range(n_layers)]
+    if drop_groups or keep_channels < config.intermediate_size or cfg.layers:  # explicit drops measure nothing
+        samples = calibration_samples(calib, cfg, tokenizer, "prune")
+        targets = {f"{prefix}.{i}.self_attn.o_proj" for i in range(n_layers)} if drop_groups else set()
+        targets |= {f"{prefix}.{i}.mlp.down_proj" for i in range(n_layers)} if keep_channels < config.intermediate_size else set()
+        cal = run_layerwise(model, samples, stats,
+                            LayerwiseOptions.from_config(cfg, targets=targets.__contains__, true_sequential=False))
+        report.calibration = cal.to_dict()
+        report.layer_importance = [stats.angle[i][0] / max(stats.angle[i][1], 1) if i in stats.angle else 0.0
+                                   for i in range(n_layers)]
 
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -285,9 +295,9 @@ def structured_prune(model: Any, cfg: StructuredConfig | dict[str, Any], calib: 
         config.num_key_value_heads = n_kv - drop_groups
         config.head_dim = head_dim  # otherwise hidden_size // heads would be recomputed on load
     config.intermediate_size = keep_channels
-    if cfg.layers:
-        order = sorted(range(n_layers), key=lambda i: report.layer_importance[i])
-        report.removed_layers = sorted(order[: cfg.layers])
+    if cfg.layers or cfg.drop_layers:
+        order = sorted(range(n_layers), key=lambda i: report.layer_importance[i]) if cfg.layers else []
+        report.removed_layers = sorted(cfg.drop_layers or order[: cfg.layers])
         _drop_layers(model, layers, report.removed_layers)
     report.parameters_after = _count(model)
     report.shape_after = _shape(model.config)
