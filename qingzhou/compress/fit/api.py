@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qingzhou.compress.fit.budget import Budget
-from qingzhou.compress.fit.solve import Plan, solve_choice, uniform_choice
+from qingzhou.compress.fit.solve import DROPPED, Droppable, Plan, solve_choice, uniform_choice
 from qingzhou.compress.fit.storage import KEEP, Option, header_bytes_bound, linear_bytes, model_bytes, option_space
 from qingzhou.errors import RecipeError
 
@@ -84,6 +84,8 @@ class FitReport:
     seconds: dict[str, float] = field(default_factory=dict)
     file_bytes: int | None = None  # model.safetensors as written (with output_dir)
     gguf: dict[str, Any] | None = None  # model.gguf (gguf=True): path, bytes, type counts, type per linear
+    dropped_layers: list[int] = field(default_factory=list)  # decoder layers removed (original indices)
+    layer_prefix: str = "model.layers"  # where those layers were (the plan recipe's prune stage needs none)
     quantize: dict[str, Any] = field(default_factory=dict)  # the apply's QuantizeReport
     warnings: list[str] = field(default_factory=list)
     sensitivities: dict[str, LinearSensitivity] = field(repr=False, default_factory=dict)
@@ -101,10 +103,13 @@ class FitReport:
         """A recipe (load + one quantize stage with per-module overrides) that reproduces the
         weights fit wrote, given the same model (`load`: the load stage's keys, e.g.
         {"model": "smollm2", "dtype": "float32"}) and calibration."""
+        drop = [{"kind": "prune", "name": "fit-drop", "method": "structured", "drop_layers": self.dropped_layers}] \
+            if self.dropped_layers else []
         return {"name": "fit-plan",
                 "description": f"qingzhou fit plan for {self.budget}: {len(self.choice)} linears, "
-                               f"avg {self.avg_bits:.3f} bits, {self.predicted_file_bytes} bytes predicted",
-                "stages": [{"kind": "load", "model": "MODEL", **(load or {})},
+                               f"avg {self.avg_bits:.3f} bits, {self.predicted_file_bytes} bytes predicted"
+                               + (f", layers {self.dropped_layers} dropped" if self.dropped_layers else ""),
+                "stages": [{"kind": "load", "model": "MODEL", **(load or {})}, *drop,
                            {"kind": "quantize", "name": "fit-plan", **self.quantize_config()}]}
 
     def mix(self) -> dict[str, int]:
@@ -118,7 +123,7 @@ class FitReport:
                 "avg_bits": round(self.avg_bits, 4), "predicted_tok_s": (round(self.predicted_tok_s, 2)
                                                                           if self.predicted_tok_s else None),
                 "kl": self.kl, "kl_applied": self.kl_applied, "chosen_by": self.chosen_by,
-                "gguf_bytes": self.gguf["bytes"] if self.gguf else None,
+                "gguf_bytes": self.gguf["bytes"] if self.gguf else None, "dropped_layers": self.dropped_layers,
                 "linears": len(self.choice), "mix": self.mix(), "seconds": round(self.seconds.get("total", 0.0), 2)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,11 +135,16 @@ class FitReport:
 
 
 def option_mix(choice: dict[str, Option]) -> dict[str, int]:
-    """How many linears of `choice` take each option, by label, sorted."""
+    """How many linears of `choice` take each option, by label (`drop`: in a dropped layer), sorted."""
     out: dict[str, int] = {}
     for o in choice.values():
-        out[o.label] = out.get(o.label, 0) + 1
+        label = _label(o)
+        out[label] = out.get(label, 0) + 1
     return dict(sorted(out.items()))
+
+
+def _label(o: Any) -> str:
+    return DROPPED if o == DROPPED else o.label
 
 
 # Kept for callers of the groundwork API.
@@ -175,7 +185,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
         load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16",
         weighting: str = "fisher", fisher_samples: int = 16, fisher_autocast: str | None = None,
-        min_bits: tuple[int, ...] = MIN_BITS) -> FitReport:
+        min_bits: tuple[int, ...] = MIN_BITS, drop_layers: int = 0, drop_samples: int = 4) -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -199,6 +209,12 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     faster on CPUs with AMX but moves some linears' weights by tens of percent on SmolLM2).
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
+    `drop_layers`: at most this many whole decoder layers may be dropped (0: none): the layers of
+    least measured damage (`layer_drop.py`: KL with the layer skipped, on `drop_samples` of the
+    measured samples) become droppable groups of the knapsack, and the plan of the same budget with
+    no layer dropped is a KL-checked candidate too. Size and average-bits budgets; needs
+    `weighting="fisher"`. A plan that drops layers saves a model with fewer layers, and its
+    `plan.yaml` has a structured prune stage (`drop_layers`) before the quantize stage.
     `gguf`: also write `output_dir/model.gguf`, the plan as llama.cpp per-tensor types
     (`fit.gguf.gguf_tensor_types`: 8 -> q8_0, 4 -> q4_k, 3 -> q3_k, 2 -> q2_k, keep -> `gguf_keep`,
     with llama.cpp's fallback where a row is not a multiple of 256), quantised from the original
@@ -236,6 +252,17 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
             raise RecipeError(f"gguf_keep must be one of {', '.join(KEEP_TYPES)}, not {gguf_keep!r}.",
                               where="fit gguf_keep")
         check_gguf_model(model)  # before minutes of measuring
+    if drop_layers:
+        if weighting != "fisher" or budget.kind == "min_tok_s":
+            raise RecipeError("drop_layers needs a max_size or avg_bits budget and weighting fisher (a dropped "
+                              "layer's loss is measured in the Fisher-weighted units of the other options).",
+                              where="fit drop_layers", hint="Drop layers with a size or bits budget, or set it to 0.")
+        from qingzhou.compress.calibrate import find_decoder_layers
+
+        if drop_layers >= len(find_decoder_layers(model)[0]):
+            raise RecipeError(f"drop_layers {drop_layers} would allow dropping every decoder layer "
+                              f"({len(find_decoder_layers(model)[0])}).", where="fit drop_layers",
+                              hint="Allow fewer layers to be dropped.")
     space = list(options) if options is not None else fit_options()
     per_linear = {n: _options_of(m.in_features, space) for n, m in linears.items()}
 
@@ -271,12 +298,28 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
                               true_sequential=False)  # weights are not written: one pass per layer suffices
     sens = measure_sensitivity(model, measure, layerwise=engine, collector=collector)
     seconds["sensitivity"] = time.perf_counter() - t0
+    groups: list[Any] = []
+    if drop_layers:
+        from qingzhou.compress.fit.layer_drop import drop_losses, layer_groups
+
+        t0 = time.perf_counter()
+        groups = layer_groups(model, list(sens))
+        step = max(1, len(measure) // max(1, drop_samples))
+        lost = drop_losses(model, measure[::step][:drop_samples], groups)
+        groups = sorted(groups, key=lambda g: lost[g.index])[:drop_layers]  # only the least damaging can go
+        seconds["layer_drop"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     costs, fixed, limit_of, describe = _cost_model(model, budget, cfg, linears, sens, timing_cache)
+    droppable: list[Droppable] = []
+    if groups:  # a kept layer pays its norms itself; dropped, they leave the file with it
+        own = {g.index: g.own_bytes if budget.kind == "max_size" else 0 for g in groups}
+        fixed -= sum(own.values())
+        droppable = [Droppable(g.linears, own[g.index], lost[g.index]) for g in groups]
     table: dict[Any, dict[Any, tuple[int, float]]] = {REST: {KEEP: (fixed, 0.0)}}
     table.update({n: {o: (costs[n][o], e) for o, e in s.errors.items()} for n, s in sens.items()})
-    smallest = sum(min(c for c, _ in row.values()) for row in table.values())
+    in_groups = {n for g in droppable for n in g.items}
+    smallest = sum(min(c for c, _ in row.values()) for n, row in table.items() if n not in in_groups)
     limit = limit_of(budget)
     if smallest > limit:
         raise RecipeError(f"no plan meets {budget.describe()}: {describe(smallest)}.", where="fit budget",
@@ -284,50 +327,62 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     # a neighbour scales the room the plan distributes, not the whole budget: for SmolLM2 in fp32
     # the embeddings alone are ~2/3 of the file, so "5% of the file" would be ~15% of the linears
     factors = sorted({1.0, *neighbours})
-    # key: (budget factor, min bits, uniform?)
-    plans: dict[tuple[float, int | None, bool], Plan] = {}
+    # key: (budget factor, min bits, uniform?, no layer dropped although allowed?)
+    plans: dict[tuple[float, int | None, bool, bool], Plan] = {}
     for f in factors:
         lim = limit if f == 1.0 else fixed + math.floor(f * (limit - fixed))
         if lim >= smallest:
-            plans[(f, None, False)] = solve_choice(table, lim)
+            plans[(f, None, False, False)] = solve_choice(table, lim, droppable=droppable)
     for mb in sorted(set(min_bits)):
         sub = {n: {o: v for o, v in row.items() if n == REST or o.keep or o.bits >= mb} for n, row in table.items()}
-        if all(sub.values()) and sum(min(c for c, _ in row.values()) for row in sub.values()) <= limit:
-            plans[(1.0, mb, False)] = solve_choice(sub, limit)
+        if all(sub.values()) and sum(min(c for c, _ in row.values()) for n, row in sub.items()
+                                     if n not in in_groups) <= limit:
+            plans[(1.0, mb, False, False)] = solve_choice(sub, limit, droppable=droppable)
+    if droppable and fixed + sum(g.cost for g in droppable) + \
+            sum(min(c for c, _ in row.values()) for n, row in table.items() if n != REST) <= limit:
+        keep_all = {**table, REST: {KEEP: (fixed + sum(g.cost for g in droppable), 0.0)}}
+        plans[(1.0, None, False, True)] = solve_choice(keep_all, limit)
     budget_of = None
     if budget.kind == "max_size":  # one option's header is smaller than the bound over all options
         def budget_of(o: Option) -> int:
             return int(budget.max_size) - header_bytes_bound(model, {n: [o] for n in sens})
-    if check and (same := uniform_choice(table, limit, fixed=(REST,), budget_of=budget_of)) is not None:
-        plans[(1.0, None, True)] = same
+    rest_row = {REST: {KEEP: (fixed + sum(g.cost for g in droppable), 0.0)}} if droppable else {}
+    if check and (same := uniform_choice({**table, **rest_row}, limit, fixed=(REST,), budget_of=budget_of)) is not None:
+        plans[(1.0, None, True, bool(droppable))] = same
     seconds["solve"] = time.perf_counter() - t0
+    layer_of = {n: g.index for g in groups for n in g.linears}
+    prefix = groups[0].prefix.rpartition(".")[0] if groups else "model.layers"
 
     def summary_of(plan: Plan) -> dict[str, Any]:
         choice = {n: o for n, o in plan.choice.items() if n != REST}
-        return {"choice": choice, "payload": _payload(model, choice), "loss": plan.loss,
-                "avg_bits": _avg_bits(linears, choice), "cost": plan.cost}
+        dropped = sorted({layer_of[n] for n, o in choice.items() if o == DROPPED})
+        kept = {n: o for n, o in choice.items() if o != DROPPED}
+        return {"choice": choice, "payload": _payload(model, kept, [f"{prefix}.{i}" for i in dropped]),
+                "loss": plan.loss, "avg_bits": _avg_bits(linears, kept), "cost": plan.cost, "dropped": dropped}
 
     candidates: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}
-    for (f, mb, uniform), plan in plans.items():
+    for (f, mb, uniform, nodrop), plan in plans.items():
         s = summary_of(plan)
-        key = tuple(sorted((n, o.label) for n, o in s["choice"].items()))
+        key = tuple(sorted((n, _label(o)) for n, o in s["choice"].items()))
         row = {"factor": f, "min_bits": mb, "uniform": uniform, "eligible": f <= 1.0, "loss": s["loss"],
                "avg_bits": round(s["avg_bits"], 4), "payload_bytes": s["payload"], "cost": s["cost"],
-               "same_as": None, "kl": None}
+               "dropped_layers": s["dropped"], "same_as": None, "kl": None}
         if key in seen:
             row["same_as"] = seen[key]["name"]
         elif row["eligible"]:  # an over-budget plan is never the one another row's KL comes from
             seen[key] = row
         label = next(iter(s["choice"].values())).label if uniform and s["choice"] else ""
-        row["name"] = f"uniform {label}" if uniform else f"x{f:g}" + (f" min{mb}b" if mb is not None else "")
+        row["name"] = (f"uniform {label}" if uniform else f"x{f:g}" + (f" min{mb}b" if mb is not None else "")) \
+            + (" no drop" if nodrop and not uniform else "")
         row["mix"] = option_mix(s["choice"])
         row["_choice"] = s["choice"]
         candidates.append(row)
     seen_rows = {r["name"]: r for r in candidates}
 
     t0 = time.perf_counter()
-    best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None and not r["uniform"])
+    best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None and not r["uniform"]
+                and not r["name"].endswith("no drop"))
     chosen_by = "proxy"
     work = None
     if check:
@@ -335,7 +390,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         # only plans within the budget can win: the larger neighbours are solved (their loss shows
         # the trend) but not run end to end
         unique = [r for r in candidates if r["same_as"] is None and r["eligible"]]
-        kls = heldout_kl(model, work, held, [r["_choice"] for r in unique], collector.weights, cfg)
+        kls = heldout_kl(model, work, held, [r["_choice"] for r in unique], collector.weights, cfg,
+                         drops=[r["dropped_layers"] for r in unique])
         for r, kl in zip(unique, kls):
             r["kl"] = kl
         for r in candidates:
@@ -350,15 +406,19 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     for r in candidates:
         r["chosen"] = r is best
 
-    choice: dict[str, Option] = best["_choice"]
+    dropped: list[int] = best["dropped_layers"]
+    kept_choice = {n: o for n, o in best["_choice"].items() if o != DROPPED}
+    header = header_bytes_bound(model, {n: [o] for n, o in kept_choice.items()})  # a bound: a dropped layer's
+    # tensors leave the header and the kept layers' names only get shorter (renumbered)
+    names = _renamed(list(kept_choice), prefix, dropped)
+    choice: dict[str, Option] = {names[n]: o for n, o in kept_choice.items()}  # as the saved model names them
     report = FitReport(
         budget=budget.to_dict(), choice=choice, overrides=plan_overrides(choice), predicted_bytes=best["payload_bytes"],
-        predicted_file_bytes=best["payload_bytes"] + header_bytes_bound(model, {n: [o] for n, o in choice.items()}),
-        avg_bits=_avg_bits(linears, choice), loss=best["loss"],
-        config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"], chosen_by=chosen_by,
-        candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
+        predicted_file_bytes=best["payload_bytes"] + header, avg_bits=_avg_bits(linears, kept_choice),
+        loss=best["loss"], config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"],
+        chosen_by=chosen_by, candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
-        sensitivities=sens, plan=plans[(1.0, None, False)])
+        sensitivities=sens, plan=plans[(1.0, None, False, False)], dropped_layers=dropped, layer_prefix=prefix)
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 
@@ -367,6 +427,10 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         if apply:
             from qingzhou.compress.quantize.api import quantize
 
+            if dropped:  # first, so the GGUF and the quantize run see the model as it is saved
+                from qingzhou.compress.prune.structured import structured_prune
+
+                structured_prune(model, {"method": "structured", "drop_layers": dropped})
             if gguf:  # from the original weights: the plan is applied in place next
                 t0 = time.perf_counter()
                 gguf_tmp = _export_gguf_aside(model, tokenizer, choice, output_dir, gguf_keep)  # type: ignore[arg-type]
@@ -433,17 +497,25 @@ def _options_of(in_features: int, space: list[Option]) -> list[Option]:
     return opts
 
 
-def _payload(model: nn.Module, choice: dict[str, Option]) -> int:
-    return model_bytes(model, choice)
+def _payload(model: nn.Module, choice: dict[str, Option], dropped: list[str] = ()) -> int:  # type: ignore[assignment]
+    return model_bytes(model, choice, dropped=dropped)
+
+
+def _renamed(names: list[str], prefix: str, dropped: list[int]) -> dict[str, str]:
+    from qingzhou.compress.fit.layer_drop import renamed
+
+    return renamed(names, prefix, dropped) if dropped else {n: n for n in names}
 
 
 def _avg_bits(linears: dict[str, Any], choice: dict[str, Option]) -> float:
-    """8 * bytes the fitted linears' tensors take / their weight count (scales, zeros, g_idx, bias in)."""
+    """8 * bytes the fitted linears' tensors take / their weight count (scales, zeros, g_idx, bias in;
+    a linear not in `choice` is in a dropped layer: no bytes, its weights still counted)."""
     nbytes = weights = 0
     for name, lin in linears.items():
         bias = lin.bias.element_size() if lin.bias is not None else 0
-        nbytes += linear_bytes(lin.in_features, lin.out_features, choice[name], bias_bytes=bias,
-                               dtype_bytes=lin.weight.element_size())
+        if name in choice:
+            nbytes += linear_bytes(lin.in_features, lin.out_features, choice[name], bias_bytes=bias,
+                                   dtype_bytes=lin.weight.element_size())
         weights += lin.in_features * lin.out_features
     return 8 * nbytes / weights
 
@@ -476,15 +548,17 @@ def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, A
 
 
 def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], choices: list[dict[str, Option] | None],
-               weights: dict[str, dict[Option, Any]], cfg: Any) -> list[float]:
+               weights: dict[str, dict[Option, Any]], cfg: Any, drops: list[list[int]] | None = None) -> list[float]:
     """Mean per-token KL(reference || plan) of the final logits on `held`, for each plan in
-    `choices` written into `work` from the measured `weights` (None: `work` as it is).
+    `choices` written into `work` from the measured `weights` (None: `work` as it is), with the
+    decoder layers `drops[k]` of plan k skipped (their linears' choice is `DROPPED`).
 
     Batches run outer, plans inner, so the reference logits are computed once per batch."""
     import torch
     import torch.nn.functional as F
 
     from qingzhou.compress.calibrate import batch_samples
+    from qingzhou.compress.fit.layer_drop import skipped
     from qingzhou.llm.devices import torch_device
 
     device = torch_device(getattr(cfg, "device", None))
@@ -508,12 +582,13 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
                 for k, choice in enumerate(choices):
                     if choice is not None:
                         for name, o in choice.items():
-                            if loaded.get(name) == o:  # neighbouring plans share most of their choices
+                            if loaded.get(name) == o or o == DROPPED:  # shared with the previous plan / skipped
                                 continue
                             w = originals[name] if o.keep else weights[name][o].dequantize()
                             modules[name].weight.copy_(w.to(modules[name].weight))
                             loaded[name] = o
-                    logq = F.log_softmax(work(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                    with skipped(work, drops[k] if drops else []):
+                        logq = F.log_softmax(work(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                     totals[k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
                 tokens += ids.numel()
     finally:

@@ -92,21 +92,23 @@ def options_for(in_features: int, options: Iterable[Option]) -> list[Option]:
     return out
 
 
-def model_bytes(model: nn.Module, choices: Mapping[str, Option]) -> int:
+def model_bytes(model: nn.Module, choices: Mapping[str, Option], *, dropped: Iterable[str] = ()) -> int:
     """Bytes of all tensors `save_quantized` writes for `model` with linear `name` stored as
-    `choices[name]` (the safetensors payload; the file adds its JSON header and 8 bytes).
+    `choices[name]` (the safetensors payload; the file adds its JSON header and 8 bytes), without
+    the modules named in `dropped` (whole decoder layers a plan removes).
 
     Tied tensors count once, as `save_quantized` drops the second name."""
     modules = dict(model.named_modules())
     total = 0
     seen: set[int] = set()
     replaced = {f"{n}.{p}" for n, o in choices.items() if not o.keep for p in ("weight", "bias")}
+    gone = tuple(f"{d}." for d in dropped)
     for key, t in model.state_dict().items():
         ptr = t.data_ptr() if t.numel() else id(t)
         if t.numel() and ptr in seen:
             continue
         seen.add(ptr)
-        if key not in replaced:
+        if key not in replaced and not (gone and key.startswith(gone)):
             total += t.numel() * (STORED_FLOAT if t.is_floating_point() else t.element_size())
     for name, option in choices.items():
         if option.keep:

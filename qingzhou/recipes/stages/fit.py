@@ -31,6 +31,8 @@ class FitStage(MethodStage):
     gguf: bool = Field(False, description="also write model/model.gguf: the plan as llama.cpp per-tensor types "
                                            "from the original weights (Llama, Mistral, Qwen2, Gemma 3)")
     gguf_keep: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF type of kept linears and embeddings")
+    drop_layers: int = Field(0, ge=0, description="at most this many whole decoder layers may be dropped, "
+                                                  "where that measures better (size and bits budgets)")
     default_method: ClassVar[str] = "gptq"
 
     @classmethod
@@ -70,7 +72,7 @@ def run_fit(cfg: FitStage, ctx: StageContext) -> StageResult:
     report = fit(model, cfg.budget(), cfg.settings, tokenizer=tokenizer, output_dir=ctx.work_dir / "model",
                  heldout=cfg.heldout, neighbours=tuple(cfg.neighbours), timing_cache=ctx.run_dir / "cache",
                  load_stage={"model": ref.source, "dtype": ref.dtype} if ref else None, gguf=cfg.gguf,
-                 gguf_keep=cfg.gguf_keep)
+                 gguf_keep=cfg.gguf_keep, drop_layers=cfg.drop_layers)
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "fit_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)

@@ -1,0 +1,130 @@
+"""Dropping whole decoder layers as one more `fit` option (`drop_layers=True`).
+
+A dropped layer costs nothing in the file: its linears and its norms are gone (the model is saved
+with fewer layers by the structured pruning that exists, `prune/structured.py` `drop_layers`). What
+it loses is measured, not guessed: the mean per-token KL of the final logits against the original
+model when that one layer is skipped (its output replaced by its input, the residual stream passing
+through), on a few of the calibration samples the other measurements use.
+
+Units. The per-linear losses the solver adds up are Fisher-weighted output errors
+(`fisher.py`): with `H = 2/n X^T X` a linear's error is `sum_c F_c * 2 * mean_t dy_tc^2`, and the
+second-order loss increase per token is `1/2 sum_c F_c dy_tc^2`, so the summed proxy is 4x the mean
+per-token loss increase, which for small changes is the KL to the original model. The drop loss is
+therefore `4 * KL`, in the same units (on SmolLM2 the KL check's candidates measured
+proxy / KL = 3.8-4.4). A dropped layer's KL is measured end to end, so it already includes how the
+change compounds through the later layers; the linears' proxies do not, which makes the solver
+lean slightly towards dropping, and the KL check of the candidate plans (one of them never drops)
+decides between them. Needs `weighting="fisher"`: raw output errors are in no comparable unit.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qingzhou.compress.fit.storage import STORED_FLOAT
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+PROXY_PER_KL = 4.0  # see the module docstring
+
+
+@dataclass
+class LayerGroup:
+    """One decoder layer as a droppable group: its index, name prefix, the fitted linears in it and
+    the bytes of its other tensors (norms, linears left out of the search) in the file."""
+
+    index: int
+    prefix: str
+    linears: tuple[str, ...]
+    own_bytes: int
+
+
+def layer_groups(model: nn.Module, linears: Sequence[str]) -> list[LayerGroup]:
+    """The decoder layers holding at least one of `linears`, with what each writes besides them
+    (16-bit floats, as `storage.model_bytes` counts them)."""
+    from qingzhou.compress.calibrate import find_decoder_layers
+
+    layers, prefix = find_decoder_layers(model)
+    fitted = {f"{n}.{p}" for n in linears for p in ("weight", "bias")}
+    out = []
+    for i, layer in enumerate(layers):
+        head = f"{prefix}.{i}"
+        mine = tuple(n for n in linears if n.startswith(head + "."))
+        if not mine:
+            continue
+        own = sum(t.numel() * (STORED_FLOAT if t.is_floating_point() else t.element_size())
+                  for k, t in layer.state_dict().items() if f"{head}.{k}" not in fitted)
+        out.append(LayerGroup(i, head, mine, own))
+    return out
+
+
+@contextmanager
+def skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
+    """Within the block, the decoder layers `indices` pass their input through unchanged (the
+    residual stream skips them), whatever their forward returns (a tensor or a tuple)."""
+    from qingzhou.compress.calibrate import find_decoder_layers
+
+    layers, _ = find_decoder_layers(model)
+
+    def identity(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [layers[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def drop_losses(model: nn.Module, samples: Sequence[torch.Tensor], groups: Sequence[LayerGroup]) -> dict[int, float]:
+    """{layer index: PROXY_PER_KL * mean per-token KL(original || layer skipped)} on `samples`
+    (1-D token tensors): one forward of the original model and one per layer, per sample."""
+    import torch
+    import torch.nn.functional as F
+
+    from qingzhou.progress import progress_bar
+
+    device = next(model.parameters()).device
+    totals = {g.index: 0.0 for g in groups}
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), progress_bar(len(samples) * len(groups), "fit: layer drops") as advance:
+            for s in samples:
+                ids = s.reshape(1, -1).to(device)
+                ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                for g in groups:
+                    with skipped(model, [g.index]):
+                        logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                    totals[g.index] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
+                    advance()
+                tokens += ids.numel()
+    finally:
+        model.train(was_training)
+    return {i: PROXY_PER_KL * t / max(tokens, 1) for i, t in totals.items()}
+
+
+def renamed(names: Sequence[str], prefix: str, dropped: Sequence[int]) -> dict[str, str]:
+    """{name before the drop: name after it} for module names under `prefix` (`model.layers`):
+    the kept layers are renumbered 0.. in order, as `structured_prune` leaves them."""
+    gone = set(dropped)
+    out = {}
+    for name in names:
+        rest = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+        index, _, tail = (rest or "").partition(".")
+        if rest is None or not index.isdigit():
+            out[name] = name
+            continue
+        i = int(index)
+        if i in gone:
+            raise ValueError(f"{name} is in a dropped layer")
+        new = i - sum(1 for d in gone if d < i)
+        out[name] = f"{prefix}.{new}.{tail}" if tail else f"{prefix}.{new}"
+    return out
