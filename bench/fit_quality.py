@@ -12,7 +12,9 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
   GPTQ g64 at that many bits (fractions: that fraction of the way from floor to ceil bits), then applied
   with `quantize`; seconds = search + apply; `fitu-<bits>`: the same with unweighted output errors;
   `fit-at-<arm>`: fit with the decoder linears at the stored size of another arm's (a k-quant mix, an
-  AutoRound run: run that arm first), the matched-size comparison;
+  AutoRound run: run that arm first), the matched-size comparison; `fit-<bits>d<N>`: whole decoder
+  layers are one more option, at most N dropped (`fit(..., drop_layers=N)`); bits per weight stay
+  over the original model's linears;
 * `kq-Q2_K`, `kq-Q3_K_M`, `kq-Q4_K_M` and `...-imat` - llama.cpp's `llama-quantize` (with an importance
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
 * `<arm>+kd` for a `gptq-*` or `fit-*` arm: that model, then its per-group scales trained towards the
@@ -295,20 +297,25 @@ def build_fit(b: Bench, name: str, matched: str | None = None) -> Built:
     # the grid and engine of our uniform rows (the plan sets bits/groups), + block tuning if asked
     cfg, name = with_block_tune(parse_setting("gptq-asym-4-g64"), name)
     matched = matched and with_block_tune({}, matched)[1]
+    drop = re.fullmatch(r"fit-[\d.]+d(\d+)", name)
     model, tok = b.load()
-    names, n = list(decoder_linears(model)), linear_weight_count(model)
-    budget = matched_budget(b, model, matched) if matched else fit_budget(model, float(name.split("-")[1]))
+    n = linear_weight_count(model)
+    bits = float(re.match(r"fitu?-([\d.]+?)(?:d\d+)?$", name).group(1)) if not matched else None
+    budget = matched_budget(b, model, matched) if matched else fit_budget(model, bits)
     t0 = time.perf_counter()
-    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting)
+    report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting,
+                 drop_layers=int(drop.group(1)) if drop else 0)
+    names = list(decoder_linears(model))  # after the fit: a dropped layer's linears are gone
     extra = dict(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
                  fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None),
-                 kl_applied=report.kl_applied, chosen_by=report.chosen_by,
-                 candidates=[{k: c.get(k) for k in ("name", "kl", "loss", "avg_bits", "mix", "chosen")}
+                 kl_applied=report.kl_applied, chosen_by=report.chosen_by, dropped_layers=report.dropped_layers,
+                 candidates=[{k: c.get(k) for k in ("name", "kl", "loss", "avg_bits", "mix", "dropped_layers", "chosen")}
                              for c in report.candidates])
     return Built(model, tok, names, n, time.perf_counter() - t0, extra)
 
 
 @arm(r"fitu?-([\d.]+)", "ours: fit plan")
+@arm(r"fit-([\d.]+)d(\d+)", "ours: fit plan, layers may drop")
 @arm(r"fit-([\d.]+)" + BT_SUFFIX, "ours: fit plan + block tuning")
 def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
     """`fit` (search, then GPTQ applied in place) at the size of uniform `bits` g64; seconds = both.
@@ -519,8 +526,8 @@ def targets(rows: list[dict], model: str = "smollm2") -> list[dict]:
     is held to be no worse than uniform 4-bit GPTQ."""
     by = {r["arm"]: r for r in rows if "ppl" in r}
     out = []
-    repaired = sorted(a for a in by if a.startswith(("fit-3+kd", "fit-3+bt")))  # + block tuning / scale repair
-    for arm, how in (("fit-3", ""), *((a, f" (+{a.split('+', 1)[1]})") for a in repaired)):
+    repaired = sorted(a for a in by if a.startswith(("fit-3+kd", "fit-3+bt", "fit-3d")))  # + block tuning / repair / drops
+    for arm, how in (("fit-3", ""), *((a, f" ({a.split('+', 1)[1] if '+' in a else a[5:]})") for a in repaired)):
         if arm in by and "gptq-3-g64" in by:
             limit = (1 - TARGET_GAIN_AT_3) * by["gptq-3-g64"]["ppl"]
             out.append({"target": f"fit at uniform-3-bit size{how} >= 15% below our uniform 3-bit GPTQ",
