@@ -185,6 +185,7 @@ def _one_paragraph(r) -> str:
     (["--avg-bits", "0.5"], "--avg-bits"),
     (["--min-tok-s", "-3", "--device", "cpu"], "--min-tok-s"),
     (["--avg-bits", "3", "--method", "awq"], "--method"),
+    (["--min-tok-s", "40", "--device", "cpu", "--drop-layers", "2"], "--drop-layers"),
 ])
 def test_cli_bad_budget_exits_2_before_loading(tmp_path, args, flag):
     from qingzhou.cli.main import app

@@ -88,6 +88,9 @@ def register(app: typer.Typer) -> None:
         cfg = method_config(QUANTIZERS, method, flags, {"source": calibration, "num_samples": num_samples,
                                                         "seq_len": seq_len},
                             names={"sym": "--sym/--asym", "device": "--device"}, where="fit")
+        if drop_layers and min_tok_s is not None:
+            raise RecipeError("--drop-layers works with --max-size or --avg-bits, not a speed budget.",
+                              where="--drop-layers", hint="Drop it, or give a size or bits budget.")
         if gguf_keep not in ("f16", "bf16", "f32"):
             raise RecipeError(f"--gguf-keep {gguf_keep!r} is not f16, bf16 or f32.", where="--gguf-keep")
         check_device(device)
