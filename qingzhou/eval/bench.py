@@ -170,7 +170,9 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
                     ttft.append(t1)
                     total.append(tn)
                     span = clock.stamps[-1] - clock.stamps[1] if clock and len(clock.stamps) > 2 else tn - t1
-                    tpot.append(span / (new_tokens - 1))
+                    # two separately timed calls: on a loaded machine the 1-token call can take longer
+                    # than the n-token one; then the whole call's mean (prefill in) bounds the step
+                    tpot.append(span / (new_tokens - 1) if span > 0 else tn / new_tokens)
                 advance(1, f"batch {b}")
             results.append({
                 "batch_size": b,
