@@ -6,7 +6,8 @@ timed runs of (a) a prefill forward pass over `prompt_tokens` tokens, (b) `gener
 Time per output token is the time from the first to the last new token of (c) over new_tokens - 1,
 read off a streamer that notes when each token arrives, so prompt processing never inflates the
 decode figure and a busy machine cannot make it negative (as the difference (c - b) of two timed
-runs could); the fast CUDA paths, which must not sync per token, keep (c - b). Every number is a
+runs could); the static and compiled paths, which must not sync per token, keep (c - b), and where
+load makes it non-positive take (c) / new_tokens, prefill included (an upper bound). Every number is a
 mean with its sample standard deviation over the repetitions. Memory: peak
 device memory (CUDA-like backends) or the process's peak resident set (CPU), weights in memory and on
 disk. The decode roofline fraction compares bytes of weights read per step / time per step with a
