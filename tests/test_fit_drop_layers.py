@@ -122,3 +122,24 @@ def test_with_room_the_plan_without_drops_is_checked_too():
     with pytest.raises(RecipeError, match="drop_layers"):
         fit(_model(), Budget(avg_bits=3.3), {"method": "rtn"}, _calib(), apply=False, drop_layers=1,
             weighting="none")
+
+
+def test_gguf_of_a_plan_that_drops_a_layer_has_the_kept_layers_only(tmp_path):
+    import gguf
+
+    from qingzhou.compress.fit import fit
+    from qingzhou.compress.fit.budget import Budget
+    from qingzhou.finetune.testing import byte_tokenizer
+
+    with pytest.raises(RecipeError, match=r"lowest reachable average is ([\d.]+) bits") as info:
+        fit(_model(), Budget(avg_bits=1.0), {"method": "rtn"}, _calib(), apply=False)
+    lowest = float(re.search(r"lowest reachable average is ([\d.]+) bits", str(info.value)).group(1))
+    report = fit(_model(), Budget(avg_bits=lowest - 0.01), {"method": "rtn"}, _calib(), tokenizer=byte_tokenizer(),
+                 output_dir=tmp_path / "out", heldout=0, drop_layers=2, gguf=True)
+    assert len(report.dropped_layers) in (1, 2) and report.avg_bits <= lowest - 0.01
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
+    blocks = reader.fields["llama.block_count"]
+    kept = 4 - len(report.dropped_layers)
+    assert int(blocks.parts[blocks.data[0]][0]) == kept
+    layers = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    assert layers == set(range(kept))
