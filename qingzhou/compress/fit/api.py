@@ -85,7 +85,6 @@ class FitReport:
     file_bytes: int | None = None  # model.safetensors as written (with output_dir)
     gguf: dict[str, Any] | None = None  # model.gguf (gguf=True): path, bytes, type counts, type per linear
     dropped_layers: list[int] = field(default_factory=list)  # decoder layers removed (original indices)
-    layer_prefix: str = "model.layers"  # where those layers were (the plan recipe's prune stage needs none)
     quantize: dict[str, Any] = field(default_factory=dict)  # the apply's QuantizeReport
     warnings: list[str] = field(default_factory=list)
     sensitivities: dict[str, LinearSensitivity] = field(repr=False, default_factory=dict)
@@ -418,7 +417,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         loss=best["loss"], config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"],
         chosen_by=chosen_by, candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
-        sensitivities=sens, plan=plans[(1.0, None, False, False)], dropped_layers=dropped, layer_prefix=prefix)
+        sensitivities=sens, plan=plans[(1.0, None, False, False)], dropped_layers=dropped)
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 
@@ -497,7 +496,8 @@ def _options_of(in_features: int, space: list[Option]) -> list[Option]:
     return opts
 
 
-def _payload(model: nn.Module, choice: dict[str, Option], dropped: list[str] = ()) -> int:  # type: ignore[assignment]
+def _payload(model: nn.Module, choice: dict[str, Option], dropped: tuple[str, ...] | list[str] = ()) -> int:
+    """Bytes of the plan's payload: `choice` for the kept linears, without the `dropped` layers."""
     return model_bytes(model, choice, dropped=dropped)
 
 
