@@ -41,7 +41,7 @@ def _smallest(model, **kw) -> int:
 def test_a_layer_that_changes_nothing_loses_nothing_when_dropped():
     import torch
 
-    from qingzhou.compress.fit.layer_drop import drop_losses, layer_groups
+    from qingzhou.compress.fit.layer_drop import angular_distances, drop_losses, layer_groups
 
     model = _model()
     with torch.no_grad():  # layer 2 adds nothing to the residual stream: an identity
@@ -54,6 +54,8 @@ def test_a_layer_that_changes_nothing_loses_nothing_when_dropped():
     lost = drop_losses(model, _calib(2), groups)
     assert lost[2] == pytest.approx(0.0, abs=1e-9)
     assert all(lost[i] > 1e-4 for i in (0, 1, 3))
+    turn = angular_distances(model, _calib(2))  # the cheap ranking fit measures drops in
+    assert turn[2] == pytest.approx(0.0, abs=1e-3) and all(turn[i] > 1e-2 for i in (0, 1, 3))
 
 
 def test_a_budget_only_dropping_meets_is_met_and_the_plan_reproduces_it(tmp_path):

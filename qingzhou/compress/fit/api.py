@@ -55,6 +55,9 @@ NEIGHBOURS = (0.95, 0.98, 1.02, 1.05)
 # many bits. The per-linear errors add up well for small perturbations but under-price 2-bit
 # linears, whose errors compound through the layers; the KL check decides between the two.
 MIN_BITS = (3,)
+# drop_layers=N: the 2N layers that turn the residual stream least have their drop measured (KL with
+# the layer skipped: one forward per layer and sample); the N least damaging of them are offered
+DROP_MEASURED = 2
 
 
 def fit_options() -> list[Option]:
@@ -208,7 +211,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     faster on CPUs with AMX but moves some linears' weights by tens of percent on SmolLM2).
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
-    `drop_layers`: at most this many whole decoder layers may be dropped (0: none): the layers of
+    `drop_layers`: at most this many whole decoder layers may be dropped (0: none): of the
+    `DROP_MEASURED * drop_layers` layers that turn the residual stream least, the `drop_layers` of
     least measured damage (`layer_drop.py`: KL with the layer skipped, on `drop_samples` of the
     measured samples) become droppable groups of the knapsack, and the plan of the same budget with
     no layer dropped is a KL-checked candidate too. Size and average-bits budgets; needs
@@ -299,12 +303,15 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     seconds["sensitivity"] = time.perf_counter() - t0
     groups: list[Any] = []
     if drop_layers:
-        from qingzhou.compress.fit.layer_drop import drop_losses, layer_groups
+        from qingzhou.compress.fit.layer_drop import angular_distances, drop_losses, layer_groups
 
         t0 = time.perf_counter()
         groups = layer_groups(model, list(sens))
         step = max(1, len(measure) // max(1, drop_samples))
-        lost = drop_losses(model, measure[::step][:drop_samples], groups)
+        few = measure[::step][:drop_samples]
+        turn = angular_distances(model, few)  # one forward per sample: which layers are worth measuring
+        groups = sorted(groups, key=lambda g: turn[g.index])[:DROP_MEASURED * drop_layers]
+        lost = drop_losses(model, few, groups)
         groups = sorted(groups, key=lambda g: lost[g.index])[:drop_layers]  # only the least damaging can go
         seconds["layer_drop"] = time.perf_counter() - t0
 
