@@ -305,13 +305,8 @@ def build_fit(b: Bench, name: str, matched: str | None = None) -> Built:
     t0 = time.perf_counter()
     report = fit(model, Budget(max_size=budget), cfg, b.samples, tokenizer=tok, weighting=weighting,
                  drop_layers=int(drop.group(1)) if drop else 0)
-    if report.dropped_layers:  # a dropped layer's linears are gone, the later ones renumbered
-        from qingzhou.compress.fit.layer_drop import renamed
-
-        prefix = names[0].split(".layers.")[0] + ".layers"
-        gone = tuple(f"{prefix}.{i}." for i in report.dropped_layers)
-        names = [x for x in names if not x.startswith(gone)]
-        names = list(renamed(names, prefix, report.dropped_layers).values())
+    if report.dropped_layers:  # the kept linears, renumbered as the saved model names them
+        names = list(report.choice)
     extra = dict(budget_mb=round(budget / 1e6, 3), predicted_mb=round(report.predicted_bytes / 1e6, 3),
                  fit_seconds=getattr(report, "seconds", None), kl=getattr(report, "kl", None),
                  kl_applied=report.kl_applied, chosen_by=report.chosen_by, dropped_layers=report.dropped_layers,

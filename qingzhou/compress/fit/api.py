@@ -262,9 +262,10 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
                               where="fit drop_layers", hint="Drop layers with a size or bits budget, or set it to 0.")
         from qingzhou.compress.calibrate import find_decoder_layers
 
-        if drop_layers >= len(find_decoder_layers(model)[0]):
+        n_layers = len(find_decoder_layers(model)[0])
+        if drop_layers >= n_layers:
             raise RecipeError(f"drop_layers {drop_layers} would allow dropping every decoder layer "
-                              f"({len(find_decoder_layers(model)[0])}).", where="fit drop_layers",
+                              f"({n_layers}).", where="fit drop_layers",
                               hint="Allow fewer layers to be dropped.")
     space = list(options) if options is not None else fit_options()
     per_linear = {n: _options_of(m.in_features, space) for n, m in linears.items()}
@@ -344,16 +345,15 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         if all(sub.values()) and sum(min(c for c, _ in row.values()) for n, row in sub.items()
                                      if n not in in_groups) <= limit:
             plans[(1.0, mb, False, False)] = solve_choice(sub, limit, droppable=droppable)
-    if droppable and fixed + sum(g.cost for g in droppable) + \
-            sum(min(c for c, _ in row.values()) for n, row in table.items() if n != REST) <= limit:
-        keep_all = {**table, REST: {KEEP: (fixed + sum(g.cost for g in droppable), 0.0)}}
+    # every layer kept: the rest of the model pays all the layers' own tensors again
+    keep_all = {**table, REST: {KEEP: (fixed + sum(g.cost for g in droppable), 0.0)}} if droppable else table
+    if droppable and sum(min(c for c, _ in row.values()) for row in keep_all.values()) <= limit:
         plans[(1.0, None, False, True)] = solve_choice(keep_all, limit)
     budget_of = None
     if budget.kind == "max_size":  # one option's header is smaller than the bound over all options
         def budget_of(o: Option) -> int:
             return int(budget.max_size) - header_bytes_bound(model, {n: [o] for n in sens})
-    rest_row = {REST: {KEEP: (fixed + sum(g.cost for g in droppable), 0.0)}} if droppable else {}
-    if check and (same := uniform_choice({**table, **rest_row}, limit, fixed=(REST,), budget_of=budget_of)) is not None:
+    if check and (same := uniform_choice(keep_all, limit, fixed=(REST,), budget_of=budget_of)) is not None:
         plans[(1.0, None, True, bool(droppable))] = same
     seconds["solve"] = time.perf_counter() - t0
     layer_of = {n: g.index for g in groups for n in g.linears}

@@ -64,6 +64,16 @@ def layer_groups(model: nn.Module, linears: Sequence[str]) -> list[LayerGroup]:
     return out
 
 
+def _hidden_in(args: tuple, kwargs: dict) -> Any:
+    """A decoder layer's input hidden states, passed positionally or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(output: Any) -> Any:
+    """A decoder layer's output hidden states (a tensor, or the first of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 @contextmanager
 def skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
     """Within the block, the decoder layers `indices` pass their input through unchanged (the
@@ -73,7 +83,7 @@ def skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
     layers, _ = find_decoder_layers(model)
 
     def identity(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = _hidden_in(args, kwargs)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handles = [layers[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
@@ -99,8 +109,7 @@ def angular_distances(model: nn.Module, samples: Sequence[torch.Tensor]) -> dict
 
     def hook(i: int):
         def on_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            h_in = (args[0] if args else kwargs["hidden_states"]).float()
-            h_out = (output[0] if isinstance(output, tuple) else output).float()
+            h_in, h_out = _hidden_in(args, kwargs).float(), _hidden_out(output).float()
             cos = F.cosine_similarity(h_in.reshape(-1, h_in.shape[-1]), h_out.reshape(-1, h_out.shape[-1]), dim=-1)
             sums[i] += float(torch.arccos(cos.clamp(-1, 1)).sum()) / torch.pi
         return on_output
