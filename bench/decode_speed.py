@@ -44,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PREVIOUS = "4-bit, transformers forward"  # the 4-bit runtime before lean decoding (2026-12-03)
+LEAN_TORCH = "4-bit, lean step on torch kernels"  # the lean step with the C step off (2026-12-03's runtime)
 
 SHAPES = {  # real models' shapes (random weights): "a 1B Llama-shape model" in the issues
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -331,26 +332,37 @@ def cpu_runtime(args) -> dict:
     q4_folder = _q4_folder(args, args.model)
     models["4-bit gptq g64"] = load_model(str(q4_folder), device="cpu")[0]
     paths = {name: "auto" for name in models}
+    torch_only: set[str] = set()  # arms run with the C step off (QINGZHOU_NATIVE=0)
     if not args.no_previous_runtime:  # the same model and kernels through transformers' forward
         models[PREVIOUS], paths[PREVIOUS] = models["4-bit gptq g64"], False
+        models[LEAN_TORCH], paths[LEAN_TORCH] = models["4-bit gptq g64"], "auto"
+        torch_only.add(LEAN_TORCH)
     ids = tok(args.prompt, return_tensors="pt").input_ids
     rates: dict[str, list[float]] = {k: [] for k in models}
+    native_setting = os.environ.get("QINGZHOU_NATIVE", "1")
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):  # interleaved: a noisy machine slows every arm alike
             for name, model in models.items():
+                os.environ["QINGZHOU_NATIVE"] = "0" if name in torch_only else native_setting
                 r = measure(model, ids, args.new_tokens, paths[name], 0, 1, lambda: None)
                 if i >= args.warmup:
                     rates[name] += r
     from qingzhou.eval.bench import _stats
 
     decode = {k: _stats(v) for k, v in rates.items()}
+    status = {}
+    for k, m in models.items():
+        os.environ["QINGZHOU_NATIVE"] = "0" if k in torch_only else native_setting
+        status[k] = fast_status(m, paths[k])
+    os.environ["QINGZHOU_NATIVE"] = native_setting
     result = {"model": args.model, "threads": args.threads, "new_tokens": args.new_tokens,
               "prompt_tokens": int(ids.shape[1]), "q4_folder": str(q4_folder), "decode_tokens_per_s": decode,
-              "decode_path": {k: fast_status(m, paths[k]) for k, m in models.items()}}
+              "decode_path": status}
     q4 = decode["4-bit gptq g64"]["mean"]
     result["ratios"] = {"4bit/fp32": q4 / decode["dense fp32"]["mean"], "4bit/bf16": q4 / decode["dense bf16"]["mean"]}
     if PREVIOUS in decode:
         result["ratios"]["4bit/previous runtime (transformers forward)"] = q4 / decode[PREVIOUS]["mean"]
+        result["ratios"]["4bit/lean step on torch kernels"] = q4 / decode[LEAN_TORCH]["mean"]
     print(json.dumps({"decode_tokens_per_s": decode, "ratios": result["ratios"]}), flush=True)  # partial result
     binary = args.llama_bench or os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench") or LLAMA_BENCH
     if Path(binary).exists():

@@ -12,6 +12,13 @@ from qingzhou.llm.generate import decode, fast_status
 from qingzhou.llm.quantized import lean_decode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels_only(monkeypatch):
+    """These tests hold the torch lean path to transformers' exact tokens; the C step (int8
+    activations, tests/test_native_decode.py) is off here."""
+    monkeypatch.setenv("QINGZHOU_NATIVE", "0")
 PROMPT = torch.tensor([[1, 17, 99, 42, 250, 7, 3, 130]])
 
 

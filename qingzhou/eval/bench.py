@@ -152,7 +152,7 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
                       fast=fast, streamer=streamer)
 
     # eager and lean decoding sync per token (a clock streamer times them); compiled paths do not
-    per_token_clock = fast_status(model, fast) in ("eager", "lean")
+    per_token_clock = fast_status(model, fast) in ("eager", "lean", "lean+native")
 
     results = []
     reset_peak_memory(device)

@@ -347,12 +347,13 @@ def _lean(model: Any, input_ids: Any, max_new_tokens: int, streamer: Any, *, eos
 
 
 def fast_status(model: Any, fast: FastOption) -> str:
-    """What `decode` will run for this model: "lean" (CPU 4-bit, plain greedy), "eager", "static",
-    "static+compile" or the failure."""
-    from qingzhou.llm.quantized import lean_decode
+    """What `decode` will run for this model: "lean+native" (CPU 4-bit, plain greedy, one-token
+    steps in the C step), "lean" (the same on torch's kernels), "eager", "static", "static+compile"
+    or the failure."""
+    from qingzhou.llm.quantized import lean_decode, native
 
     if fast == "auto" and lean_decode.why_not(model) is None:
-        return "lean"
+        return "lean+native" if native.why_not(model) is None else "lean"
     if getattr(model, _FAILED, None):
         return f"eager (fast path failed: {getattr(model, _FAILED)})"
     settings = resolve_fast(model, fast)

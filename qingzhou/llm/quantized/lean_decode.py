@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qingzhou.llm.quantized import int4_kernel
+from qingzhou.llm.quantized import int4_kernel, native
 from qingzhou.llm.quantized.int4_kernel import Int4Pack
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
@@ -199,7 +199,7 @@ def _layers(model: nn.Module, dtype: torch.dtype) -> list[_Layer]:
 class LeanDecoder:
     """The decode state of one sequence: the model's weights, a KV cache of `max_len` positions."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, native_ok: bool = True):
         cfg = model.config
         inner = model.model
         self.model, self.inner = model, inner
@@ -221,6 +221,11 @@ class LeanDecoder:
         rotation[torch.arange(half) + half, torch.arange(half)] = -1
         rotation[torch.arange(half), torch.arange(half) + half] = 1
         self.rotation = rotation
+        # one-token steps through the C step where it runs here (native.py); prefill stays on torch
+        self.native = native.native_model(model) if native_ok else None
+        if self.native is not None:
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), torch.arange(max_len).unsqueeze(0))
+            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of x [.., head_dim]: `x * cos + rotate_half(x) * sin`, rounded as the model
@@ -234,6 +239,11 @@ class LeanDecoder:
         """Logits [vocab] of the last of `ids` [1, T], appended at the current position."""
         t, start = ids.shape[1], self.length
         end = start + t
+        if t == 1 and self.native is not None:
+            logits, self.hidden = self.native.step(int(ids[0, 0]), start, self.cos[start], self.sin[start],
+                                                   self.keys, self.values, torch.get_num_threads())
+            self.length = end
+            return logits
         x = self.inner.embed_tokens(ids)
         positions = torch.arange(start, end).unsqueeze(0)
         cos, sin = self.inner.rotary_emb(x, positions)
@@ -255,12 +265,14 @@ class LeanDecoder:
         return self.model.lm_head(self.hidden)
 
 
-def _check(model: nn.Module, ids: torch.Tensor, hidden: list[torch.Tensor]) -> bool:
+def _check(model: nn.Module, ids: torch.Tensor, hidden: list[torch.Tensor], native_step: bool = False) -> bool:
     """First use on a model: the final hidden states of the prompt's last position and of the first
     decoded one (so the KV cache is exercised) against the model's own forward, prefill then one
     cached step as generate runs them (the int4 kernel's result depends on the row count, so a
     single forward over all the ids would differ by bf16 rounding). Hidden states, not logits: the
-    head's int8 decode copy would blur the comparison."""
+    head's int8 decode copy would blur the comparison. `native_step`: the decoded one came from the
+    C step (native.py), held to its own tolerance; where only it disagrees, the C step is turned off
+    for this model and the torch lean path stays."""
     from qingzhou.llm.forward_args import cache_argument
 
     arg = cache_argument(model)
@@ -270,16 +282,22 @@ def _check(model: nn.Module, ids: torch.Tensor, hidden: list[torch.Tensor]) -> b
     if len(hidden) > 1:
         out = model(input_ids=ids[:, -1:], use_cache=True, output_hidden_states=True, **{arg: getattr(out, arg)})
         want.append(out.hidden_states[-1][0, -1])
-    got, want = torch.stack(hidden).float(), torch.stack(want).float()
-    err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
-    log.debug("lean decoding check: relative error %.3g", err)
-    if err <= _CHECK_RTOL:
-        setattr(model, _CHECKED, True)
-        return True
-    log.warning("lean decoding disagrees with the model's forward (relative error %.3g); decoding "
-                "through transformers for this model", err)
-    setattr(model, _FAILED, f"relative error {err:.3g}")
-    return False
+    errs = [((g.float() - w.float()).norm() / w.float().norm().clamp_min(1e-12)).item() for g, w in zip(hidden, want)]
+    log.debug("lean decoding check: relative errors %s", ", ".join(f"{e:.3g}" for e in errs))
+    native_err = errs.pop() if native_step and len(errs) > 1 else None
+    if any(e > _CHECK_RTOL for e in errs):
+        err = max(errs)
+        log.warning("lean decoding disagrees with the model's forward (relative error %.3g); decoding "
+                    "through transformers for this model", err)
+        setattr(model, _FAILED, f"relative error {err:.3g}")
+        return False
+    if native_err is not None and not native_err <= native.CHECK_RTOL:
+        native.disable(model, f"relative error {native_err:.3g} of the final hidden state")
+        return False
+    setattr(model, _CHECKED, True)
+    if native_err is not None:
+        native.mark_checked(model)
+    return True
 
 
 def greedy(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, eos_ids: list[int],
@@ -301,13 +319,13 @@ def greedy(model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, eo
 
     with torch.inference_mode():
         pending.append(pick(decoder.step(input_ids)))
-        if not getattr(model, _CHECKED, False):
+        if not getattr(model, _CHECKED, False) or (decoder.native is not None and not native.checked(model)):
             hidden = [decoder.hidden]
             if max_new_tokens > 1 and pending[0] not in eos:
                 pending.append(pick(decoder.step(torch.tensor([[pending[0]]]))))
                 hidden.append(decoder.hidden)
             checked = torch.cat([input_ids, torch.tensor([pending[:len(hidden) - 1]], dtype=input_ids.dtype)], 1)
-            if not _check(model, checked, hidden):
+            if not _check(model, checked, hidden, native_step=decoder.native is not None):
                 return None
         if streamer is not None:
             streamer.put(input_ids.cpu())

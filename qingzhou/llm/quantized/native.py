@@ -1,0 +1,309 @@
+"""The native decode step: `native_decode.c`, compiled with the system C compiler at first use.
+
+Why: at batch 1 on a CPU, a small 4-bit model's token is mostly per-op dispatch when driven from
+Python (lean_decode.py's docstring), and torch's int4 kernel converts every weight to bf16 before
+multiplying. llama.cpp multiplies 4-bit weights with 8-bit activations in integer dot products in
+one C step per token; this does the same for the Llama-family models lean decoding covers: one call
+per token, one OpenMP team, int4 x int8 dot products (AVX2 where the CPU has it, plain C elsewhere),
+the head in int8, norms / rotary / attention / SiLU in fp32.
+
+Where it runs: `LeanDecoder.step` sends each one-token step here (the prompt's many-row prefill stays
+on torch's kernels, sharing the same KV cache) when `native_model(model)` gives a model, i.e. a C
+compiler was found and the library built (cached under the qingzhou cache, keyed by the source, the
+compiler, its flags and the CPU), the model is fp32 with the lean path's linears, and every 4-bit
+linear's group size is a multiple of 32 with its input columns in order (no act-order permutation).
+`QINGZHOU_NATIVE=0` turns it off. Its numbers differ from the torch path by the int8 rounding of each
+matrix-vector product's input (llama.cpp's Q8 scheme); lean_decode's first-use check holds the final
+hidden state to `CHECK_RTOL` of the model's own forward, and falls back to torch on a mismatch.
+
+Memory: the step reads its own copy of the codes (half a byte per weight, plus fp32 scales and
+offsets per group) and an int8 copy of the head; the torch packs stay for the prefill.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qingzhou.llm.quantized.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_decode.c")
+ABI = 2
+QK = 32  # the activation block (native_decode.c)
+CHECK_RTOL = 0.1  # final hidden state vs the forward: SmolLM2 4-bit measures 1.8% mean, 3.3% max over 40 steps (int8 activations); a layout error ~100%
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+_ATTR = "_qingzhou_native"
+_OFF = "_qingzhou_native_off"  # the reason the C step is off for a model (its check failed)
+_CHECKED = "_qingzhou_native_checked"
+
+
+def disable(model: nn.Module, why: str) -> None:
+    """Turn the C step off for `model` (its first-use check failed): the torch lean path stays."""
+    log.warning("native decode step disagrees with the model's forward (%s); decoding on torch's kernels "
+                "for this model", why)
+    object.__setattr__(model, _OFF, why)
+    if hasattr(model, _ATTR):
+        object.__delattr__(model, _ATTR)
+
+
+def mark_checked(model: nn.Module) -> None:
+    object.__setattr__(model, _CHECKED, True)
+
+
+def checked(model: nn.Module) -> bool:
+    """Whether the C step passed its first-use check on `model` (lean_decode._check)."""
+    return getattr(model, _CHECKED, False)
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("QINGZHOU_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "qingzhou")
+    return Path(root).expanduser() / "native"
+
+
+def _cpu_id() -> str:
+    """What `-march=native` compiles for: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(keep)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> bool:
+    """Build the shared library at `out` atomically (temp file + rename); False if the compiler fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            log.debug("native decode: %s failed: %s", " ".join(cmd), done.stderr[-2000:])
+            return False
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("native decode: compiling failed: %s", e)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.qz_abi.restype = i
+    lib.qz_create.restype = p
+    lib.qz_create.argtypes = [i, i, i, i, i, i, i, f, p, p, p, p, p]
+    lib.qz_set_layer.restype = None
+    lib.qz_set_layer.argtypes = [p, i, p, p, p, p, p, p, p, p, p]
+    lib.qz_free.restype = None
+    lib.qz_free.argtypes = [p]
+    lib.qz_step.restype = i
+    lib.qz_step.argtypes = [p, i, i, i, p, p, p, p, p, p, i]
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step, built once per machine and cached; None without a working C compiler or
+    with `QINGZHOU_NATIVE=0` (lean decoding then stays on torch's kernels)."""
+    if os.environ.get("QINGZHOU_NATIVE", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.info("native decode: no C compiler found (cc / gcc / clang, or $CC); decoding on torch's kernels")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    source = SOURCE.read_bytes()
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(),
+                                         platform.machine().encode()])).hexdigest()[:20]
+        so = _cache_root() / f"decode-{key}.so"
+        if so.exists() or _compile(cc, flags, so):
+            try:
+                lib = _bind(ctypes.CDLL(str(so)))
+            except OSError as e:
+                log.debug("native decode: loading %s failed: %s", so, e)
+                continue
+            if lib.qz_abi() == ABI:
+                log.debug("native decode: %s (%s)", so, " ".join(flags))
+                return lib
+    log.info("native decode: the C step did not build with %s; decoding on torch's kernels", cc)
+    return None
+
+
+@dataclass
+class NativeModel:
+    """A model's weights in the C step's layouts, and the handle of its C-side description. The
+    tensors here are what the C side reads: they live as long as this object."""
+
+    lib: Any
+    handle: int
+    hidden: int
+    vocab: int
+    keep: list[torch.Tensor] = field(default_factory=list)
+
+    def __del__(self):
+        if self.handle:
+            self.lib.qz_free(self.handle)
+            self.handle = 0
+
+    def step(self, token: int, pos: int, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+             values: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [vocab] and final hidden state [hidden] of `token` at `pos` (its K/V written into
+        `keys`/`values` [layers, 1, kv_heads, max_len, head_dim] at `pos`)."""
+        logits = torch.empty(self.vocab)
+        hidden = torch.empty(self.hidden)
+        rc = self.lib.qz_step(self.handle, token, pos, keys.shape[-2], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                              values.data_ptr(), logits.data_ptr(), hidden.data_ptr(), threads)
+        if rc != 0:
+            raise ValueError(f"native decode step refused token {token} at position {pos}")
+        return logits, hidden
+
+
+def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[int, int, int, int, int, int, int] | None:
+    """A 4-bit linear in the C layout: (codes, s, m, bias pointers, rows, k, group), or None."""
+    g = lin.group_size if lin.group_size > 0 else lin.in_features
+    if lin.bits != 4 or g % QK or lin.in_features % g or lin.scale_factor is not None:
+        return None
+    if not torch.equal(lin.g_idx.long(), torch.arange(lin.in_features) // g):
+        return None  # act-order column permutation: not in the C step
+    codes = lin.codes().to(torch.uint8).view(lin.out_features, lin.in_features // QK, 2, QK // 2)
+    packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()
+    s = lin.scales.float().T.contiguous()
+    m = (lin.zero_points().float().T * s).contiguous()
+    bias = lin.bias.float().contiguous() if lin.bias is not None else None
+    keep += [packed, s, m] + ([bias] if bias is not None else [])
+    return (packed.data_ptr(), s.data_ptr(), m.data_ptr(), bias.data_ptr() if bias is not None else 0,
+            lin.out_features, lin.in_features, g)
+
+
+def _int8_blocks(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of `w` [out, in] with one fp32 scale per 32 inputs (llama.cpp's Q8_0),
+    `rows` rows at a time (an fp32 temporary of a whole 128k-vocabulary head would be gigabytes)."""
+    out, k = w.shape
+    codes = torch.empty(out, k, dtype=torch.int8)
+    scales = torch.empty(out, k // QK, dtype=torch.float32)
+    for i in range(0, out, rows):
+        block = w[i:i + rows].detach().float().view(-1, k // QK, QK)
+        d = block.abs().amax(-1) / 127
+        codes[i:i + rows] = torch.round(block / d.clamp_min(1e-30)[..., None]).clamp_(-127, 127).view(-1, k)
+        scales[i:i + rows] = d
+    return codes, scales
+
+
+def why_not(model: nn.Module) -> str | None:
+    """None if the C step can run this (lean-decodable) model, else the reason."""
+    if getattr(model, _OFF, None):
+        return f"its first-use check failed ({getattr(model, _OFF)})"
+    if os.environ.get("QINGZHOU_NATIVE", "1") == "0":
+        return "QINGZHOU_NATIVE=0"
+    if library() is None:
+        return "the native step is not built here (no C compiler, or QINGZHOU_NATIVE=0)"
+    cfg, inner = model.config, model.model
+    if inner.embed_tokens.weight.dtype != torch.float32:
+        return f"model dtype {inner.embed_tokens.weight.dtype} (the C step is fp32)"
+    if cfg.hidden_size % QK or cfg.intermediate_size % QK:
+        return "hidden or intermediate size not a multiple of 32"
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if head_dim % 2 or (heads * head_dim) % QK:
+        return "head sizes the C step does not take"
+    head = model.get_output_embeddings()
+    if head is None or type(head).__name__ not in ("Linear", "FastHead") or head.weight.shape[1] % QK:
+        return "an output head that is not a plain linear layer over the hidden size"
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        for set_ in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
+            if len({lin.group_size for lin in set_}) != 1:
+                return "q/k/v (or gate/up) with different group sizes"
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            g = lin.group_size if lin.group_size > 0 else lin.in_features
+            if lin.bits != 4 or g % QK or lin.in_features % g:
+                return "a decoder linear that is not 4-bit with groups of a multiple of 32"
+            if not torch.equal(lin.g_idx.long(), torch.arange(lin.in_features) // g):
+                return "act-order (permuted) groups"
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if getattr(getattr(layer, name), "weight", None) is None:
+                return f"a decoder layer without {name}.weight"
+    return None
+
+
+def _packs(model: nn.Module) -> list:
+    """Every decoder linear's current CPU fp32 int4 pack: the lean path builds them first, and new
+    weights or scales drop them (`QuantLinear.clear_runtime`), so they mark what a build read."""
+    key = (torch.device("cpu"), torch.float32)
+    return [lin._fast.get(key) for lin in model.modules() if isinstance(lin, QuantLinear)]
+
+
+def native_model(model: nn.Module) -> NativeModel | None:
+    """The model in the C step's layouts (built once and kept on the model; rebuilt after new
+    weights), or None where `why_not` says so."""
+    cached = getattr(model, _ATTR, None)
+    off = os.environ.get("QINGZHOU_NATIVE", "1") == "0" or getattr(model, _OFF, None)
+    if cached is not None and not off and all(a is b for a, b in zip(cached[0], _packs(model))):
+        return cached[1]
+    reason = why_not(model)
+    if reason is not None:
+        log.debug("native decode not used: %s", reason)
+        return None
+    lib, cfg, inner = library(), model.config, model.model
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    keep: list[torch.Tensor] = []
+    embed = inner.embed_tokens.weight.detach().contiguous()
+    final = inner.norm.weight.detach().float().contiguous()
+    head = model.get_output_embeddings()
+    head_q, head_d = _int8_blocks(head.weight)
+    bias = head.bias.detach().float().contiguous() if getattr(head, "bias", None) is not None else None
+    keep += [embed, final, head_q, head_d] + ([bias] if bias is not None else [])
+    eps = float(getattr(inner.norm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
+    handle = lib.qz_create(len(inner.layers), cfg.hidden_size, heads, kv_heads, head_dim, cfg.intermediate_size,
+                           head.weight.shape[0], eps, embed.data_ptr(), final.data_ptr(),
+                           head_q.data_ptr(), head_d.data_ptr(), bias.data_ptr() if bias is not None else None)
+    if not handle:
+        return None
+    native = NativeModel(lib, handle, cfg.hidden_size, head.weight.shape[0], keep)
+    for i, layer in enumerate(inner.layers):
+        a, m = layer.self_attn, layer.mlp
+        mats = [_q4(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                            m.down_proj)]
+        if any(x is None for x in mats):
+            return None
+        n1 = layer.input_layernorm.weight.detach().float().contiguous()
+        n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
+        keep += [n1, n2]
+
+        def arr(ctype, j):
+            return (ctype * 7)(*[x[j] for x in mats])
+
+        vp = ctypes.c_void_p
+        lib.qz_set_layer(handle, i, n1.data_ptr(), n2.data_ptr(), arr(vp, 0), arr(vp, 1), arr(vp, 2),
+                         arr(vp, 3), arr(ctypes.c_int, 4), arr(ctypes.c_int, 5), arr(ctypes.c_int, 6))
+    object.__setattr__(model, _ATTR, (_packs(model), native))  # a plain attribute
+    return native
