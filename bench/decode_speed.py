@@ -131,7 +131,10 @@ def run_variant(args, weights: str) -> dict:
         model, tok = random_model(args.shape, args.dtype, args.device)
     else:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    group = quantize_int4(model) if weights == "int4" else None
+    # int4: the Triton GEMV for decode rows where it measured faster per layer (triton_gemv.py);
+    # int4-tinygemm: torch's int4 kernel only, for the same-run comparison
+    os.environ["QINGZHOU_TRITON_GEMV"] = "0" if weights == "int4-tinygemm" else "1"
+    group = quantize_int4(model) if weights.startswith("int4") else None
     device = str(next(model.parameters()).device)
     sync = _sync(device)
     reset_peak_memory(device)
@@ -156,6 +159,10 @@ def run_variant(args, weights: str) -> dict:
                  for name, setting in paths.items()}
     summary = {k: _stats(v) for k, v in rates.items()}
     per_token = weights_bytes(model)
+    from qingzhou.llm.quantized.qlinear import QuantLinear
+
+    gemv_layers = sum(any(p is not None and p.gemv is not None for p in m._fast.values())
+                      for m in model.modules() if isinstance(m, QuantLinear))
     result = {
         "model": args.shape or args.model, "weights": weights, "group_size": group, "device": device,
         "device_name": env_info(device)["device_name"], "dtype": str(next(model.parameters()).dtype),
@@ -163,6 +170,7 @@ def run_variant(args, weights: str) -> dict:
         "ratio": summary["fast"]["mean"] / summary["eager"]["mean"], "identical_greedy_output": identical,
         "identical_prefix_tokens": agree, "divergence": divergence, "fast_path": fast_status(model, fast),
         "first_fast_call_s": round(first_fast_s, 2), "weights_gib": round(per_token / 2**30, 4),
+        "triton_gemv_layers": gemv_layers,
         **peak_memory_gib(device),
     }
     if args.bandwidth_gb_s:
@@ -221,9 +229,9 @@ def main() -> None:
 
         inductor_config.emulate_precision_casts = True
     variants = [w.strip() for w in args.weights.split(",") if w.strip()]
-    unknown = set(variants) - {"bf16", "int4"}
+    unknown = set(variants) - {"bf16", "int4", "int4-tinygemm"}
     if unknown:
-        parser.error(f"--weights: unknown {sorted(unknown)}; expected bf16 and/or int4")
+        parser.error(f"--weights: unknown {sorted(unknown)}; expected bf16, int4 and/or int4-tinygemm")
     device = str(resolve_device(args.device))
     args.bandwidth_gb_s = None if args.no_roofline or device == "cpu" else copy_bandwidth(device, mib=1024)
     results = []
@@ -231,11 +239,12 @@ def main() -> None:
         results.append(run_variant(args, w))
         if not args.json:
             print_row(results[-1], args.bandwidth_gb_s)
-    if len(results) == 2 and not args.json:
-        fast = {r["weights"]: r["decode_tokens_per_s"]["fast"]["mean"] for r in results}
-        eager = {r["weights"]: r["decode_tokens_per_s"]["eager"]["mean"] for r in results}
-        print(f"int4 / bf16 decode tok/s: fast path {fast['int4'] / fast['bf16']:.2f}x, "
-              f"eager path {eager['int4'] / eager['bf16']:.2f}x")
+    fast = {r["weights"]: r["decode_tokens_per_s"]["fast"]["mean"] for r in results}
+    eager = {r["weights"]: r["decode_tokens_per_s"]["eager"]["mean"] for r in results}
+    for w in ("int4", "int4-tinygemm"):
+        if w in fast and "bf16" in fast and not args.json:
+            print(f"{w} / bf16 decode tok/s: fast path {fast[w] / fast['bf16']:.2f}x, "
+                  f"eager path {eager[w] / eager['bf16']:.2f}x")
     if args.json:
         print(json.dumps(results, indent=2))
     if args.out:

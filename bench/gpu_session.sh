@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure the issues ask for, in one short call on a lent GPU machine (device tool):
-#   1. batch-1 decode, eager vs the fast path, bf16 and 4-bit, Llama-3.2-1B shape (issues 4 and 9);
+#   1. batch-1 decode, eager vs the fast path, bf16 and 4-bit (Triton GEMV where it measured faster, and
+#      torch's int4 kernel alone), Llama-3.2-1B shape (issues 4, 9 and 19);
 #   2. 2:4 sparse matmul and end-to-end decode against dense (issue 7);
 #   3. the 1B fast path again with inductor's emulated precision casts (greedy identity with eager);
 #   4. batch-1 decode of a SmolLM2-135M-shaped model (issue 4's SmolLM2 speed and memory on GPU).
@@ -26,7 +27,7 @@ python3 -c "import torch, transformers, peft, accelerate; print('torch', torch._
 want() { [[ " ${STEPS:-decode_1b sparse24_bf16 sparse24_e2e sparse24_fp16 decode_1b_casts decode_smollm2} " == *" $1 "* ]]; }
 # STEPS picks a subset (e.g. STEPS="decode_1b sparse24_e2e"); each step's limit is its second word
 want decode_1b && step decode_1b "${LIMIT_1B:-170}" python3 bench/decode_speed.py --shape llama-3.2-1b --device cuda \
-  --dtype bfloat16 --weights bf16,int4 --new-tokens 128 --warmup 2 --repeats 5 ${DECODE_FLAGS:-} --out "$OUT/decode_1b.json"
+  --dtype bfloat16 --weights bf16,int4,int4-tinygemm --new-tokens 128 --warmup 2 --repeats 5 ${DECODE_FLAGS:-} --out "$OUT/decode_1b.json"
 # one process per kernel family and dtype: a kernel fault (seen once: illegal instruction) ends only its step
 want sparse24_bf16 && step sparse24_bf16 "${LIMIT_24:-40}" python3 bench/sparse24_speed.py --dtypes bfloat16 \
   --iters 30 --skip-e2e --out "$OUT/sparse24_bf16.json"

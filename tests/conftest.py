@@ -7,6 +7,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels (llm/quantized/triton_gemv.py) run in Triton's CPU interpreter here: it must be on
+# before triton is first imported (tests/test_triton_gemv.py). TRITON_INTERPRET=0 on a GPU machine.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

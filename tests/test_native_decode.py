@@ -55,6 +55,35 @@ def test_the_c_step_follows_the_torch_step_within_int8_rounding(arch, overrides,
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
+def _c_logits(model, lib, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of `ids[1:]` through the C step of library `lib` (prefill on torch)."""
+    decoder = lean_decode.LeanDecoder(model, ids.shape[1] + 1)
+    decoder.native = native.load_model(model, lib)
+    out = [decoder.step(ids[:, :1])]
+    out += [decoder.step(ids[:, i:i + 1]) for i in range(1, ids.shape[1] - 1)]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("flags", [("-O3",), ("-O3", "-mavx2", "-mfma", "-fopenmp")], ids=["portable-c", "avx2"])
+def test_every_build_of_the_c_step_computes_the_same_logits(flags):
+    """The plain C loops (CPUs without AVX2, or a compiler without OpenMP) and the AVX2 build without
+    VNNI compute the same integer dot products as this machine's own build, in another float order (an
+    activation on a rounding boundary may then round to the next int8 step)."""
+    import platform
+
+    if flags != ("-O3",) and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    lib = native.build(flags)
+    assert lib is not None
+    model = _q4("qwen2", 64)
+    ids = torch.cat([PROMPT, torch.randint(0, 272, (1, 8), generator=torch.Generator().manual_seed(5))], 1)
+    with torch.inference_mode():
+        want, got = _c_logits(model, native.library(), ids), _c_logits(model, lib, ids)
+    errs = [_rel(g, w) for g, w in zip(got, want)]
+    # float order alone: ~1e-7; a step where an activation flips to the next int8 step: a few 1e-3
+    assert sorted(errs)[len(errs) // 2] < 1e-5 and max(errs) < 1e-2, errs
+
+
 def test_greedy_runs_the_c_step_after_its_check_and_picks_the_exact_paths_best_tokens():
     model = _q4("llama")
     with torch.inference_mode():
@@ -136,3 +165,13 @@ def test_smollm2_perplexity_through_the_c_step_equals_the_torch_steps(smollm2):
             nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
             ppl[ok] = math.exp(nll.item())
     assert abs(ppl[True] / ppl[False] - 1) < 5e-3, ppl
+
+
+def test_a_deep_copy_builds_its_own_c_model():
+    model = _q4("llama")
+    lean_decode.LeanDecoder(model, 4)
+    first = native.native_model(model)
+    clone = copy.deepcopy(model)  # the C handle is not copied (it points into the original's tensors)
+    with torch.inference_mode():
+        lean_decode.LeanDecoder(clone, 4)
+        assert native.native_model(clone) is not first and native.native_model(model) is first

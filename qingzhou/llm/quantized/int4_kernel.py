@@ -59,12 +59,14 @@ disagreement on some device falls back instead of producing wrong logits.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from qingzhou.llm.quantized import triton_gemv
 from qingzhou.llm.quantized.grid import dequantize_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -199,6 +201,7 @@ class Int4Pack:
     block: int | None = None
     gemm_dtype: torch.dtype = _COMPUTE_DTYPE  # the many-rows route's (fp32 on CPUs without fast bf16)
     gemm_weight: torch.Tensor | None = None  # the many-rows route's weight, while `keep` asks for it
+    gemv: Callable | None = None  # CUDA decode rows: the Triton GEMV where it measured faster (triton_gemv.py)
 
     @classmethod
     def build(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -246,6 +249,8 @@ class Int4Pack:
             warnings.warn(f"int4 packed matmul on {device.type} disagrees with the dequantised weights "
                           f"(relative error {err:.3g}); using the dequantising path", stacklevel=3)
             return None
+        if device.type == "cuda" and identity:
+            fast.gemv = decode_gemv(codes, scales, zeros, group_size, device, dtype, fast)
         return fast
 
     def __call__(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
@@ -263,6 +268,8 @@ class Int4Pack:
             w = self.gemm_weight if keep and self.gemm_weight is not None else self.dequantize(dtype)
             self.gemm_weight = w if keep else None
             y = x2 @ w.T
+        elif self.gemv is not None and x2.shape[0] <= triton_gemv.MAX_ROWS:
+            y = self.gemv(x2)
         else:
             y = self.matmul(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         if y.dtype != x.dtype:
@@ -287,3 +294,31 @@ class Int4Pack:
         scale, zero = sz[..., 0].T.unsqueeze(-1), sz[..., 1].T.unsqueeze(-1)  # [out, groups, 1]
         w = (codes.view(n, k // self.group_size, self.group_size).float() - 8) * scale + zero
         return w.to(dtype).view(n, k)
+
+
+def decode_gemv(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                device: torch.device, dtype: torch.dtype, incumbent: Callable) -> triton_gemv.GemvPack | None:
+    """The Triton GEMV for this layer's decode rows where Triton is installed, it agrees with the
+    dequantised weight, and it measured faster than `incumbent` on one row of this layer here; else
+    None. `QINGZHOU_TRITON_GEMV=0` turns it off. (codes: input columns in order.)"""
+    if os.environ.get("QINGZHOU_TRITON_GEMV", "1") == "0" or not triton_gemv.available():
+        return None
+    try:
+        gemv = triton_gemv.GemvPack.build(codes, scales, zeros, group_size, device, dtype)
+        if gemv is None:
+            return None
+        rng = torch.Generator(device).manual_seed(1)
+        x = torch.randn(1, codes.shape[1], device=device, dtype=dtype, generator=rng)
+        weight = dequantize_codes(codes, scales, zeros, torch.arange(codes.shape[1]) // group_size).to(device)
+        want = torch.nn.functional.linear(x.float(), weight)
+        del weight
+        err = ((gemv(x).float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+    except Exception as e:  # noqa: BLE001 - a Triton compile or launch failure on this device: keep tinygemm
+        warnings.warn(f"Triton int4 GEMV unavailable on {device} ({type(e).__name__}: {e}); using "
+                      "torch's int4 kernel", stacklevel=3)
+        return None
+    if not err <= _SELF_CHECK_RTOL:
+        warnings.warn(f"Triton int4 GEMV disagrees with the dequantised weights (relative error {err:.3g}); "
+                      "using torch's int4 kernel", stacklevel=3)
+        return None
+    return gemv if triton_gemv.faster(gemv, incumbent, x) else None

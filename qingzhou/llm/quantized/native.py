@@ -30,6 +30,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,9 @@ ABI = 2
 QK = 32  # the activation block (native_decode.c)
 CHECK_RTOL = 0.1  # final hidden state vs the forward: SmolLM2 4-bit measures 1.8% mean, 3.3% max over 40 steps (int8 activations); a layout error ~100%
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
-_ATTR = "_qingzhou_native"
+# model -> (the packs it was built from, its NativeModel): not an attribute, so `copy.deepcopy(model)`
+# neither copies the C handle nor shares pointers into the original's tensors
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OFF = "_qingzhou_native_off"  # the reason the C step is off for a model (its check failed)
 _CHECKED = "_qingzhou_native_checked"
 
@@ -56,8 +60,7 @@ def disable(model: nn.Module, why: str) -> None:
     log.warning("native decode step disagrees with the model's forward (%s); decoding on torch's kernels "
                 "for this model", why)
     object.__setattr__(model, _OFF, why)
-    if hasattr(model, _ATTR):
-        object.__delattr__(model, _ATTR)
+    _BUILT.pop(model, None)
 
 
 def mark_checked(model: nn.Module) -> None:
@@ -124,35 +127,45 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled step, built once per machine and cached; None without a working C compiler or
-    with `QINGZHOU_NATIVE=0` (lean decoding then stays on torch's kernels)."""
-    if os.environ.get("QINGZHOU_NATIVE", "1") == "0":
-        return None
+def build(flags: list[str] | tuple[str, ...]) -> ctypes.CDLL | None:
+    """The step compiled with `flags` (cached under the qingzhou cache, keyed by the source, the
+    compiler, the flags and the CPU), loaded; None where it does not compile or load here."""
     cc = _compiler()
     if cc is None:
-        log.info("native decode: no C compiler found (cc / gcc / clang, or $CC); decoding on torch's kernels")
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
+                                     _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:20]
+    so = _cache_root() / f"decode-{key}.so"
+    if not (so.exists() or _compile(cc, list(flags), so)):
+        return None
+    try:
+        lib = _bind(ctypes.CDLL(str(so)))
+    except OSError as e:
+        log.debug("native decode: loading %s failed: %s", so, e)
+        return None
+    return lib if lib.qz_abi() == ABI else None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled step, built once per machine with the first flag set that compiles (the CPU's
+    own instructions and OpenMP, then without them); None without a working C compiler or with
+    `QINGZHOU_NATIVE=0` (lean decoding then stays on torch's kernels)."""
+    if os.environ.get("QINGZHOU_NATIVE", "1") == "0":
+        return None
+    if _compiler() is None:
+        log.info("native decode: no C compiler found (cc / gcc / clang, or $CC); decoding on torch's kernels")
+        return None
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_id().encode(),
-                                         platform.machine().encode()])).hexdigest()[:20]
-        so = _cache_root() / f"decode-{key}.so"
-        if so.exists() or _compile(cc, flags, so):
-            try:
-                lib = _bind(ctypes.CDLL(str(so)))
-            except OSError as e:
-                log.debug("native decode: loading %s failed: %s", so, e)
-                continue
-            if lib.qz_abi() == ABI:
-                log.debug("native decode: %s (%s)", so, " ".join(flags))
-                return lib
-    log.info("native decode: the C step did not build with %s; decoding on torch's kernels", cc)
+        lib = build(flags)
+        if lib is not None:
+            log.debug("native decode: built with %s", " ".join(flags))
+            return lib
+    log.info("native decode: the C step did not build with %s; decoding on torch's kernels", _compiler())
     return None
 
 
@@ -166,9 +179,10 @@ class NativeModel:
     hidden: int
     vocab: int
     keep: list[torch.Tensor] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the C side's scratch is one per model
 
     def __del__(self):
-        if self.handle:
+        if getattr(self, "handle", 0):
             self.lib.qz_free(self.handle)
             self.handle = 0
 
@@ -178,8 +192,9 @@ class NativeModel:
         `keys`/`values` [layers, 1, kv_heads, max_len, head_dim] at `pos`)."""
         logits = torch.empty(self.vocab)
         hidden = torch.empty(self.hidden)
-        rc = self.lib.qz_step(self.handle, token, pos, keys.shape[-2], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                              values.data_ptr(), logits.data_ptr(), hidden.data_ptr(), threads)
+        with self.lock:
+            rc = self.lib.qz_step(self.handle, token, pos, keys.shape[-2], cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                                  values.data_ptr(), logits.data_ptr(), hidden.data_ptr(), threads)
         if rc != 0:
             raise ValueError(f"native decode step refused token {token} at position {pos}")
         return logits, hidden
@@ -263,7 +278,7 @@ def _packs(model: nn.Module) -> list:
 def native_model(model: nn.Module) -> NativeModel | None:
     """The model in the C step's layouts (built once and kept on the model; rebuilt after new
     weights), or None where `why_not` says so."""
-    cached = getattr(model, _ATTR, None)
+    cached = _BUILT.get(model)
     off = os.environ.get("QINGZHOU_NATIVE", "1") == "0" or getattr(model, _OFF, None)
     if cached is not None and not off and all(a is b for a, b in zip(cached[0], _packs(model))):
         return cached[1]
@@ -271,7 +286,20 @@ def native_model(model: nn.Module) -> NativeModel | None:
     if reason is not None:
         log.debug("native decode not used: %s", reason)
         return None
-    lib, cfg, inner = library(), model.config, model.model
+    native = load_model(model, library())
+    if native is not None:
+        _BUILT[model] = (_packs(model), native)
+    return native
+
+
+def _column(mats: list[tuple], j: int, ctype: Any) -> ctypes.Array:
+    """Field `j` of the 7 matrices of a layer, as a C array."""
+    return (ctype * len(mats))(*[x[j] for x in mats])
+
+
+def load_model(model: nn.Module, lib: ctypes.CDLL) -> NativeModel | None:
+    """`model` (one `why_not` accepts) described to the library `lib`: the C layouts of its weights."""
+    cfg, inner = model.config, model.model
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -289,6 +317,7 @@ def native_model(model: nn.Module) -> NativeModel | None:
     if not handle:
         return None
     native = NativeModel(lib, handle, cfg.hidden_size, head.weight.shape[0], keep)
+    vp, ci = ctypes.c_void_p, ctypes.c_int
     for i, layer in enumerate(inner.layers):
         a, m = layer.self_attn, layer.mlp
         mats = [_q4(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
@@ -298,12 +327,7 @@ def native_model(model: nn.Module) -> NativeModel | None:
         n1 = layer.input_layernorm.weight.detach().float().contiguous()
         n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
         keep += [n1, n2]
-
-        def arr(ctype, j):
-            return (ctype * 7)(*[x[j] for x in mats])
-
-        vp = ctypes.c_void_p
-        lib.qz_set_layer(handle, i, n1.data_ptr(), n2.data_ptr(), arr(vp, 0), arr(vp, 1), arr(vp, 2),
-                         arr(vp, 3), arr(ctypes.c_int, 4), arr(ctypes.c_int, 5), arr(ctypes.c_int, 6))
-    object.__setattr__(model, _ATTR, (_packs(model), native))  # a plain attribute
+        lib.qz_set_layer(handle, i, n1.data_ptr(), n2.data_ptr(), _column(mats, 0, vp), _column(mats, 1, vp),
+                         _column(mats, 2, vp), _column(mats, 3, vp), _column(mats, 4, ci), _column(mats, 5, ci),
+                         _column(mats, 6, ci))
     return native
