@@ -129,20 +129,44 @@ def test_a_wrong_c_step_is_caught_and_turned_off(caplog):
 
 
 def test_models_the_c_step_does_not_take_say_why(monkeypatch):
-    assert "act-order" in native.why_not(_act_order_q4())
+    model = _q4("llama")
+    attn = model.model.layers[0].self_attn
+    _permute(attn.q_proj, 0)
+    _permute(attn.k_proj, 1)  # q and k read one input in two orders: not one gather
+    assert "column orders differ" in native.why_not(model)
     assert "dtype" in native.why_not(_q4("llama").to(torch.bfloat16))
     monkeypatch.setenv("QINGZHOU_NATIVE", "0")
     model = _q4("llama")
     assert native.why_not(model) == "QINGZHOU_NATIVE=0" and lean_decode.LeanDecoder(model, 4).native is None
 
 
-def _act_order_q4():
-    """A 4-bit model with one act-order layer, as GPTQ checkpoints without static groups have them."""
-    model = _q4("llama")
-    lin = model.model.layers[0].self_attn.o_proj
-    perm = torch.randperm(lin.in_features, generator=torch.Generator().manual_seed(0))
+def _permute(lin, seed: int) -> None:
+    """Give `lin` act-order groups (a g_idx that visits the columns in a random order), as GPTQ
+    checkpoints quantised with desc_act and without static groups have them."""
+    perm = torch.randperm(lin.in_features, generator=torch.Generator().manual_seed(seed))
     lin.g_idx[perm] = (torch.arange(lin.in_features) // lin.group_size).to(torch.int32)
-    return model
+    lin.clear_runtime()
+
+
+def test_act_order_layers_run_in_the_c_step_with_the_torch_steps_logits():
+    model = _q4("qwen2", 32)
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            _permute(lin, 10 * i)  # one input: one order for the three
+        _permute(a.o_proj, 10 * i + 1)
+        for lin in (m.gate_proj, m.up_proj):
+            _permute(lin, 10 * i + 2)
+        _permute(m.down_proj, 10 * i + 3)
+    assert native.why_not(model) is None
+    ids = torch.cat([PROMPT, torch.randint(0, 272, (1, 16), generator=torch.Generator().manual_seed(5))], 1)
+    with torch.inference_mode():
+        want, got = _teacher_forced(model, ids, False), _teacher_forced(model, ids, True)
+        exact = model(ids).logits[0, :-1]  # the dequantising path reads g_idx directly
+    assert _rel(want, exact) < 1e-2  # the torch step (its packs gather by the same order) is right
+    errs = [_rel(g, w) for g, w in zip(got, want)]
+    assert max(errs) < 3e-2, errs
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
 def test_smollm2_perplexity_through_the_c_step_equals_the_torch_steps(smollm2):

@@ -13,7 +13,9 @@ Where it runs: `LeanDecoder.step` sends each one-token step here (the prompt's m
 on torch's kernels, sharing the same KV cache) when `native_model(model)` gives a model, i.e. a C
 compiler was found and the library built (cached under the qingzhou cache, keyed by the source, the
 compiler, its flags and the CPU), the model is fp32 with the lean path's linears, and every 4-bit
-linear's group size is a multiple of 32 with its input columns in order (no act-order permutation).
+linear's group size is a multiple of 32. Act-order checkpoints (a permuted `g_idx`) are stored with
+their columns sorted by group and each input gathered in that order before it is quantised; the
+linears that read one input (q/k/v, gate/up) must share the order, as GPTQ's act-order gives them.
 `QINGZHOU_NATIVE=0` turns it off. Its numbers differ from the torch path by the int8 rounding of each
 matrix-vector product's input (llama.cpp's Q8 scheme); lean_decode's first-use check holds the final
 hidden state to `CHECK_RTOL` of the model's own forward, and falls back to torch on a mismatch.
@@ -122,7 +124,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qz_create.restype = p
     lib.qz_create.argtypes = [i, i, i, i, i, i, i, f, p, p, p, p, p]
     lib.qz_set_layer.restype = None
-    lib.qz_set_layer.argtypes = [p, i, p, p, p, p, p, p, p, p, p]
+    lib.qz_set_layer.argtypes = [p, i, p, p, p, p, p, p, p, p, p, p]
     lib.qz_free.restype = None
     lib.qz_free.argtypes = [p]
     lib.qz_step.restype = i
@@ -206,14 +208,27 @@ class NativeModel:
         return logits, hidden
 
 
-def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[int, int, int, int, int, int, int] | None:
-    """A 4-bit linear in the C layout: (codes, s, m, bias pointers, rows, k, group), or None."""
+def _order(lin: QuantLinear) -> torch.Tensor | None:
+    """The input-column order that makes the layer's groups contiguous (act-order checkpoints), None
+    where they already are; raises ValueError where no order does (groups of unequal size)."""
     g = lin.group_size if lin.group_size > 0 else lin.in_features
-    if lin.bits != 4 or g % QK or lin.in_features % g or lin.scale_factor is not None:
+    idx = lin.g_idx.long()
+    if torch.equal(idx, torch.arange(lin.in_features) // g):
         return None
-    if not torch.equal(lin.g_idx.long(), torch.arange(lin.in_features) // g):
-        return None  # act-order column permutation: not in the C step
-    codes = lin.codes().to(torch.uint8).view(lin.out_features, lin.in_features // QK, 2, QK // 2)
+    perm = torch.sort(idx, stable=True).indices
+    if not torch.equal(idx[perm], torch.arange(lin.in_features) // g):
+        raise ValueError("groups of unequal size")
+    return perm
+
+
+def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[int, int, int, int, int, int, int]:
+    """A 4-bit linear in the C layout (columns in `_order`): (codes, s, m, bias pointers, rows, k, group)."""
+    g = lin.group_size if lin.group_size > 0 else lin.in_features
+    codes = lin.codes().to(torch.uint8)
+    perm = _order(lin)
+    if perm is not None:
+        codes = codes[:, perm]
+    codes = codes.view(lin.out_features, lin.in_features // QK, 2, QK // 2)
     packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()
     s = lin.scales.float().T.contiguous()
     m = (lin.zero_points().float().T * s).contiguous()
@@ -259,15 +274,24 @@ def why_not(model: nn.Module) -> str | None:
         return "an output head that is not a plain linear layer over the hidden size"
     for layer in inner.layers:
         a, m = layer.self_attn, layer.mlp
-        for set_ in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
-            if len({lin.group_size for lin in set_}) != 1:
-                return "q/k/v (or gate/up) with different group sizes"
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
             g = lin.group_size if lin.group_size > 0 else lin.in_features
-            if lin.bits != 4 or g % QK or lin.in_features % g:
+            if lin.bits != 4 or g % QK or lin.in_features % g or lin.scale_factor is not None:
                 return "a decoder linear that is not 4-bit with groups of a multiple of 32"
-            if not torch.equal(lin.g_idx.long(), torch.arange(lin.in_features) // g):
-                return "act-order (permuted) groups"
+        for set_ in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):  # one input, one order
+            if len({lin.group_size for lin in set_}) != 1:
+                return "q/k/v (or gate/up) with different group sizes"
+            try:
+                orders = [_order(lin) for lin in set_]
+            except ValueError:
+                return "act-order groups of unequal size"
+            if any((o is None) != (orders[0] is None) or (o is not None and not torch.equal(o, orders[0]))
+                   for o in orders):
+                return "q/k/v (or gate/up) whose act-order column orders differ"
+        try:
+            _order(a.o_proj), _order(m.down_proj)
+        except ValueError:
+            return "act-order groups of unequal size"
         for name in ("input_layernorm", "post_attention_layernorm"):
             if getattr(getattr(layer, name), "weight", None) is None:
                 return f"a decoder layer without {name}.weight"
@@ -328,12 +352,13 @@ def load_model(model: nn.Module, lib: ctypes.CDLL) -> NativeModel | None:
         a, m = layer.self_attn, layer.mlp
         mats = [_q4(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
                                             m.down_proj)]
-        if any(x is None for x in mats):
-            return None
+        perms = [_order(lin) for lin in (a.q_proj, a.o_proj, m.gate_proj, m.down_proj)]
+        perms = [p.to(torch.int32).contiguous() if p is not None else None for p in perms]
+        keep += [p for p in perms if p is not None]
         n1 = layer.input_layernorm.weight.detach().float().contiguous()
         n2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
         keep += [n1, n2]
         lib.qz_set_layer(handle, i, n1.data_ptr(), n2.data_ptr(), _column(mats, 0, vp), _column(mats, 1, vp),
                          _column(mats, 2, vp), _column(mats, 3, vp), _column(mats, 4, ci), _column(mats, 5, ci),
-                         _column(mats, 6, ci))
+                         _column(mats, 6, ci), (vp * 4)(*[p.data_ptr() if p is not None else None for p in perms]))
     return native

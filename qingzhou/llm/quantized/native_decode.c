@@ -41,6 +41,9 @@ typedef struct {
 typedef struct {
     const float *norm1, *norm2;
     q4mat q, k, v, o, gate, up, down;
+    /* act-order layers: the input-column order of the codes (x is gathered by it before being
+     * quantised) for the q/k/v, o, gate/up and down inputs; NULL where the columns are in order */
+    const int32_t *perm[4];
 } layer_t;
 
 typedef struct {
@@ -53,7 +56,7 @@ typedef struct {
     const float *head_bias;   /* [vocab] or NULL */
     layer_t *layers;
     /* scratch */
-    float *x, *xn, *qkv, *att, *tmp, *gu, *scores, *ad, *gs;
+    float *x, *xn, *xp, *qkv, *att, *tmp, *gu, *scores, *ad, *gs;
     int8_t *aq;
 } model_t;
 
@@ -87,6 +90,7 @@ void *qz_create(int n_layers, int hidden, int heads, int kv_heads, int head_dim,
     if (qkv < widest) qkv = widest;
     m->x = calloc((size_t)hidden, sizeof(float));
     m->xn = calloc((size_t)widest, sizeof(float));
+    m->xp = calloc((size_t)(widest > heads * head_dim ? widest : heads * head_dim), sizeof(float));
     m->qkv = calloc((size_t)qkv, sizeof(float));
     m->att = calloc((size_t)heads * head_dim, sizeof(float));
     m->tmp = calloc((size_t)hidden, sizeof(float));
@@ -94,7 +98,7 @@ void *qz_create(int n_layers, int hidden, int heads, int kv_heads, int head_dim,
     m->ad = calloc((size_t)widest / QK + 1, sizeof(float) * 2);
     m->gs = calloc((size_t)widest / QK + 1, sizeof(float));
     m->aq = calloc((size_t)widest + QK, 1);
-    if (!m->layers || !m->x || !m->xn || !m->qkv || !m->att || !m->tmp || !m->gu || !m->ad || !m->gs || !m->aq) {
+    if (!m->layers || !m->x || !m->xn || !m->xp || !m->qkv || !m->att || !m->tmp || !m->gu || !m->ad || !m->gs || !m->aq) {
         qz_free(m);
         return NULL;
     }
@@ -106,13 +110,15 @@ static q4mat mat(const uint8_t *q, const float *s, const float *m, const float *
     return r;
 }
 
-/* mats: 7 matrices in the order q, k, v, o, gate, up, down; each as (codes, s, m, bias, rows, k, g). */
+/* mats: 7 matrices in the order q, k, v, o, gate, up, down; each as (codes, s, m, bias, rows, k, g).
+ * perms: the 4 input orders (q/k/v, o, gate/up, down), NULL entries where in order. */
 void qz_set_layer(void *mp, int i, const float *norm1, const float *norm2, const uint8_t **codes,
                   const float **s, const float **mm, const float **bias, const int *rows, const int *ks,
-                  const int *gs) {
+                  const int *gs, const int32_t **perms) {
     model_t *m = mp;
     layer_t *l = &m->layers[i];
     l->norm1 = norm1; l->norm2 = norm2;
+    for (int j = 0; j < 4; j++) l->perm[j] = perms[j];
     q4mat *all[7] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
     for (int j = 0; j < 7; j++) *all[j] = mat(codes[j], s[j], mm[j], bias[j], rows[j], ks[j], gs[j]);
 }
@@ -120,7 +126,7 @@ void qz_set_layer(void *mp, int i, const float *norm1, const float *norm2, const
 void qz_free(void *mp) {
     model_t *m = mp;
     if (!m) return;
-    free(m->layers); free(m->x); free(m->xn); free(m->qkv); free(m->att); free(m->tmp); free(m->gu);
+    free(m->layers); free(m->x); free(m->xn); free(m->xp); free(m->qkv); free(m->att); free(m->tmp); free(m->gu);
     free(m->scores); free(m->ad); free(m->gs); free(m->aq);
     free(m);
 }
@@ -152,6 +158,13 @@ static inline void quantize_block(const float *xb, int b, int n, int8_t *aq, flo
 
 static void quantize_q8(const float *x, int n, int8_t *aq, float *ad) {
     for (int b = 0; b < n / QK; b++) quantize_block(x + b * QK, b, n, aq, ad);
+}
+
+/* x in the codes' column order: x itself, or gathered into buf by perm */
+static const float *ordered(const float *x, const int32_t *perm, int n, float *buf) {
+    if (!perm) return x;
+    for (int i = 0; i < n; i++) buf[i] = x[perm[i]];
+    return buf;
 }
 
 /* gs[g] = sum over the blocks of group g of d_b * sum(a): the offsets' share, the same for every row. */
@@ -299,7 +312,7 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
 #pragma omp single
             {
                 rmsnorm(m->xn, m->x, l->norm1, H, m->eps);
-                quantize_q8(m->xn, H, m->aq, m->ad);
+                quantize_q8(ordered(m->xn, l->perm[0], H, m->xp), H, m->aq, m->ad);
                 group_sums(m->ad, H, l->q.g, gsq);
             }
             {
@@ -343,7 +356,7 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
             }
 #pragma omp single
             {
-                quantize_q8(m->att, nh * D, m->aq, m->ad);
+                quantize_q8(ordered(m->att, l->perm[1], nh * D, m->xp), nh * D, m->aq, m->ad);
                 group_sums(m->ad, nh * D, l->o.g, gsq);
             }
             {
@@ -356,7 +369,7 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
             {
                 for (int i = 0; i < H; i++) m->x[i] += m->tmp[i];
                 rmsnorm(m->xn, m->x, l->norm2, H, m->eps);
-                quantize_q8(m->xn, H, m->aq, m->ad);
+                quantize_q8(ordered(m->xn, l->perm[2], H, m->xp), H, m->aq, m->ad);
                 group_sums(m->ad, H, l->gate.g, gsq);
             }
             {
@@ -365,13 +378,19 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
                 const float *g2[2] = {gsq, gsq};
                 gemv(ws, 2, outs, m->aq, m->ad, g2);
             }
-            /* SiLU(gate) * up, quantised block by block across the team */
+            /* SiLU(gate) * up, then quantised block by block (in the codes' column order), across the team */
+#pragma omp for schedule(static)
+            for (int i = 0; i < I; i++) {
+                float g = m->gu[i];
+                m->xn[i] = g / (1.f + expf(-g)) * m->gu[I + i];
+            }
 #pragma omp for schedule(static)
             for (int b = 0; b < I / QK; b++) {
+                const int32_t *perm = l->perm[3];
                 float *xb = m->xn + b * QK;
-                for (int i = 0; i < QK; i++) {
-                    float g = m->gu[b * QK + i];
-                    xb[i] = g / (1.f + expf(-g)) * m->gu[I + b * QK + i];
+                if (perm) {
+                    xb = m->xp + b * QK;
+                    for (int i = 0; i < QK; i++) xb[i] = m->xn[perm[b * QK + i]];
                 }
                 quantize_block(xb, b, I, m->aq, m->ad);
             }
