@@ -59,15 +59,25 @@ def nll_on_windows(model, windows) -> tuple[float, int]:
     return total, count
 
 
-def decode_tok_s(model, prompt, new_tokens: int) -> float | None:
+def decode_tok_s(model, prompt, new_tokens: int, qingzhou: bool = False) -> float | None:
+    """Greedy decode tok/s: the tool's own `generate`, or qingzhou's runtime (`decode(fast="auto")`:
+    the lean step and the C step where they apply) for qingzhou's rows."""
     import torch
 
     if not new_tokens:
         return None
+
+    def run(n: int):
+        if qingzhou:
+            from qingzhou.llm.generate import decode
+
+            return decode(model, prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, fast="auto")
+        return model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
     with torch.inference_mode():
-        model.generate(input_ids=prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        run(2)
         t0 = time.perf_counter()
-        model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        run(new_tokens)
         return new_tokens / (time.perf_counter() - t0)
 
 
@@ -101,7 +111,7 @@ class Bench:
         return math.exp(s / n)
 
     def ours(self, model) -> tuple[float, float | None]:
-        return self.ppl(model), decode_tok_s(model, self.prompt, self.args.new_tokens)
+        return self.ppl(model), decode_tok_s(model, self.prompt, self.args.new_tokens, qingzhou=True)
 
     def fresh(self):
         import copy
@@ -265,7 +275,7 @@ class Bench:
                     from qingzhou.llm import load_model
 
                     ours_speed = decode_tok_s(load_model(str(path), dtype="float32", device="cpu")[0], self.prompt,
-                                              self.args.new_tokens)
+                                              self.args.new_tokens, qingzhou=True)
                 self.rows.append(row(f"GGUF {t}", "llama.cpp (llama-perplexity, llama-bench)",
                                      tool_ppl=v["llama_cpp"]["ppl"], ours_ppl=v["qingzhou"]["ppl"],
                                      tool_tok_s=(sp or {}).get("tokens_per_s"), ours_tok_s=ours_speed,

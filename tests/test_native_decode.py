@@ -197,3 +197,15 @@ def test_a_deep_copy_builds_its_own_c_model():
     with torch.inference_mode():
         lean_decode.LeanDecoder(clone, 4)
         assert native.native_model(clone) is not first and native.native_model(model) is first
+
+
+def test_bytes_per_step_count_what_the_c_step_reads():
+    model = _q4("llama", 32)
+    lean_decode.LeanDecoder(model, 4)
+    cfg, built = model.config, native.native_model(model)
+    linears = [m for m in model.modules() if isinstance(m, native.QuantLinear)]
+    codes = sum(m.out_features * m.in_features // 2 for m in linears)
+    groups = sum(m.out_features * m.in_features // 32 * 2 * 4 for m in linears)  # fp32 scale + offset
+    head = cfg.vocab_size * cfg.hidden_size * (1 + 4 / 32)  # int8 + fp32 per 32
+    norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 4
+    assert built.bytes_per_step == codes + groups + head + norms  # no fp32 embedding or head

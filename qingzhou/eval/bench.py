@@ -199,6 +199,10 @@ def bench(model: Any, tokenizer: Any, *, batch_sizes: Sequence[int] = (1, 8), pr
     if measure_bandwidth:
         bandwidth = copy_bandwidth(device, mib=bandwidth_mib)
         per_step = weights_bytes(model)
+        if out["config"]["decode_path"] == "lean+native":  # the C step reads its own copies (int8 head)
+            from qingzhou.llm.quantized import native
+
+            per_step = native.native_model(model).bytes_per_step
         out["roofline"] = {
             "copy_bandwidth_gb_s": round(bandwidth, 2),
             "weights_bytes_per_step": per_step,

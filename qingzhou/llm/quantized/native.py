@@ -189,6 +189,11 @@ class NativeModel:
     keep: list[torch.Tensor] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # the C side's scratch is one per model
 
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes a one-token step reads: every tensor the C side holds but the embedding (one row)."""
+        return sum(t.numel() * t.element_size() for t in self.keep[1:])  # keep[0]: the embedding
+
     def __del__(self):
         if getattr(self, "handle", 0):
             self.lib.qz_free(self.handle)
