@@ -337,17 +337,27 @@ def run_kd(b: Bench, name: str) -> dict:
     train, towards the dense model (forward KL of the full logits), on the same calibration rows
     (10% held out for the KL before/after); codes, zeros and the file size stay. Seconds = the
     base arm's + the repair's."""
+    import psutil
+
     from qingzhou.data import DataConfig, prepare_data
     from qingzhou.finetune.distill import distill
     from qingzhou.io import discard_dir
 
     base, steps, norms = re.fullmatch(r"(.+?)" + KD_SUFFIX, name).groups()
     steps = int(steps) if steps else KD_STEPS
+    # full-vocabulary KL over [4 rows, 512, vocab] fp32 logits (student, teacher, their log-softmaxes,
+    # gradients and temporaries): Gemma 3's 262k vocabulary reached 24 GB (about 12 such tensors) and
+    # was OOM-killed on the 24 GB machine after its 25-minute fit, so it is refused before the fit
+    teacher, _ = b.load()
+    vocab = teacher.config.vocab_size
+    need = 4 * 512 * vocab * 4 * 12
+    if need > 0.9 * psutil.virtual_memory().available:
+        return {"skipped": f"the repair's full-vocabulary KL needs ~{need / 2**30:.0f} GiB (vocab {vocab}); "
+                           f"{psutil.virtual_memory().available / 2**30:.0f} GiB available"}
     if base.startswith("gptq-"):
         m = build_gptq(b, base)
     else:
         m = build_fit(b, base, base.removeprefix("fit-at-") if base.startswith("fit-at-") else None)
-    teacher, _ = b.load()
     rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in b.samples]
     data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
                                    cache=False), m.tok, records=rows)
