@@ -43,7 +43,11 @@ def _teacher_forced(model, ids: torch.Tensor, native_ok: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch,overrides,group", [("llama", {}, 32), ("qwen2", {}, 64), ("mistral", {}, 32),
-                                                  ("llama", {"num_key_value_heads": 4}, 128)])
+                                                  ("llama", {"num_key_value_heads": 4}, 128),
+                                                  # attention wider than the hidden and MLP sizes (sizes the buffers)
+                                                  ("llama", {"hidden_size": 64, "num_attention_heads": 4,
+                                                             "num_key_value_heads": 2, "head_dim": 64,
+                                                             "intermediate_size": 96}, 32)])
 def test_the_c_step_follows_the_torch_step_within_int8_rounding(arch, overrides, group):
     model = _q4(arch, group, **overrides)
     assert native.why_not(model) is None

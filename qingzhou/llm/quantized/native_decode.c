@@ -85,12 +85,13 @@ void *qz_create(int n_layers, int hidden, int heads, int kv_heads, int head_dim,
     m->embed = embed; m->final_norm = final_norm; m->head_q = head_q; m->head_d = head_d;
     m->head_bias = head_bias;
     m->layers = calloc((size_t)n_layers, sizeof(layer_t));
-    int widest = hidden > inter ? hidden : inter;
+    int widest = hidden > inter ? hidden : inter;  /* the longest vector a matrix reads */
+    if (heads * head_dim > widest) widest = heads * head_dim;
     int qkv = (heads + 2 * kv_heads) * head_dim;
     if (qkv < widest) qkv = widest;
     m->x = calloc((size_t)hidden, sizeof(float));
     m->xn = calloc((size_t)widest, sizeof(float));
-    m->xp = calloc((size_t)(widest > heads * head_dim ? widest : heads * head_dim), sizeof(float));
+    m->xp = calloc((size_t)widest, sizeof(float));
     m->qkv = calloc((size_t)qkv, sizeof(float));
     m->att = calloc((size_t)heads * head_dim, sizeof(float));
     m->tmp = calloc((size_t)hidden, sizeof(float));
