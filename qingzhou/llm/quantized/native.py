@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qingzhou.llm.quantized.int4_kernel import _column_order
 from qingzhou.llm.quantized.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -214,20 +215,20 @@ class NativeModel:
 
 
 def _order(lin: QuantLinear) -> torch.Tensor | None:
-    """The input-column order that makes the layer's groups contiguous (act-order checkpoints), None
-    where they already are; raises ValueError where no order does (groups of unequal size)."""
+    """The input-column order that makes the layer's groups contiguous (act-order checkpoints; the
+    int4 kernel's `_column_order`), None where they already are; raises ValueError where no order
+    does (groups of unequal size)."""
     g = lin.group_size if lin.group_size > 0 else lin.in_features
-    idx = lin.g_idx.long()
-    if torch.equal(idx, torch.arange(lin.in_features) // g):
-        return None
-    perm = torch.sort(idx, stable=True).indices
-    if not torch.equal(idx[perm], torch.arange(lin.in_features) // g):
+    perm = _column_order(lin.g_idx, g)
+    if perm is None:
         raise ValueError("groups of unequal size")
-    return perm
+    return None if torch.equal(perm, torch.arange(lin.in_features)) else perm
 
 
-def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[int, int, int, int, int, int, int]:
-    """A 4-bit linear in the C layout (columns in `_order`): (codes, s, m, bias pointers, rows, k, group)."""
+def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[tuple[int, int, int, int, int, int, int],
+                                                               torch.Tensor | None]:
+    """A 4-bit linear in the C layout (columns in `_order`): its (codes, s, m, bias pointers, rows,
+    k, group), and the order (None where the columns are in order)."""
     g = lin.group_size if lin.group_size > 0 else lin.in_features
     codes = lin.codes().to(torch.uint8)
     perm = _order(lin)
@@ -240,7 +241,7 @@ def _q4(lin: QuantLinear, keep: list[torch.Tensor]) -> tuple[int, int, int, int,
     bias = lin.bias.float().contiguous() if lin.bias is not None else None
     keep += [packed, s, m] + ([bias] if bias is not None else [])
     return (packed.data_ptr(), s.data_ptr(), m.data_ptr(), bias.data_ptr() if bias is not None else 0,
-            lin.out_features, lin.in_features, g)
+            lin.out_features, lin.in_features, g), perm
 
 
 def _int8_blocks(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,12 +258,20 @@ def _int8_blocks(w: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch
     return codes, scales
 
 
-def why_not(model: nn.Module) -> str | None:
-    """None if the C step can run this (lean-decodable) model, else the reason."""
+def _switched_off(model: nn.Module) -> str | None:
+    """Why the C step is off for `model` whatever its shapes: its check failed, or QINGZHOU_NATIVE=0."""
     if getattr(model, _OFF, None):
         return f"its first-use check failed ({getattr(model, _OFF)})"
     if os.environ.get("QINGZHOU_NATIVE", "1") == "0":
         return "QINGZHOU_NATIVE=0"
+    return None
+
+
+def why_not(model: nn.Module) -> str | None:
+    """None if the C step can run this (lean-decodable) model, else the reason."""
+    off = _switched_off(model)
+    if off is not None:
+        return off
     if library() is None:
         return "the native step is not built here (no C compiler, or QINGZHOU_NATIVE=0)"
     cfg, inner = model.config, model.model
@@ -314,8 +323,7 @@ def native_model(model: nn.Module) -> NativeModel | None:
     """The model in the C step's layouts (built once and kept on the model; rebuilt after new
     weights), or None where `why_not` says so."""
     cached = _BUILT.get(model)
-    off = os.environ.get("QINGZHOU_NATIVE", "1") == "0" or getattr(model, _OFF, None)
-    if cached is not None and not off and all(a is b for a, b in zip(cached[0], _packs(model))):
+    if cached is not None and _switched_off(model) is None and all(a is b for a, b in zip(cached[0], _packs(model))):
         return cached[1]
     reason = why_not(model)
     if reason is not None:
@@ -355,9 +363,11 @@ def load_model(model: nn.Module, lib: ctypes.CDLL) -> NativeModel | None:
     vp, ci = ctypes.c_void_p, ctypes.c_int
     for i, layer in enumerate(inner.layers):
         a, m = layer.self_attn, layer.mlp
-        mats = [_q4(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
-                                            m.down_proj)]
-        perms = [_order(lin) for lin in (a.q_proj, a.o_proj, m.gate_proj, m.down_proj)]
+        built = [_q4(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                             m.down_proj)]
+        mats = [fields for fields, _ in built]
+        # the input orders of q/k/v, o, gate/up and down (why_not checked that each set shares one)
+        perms = [built[j][1] for j in (0, 3, 4, 6)]
         perms = [p.to(torch.int32).contiguous() if p is not None else None for p in perms]
         keep += [p for p in perms if p is not None]
         n1 = layer.input_layernorm.weight.detach().float().contiguous()
