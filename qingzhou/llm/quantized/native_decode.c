@@ -178,6 +178,13 @@ static void group_sums(const float *ad, int n, int g, float *gs) {
     }
 }
 
+/* The input of a stage's matrices: x in their column order, quantised, and its group sums for
+ * group size g (serial: run by one thread). */
+static void quantize_input(model_t *m, const float *x, const int32_t *perm, int n, int g) {
+    quantize_q8(ordered(x, perm, n, m->xp), n, m->aq, m->ad);
+    group_sums(m->ad, n, g, m->gs);
+}
+
 #ifdef QZ_AVX2
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -263,17 +270,18 @@ static inline float row_q8(const int8_t *wq, const float *wd, int k, const int8_
 #endif
 }
 
-/* Rows of up to three matrices that read the same quantised vector, split over the team
- * (an `omp for`: must be reached by every thread of the team). out[j] receives matrix j's rows. */
+/* Rows of up to three matrices that read the same quantised vector (one group size: native.py
+ * checks, so one set of group sums gs), split over the team (an `omp for`: must be reached by every
+ * thread of the team). out[j] receives matrix j's rows. */
 static void gemv(const q4mat *const *ws, int n, float *const *outs, const int8_t *a, const float *ad,
-                 const float *const *gs) {
+                 const float *gs) {
     int total = 0;
     for (int j = 0; j < n; j++) total += ws[j]->rows;
 #pragma omp for schedule(static)
     for (int r = 0; r < total; r++) {
         int j = 0, rr = r;
         while (rr >= ws[j]->rows) rr -= ws[j++]->rows;
-        float y = row_q4(ws[j], rr, a, ad, gs[j]);
+        float y = row_q4(ws[j], rr, a, ad, gs);
         outs[j][rr] = ws[j]->bias ? y + ws[j]->bias[rr] : y;
     }
 }
@@ -302,7 +310,6 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
     const int H = m->hidden, D = m->head_dim, nh = m->heads, nkv = m->kv_heads, I = m->inter;
     const int group = nh / nkv;
     const size_t kv_stride = (size_t)max_len * D;
-    float *gsq = m->gs;  /* the group sums of the vector being multiplied (one group size per stage) */
     memcpy(m->x, m->embed + (size_t)token * H, sizeof(float) * H);
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
@@ -313,16 +320,10 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
 #pragma omp single
             {
                 rmsnorm(m->xn, m->x, l->norm1, H, m->eps);
-                quantize_q8(ordered(m->xn, l->perm[0], H, m->xp), H, m->aq, m->ad);
-                group_sums(m->ad, H, l->q.g, gsq);
+                quantize_input(m, m->xn, l->perm[0], H, l->q.g);
             }
-            {
-                /* q, k, v share one group size (native.py checks) */
-                const q4mat *ws[3] = {&l->q, &l->k, &l->v};
-                float *outs[3] = {m->qkv, m->qkv + nh * D, m->qkv + (nh + nkv) * D};
-                const float *g3[3] = {gsq, gsq, gsq};
-                gemv(ws, 3, outs, m->aq, m->ad, g3);
-            }
+            gemv((const q4mat *[]){&l->q, &l->k, &l->v}, 3,
+                 (float *[]){m->qkv, m->qkv + nh * D, m->qkv + (nh + nkv) * D}, m->aq, m->ad, m->gs);
 #pragma omp single
             {
                 float *qv = m->qkv, *kv = m->qkv + nh * D, *vv = m->qkv + (nh + nkv) * D;
@@ -356,29 +357,15 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
                 }
             }
 #pragma omp single
-            {
-                quantize_q8(ordered(m->att, l->perm[1], nh * D, m->xp), nh * D, m->aq, m->ad);
-                group_sums(m->ad, nh * D, l->o.g, gsq);
-            }
-            {
-                const q4mat *ws[1] = {&l->o};
-                float *outs[1] = {m->tmp};
-                const float *g1[1] = {gsq};
-                gemv(ws, 1, outs, m->aq, m->ad, g1);
-            }
+            quantize_input(m, m->att, l->perm[1], nh * D, l->o.g);
+            gemv((const q4mat *[]){&l->o}, 1, (float *[]){m->tmp}, m->aq, m->ad, m->gs);
 #pragma omp single
             {
                 for (int i = 0; i < H; i++) m->x[i] += m->tmp[i];
                 rmsnorm(m->xn, m->x, l->norm2, H, m->eps);
-                quantize_q8(ordered(m->xn, l->perm[2], H, m->xp), H, m->aq, m->ad);
-                group_sums(m->ad, H, l->gate.g, gsq);
+                quantize_input(m, m->xn, l->perm[2], H, l->gate.g);
             }
-            {
-                const q4mat *ws[2] = {&l->gate, &l->up};
-                float *outs[2] = {m->gu, m->gu + I};
-                const float *g2[2] = {gsq, gsq};
-                gemv(ws, 2, outs, m->aq, m->ad, g2);
-            }
+            gemv((const q4mat *[]){&l->gate, &l->up}, 2, (float *[]){m->gu, m->gu + I}, m->aq, m->ad, m->gs);
             /* SiLU(gate) * up, then quantised block by block (in the codes' column order), across the team */
 #pragma omp for schedule(static)
             for (int i = 0; i < I; i++) {
@@ -396,13 +383,8 @@ int qz_step(void *mp, int token, int pos, int max_len, const float *cs, const fl
                 quantize_block(xb, b, I, m->aq, m->ad);
             }
 #pragma omp single
-            group_sums(m->ad, I, l->down.g, gsq);
-            {
-                const q4mat *ws[1] = {&l->down};
-                float *outs[1] = {m->tmp};
-                const float *g1[1] = {gsq};
-                gemv(ws, 1, outs, m->aq, m->ad, g1);
-            }
+            group_sums(m->ad, I, l->down.g, m->gs);
+            gemv((const q4mat *[]){&l->down}, 1, (float *[]){m->tmp}, m->aq, m->ad, m->gs);
 #pragma omp single
             for (int i = 0; i < H; i++) m->x[i] += m->tmp[i];
         }
