@@ -51,9 +51,15 @@ def test_split_k_fills_the_device_and_divides_the_blocks():
         assert blocks % triton_gemv._split_k(blocks, 3, 40) == 0
 
 
+def _check_inputs(layer: QuantLinear) -> tuple:
+    """decode_gemv's arguments but the incumbent: the layer and Int4Pack.build's check (x, reference)."""
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(3))
+    return (layer.codes(), layer.scales, layer.zero_points(), layer.group_size, x, x @ layer.dequantize_weight().T)
+
+
 def test_the_kernel_is_kept_only_where_it_measured_faster():
     layer = _layer(64, 256, 64)
-    args = (layer.codes(), layer.scales, layer.zero_points(), 64, CPU, torch.float32)
+    args = _check_inputs(layer)
     dense = layer.dequantize_weight()
     # on the CPU the interpreted kernel is far slower than a dense matmul: refused
     assert int4_kernel.decode_gemv(*args, incumbent=lambda x: x @ dense.T) is None
@@ -67,8 +73,7 @@ def test_the_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("QINGZHOU_TRITON_GEMV", "0")
     layer = _layer(64, 256, 64)
     pack = _pack(layer)
-    assert int4_kernel.decode_gemv(layer.codes(), layer.scales, layer.zero_points(), 64, CPU, torch.float32,
-                                   incumbent=lambda x: [pack(x) for _ in range(3)][-1]) is None
+    assert int4_kernel.decode_gemv(*_check_inputs(layer), incumbent=lambda x: [pack(x) for _ in range(3)][-1]) is None
 
 
 def test_an_int4_pack_sends_decode_rows_to_it_and_prompts_to_the_gemm():

@@ -244,13 +244,13 @@ class Int4Pack:
             warnings.warn(f"int4 packed matmul unavailable on {device.type} ({e}); using the dequantising path",
                           stacklevel=3)
             return None
-        err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+        err = _rel_err(got, want)
         if not err <= _SELF_CHECK_RTOL:
             warnings.warn(f"int4 packed matmul on {device.type} disagrees with the dequantised weights "
                           f"(relative error {err:.3g}); using the dequantising path", stacklevel=3)
             return None
-        if device.type == "cuda" and identity:
-            fast.gemv = decode_gemv(codes, scales, zeros, group_size, device, dtype, fast)
+        if device.type == "cuda" and identity:  # checked on the same input and reference
+            fast.gemv = decode_gemv(codes, scales, zeros, group_size, x, want, fast)
         return fast
 
     def __call__(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
@@ -296,29 +296,29 @@ class Int4Pack:
         return w.to(dtype).view(n, k)
 
 
-def decode_gemv(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                device: torch.device, dtype: torch.dtype, incumbent: Callable) -> triton_gemv.GemvPack | None:
-    """The Triton GEMV for this layer's decode rows where Triton is installed, it agrees with the
-    dequantised weight, and it measured faster than `incumbent` on one row of this layer here; else
-    None. `QINGZHOU_TRITON_GEMV=0` turns it off. (codes: input columns in order.)"""
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
+def decode_gemv(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, x: torch.Tensor,
+                want: torch.Tensor, incumbent: Callable) -> triton_gemv.GemvPack | None:
+    """The Triton GEMV for this layer's decode rows where Triton is installed, it agrees with `want`
+    (the dequantised weight's product with `x`, up to `triton_gemv.MAX_ROWS` rows: `Int4Pack.build`'s
+    own check) and it measured faster than `incumbent` on one row of `x` here; else None.
+    `QINGZHOU_TRITON_GEMV=0` turns it off. (codes: input columns in order.)"""
     if os.environ.get("QINGZHOU_TRITON_GEMV", "1") == "0" or not triton_gemv.available():
         return None
     try:
-        gemv = triton_gemv.GemvPack.build(codes, scales, zeros, group_size, device, dtype)
+        gemv = triton_gemv.GemvPack.build(codes, scales, zeros, group_size, x.device, x.dtype)
         if gemv is None:
             return None
-        rng = torch.Generator(device).manual_seed(1)
-        x = torch.randn(1, codes.shape[1], device=device, dtype=dtype, generator=rng)
-        weight = dequantize_codes(codes, scales, zeros, torch.arange(codes.shape[1]) // group_size).to(device)
-        want = torch.nn.functional.linear(x.float(), weight)
-        del weight
-        err = ((gemv(x).float() - want).norm() / want.norm().clamp_min(1e-12)).item()
+        err = _rel_err(gemv(x), want)
     except Exception as e:  # noqa: BLE001 - a Triton compile or launch failure on this device: keep tinygemm
-        warnings.warn(f"Triton int4 GEMV unavailable on {device} ({type(e).__name__}: {e}); using "
+        warnings.warn(f"Triton int4 GEMV unavailable on {x.device} ({type(e).__name__}: {e}); using "
                       "torch's int4 kernel", stacklevel=3)
         return None
     if not err <= _SELF_CHECK_RTOL:
         warnings.warn(f"Triton int4 GEMV disagrees with the dequantised weights (relative error {err:.3g}); "
                       "using torch's int4 kernel", stacklevel=3)
         return None
-    return gemv if triton_gemv.faster(gemv, incumbent, x) else None
+    return gemv if triton_gemv.faster(gemv, incumbent, x[:1]) else None
