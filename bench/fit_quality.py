@@ -345,13 +345,16 @@ def run_kd(b: Bench, name: str) -> dict:
 
     base, steps, norms = re.fullmatch(r"(.+?)" + KD_SUFFIX, name).groups()
     steps = int(steps) if steps else KD_STEPS
-    # full-vocabulary KL over [4 rows, 512, vocab] fp32 logits (student, teacher, their log-softmaxes,
-    # gradients and temporaries): Gemma 3's 262k vocabulary reached 24 GB (about 12 such tensors) and
-    # was OOM-killed on the 24 GB machine after its 25-minute fit, so it is refused before the fit
+    # the plain full-vocabulary KL holds about 12 [4 rows, 512, vocab] fp32 tensors: Gemma 3's 262k
+    # vocabulary reached 24 GB and was OOM-killed on a 24 GB machine. `distill` now applies both
+    # heads in row chunks where they are plain linears (`fused_kl.py`); only a model it cannot
+    # chunk (soft-capped logits) is refused before its fit when the plain KL cannot fit in memory
+    from qingzhou.finetune.distill.fused_kl import fused_divergence_supported
+
     teacher, _ = b.load()
     vocab = teacher.config.vocab_size
     need = 4 * 512 * vocab * 4 * 12
-    if need > 0.9 * psutil.virtual_memory().available:
+    if not fused_divergence_supported(teacher, teacher, "forward_kl") and need > 0.9 * psutil.virtual_memory().available:
         return {"skipped": f"the repair's full-vocabulary KL needs ~{need / 2**30:.0f} GiB (vocab {vocab}); "
                            f"{psutil.virtual_memory().available / 2**30:.0f} GiB available"}
     if base.startswith("gptq-"):
