@@ -231,7 +231,7 @@ def test_min_bits_candidate_has_no_narrow_linear_and_competes_on_kl():
 
     # a budget tight enough that the unrestricted plan takes some 2-bit linears
     report = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, _calib(), apply=False,
-                 neighbours=(), min_bits=(3,))
+                 neighbours=(), min_bits=(3,), kl_calibrate=0)
     full = next(c for c in report.candidates if c["min_bits"] is None)
     narrow = next(c for c in report.candidates if c["min_bits"] == 3)
     assert any(k.startswith("w2") for k in full["mix"])
@@ -274,7 +274,8 @@ def test_uniform_bytes_bounds_the_uniform_file_and_fit_affords_it(tmp_path):
     assert by[0.95]["payload_bytes"] - fixed <= 0.95 * room < by[1.0]["payload_bytes"] - fixed + 0.05 * room
     from qingzhou.compress.fit.storage import Option
 
-    uniform_loss = sum(s.errors[Option(3, 64)] for s in report.sensitivities.values())  # 64 divides 64 and 128
+    factor = report.kl_calibration["factors"]  # the losses the solver adds up: the proxy scaled by kl_scale
+    uniform_loss = sum(s.errors[Option(3, 64)] * factor[n] for n, s in report.sensitivities.items())  # 64 divides 64 and 128
     # the uniform candidate is that very setting: its own header is exact, so it fits the file it came from
     same = next(c for c in report.candidates if c["uniform"])
     assert same["mix"] == {"w3g64": len(report.sensitivities)} and same["eligible"] and same["kl"] is not None

@@ -3,7 +3,9 @@ by measurement, applied, checked end to end and saved.
 
 Steps (one calibration pass, one solve per candidate budget, one apply):
 1. measure every option of every decoder linear (`sensitivity`: GPTQ's own output error per
-   (bits, group size), on the original model's activations);
+   (bits, group size), on the original model's activations), then calibrate each linear's losses
+   against measured end-to-end KL (`kl_scale`: one factor per decoder layer times one per kind of
+   linear, from one held-out forward per layer and per kind);
 2. cost every option in the budget's unit (`budget`: file bytes, bits per weight, or measured
    decode seconds from `timing`) and solve the multiple-choice knapsack exactly (`solve`), for the
    budget and for a few neighbouring budgets;
@@ -90,6 +92,7 @@ class FitReport:
     dropped_layers: list[int] = field(default_factory=list)  # decoder layers removed (original indices)
     quantize: dict[str, Any] = field(default_factory=dict)  # the apply's QuantizeReport
     warnings: list[str] = field(default_factory=list)
+    kl_calibration: dict[str, Any] = field(default_factory=dict)  # kl_scale: measured KLs, factor per linear
     sensitivities: dict[str, LinearSensitivity] = field(repr=False, default_factory=dict)
     plan: Plan | None = field(repr=False, default=None)
 
@@ -187,7 +190,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         overwrite: bool = False, timing_cache: str | Path | None = None, clip_grid: int = 20,
         load_stage: dict[str, Any] | None = None, gguf: bool = False, gguf_keep: str = "f16",
         weighting: str = "fisher", fisher_samples: int = 16, fisher_autocast: str | None = None,
-        min_bits: tuple[int, ...] = MIN_BITS, drop_layers: int = 0, drop_samples: int = 4) -> FitReport:
+        min_bits: tuple[int, ...] = MIN_BITS, drop_layers: int = 0, drop_samples: int = 4,
+        kl_calibrate: int = 2) -> FitReport:
     """Fit `model` to `budget` (see `budget.Budget`: max_size bytes / "80MB", avg_bits, or
     min_tok_s with device) with the least measured damage, and (with `apply`) quantise it in place.
 
@@ -209,6 +213,10 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     backward through the whole model costs about one GPTQ run at 74 x 512 tokens on SmolLM2.
     `fisher_autocast`: the Fisher pass's autocast dtype (None: the model's own dtype; "bfloat16" is
     faster on CPUs with AMX but moves some linears' weights by tens of percent on SmolLM2).
+    `kl_calibrate`: on this many of the held-out samples, measure the end-to-end KL of each decoder
+    layer and each kind of linear at a reference option and scale every linear's losses by the
+    fitted `a[layer] * b[kind]` (`kl_scale.py`: the proxy's ratio to the KL varied 40x across
+    Gemma 3's layers); 0 leaves the proxy as measured. Costs (layers + kinds) forwards per sample.
     `load_stage`: the load stage of the written `plan.yaml` ({"model": ..., "dtype": ...}; default
     the model's `name_or_path`).
     `drop_layers`: at most this many whole decoder layers may be dropped (0: none): of the
@@ -302,6 +310,18 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
                               true_sequential=False)  # weights are not written: one pass per layer suffices
     sens = measure_sensitivity(model, measure, layerwise=engine, collector=collector)
     seconds["sensitivity"] = time.perf_counter() - t0
+    work = copy.deepcopy(model) if check else None  # plans are written into this copy, never into `model`
+    factor: dict[str, float] = {}
+    calibration: dict[str, Any] = {}
+    if kl_calibrate and work is not None:
+        from qingzhou.compress.calibrate import find_decoder_layers
+        from qingzhou.compress.fit.kl_scale import kl_factors
+
+        t0 = time.perf_counter()
+        factor, calibration = kl_factors(model, work, held[:kl_calibrate], sens, collector.weights, cfg,
+                                         find_decoder_layers(model)[1])
+        calibration["factors"] = {n: round(f, 6) for n, f in factor.items()}
+        seconds["kl_calibrate"] = time.perf_counter() - t0
     groups: list[Any] = []
     if drop_layers:
         from qingzhou.compress.fit.layer_drop import angular_distances, drop_losses, layer_groups
@@ -324,7 +344,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         fixed -= sum(own.values())
         droppable = [Droppable(g.linears, own[g.index], lost[g.index]) for g in groups]
     table: dict[Any, dict[Any, tuple[int, float]]] = {REST: {KEEP: (fixed, 0.0)}}
-    table.update({n: {o: (costs[n][o], e) for o, e in s.errors.items()} for n, s in sens.items()})
+    table.update({n: {o: (costs[n][o], e * factor.get(n, 1.0)) for o, e in s.errors.items()} for n, s in sens.items()})
     in_groups = {n for g in droppable for n in g.items}
     smallest = sum(min(c for c, _ in row.values()) for n, row in table.items() if n not in in_groups)
     limit = limit_of(budget)
@@ -390,9 +410,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     best = next(r for r in candidates if r["factor"] == 1.0 and r["min_bits"] is None and not r["uniform"]
                 and not r["name"].endswith("no drop"))
     chosen_by = "proxy"
-    work = None
-    if check:
-        work = copy.deepcopy(model)
+    if work is not None:
         # only plans within the budget can win: the larger neighbours are solved (their loss shows
         # the trend) but not run end to end
         unique = [r for r in candidates if r["same_as"] is None and r["eligible"]]
@@ -424,7 +442,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         loss=best["loss"], config=cfg.model_dump(mode="json", exclude={"overrides"}), kl=best["kl"],
         chosen_by=chosen_by, candidates=[{k: v for k, v in r.items() if k != "_choice"} for r in candidates],
         heldout_tokens=sum(int(h.numel()) for h in held), calibration_tokens=sum(int(s.numel()) for s in measure),
-        sensitivities=sens, plan=plans[(1.0, None, False, False)], dropped_layers=dropped)
+        sensitivities=sens, plan=plans[(1.0, None, False, False)], dropped_layers=dropped, kl_calibration=calibration)
     if budget.kind == "min_tok_s":
         report.predicted_tok_s = 1e9 / best["cost"] if best["cost"] > 0 else math.inf  # cost includes the rest
 

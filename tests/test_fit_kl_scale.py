@@ -1,0 +1,92 @@
+"""`fit`'s calibration of per-linear proxy losses against measured end-to-end KL (`kl_scale.py`)."""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+
+from qingzhou.compress.fit.kl_scale import fit_factors, kl_factors, layer_and_kind, reference_option
+from qingzhou.compress.fit.storage import Option, option_space, options_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_fit_factors_recover_a_product_of_layer_and_kind_factors():
+    gen = torch.Generator().manual_seed(0)
+    layers, kinds = range(5), ["q", "k", "down"]
+    a = {L: float(torch.rand(1, generator=gen)) * 10 + 0.1 for L in layers}
+    b = {T: float(torch.rand(1, generator=gen)) * 3 + 0.1 for T in kinds}
+    pred = {(L, T): float(torch.rand(1, generator=gen)) + 0.05 for L in layers for T in kinds if (L, T) != (2, "k")}
+    kl_layer = {L: sum(a[L] * b[T] * p for (l2, T), p in pred.items() if l2 == L) for L in layers}
+    kl_kind = {T: sum(a[L] * b[T] * p for (L, t2), p in pred.items() if t2 == T) for T in kinds}
+    got = fit_factors(pred, kl_layer, kl_kind)
+    assert set(got) == set(pred)  # a missing cell (layer 2 has no k) is fine
+    for cell, f in got.items():
+        assert f == pytest.approx(a[cell[0]] * b[cell[1]], rel=1e-6)
+
+
+def test_layer_and_kind_and_reference_option():
+    assert layer_and_kind("model.layers.12.self_attn.q_proj", "model.layers") == (12, "self_attn.q_proj")
+    assert layer_and_kind("model.layers.3.mlp.experts.7.down_proj", "model.layers") == (3, "mlp.experts.*.down_proj")
+    assert layer_and_kind("lm_head", "model.layers") is None
+    assert reference_option(options_for(576, option_space())) == Option(3, 64)
+    assert reference_option(options_for(64, option_space())) == Option(3, 32)
+    assert reference_option([Option()]) is None
+
+
+def test_calibrated_losses_predict_the_measured_kl_of_other_plans():
+    """The factors come from plans at the reference option (3 bits); they must also make the
+    proxy predict the held-out KL of 2-bit plans (one layer, or one kind of linear, at a time)
+    far better than the raw Fisher-weighted proxy does."""
+    from qingzhou.compress.calibrate import LayerwiseOptions
+    from qingzhou.compress.fit.api import heldout_kl
+    from qingzhou.compress.fit.fisher import output_fisher
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
+    from qingzhou.compress.quantize.registry import QUANTIZERS
+    from qingzhou.finetune.testing import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(1)
+    samples = [torch.randint(5, 272, (64,), generator=gen) for _ in range(10)]
+    measure, held = samples[:8], samples[8:]
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    collector = SensitivityCollector(option_space(), keep_weights=True, row_weights=output_fisher(model, measure, lin))
+    sens = measure_sensitivity(model, measure, collector=collector,
+                               layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    cfg = QUANTIZERS.validate({"method": "rtn"})
+    work = copy.deepcopy(model)
+    factors, info = kl_factors(model, work, held, sens, collector.weights, cfg, "model.layers")
+    assert set(factors) == set(lin) and info["plans"] == 4 + 7 and info["reference"] == ["w3g32", "w3g64"]  # down_proj is 128 wide
+    two = Option(2, 32)
+    plans = [{n: two for n in lin if layer_and_kind(n, "model.layers")[0] == L} for L in range(4)]
+    plans += [{n: two for n in lin if n.endswith(k)} for k in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj")]
+    kls = heldout_kl(model, work, held, plans, collector.weights, cfg)
+    raw = [sum(sens[n].errors[two] for n in p) for p in plans]
+    cal = [sum(sens[n].errors[two] * factors[n] for n in p) for p in plans]
+    spread_raw = statistics.pstdev([math.log(k / r) for k, r in zip(kls, raw)])
+    spread_cal = statistics.pstdev([math.log(k / c) for k, c in zip(kls, cal)])
+    assert spread_cal < 0.6 and spread_cal < 0.5 * spread_raw, (spread_raw, spread_cal)
+    # the weights of `model` are untouched
+    for n, m in lin.items():
+        assert torch.equal(m.weight, dict(tiny_model("llama", num_hidden_layers=4).named_modules())[n].weight)
+
+
+def test_fit_records_the_calibration_and_can_skip_it():
+    from qingzhou.compress.fit import Budget, fit
+    from qingzhou.finetune.testing import tiny_model
+
+    gen = torch.Generator().manual_seed(2)
+    calib = [torch.randint(5, 272, (32,), generator=gen) for _ in range(6)]
+    report = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, calib, apply=False, neighbours=())
+    cal = report.kl_calibration
+    assert set(cal["layer_kl"]) == {0, 1} and len(cal["kind_kl"]) == 7
+    assert set(cal["factors"]) == set(report.sensitivities) and all(f > 0 for f in cal["factors"].values())
+    assert "kl_calibrate" in report.seconds
+    plain = fit(tiny_model("llama"), Budget(avg_bits=4.0), {"method": "rtn"}, calib, apply=False, neighbours=(),
+                kl_calibrate=0)
+    assert plain.kl_calibration == {} and "kl_calibrate" not in plain.seconds
+    assert plain.loss == pytest.approx(sum(plain.sensitivities[n].errors[o] for n, o in plain.choice.items()))
