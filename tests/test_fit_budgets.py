@@ -137,7 +137,9 @@ def test_plan_recipe_reproduces_the_fitted_weights(tmp_path, tiny_llama_dir):
     plan = fitted / "plan.yaml"
     stages = yaml.safe_load(plan.read_text())["stages"]
     assert stages[0]["model"] == str(tiny_llama_dir) and stages[1]["kind"] == "quantize"
-    assert len(stages[1]["overrides"]) == len(json.loads((fitted.parent / "fit_report.json").read_text())["choice"])
+    fit_report = json.loads((fitted.parent / "fit_report.json").read_text())
+    assert len(stages[1]["overrides"]) == len(fit_report["choice"])
+    assert set(fit_report["kl_calibration"]["factors"]) == set(fit_report["choice"])  # on by default
     run_recipe(str(plan), tmp_path / "again", progress=False)
     a = load_file(str(fitted / "model.safetensors"))
     b = load_file(str(tmp_path / "again" / "02-quantize" / "model" / "model.safetensors"))
@@ -287,7 +289,8 @@ def test_cli_fit_writes_the_model_and_its_plan(tmp_path, tiny_llama_dir):
 
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["fit", str(tiny_llama_dir), str(out), "--avg-bits", "4", "--method", "gptq",
-                                 "--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--json"],
+                                 "--num-samples", "4", "--seq-len", "32", "--device", "cpu", "--kl-calibrate", "0",
+                                 "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -297,3 +300,4 @@ def test_cli_fit_writes_the_model_and_its_plan(tmp_path, tiny_llama_dir):
     assert plan["stages"][0] == {"kind": "load", "model": str(tiny_llama_dir), "dtype": "float32"}
     assert plan["stages"][1]["method"] == "gptq" and plan["stages"][1]["overrides"]
     assert plan["stages"][1]["calibration"]["num_samples"] == 4 and plan["stages"][1]["device"] == "cpu"
+    assert json.loads((out / "report.json").read_text())["kl_calibration"] == {}  # --kl-calibrate 0

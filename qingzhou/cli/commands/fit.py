@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
         drop_layers: int = typer.Option(0, "--drop-layers", min=0, help="at most this many whole decoder layers "
                                         "may be dropped where that measures better (size and bits budgets); "
                                         "the saved model then has fewer layers"),
+        kl_calibrate: int = typer.Option(2, "--kl-calibrate", min=0, help="held-out samples on which each decoder "
+                                         "layer's and each kind of linear's end-to-end KL is measured to calibrate "
+                                         "the per-linear losses (0: the Fisher-weighted proxy as measured)"),
         sets: list[str] = typer.Option([], "--set", "-s", help="other method settings: -s damp_percent=0.05"),
         force: bool = typer.Option(False, "--force", help="replace OUT if it is a folder qingzhou wrote"),
         allow_pickle: bool = AllowPickleOpt,
@@ -98,7 +101,7 @@ def register(app: typer.Typer) -> None:
         m, tok = load_model(model, dtype="float32", device="cpu", **load_options(allow_pickle, trust_remote_code, strict))
         report = fit(m, budget, cfg, tokenizer=tok, output_dir=out_dir, overwrite=force, heldout=heldout,
                      timing_cache=timing_cache, load_stage={"model": model, "dtype": "float32"}, gguf=gguf,
-                     gguf_keep=gguf_keep, drop_layers=drop_layers)
+                     gguf_keep=gguf_keep, drop_layers=drop_layers, kl_calibrate=kl_calibrate)
         summary = {**report.summary(), "out_dir": str(out_dir), "plan": str(out_dir / "plan.yaml"),
                    **({"gguf": str(out_dir / "model.gguf")} if gguf else {})}
         if as_json:

@@ -33,6 +33,9 @@ class FitStage(MethodStage):
     gguf_keep: Literal["f16", "bf16", "f32"] = Field("f16", description="GGUF type of kept linears and embeddings")
     drop_layers: int = Field(0, ge=0, description="at most this many whole decoder layers may be dropped, "
                                                   "where that measures better (size and bits budgets)")
+    kl_calibrate: int = Field(2, ge=0, description="held-out samples on which each decoder layer's and each kind "
+                                                   "of linear's end-to-end KL calibrates the per-linear losses "
+                                                   "(0: the Fisher-weighted proxy as measured)")
     default_method: ClassVar[str] = "gptq"
 
     @classmethod
@@ -72,7 +75,7 @@ def run_fit(cfg: FitStage, ctx: StageContext) -> StageResult:
     report = fit(model, cfg.budget(), cfg.settings, tokenizer=tokenizer, output_dir=ctx.work_dir / "model",
                  heldout=cfg.heldout, neighbours=tuple(cfg.neighbours), timing_cache=ctx.run_dir / "cache",
                  load_stage={"model": ref.source, "dtype": ref.dtype} if ref else None, gguf=cfg.gguf,
-                 gguf_keep=cfg.gguf_keep, drop_layers=cfg.drop_layers)
+                 gguf_keep=cfg.gguf_keep, drop_layers=cfg.drop_layers, kl_calibrate=cfg.kl_calibrate)
     metrics = report.summary()
     atomic_write_json(ctx.work_dir / "fit_report.json", report.to_dict())
     atomic_write_json(ctx.work_dir / "metrics.json", metrics)
