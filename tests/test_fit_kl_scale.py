@@ -40,20 +40,20 @@ def test_layer_and_kind_and_reference_option():
 def test_calibrated_losses_predict_the_measured_kl_of_other_plans():
     """The factors come from plans at the reference option (3 bits); they must also make the
     proxy predict the held-out KL of 2-bit plans (one layer, or one kind of linear, at a time)
-    far better than the raw Fisher-weighted proxy does."""
+    far better than the proxy as measured. The proxy here is the raw output error (no Fisher), whose
+    units differ from kind to kind; on Gemma 3 270M the Fisher-weighted proxy was as far off."""
     from qingzhou.compress.calibrate import LayerwiseOptions
     from qingzhou.compress.fit.api import heldout_kl
-    from qingzhou.compress.fit.fisher import output_fisher
     from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.quantize.registry import QUANTIZERS
     from qingzhou.finetune.testing import tiny_model
 
-    model = tiny_model("llama", num_hidden_layers=4)
+    model = tiny_model("gemma3_text", num_hidden_layers=4)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(5, 272, (64,), generator=gen) for _ in range(10)]
     measure, held = samples[:8], samples[8:]
     lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    collector = SensitivityCollector(option_space(), keep_weights=True, row_weights=output_fisher(model, measure, lin))
+    collector = SensitivityCollector(option_space(), keep_weights=True)
     sens = measure_sensitivity(model, measure, collector=collector,
                                layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
     cfg = QUANTIZERS.validate({"method": "rtn"})
@@ -65,14 +65,17 @@ def test_calibrated_losses_predict_the_measured_kl_of_other_plans():
     plans += [{n: two for n in lin if n.endswith(k)} for k in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                 "gate_proj", "up_proj", "down_proj")]
     kls = heldout_kl(model, work, held, plans, collector.weights, cfg)
+    # each plan names only its own linears: the others are original whatever the plan before wrote
+    assert heldout_kl(model, work, held, plans[1:2], collector.weights, cfg)[0] == pytest.approx(kls[1], rel=1e-5)
+    assert heldout_kl(model, work, held, plans[-1:], collector.weights, cfg)[0] == pytest.approx(kls[-1], rel=1e-5)
     raw = [sum(sens[n].errors[two] for n in p) for p in plans]
     cal = [sum(sens[n].errors[two] * factors[n] for n in p) for p in plans]
     spread_raw = statistics.pstdev([math.log(k / r) for k, r in zip(kls, raw)])
     spread_cal = statistics.pstdev([math.log(k / c) for k, c in zip(kls, cal)])
-    assert spread_cal < 0.6 and spread_cal < 0.5 * spread_raw, (spread_raw, spread_cal)
+    assert spread_cal < 0.4 and spread_cal < 0.5 * spread_raw, (spread_raw, spread_cal)
     # the weights of `model` are untouched
     for n, m in lin.items():
-        assert torch.equal(m.weight, dict(tiny_model("llama", num_hidden_layers=4).named_modules())[n].weight)
+        assert torch.equal(m.weight, dict(tiny_model("gemma3_text", num_hidden_layers=4).named_modules())[n].weight)
 
 
 def test_fit_records_the_calibration_and_can_skip_it():

@@ -575,7 +575,8 @@ def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, A
 def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], choices: list[dict[str, Option] | None],
                weights: dict[str, dict[Option, Any]], cfg: Any, drops: list[list[int]] | None = None) -> list[float]:
     """Mean per-token KL(reference || plan) of the final logits on `held`, for each plan in
-    `choices` written into `work` from the measured `weights` (None: `work` as it is), with the
+    `choices` written into `work` from the measured `weights` (None: `work` as it is; a linear a
+    plan does not name is original, whatever the plans before it wrote), with the
     decoder layers `drops[k]` of plan k skipped (their linears' choice is `DROPPED`).
 
     Batches run outer, plans inner, so the reference logits are computed once per batch."""
@@ -606,6 +607,10 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
                 ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 for k, choice in enumerate(choices):
                     if choice is not None:
+                        # a linear the plan does not name is original: undo what an earlier plan wrote
+                        for name in [n for n, o in loaded.items() if n not in choice and not o.keep]:
+                            modules[name].weight.copy_(originals[name])
+                            loaded[name] = KEEP
                         for name, o in choice.items():
                             if loaded.get(name) == o or o == DROPPED:  # shared with the previous plan / skipped
                                 continue

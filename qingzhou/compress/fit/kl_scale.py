@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REFERENCE_BITS = 3
 REFERENCE_GROUP = 64
-KL_FLOOR = 0.01  # a measured KL below this fraction of the median is read as this: noise, not "free"
+KL_FLOOR = 1e-3  # a measured KL below this fraction of the median is read as this: noise, not "free"
 
 
 def layer_and_kind(name: str, prefix: str) -> tuple[int, str] | None:
