@@ -71,6 +71,42 @@ def _compute_dtype(weight: Any) -> Any:
     return weight.dtype
 
 
+def accumulate_chunk(grad: Any, h: Any, w: Any, rows: slice, grad_h: Any, grad_w: Any, grad_b: Any) -> None:
+    """Turn one chunk's logit gradient [rows, vocab] into the gradients of its hidden states
+    (written into `grad_h[rows]`), the head weight and the bias (added), each only where wanted
+    (not None). `grad` is fp32; the matmuls run in `w`'s dtype."""
+    if grad_b is not None:
+        grad_b += grad.sum(0)
+    grad = grad.to(w.dtype)
+    if grad_h is not None:
+        grad_h[rows] = grad @ w
+    if grad_w is not None:
+        grad_w += grad.t() @ h
+
+
+def grad_buffers(ctx: Any, rows: Any, weight: Any, bias: Any) -> tuple[Any, Any, Any]:
+    """Gradient buffers of a chunked head loss whose inputs are (hidden rows, weight, bias, ...):
+    one shaped like `rows` (filled chunk by chunk) and zeroed fp32 ones for the weight and bias,
+    each None where autograd does not want it."""
+    import torch
+
+    want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    want_b = bias is not None and ctx.needs_input_grad[2]
+    return (torch.empty_like(rows) if want_h else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None)
+
+
+def scaled_grads(ctx: Any, grad_out: Any) -> tuple[Any, Any, Any]:
+    """The backward of a loss whose forward already formed the (hidden, weight, bias) gradients
+    (`ctx.saved_tensors`, `ctx.dtypes`): those times the incoming scalar gradient."""
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.dtypes
+    return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+            None if grad_b is None else (grad_b * grad_out).to(b_dtype))
+
+
 def _make_function() -> Any:
     import torch
     import torch.nn.functional as F
@@ -83,16 +119,13 @@ def _make_function() -> Any:
         def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, labels: Any, ignore_index: int, dtype: Any) -> Any:
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            want_b = bias is not None and ctx.needs_input_grad[2]
             # only labelled rows go through the head: prompts, padding and each sample's last token
             # (often a third or more of an SFT batch) cost nothing; their hidden gradient is zero
             rows = (labels != ignore_index).nonzero().flatten()
             every = rows.numel() == hidden.shape[0]
             src, tgt = (hidden, labels) if every else (hidden.index_select(0, rows), labels.index_select(0, rows))
-            grad_src = torch.empty_like(src) if want_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+            grad_src, grad_w, grad_b = grad_buffers(ctx, src, weight, bias)
+            wanted = any(g is not None for g in (grad_src, grad_w, grad_b))
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             step = max(1, CHUNK_ELEMENTS // weight.shape[0])
             for s in range(0, src.shape[0], step):
@@ -101,19 +134,13 @@ def _make_function() -> Any:
                 logits = F.linear(h, w, b).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-                if not (want_h or want_w or want_b):
+                if not wanted:
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-                if want_b:
-                    grad_b += grad.sum(0)
-                grad = grad.to(dtype)
-                if want_h:
-                    grad_src[s:s + step] = grad @ w
-                if want_w:
-                    grad_w += grad.t() @ h
+                accumulate_chunk(grad, h, w, slice(s, s + step), grad_src, grad_w, grad_b)
             grad_h = grad_src
-            if want_h and not every:
+            if grad_src is not None and not every:
                 grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_src)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -121,11 +148,7 @@ def _make_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            w_dtype, b_dtype = ctx.dtypes
-            return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                    None if grad_w is None else (grad_w * grad_out).to(w_dtype),
-                    None if grad_b is None else (grad_b * grad_out).to(b_dtype), None, None, None)
+            return (*scaled_grads(ctx, grad_out), None, None, None)
 
     return LinearCrossEntropy
 

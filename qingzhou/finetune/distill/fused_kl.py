@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qingzhou.finetune.fused_loss import CHUNK_ELEMENTS, _compute_dtype
+from qingzhou.finetune.fused_loss import CHUNK_ELEMENTS, _compute_dtype, accumulate_chunk, grad_buffers, scaled_grads
 
 FUSED_KINDS = ("forward_kl", "reverse_kl")
 
@@ -39,11 +39,8 @@ def _make_function() -> Any:
             b = bias.to(dtype) if bias is not None else None
             tw = t_weight.detach().to(dtype)
             tb = t_bias.detach().to(dtype) if t_bias is not None else None
-            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            want_b = bias is not None and ctx.needs_input_grad[2]
-            grad_h = torch.empty_like(hidden) if want_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+            grad_h, grad_w, grad_b = grad_buffers(ctx, hidden, weight, bias)
+            wanted = any(g is not None for g in (grad_h, grad_w, grad_b))
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             step = max(1, CHUNK_ELEMENTS // weight.shape[0])
             for s in range(0, hidden.shape[0], step):
@@ -56,35 +53,24 @@ def _make_function() -> Any:
                 if kind == "forward_kl":
                     p_t = log_t.exp_()
                     total += -(p_t * a).sum() * temperature**2
-                    grad = log_s.exp_().sub_(p_t) if (want_h or want_w or want_b) else None
+                    grad = log_s.exp_().sub_(p_t) if wanted else None
                 else:  # reverse_kl
                     p_s = log_s.exp_()
                     row_kl = (p_s * a).sum(-1)
                     total += row_kl.sum() * temperature**2
-                    grad = p_s.mul_(a.sub_(row_kl[:, None])) if (want_h or want_w or want_b) else None
+                    grad = p_s.mul_(a.sub_(row_kl[:, None])) if wanted else None
                 del a, log_t
                 if grad is None:
                     continue
                 grad = grad.mul_(temperature)  # T^2 * (1/T): the loss's scale and d(z/T)/dz
-                if want_b:
-                    grad_b += grad.sum(0)
-                grad = grad.to(dtype)
-                if want_h:
-                    grad_h[s:s + step] = grad @ w
-                if want_w:
-                    grad_w += grad.t() @ h
+                accumulate_chunk(grad, h, w, slice(s, s + step), grad_h, grad_w, grad_b)
             ctx.save_for_backward(grad_h, grad_w, grad_b)
             ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
             return total
 
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            w_dtype, b_dtype = ctx.dtypes
-            return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                    None if grad_w is None else (grad_w * grad_out).to(w_dtype),
-                    None if grad_b is None else (grad_b * grad_out).to(b_dtype),
-                    None, None, None, None, None, None)
+            return (*scaled_grads(ctx, grad_out), None, None, None, None, None, None)
 
     return LinearDivergence
 
