@@ -58,7 +58,8 @@ def test_calibrated_losses_predict_the_measured_kl_of_other_plans():
                                layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
     cfg = QUANTIZERS.validate({"method": "rtn"})
     work = copy.deepcopy(model)
-    factors, info = kl_factors(model, work, held, sens, collector.weights, cfg, "model.layers")
+    factors, info = kl_factors(sens, collector.weights,
+                               lambda plans: heldout_kl(model, work, held, plans, collector.weights, cfg), "model.layers")
     assert set(factors) == set(lin) and info["plans"] == 4 + 7 and info["reference"] == ["w3g32", "w3g64"]  # down_proj is 128 wide
     two = Option(2, 32)
     plans = [{n: two for n in lin if layer_and_kind(n, "model.layers")[0] == L} for L in range(4)]

@@ -318,8 +318,11 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         from qingzhou.compress.fit.kl_scale import kl_factors
 
         t0 = time.perf_counter()
-        factor, calibration = kl_factors(model, work, held[:kl_calibrate], sens, collector.weights, cfg,
+        few = held[:kl_calibrate]
+        factor, calibration = kl_factors(sens, collector.weights,
+                                         lambda plans, w=work: heldout_kl(model, w, few, plans, collector.weights, cfg),
                                          find_decoder_layers(model)[1])
+        calibration["held_tokens"] = sum(int(h.numel()) for h in few)
         calibration["factors"] = {n: round(f, 6) for n, f in factor.items()}
         seconds["kl_calibrate"] = time.perf_counter() - t0
     groups: list[Any] = []

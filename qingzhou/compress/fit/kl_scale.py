@@ -24,15 +24,11 @@ so each plan costs one forward per held-out sample, no GPTQ run.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from qingzhou.compress.fit.layer_drop import PROXY_PER_KL
 from qingzhou.compress.fit.storage import Option
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
 
 REFERENCE_BITS = 3
 REFERENCE_GROUP = 64
@@ -81,13 +77,13 @@ def fit_factors(pred: Mapping[tuple[int, str], float], kl_layer: Mapping[int, fl
     return {k: v if v > 0 else median for k, v in out.items()}
 
 
-def kl_factors(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], sens: Mapping[str, Any],
-               weights: Mapping[str, Mapping[Option, Any]], cfg: Any, prefix: str) -> tuple[dict[str, float], dict[str, Any]]:
+def kl_factors(sens: Mapping[str, Any], weights: Mapping[str, Mapping[Option, Any]],
+               measure: Callable[[list[dict[str, Option]]], list[float]],
+               prefix: str) -> tuple[dict[str, float], dict[str, Any]]:
     """({linear: factor on its proxy losses}, what was measured) from `len(layers) + len(kinds)`
-    held-out KL measurements (`api.heldout_kl`, weights written into `work`). Linears outside the
-    decoder layers, or without a quantised option, keep factor 1."""
-    from qingzhou.compress.fit.api import heldout_kl
-
+    end-to-end measurements: `measure(plans)` returns each plan's mean held-out KL, a linear the
+    plan does not name being original (`api.heldout_kl` on the measured `weights`). Linears
+    outside the decoder layers under `prefix`, or without a measured reference option, keep factor 1."""
     where: dict[str, tuple[int, str]] = {}
     ref: dict[str, Option] = {}
     for name, s in sens.items():
@@ -101,7 +97,7 @@ def kl_factors(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     kinds = sorted({v[1] for v in where.values()})
     plans = [{n: ref[n] for n, (L, _) in where.items() if L == layer} for layer in layers]
     plans += [{n: ref[n] for n, (_, T) in where.items() if T == kind} for kind in kinds]
-    kls = heldout_kl(reference, work, held, plans, weights, cfg)  # type: ignore[arg-type]
+    kls = measure(plans)
     floor = KL_FLOOR * sorted(kls)[len(kls) // 2]
     kls = [max(k, floor) for k in kls]
     kl_layer = dict(zip(layers, kls[:len(layers)]))
@@ -112,5 +108,5 @@ def kl_factors(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     cell_factor = fit_factors(pred, kl_layer, kl_kind)
     factors = {n: PROXY_PER_KL * cell_factor[cell] for n, cell in where.items()}
     info = {"reference": sorted({o.label for o in ref.values()}), "layer_kl": kl_layer, "kind_kl": kl_kind,
-            "held_tokens": sum(int(h.numel()) for h in held), "plans": len(plans)}
+            "plans": len(plans)}
     return factors, info
