@@ -77,7 +77,7 @@ class FitReport:
     predicted_bytes: int  # safetensors payload of the plan (every tensor save_quantized writes)
     predicted_file_bytes: int  # payload + an upper bound on the file's header
     avg_bits: float  # 8 * bytes of the fitted linears / their weights
-    loss: float  # summed measured output error of the plan
+    loss: float  # summed loss of the plan: measured output errors times the kl_scale factors
     config: dict[str, Any]
     predicted_tok_s: float | None = None  # speed budgets: 1 / predicted decode seconds per token
     kl: float | None = None  # held-out KL of the chosen plan (assembled from the measured weights)
