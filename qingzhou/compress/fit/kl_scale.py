@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from qingzhou.compress.fit.layer_drop import PROXY_PER_KL
+from qingzhou.compress.fit.layer_drop import PROXY_PER_KL, split_layer_name
 from qingzhou.compress.fit.storage import Option
 
 REFERENCE_BITS = 3
@@ -38,12 +38,11 @@ KL_FLOOR = 1e-3  # a measured KL below this fraction of the median is read as th
 def layer_and_kind(name: str, prefix: str) -> tuple[int, str] | None:
     """(decoder layer index, kind) of a linear named `{prefix}.{i}.{path}`; the kind is the path
     with any index replaced by `*` (an MoE expert's down_proj is one kind across experts)."""
-    if not name.startswith(prefix + "."):
+    split = split_layer_name(name, prefix)
+    if split is None:
         return None
-    index, _, path = name[len(prefix) + 1:].partition(".")
-    if not index.isdigit():
-        return None
-    return int(index), re.sub(r"\.\d+\.", ".*.", f".{path}.").strip(".")
+    index, path = split
+    return index, re.sub(r"\.\d+\.", ".*.", f".{path}.").strip(".")
 
 
 def reference_option(options: Sequence[Option]) -> Option | None:

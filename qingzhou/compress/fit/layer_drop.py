@@ -156,18 +156,26 @@ def drop_losses(model: nn.Module, samples: Sequence[torch.Tensor], groups: Seque
     return {i: PROXY_PER_KL * t / max(tokens, 1) for i, t in totals.items()}
 
 
+def split_layer_name(name: str, prefix: str) -> tuple[int, str] | None:
+    """(layer index, the rest of the name) of `{prefix}.{i}[.{rest}]`; None for a name outside the
+    decoder layers under `prefix` (`model.layers`)."""
+    if not name.startswith(prefix + "."):
+        return None
+    index, _, tail = name[len(prefix) + 1:].partition(".")
+    return (int(index), tail) if index.isdigit() else None
+
+
 def renamed(names: Sequence[str], prefix: str, dropped: Sequence[int]) -> dict[str, str]:
     """{name before the drop: name after it} for module names under `prefix` (`model.layers`):
     the kept layers are renumbered 0.. in order, as `structured_prune` leaves them."""
     gone = set(dropped)
     out = {}
     for name in names:
-        rest = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-        index, _, tail = (rest or "").partition(".")
-        if rest is None or not index.isdigit():
+        split = split_layer_name(name, prefix)
+        if split is None:
             out[name] = name
             continue
-        i = int(index)
+        i, tail = split
         if i in gone:
             raise ValueError(f"{name} is in a dropped layer")
         new = i - sum(1 for d in gone if d < i)
