@@ -94,3 +94,37 @@ def test_fit_records_the_calibration_and_can_skip_it():
                 kl_calibrate=0)
     assert plain.kl_calibration == {} and "kl_calibrate" not in plain.seconds
     assert plain.loss == pytest.approx(sum(plain.sensitivities[n].errors[o] for n, o in plain.choice.items()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_replaying_unchanged_layers_gives_the_same_kl(arch):
+    """`heldout_kl` starts a plan at the lowest layer it changes, the layers below playing back the
+    reference's recorded outputs: each plan's KL must equal the full forward's, for plans starting
+    at every layer, a plan touching two layers, one dropping a layer, and `work` as it is."""
+    from qingzhou.compress.calibrate import LayerwiseOptions
+    from qingzhou.compress.fit.api import heldout_kl
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
+    from qingzhou.compress.fit.solve import DROPPED
+    from qingzhou.compress.quantize.registry import QUANTIZERS
+    from qingzhou.finetune.testing import tiny_model
+
+    model = tiny_model(arch, num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(2)
+    samples = [torch.randint(5, 200, (48,), generator=gen) for _ in range(6)]
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    two = Option(2, 32)
+    collector = SensitivityCollector([two], keep_weights=True)
+    measure_sensitivity(model, samples[:4], collector=collector,
+                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    cfg = QUANTIZERS.validate({"method": "rtn"})
+    work = copy.deepcopy(model)
+    layer = [{n: two for n in lin if layer_and_kind(n, "model.layers")[0] == L} for L in range(4)]
+    plans = [*layer, {**layer[1], **layer[3]}, {**layer[3], **{n: DROPPED for n in layer[2]}}, None]
+    drops = [[], [], [], [], [], [2], []]
+    fast = heldout_kl(model, work, samples[4:], plans, collector.weights, cfg, drops=drops)
+    slow = heldout_kl(model, work, samples[4:], plans, collector.weights, cfg, drops=drops, replay=False)
+    assert fast == pytest.approx(slow, rel=1e-6, abs=1e-9)
+    assert all(k > 0 for k in fast)  # None: `work` as the plan before left it, run from layer 0
+    # the class's forward is back on every layer: a plain forward equals the reference
+    ids = samples[5][None]
+    assert torch.allclose(work(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -27,6 +27,7 @@ saw; `kl_applied` (the model as saved) is on the same tokens, which its GPTQ run
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -576,21 +577,29 @@ def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, A
 
 
 def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], choices: list[dict[str, Option] | None],
-               weights: dict[str, dict[Option, Any]], cfg: Any, drops: list[list[int]] | None = None) -> list[float]:
+               weights: dict[str, dict[Option, Any]], cfg: Any, drops: list[list[int]] | None = None, *,
+               replay: bool = True) -> list[float]:
     """Mean per-token KL(reference || plan) of the final logits on `held`, for each plan in
     `choices` written into `work` from the measured `weights` (None: `work` as it is; a linear a
     plan does not name is original, whatever the plans before it wrote), with the
     decoder layers `drops[k]` of plan k skipped (their linears' choice is `DROPPED`).
 
-    Batches run outer, plans inner, so the reference logits are computed once per batch."""
+    Batches run outer, plans inner, so the reference logits are computed once per batch. With
+    `replay`, a plan that changes nothing below decoder layer i starts at layer i: the layers
+    below play back the reference's recorded outputs (`layer_drop.replayed`; `work` must be a copy
+    of `reference` with the same weights outside the plans). The result is the same."""
     import torch
     import torch.nn.functional as F
 
-    from qingzhou.compress.calibrate import batch_samples
-    from qingzhou.compress.fit.layer_drop import skipped
+    from qingzhou.compress.calibrate import batch_samples, find_decoder_layers
+    from qingzhou.compress.fit.layer_drop import recorded, replayed, skipped
     from qingzhou.llm.devices import torch_device
 
     device = torch_device(getattr(cfg, "device", None))
+    starts = [0] * len(choices)
+    if replay:
+        _, prefix = find_decoder_layers(work)
+        starts = [_first_changed(c, drops[k] if drops else [], prefix) for k, c in enumerate(choices)]
     modules = dict(work.named_modules())
     originals: dict[str, torch.Tensor] = {}
     if any(c is not None for c in choices):
@@ -607,7 +616,8 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
         with torch.no_grad():
             for batch in batch_samples(held, 1):
                 ids = batch.to(device)
-                ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                with recorded(reference) if max(starts) > 0 else contextlib.nullcontext([]) as outputs:
+                    ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 for k, choice in enumerate(choices):
                     if choice is not None:
                         # a linear the plan does not name is original: undo what an earlier plan wrote
@@ -620,7 +630,7 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
                             w = originals[name] if o.keep else weights[name][o].dequantize()
                             modules[name].weight.copy_(w.to(modules[name].weight))
                             loaded[name] = o
-                    with skipped(work, drops[k] if drops else []):
+                    with skipped(work, drops[k] if drops else []), replayed(work, outputs, starts[k]):
                         logq = F.log_softmax(work(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                     totals[k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
                 tokens += ids.numel()
@@ -631,6 +641,24 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
             if home is not None:
                 m.to(home)
     return [t / max(tokens, 1) for t in totals]
+
+
+def _first_changed(choice: dict[str, Any] | None, drops: list[int], prefix: str) -> int:
+    """The lowest decoder layer a plan changes (a quantised or dropped linear, a dropped layer):
+    `heldout_kl` replays the layers below it. 0 for `None` (the model as it is) or a changed
+    linear outside the decoder layers; the layer count's bound (nothing changed) is harmless."""
+    from qingzhou.compress.fit.layer_drop import split_layer_name
+
+    if choice is None:
+        return 0
+    first = min(drops, default=10**9)
+    for name, o in choice.items():
+        if o == DROPPED or not o.keep:
+            split = split_layer_name(name, prefix)
+            if split is None:
+                return 0
+            first = min(first, split[0])
+    return 0 if first == 10**9 else first
 
 
 def _home(m: nn.Module) -> Any:

@@ -94,6 +94,53 @@ def skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def recorded(model: nn.Module) -> Iterator[list[Any]]:
+    """Within the block, every forward of `model` stores a copy of each decoder layer's output (a
+    tensor, or a tuple as the layer returned it) in the yielded list, index = layer: what
+    `replayed` plays back."""
+    from qingzhou.compress.calibrate import find_decoder_layers
+
+    layers, _ = find_decoder_layers(model)
+    outputs: list[Any] = [None] * len(layers)
+
+    def keep(i: int) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            # a copy: the next layer must not be able to change the record by an in-place op
+            outputs[i] = (tuple(t.clone() if hasattr(t, "clone") else t for t in output)
+                          if isinstance(output, tuple) else output.clone())
+        return hook
+
+    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def replayed(model: nn.Module, outputs: Sequence[Any], upto: int) -> Iterator[None]:
+    """Within the block, decoder layers `0 .. upto-1` do no work: each returns its recorded output
+    (`recorded`, from a model whose first `upto` layers are identical to these, on the same input).
+    So a plan that changes nothing below layer `upto` is measured by running only the layers from
+    `upto` on: `fit`'s per-layer KL calibration runs about half the layers per plan."""
+    from qingzhou.compress.calibrate import find_decoder_layers
+
+    layers, _ = find_decoder_layers(model)
+    own = [layers[i].__dict__.get("forward") for i in range(upto)]  # e.g. accelerate's offload wrapper
+    for i in range(upto):
+        layers[i].forward = (lambda out: lambda *a, **k: out)(outputs[i])  # shadows the class's forward
+    try:
+        yield
+    finally:
+        for i, fwd in enumerate(own):
+            if fwd is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = fwd
+
+
 def angular_distances(model: nn.Module, samples: Sequence[torch.Tensor]) -> dict[int, float]:
     """{layer index: mean over tokens of arccos(cos(h_in, h_out)) / pi}: how far each decoder layer
     turns the residual stream (ShortGPT's block importance, as `structured_prune` ranks layers),
