@@ -8,6 +8,7 @@ shipped GGUF, dequantised) and is measured by the same `qingzhou.eval.perplexity
 Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a rerun skips what is done):
 * `dense` - the model as loaded;
 * `gptq-3-g64`, `gptq-4-g64` - ours, uniform asymmetric GPTQ (`quantize_quality.parse_setting`);
+* `awqgptq-<bits>-g<group>` - AWQ's scale search and folding (`awq_scale`) before that same GPTQ;
 * `fit-2.5`, `fit-3`, `fit-3.5`, `fit-4` - `qingzhou.compress.fit.fit` at the exact file size of uniform
   GPTQ g64 at that many bits (fractions: that fraction of the way from floor to ceil bits), then applied
   with `quantize`; seconds = search + apply; `fitu-<bits>`: the same with unweighted output errors;
@@ -259,6 +260,26 @@ def build_gptq(b: Bench, name: str) -> Built:
 def run_gptq(b: Bench, name: str) -> dict:
     m = build_gptq(b, name)
     return quantized_row(b, name, m.model, m.tok, m.names, m.n_weights, m.seconds)
+
+
+@arm(r"awqgptq-(\d)-g(\d+)", "ours: AWQ scaling + uniform GPTQ")
+def run_awq_gptq(b: Bench, name: str) -> dict:
+    """AWQ's scale search and folding (`awq_scale`: function-preserving, at the arm's bits and
+    group) before the same GPTQ as `gptq-<bits>-g<group>`: does AWQ scaling help our GPTQ?"""
+    from qingzhou.compress.quantize import quantize
+    from qingzhou.compress.quantize.awq import awq_scale
+
+    bits, group = re.fullmatch(r"awqgptq-(\d)-g(\d+)", name).groups()
+    model, tok = b.load()
+    names, n = list(decoder_linears(model)), linear_weight_count(model)
+    t0 = time.perf_counter()
+    alphas = awq_scale(model, {"bits": int(bits), "group_size": int(group), "sym": False}, b.samples)
+    awq_s = time.perf_counter() - t0
+    quantize(model, parse_setting(f"gptq-asym-{bits}-g{group}"), b.samples, tokenizer=tok)
+    row = quantized_row(b, name, model, tok, names, n, time.perf_counter() - t0)
+    row.update(awq_seconds=round(awq_s, 1), awq_scaled_groups=sum(a >= 0 for a in alphas.values()),
+               awq_groups=len(alphas))
+    return row
 
 
 def fit_budget(model, bits: float, group: int = 64) -> int:

@@ -645,8 +645,8 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
 
 def _first_changed(choice: dict[str, Any] | None, drops: list[int], prefix: str) -> int:
     """The lowest decoder layer a plan changes (a quantised or dropped linear, a dropped layer):
-    `heldout_kl` replays the layers below it. 0 for `None` (the model as it is) or a changed
-    linear outside the decoder layers; the layer count's bound (nothing changed) is harmless."""
+    `heldout_kl` replays the layers below it. 0 (replay nothing) for `None` (the model as it is),
+    a changed linear outside the decoder layers, or a plan that changes nothing."""
     from qingzhou.compress.fit.layer_drop import split_layer_name
 
     if choice is None:
