@@ -27,7 +27,6 @@ saw; `kl_applied` (the model as saved) is on the same tokens, which its GPTQ run
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -616,7 +615,7 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
         with torch.no_grad():
             for batch in batch_samples(held, 1):
                 ids = batch.to(device)
-                with recorded(reference) if max(starts) > 0 else contextlib.nullcontext([]) as outputs:
+                with recorded(reference, max(starts)) as outputs:
                     ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 for k, choice in enumerate(choices):
                     if choice is not None:
@@ -651,14 +650,10 @@ def _first_changed(choice: dict[str, Any] | None, drops: list[int], prefix: str)
 
     if choice is None:
         return 0
-    first = min(drops, default=10**9)
-    for name, o in choice.items():
-        if o == DROPPED or not o.keep:
-            split = split_layer_name(name, prefix)
-            if split is None:
-                return 0
-            first = min(first, split[0])
-    return 0 if first == 10**9 else first
+    changed = [split_layer_name(n, prefix) for n, o in choice.items() if o == DROPPED or not o.keep]
+    if None in changed:
+        return 0
+    return min([i for i, _ in changed] + list(drops), default=0)
 
 
 def _home(m: nn.Module) -> Any:

@@ -95,10 +95,10 @@ def skipped(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
 
 
 @contextmanager
-def recorded(model: nn.Module) -> Iterator[list[Any]]:
-    """Within the block, every forward of `model` stores a copy of each decoder layer's output (a
-    tensor, or a tuple as the layer returned it) in the yielded list, index = layer: what
-    `replayed` plays back."""
+def recorded(model: nn.Module, upto: int) -> Iterator[list[Any]]:
+    """Within the block, every forward of `model` stores a copy of the output of each decoder layer
+    below `upto` (a tensor, or a tuple as the layer returned it) in the yielded list, index =
+    layer: what `replayed` plays back (0 records nothing)."""
     from qingzhou.compress.calibrate import find_decoder_layers
 
     layers, _ = find_decoder_layers(model)
@@ -111,7 +111,7 @@ def recorded(model: nn.Module) -> Iterator[list[Any]]:
                           if isinstance(output, tuple) else output.clone())
         return hook
 
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    handles = [layers[i].register_forward_hook(keep(i)) for i in range(upto)]
     try:
         yield outputs
     finally:
