@@ -21,17 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
 
 import fit_quality as fq  # noqa: E402
-from qingzhou.compress.calibrate import LayerwiseOptions  # noqa: E402
-from qingzhou.compress.fit.api import _options_of, fit_options, heldout_kl  # noqa: E402
+from qingzhou.compress.calibrate import LayerwiseOptions, find_decoder_layers  # noqa: E402
+from qingzhou.compress.fit.api import _options_of, fit_options, gptq_measure_settings, heldout_kl  # noqa: E402
 from qingzhou.compress.fit.fisher import output_fisher  # noqa: E402
+from qingzhou.compress.fit.layer_drop import split_layer_name  # noqa: E402
 from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity  # noqa: E402
 from qingzhou.compress.fit.storage import Option  # noqa: E402
 from qingzhou.compress.quantize.registry import QUANTIZERS  # noqa: E402
-from qingzhou.data.calibration import CalibrationConfig, load_calibration  # noqa: E402
-from qingzhou.llm import resolve_source  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--model", default="smollm2")
@@ -39,15 +37,10 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--held", type=int, default=4, help="held-out samples the KL is measured on")
 ap.add_argument("--threads", type=int, default=2)
 args = ap.parse_args()
-torch.set_num_threads(args.threads)
-from transformers import AutoTokenizer  # noqa: E402
 
-model_src, out, n_held_kl = args.model, Path(args.out), args.held
-out.mkdir(parents=True, exist_ok=True)
-b = fq.Bench(model=model_src, windows=40, calib_rows=100000, threads=2, ar_iters=0, root=out)
-src = resolve_source(model_src)
-tok = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
-samples = load_calibration(tok, CalibrationConfig(source=str(fq.SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=100000))
+out, n_held_kl = Path(args.out), args.held
+b = fq.setup(args.model, out, threads=args.threads, ar_iters=0)  # fit_quality's text, tokenizer and calibration
+samples = b.samples
 model, _ = b.load()
 cfg = QUANTIZERS.validate(fq.parse_setting("gptq-asym-4-g64"))
 linears = fq.decoder_linears(model)
@@ -59,17 +52,26 @@ F = output_fisher(model, measure[::step][:16], linears)
 print("fisher", time.time() - t, flush=True)
 space = fit_options()
 per = {n: _options_of(m.in_features, space) for n, m in linears.items()}
-gptq = {"block_size": cfg.block_size, "damp_percent": cfg.damp_percent, "act_order": cfg.act_order, "hessian_clip": cfg.hessian_clip, "clip_grid": 20}
-col = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq, keep_weights=True, options_of=lambda n, m: per[n], row_weights=F)
+col = SensitivityCollector(space, sym=cfg.sym, clip_search=cfg.clip_search, gptq=gptq_measure_settings(cfg),
+                           keep_weights=True, options_of=lambda n, m: per[n], row_weights=F)
 eng = LayerwiseOptions(device=None, batch_size=8, offload_inputs=False, targets=linears.__contains__, true_sequential=False)
 t = time.time()
 sens = measure_sensitivity(model, measure, layerwise=eng, collector=col)
 print("sens", time.time() - t, flush=True)
-json.dump({n: {o.label: e for o, e in s.errors.items()} for n, s in sens.items()}, open(out / "sens.json", "w"))
+(out / "sens.json").write_text(json.dumps({n: {o.label: e for o, e in s.errors.items()} for n, s in sens.items()}))
 work = copy.deepcopy(model)
 keep = Option()
-def typ(n): return n.rsplit(".", 1)[-1]
-def layer(n): return int(n.split("layers.")[1].split(".")[0])
+_, prefix = find_decoder_layers(model)
+
+
+def typ(n: str) -> str:
+    return n.rsplit(".", 1)[-1]
+
+
+def layer(n: str) -> int:
+    return split_layer_name(n, prefix)[0]
+
+
 layers = sorted({layer(n) for n in linears})
 types = sorted({typ(n) for n in linears})
 opts = {"w2g128": Option(2, 128), "w4g64": Option(4, 64), "w3g64": Option(3, 64)}
@@ -95,4 +97,4 @@ for (kind, key, on), p, kl in zip(names, plans, kls):
     pred = sum(sens[n].errors[o] for n, o in p.items() if not o.keep)
     rows.append({"kind": kind, "key": key, "opt": on, "pred": pred, "kl": kl, "ratio": kl / pred if pred else None})
     print(kind, key, on, f"pred {pred:.4g} kl {kl:.4g} ratio {kl/pred if pred else 0:.4g}", flush=True)
-json.dump(rows, open(out / "rows.json", "w"), indent=1)
+(out / "rows.json").write_text(json.dumps(rows, indent=1))

@@ -20,7 +20,8 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
   matrix from `llama-imatrix` on the same calibration text), read back by transformers (`peers/llama_kquant.py`);
 * `<arm>+kd` for a `gptq-*` or `fit-*` arm: that model, then its per-group scales trained towards the
   dense model (`distill(..., method="quant_scales")`, forward KL, 38 steps of 4 calibration rows);
-  `+kd<steps>` another step count, a trailing `n` trains the norms too (`fit-3+kd114n`);
+  `+kd<steps>` another step count, a trailing `n` trains the norms too (`fit-3+kd114n`), a trailing `c`
+  trains on the whole c4_demo file cut into 512-token rows instead of the calibration rows (`fit-3+kd150c`);
 * `<arm>+bt<steps>` for a `gptq-*`, `fit-*` or `fit-at-*` arm: GPTQ applied with block tuning
   (`GPTQConfig.block_tune_steps`, steps of 2 calibration rows, scales only); before `+kd` when both;
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
@@ -349,7 +350,7 @@ def run_fit(b: Bench, name: str, matched: str | None = None) -> dict:
 
 
 KD_STEPS = 38  # two passes over the calibration rows left for training (74 of 82 at batch 4)
-KD_SUFFIX = r"\+kd(\d+)?(n)?"  # `+kd`, `+kd<steps>`, a trailing `n`: the norms train too
+KD_SUFFIX = r"\+kd(\d+)?(n)?(c)?"  # `+kd`, `+kd<steps>`; `n`: the norms train too; `c`: on all of c4_demo
 
 
 @arm(r"(gptq-\d-g\d+|fit-[\d.]+|fit-at-[^+]+)" + f"(?:{BT_SUFFIX})?" + KD_SUFFIX, "ours: + scale repair (KD)")
@@ -364,7 +365,7 @@ def run_kd(b: Bench, name: str) -> dict:
     from qingzhou.finetune.distill import distill
     from qingzhou.io import discard_dir
 
-    base, steps, norms = re.fullmatch(r"(.+?)" + KD_SUFFIX, name).groups()
+    base, steps, norms, corpus = re.fullmatch(r"(.+?)" + KD_SUFFIX, name).groups()
     steps = int(steps) if steps else KD_STEPS
     # the plain full-vocabulary KL holds about 12 [4 rows, 512, vocab] fp32 tensors: Gemma 3's 262k
     # vocabulary reached 24 GB and was OOM-killed on a 24 GB machine. `distill` now applies both
@@ -382,7 +383,13 @@ def run_kd(b: Bench, name: str) -> dict:
         m = build_gptq(b, base)
     else:
         m = build_fit(b, base, base.removeprefix("fit-at-") if base.startswith("fit-at-") else None)
-    rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in b.samples]
+    samples = b.samples
+    if corpus:  # the whole calibration file cut into 512-token rows (~4x the 82 rows of >= 512 tokens)
+        from qingzhou.data.calibration import CalibrationConfig, load_calibration
+
+        samples = load_calibration(m.tok, CalibrationConfig(source=str(SHARED / "llamafactory" / "c4_demo.jsonl"),
+                                                            mode="concat", seq_len=512, num_samples=100000))
+    rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in samples]
     data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
                                    cache=False), m.tok, records=rows)
     cfg = {"method": "quant_scales", "divergence": "forward_kl", "temperature": 1.0, "kd_ratio": 1.0,
@@ -402,6 +409,7 @@ def run_kd(b: Bench, name: str) -> dict:
     discard_dir(work, require_marker=False)
     row.update(m.extra)
     row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=steps, kd_norms=bool(norms),
+               kd_data="c4_demo concat" if corpus else "calibration rows",
                kd_train_rows=len(data.train), kd_kl_before=rep.kl_before, kd_kl_after=rep.kl_after)
     return row
 
@@ -647,6 +655,28 @@ def cached_rows(b: Bench) -> list[dict]:
     return [{**json.loads(files[n].read_text()), "arm": n, "family": family_of(n)} for n in order]
 
 
+def setup(model: str, root: Path, *, windows: int = 40, calib_rows: int = 100000, threads: int = 2,
+          ar_iters: int = 200) -> Bench:
+    """The bench's shared inputs: evaluation text, tokenizer and calibration samples (the c4_demo rows
+    of >= 512 tokens, truncated to 512), loaded once; other bench scripts start from the same."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from qingzhou.data.calibration import CalibrationConfig, load_calibration
+    from qingzhou.data.corpus import load_text
+    from qingzhou.llm import resolve_source
+
+    torch.set_num_threads(threads)
+    b = Bench(model=model, windows=windows, calib_rows=calib_rows, threads=threads, ar_iters=ar_iters, root=root)
+    b.work.mkdir(parents=True, exist_ok=True)
+    b.text = load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    src = resolve_source(model)
+    b.tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+    b.samples = load_calibration(b.tokenizer, CalibrationConfig(
+        source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=calib_rows))
+    return b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="alias or .gguf path (the k-quant arms need a GGUF)")
@@ -662,24 +692,8 @@ def main() -> None:
     if args.quick:
         args.windows, args.calib_rows, args.ar_iters = 2, 8, 0
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from qingzhou.data.calibration import CalibrationConfig, load_calibration
-    from qingzhou.data.corpus import load_text
-    from qingzhou.llm import resolve_source
-
-    tag = model_tag(args.model)
-    b = Bench(model=args.model, windows=args.windows, calib_rows=args.calib_rows, threads=args.threads,
-              ar_iters=args.ar_iters, root=Path(args.results) / tag)
-    b.work.mkdir(parents=True, exist_ok=True)
-    b.text = load_text(str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
-    from transformers import AutoTokenizer
-
-    src = resolve_source(args.model)
-    b.tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
-    b.samples = load_calibration(b.tokenizer, CalibrationConfig(
-        source=str(SHARED / "llamafactory" / "c4_demo.jsonl"), mode="rows", seq_len=512, num_samples=args.calib_rows))
+    b = setup(args.model, Path(args.results) / model_tag(args.model), windows=args.windows,
+              calib_rows=args.calib_rows, threads=args.threads, ar_iters=args.ar_iters)
     names = [n for n in args.arms.split(",") if n]
     if not args.report_only:
         for n in names:

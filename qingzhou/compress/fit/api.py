@@ -289,10 +289,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    gptq = None
-    if cfg.method == "gptq":
-        gptq = {"block_size": cfg.block_size, "damp_percent": cfg.damp_percent, "act_order": cfg.act_order,
-                "hessian_clip": cfg.hessian_clip, "clip_grid": clip_grid}
+    gptq = gptq_measure_settings(cfg, clip_grid)
     if weighting not in ("fisher", "none"):
         raise RecipeError(f"weighting must be fisher or none, not {weighting!r}.", where="fit weighting")
     row_weights = None
@@ -510,6 +507,16 @@ def _export_gguf_aside(model: nn.Module, tokenizer: Any, choice: dict[str, Optio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def gptq_measure_settings(cfg: Any, clip_grid: int = 20) -> dict[str, Any] | None:
+    """The GPTQ settings the sensitivity pass measures every option with: the apply's own (block,
+    damping, act order, Hessian clip), with a coarser clip search; None when the method is not GPTQ
+    (options are then measured by round-to-nearest)."""
+    if cfg.method != "gptq":
+        return None
+    return {"block_size": cfg.block_size, "damp_percent": cfg.damp_percent, "act_order": cfg.act_order,
+            "hessian_clip": cfg.hessian_clip, "clip_grid": clip_grid}
 
 
 def _options_of(in_features: int, space: list[Option]) -> list[Option]:
