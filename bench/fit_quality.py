@@ -598,13 +598,16 @@ def targets(rows: list[dict], model: str = "smollm2") -> list[dict]:
                     "holds": by["fit-4"]["ppl"] <= by["gptq-4-g64"]["ppl"]})
     fits = [r for r in by.values() if r["arm"].startswith("fit-")]  # fit-<bits> and fit-at-<peer>
     for peer in (r for r in by.values() if r["arm"].startswith(("kq-", "ar-"))):
-        # a fit plan no larger (decoder linears, 1% slack) with lower perplexity beats the peer at its size
+        # a fit plan no larger (decoder linears, 1% slack) with lower perplexity beats the peer at its
+        # size; a smaller plan that does not is no verdict unless it is matched (within 3% below)
         same = [f for f in fits if f["linear_mb"] <= 1.01 * peer["linear_mb"]]
         best = min(same, key=lambda f: f["ppl"]) if same else None
-        out.append({"target": f"fit below {peer['arm']} at its size ({peer['linear_bpw']} bpw)",
+        matched = any(f["linear_mb"] >= 0.97 * peer["linear_mb"] for f in same)
+        holds = None if best is None else True if best["ppl"] < peer["ppl"] else (False if matched else None)
+        out.append({"target": f"fit below {peer['arm']} at its size ({peer['linear_bpw']} bpw)"
+                              + (f" [{best['arm']}]" if best else "") + ("" if matched else ", no fit row at this size"),
                     "value": best["ppl"] if best else None, "limit": peer["ppl"],
-                    "fit_arm": best["arm"] if best else None,
-                    "holds": (best["ppl"] < peer["ppl"]) if best else None})
+                    "fit_arm": best["arm"] if best else None, "holds": holds})
     gptq_s = [by[a]["seconds"] for a in ("gptq-3-g64", "gptq-4-g64") if a in by]
     for f in fits:
         if gptq_s and "+kd" not in f["arm"]:  # the repair is an optional stage after search + apply
