@@ -398,11 +398,15 @@ def run_kd(b: Bench, name: str) -> dict:
                            f"{psutil.virtual_memory().available / 2**30:.0f} GiB available"}
     m = _built_once(b, base)
     samples = b.samples
-    if corpus:  # the whole calibration file cut into 512-token rows (~4x the 82 rows of >= 512 tokens)
-        from qingzhou.data.calibration import CalibrationConfig, load_calibration
+    if corpus:  # the whole calibration file cut into consecutive 512-token rows, each token once
+        # (not `mode: concat`, which draws `num_samples` random, overlapping windows)
+        import torch
 
-        samples = load_calibration(m.tok, CalibrationConfig(source=str(SHARED / "llamafactory" / "c4_demo.jsonl"),
-                                                            mode="concat", seq_len=512, num_samples=100000))
+        from qingzhou.data.calibration import read_texts, resolve_source as calib_source
+
+        ids = m.tok("\n\n".join(read_texts(calib_source(str(SHARED / "llamafactory" / "c4_demo.jsonl")), "text")),
+                    add_special_tokens=False)["input_ids"]
+        samples = [torch.tensor(ids[i:i + 512]) for i in range(0, len(ids) - 511, 512)]
     rows = [{"text": m.tok.decode(s, skip_special_tokens=True)} for s in samples]
     data = prepare_data(DataConfig(source="<records>", format="text", max_length=512, eval_fraction=0.1,
                                    cache=False), m.tok, records=rows)
