@@ -427,7 +427,7 @@ def run_kd(b: Bench, name: str) -> dict:
     discard_dir(work, require_marker=False)
     row.update(m.extra)
     row.update(base_seconds=round(m.seconds, 1), kd_seconds=round(kd_seconds, 1), kd_steps=steps, kd_norms=bool(norms),
-               kd_data="c4_demo concat" if corpus else "calibration rows",
+               kd_data="all of c4_demo, 512-token rows" if corpus else "calibration rows",
                kd_train_rows=len(data.train), kd_kl_before=rep.kl_before, kd_kl_after=rep.kl_after)
     return row
 
