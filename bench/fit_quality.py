@@ -638,31 +638,16 @@ def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    """The library's Pareto plot (`fit/plot.py`) of every measured row but dense (its line instead),
+    on the decoder linears' stored size, one kind per family, fit's own families joined."""
+    from qingzhou.compress.fit.plot import pareto_plot as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    families: dict[str, list[dict]] = {}
-    for r in rows:
-        if "ppl" in r and r["family"] != "dense":
-            families.setdefault(r["family"], []).append(r)
-    for family, rs in families.items():
-        rs = sorted(rs, key=lambda r: r["linear_mb"])
-        ax.plot([r["linear_mb"] for r in rs], [r["ppl"] for r in rs], "o-" if "fit" in family else "o--", label=family)
-        for r in rs:
-            ax.annotate(r["arm"], (r["linear_mb"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    dense = [r for r in rows if r["arm"] == "dense" and "ppl" in r]
-    if dense:
-        ax.axhline(dense[0]["ppl"], color="grey", lw=0.8, ls=":", label=f"dense {dense[0]['ppl']}")
-    ax.set_xlabel("decoder linears as stored (MB: codes + scales + zeros)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    pts = [{"label": r["arm"], "size_mb": r["linear_mb"], "ppl": r["ppl"], "kind": r["family"]}
+           for r in rows if "ppl" in r and r["family"] != "dense"]
+    dense = next((r["ppl"] for r in rows if r["arm"] == "dense" and "ppl" in r), None)
+    draw(pts, path, title=title, xlabel="decoder linears as stored (MB: codes + scales + zeros)",
+         ylabel="WikiText-2 perplexity", log_y=True, joined={p["kind"] for p in pts if p["kind"].startswith("ours")},
+         reference=("dense", dense) if dense is not None else None)
 
 
 def model_tag(model: str) -> str:

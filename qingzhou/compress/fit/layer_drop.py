@@ -1,4 +1,4 @@
-"""Dropping whole decoder layers as one more `fit` option (`drop_layers=True`).
+"""Dropping whole decoder layers as one more `fit` option (`drop_layers=N`: at most N).
 
 A dropped layer costs nothing in the file: its linears and its norms are gone (the model is saved
 with fewer layers by the structured pruning that exists, `prune/structured.py` `drop_layers`). What

@@ -40,9 +40,14 @@ def pareto_front(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def pareto_plot(rows: Iterable[Mapping[str, Any]], path: str | Path, *, title: str = "perplexity vs size",
-                ylabel: str = "perplexity (lower is better)", log_y: bool = False) -> Path:
+                ylabel: str = "perplexity (lower is better)", xlabel: str = "model.safetensors size (MB)",
+                log_y: bool = False, joined: Iterable[str] = ("fit",),
+                reference: tuple[str, float] | None = None) -> Path:
     """Draw the rows (see the module doc) as perplexity against size (MB) into `path` (PNG),
-    atomically; the Pareto front over all rows is drawn as a dashed grey line."""
+    atomically; the Pareto front over all rows is drawn as a dashed grey line.
+
+    `joined`: the kinds whose points are joined by a line (a curve one method traces over sizes);
+    `reference`: (label, perplexity) drawn as a dotted horizontal line, e.g. the dense model."""
     rows = [r for r in rows if r.get("ppl") is not None]
     if not rows:
         raise DataError("no row has a perplexity to plot.", where="pareto_plot")
@@ -54,22 +59,29 @@ def pareto_plot(rows: Iterable[Mapping[str, Any]], path: str | Path, *, title: s
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     kinds = list(dict.fromkeys(str(r.get("kind", "peer")) for r in rows))
+    joined = set(joined)
     peers = iter(_PEER_MARKERS)
     for kind in kinds:
         pts = sorted((_size_mb(r), float(r["ppl"]), str(r.get("label", ""))) for r in rows
                       if str(r.get("kind", "peer")) == kind)
         marker, color = _STYLE.get(kind, (next(peers, "o"), None))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
-                linestyle="-" if kind == "fit" else "none", label=kind)
+                linestyle="-" if kind in joined else "none", label=kind)
         for x, y, name in pts:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front(rows)
     ax.plot([_size_mb(r) for r in front], [float(r["ppl"]) for r in front], linestyle="--", color="grey",
             alpha=0.6, label="Pareto front")
-    ax.set_xlabel("model.safetensors size (MB)")
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", lw=0.8, ls=":", label=f"{reference[0]} {reference[1]:g}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:
+        from matplotlib.ticker import FormatStrFormatter
+
         ax.set_yscale("log")
+        for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_fmt(FormatStrFormatter("%g"))  # 20, 30 rather than 2 x 10^1
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
