@@ -225,6 +225,13 @@ def test_pareto_plot_and_front(tmp_path):
     assert [r["label"] for r in pareto_front([r for r in rows if r["ppl"] is not None])] == ["fit 3b", "Q3_K_M", "fit 4b"]
     out = pareto_plot(rows, tmp_path / "p" / "pareto.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    # the bench's options: joining another kind's points and a reference line each change the picture
+    rows.append({"label": "w4g64", "size_mb": 88.0, "ppl": 23.0, "kind": "uniform"})
+    plain = pareto_plot(rows, tmp_path / "plain.png").read_bytes()
+    joined = pareto_plot(rows, tmp_path / "joined.png", joined=("fit", "uniform")).read_bytes()
+    dense = pareto_plot(rows, tmp_path / "dense.png", reference=("dense", 20.4), log_y=True,
+                        xlabel="decoder linears (MB)").read_bytes()
+    assert len({plain, joined, dense}) == 3
 
 
 def test_min_bits_candidate_has_no_narrow_linear_and_competes_on_kl():
