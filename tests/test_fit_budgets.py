@@ -229,9 +229,9 @@ def test_pareto_plot_and_front(tmp_path):
     rows.append({"label": "w4g64", "size_mb": 88.0, "ppl": 23.0, "kind": "uniform"})
     plain = pareto_plot(rows, tmp_path / "plain.png").read_bytes()
     joined = pareto_plot(rows, tmp_path / "joined.png", joined=("fit", "uniform")).read_bytes()
-    dense = pareto_plot(rows, tmp_path / "dense.png", reference=("dense", 20.4), log_y=True,
-                        xlabel="decoder linears (MB)").read_bytes()
-    assert len({plain, joined, dense}) == 3
+    dense = pareto_plot(rows, tmp_path / "dense.png", reference=("dense", 20.4)).read_bytes()
+    logged = pareto_plot(rows, tmp_path / "log.png", log_y=True, xlabel="decoder linears (MB)").read_bytes()
+    assert len({plain, joined, dense, logged}) == 4
 
 
 def test_min_bits_candidate_has_no_narrow_linear_and_competes_on_kl():
