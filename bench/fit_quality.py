@@ -537,7 +537,7 @@ def run_autoround(b: Bench, name: str) -> dict:
               if n in meta["layers"] and meta["layers"][n]["bits"] < 16}
     lin, total = gptq_sizes(model, linears, layers)
     bits = [str(layers[n][0]) if n in layers else "keep" for n in linears]
-    row = {"seconds": meta["seconds"], "iters": meta["iters"], "peer": f"auto-round {meta['auto_round']}",
+    row = {"seconds": meta["seconds"], "iters": meta["iters"], "lr": meta.get("lr"), "peer": f"auto-round {meta['auto_round']}",
            "dtype": meta.get("dtype", "bfloat16 (amp default)"),
            **sizes_from_bytes(lin, linear_weight_count(model), total),
            "bits_hist": {k: bits.count(k) for k in sorted(set(bits), key=lambda k: (not k.isdigit(), k))}, "file_from": "GPTQ layout of its bits"}
@@ -630,6 +630,8 @@ def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
         note = r.get("skipped") or r.get("error") or (
             ", ".join(f"{k}b x{v}" for k, v in r["bits_hist"].items()) if "bits_hist" in r else
             ", ".join(f"{k} x{v}" for k, v in r.get("linear_types", {}).items()))
+        if r.get("iters") is not None and r["iters"] != 200:  # an AutoRound row off its default recipe
+            note = f"{r['iters']} iters; " + note
         lines.append(f"| {r['arm']} | {r['family']} | {r.get('ppl', '-')} | {r.get('linear_bpw', '-')} | "
                      f"{r.get('linear_mb', '-')} | {r.get('file_mb', '-')} | {r.get('seconds', '-')} | {note[:120]} |")
     lines += ["", "| target | value | limit | holds |", "|---|---:|---:|---|"]

@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 
+# AutoRound's own `light` recipe (auto_round/cli/main.py, RECIPES["light"]): 50 steps at lr 5e-3,
+# where the default recipe is 200 steps at lr 1 / iters
+LIGHT_ITERS, LIGHT_LR = 50, 5e-3
+
+
 def scheme_for(setting: str):
     """(scheme, description) for AutoRound's `scheme=` argument."""
     from auto_round import AutoScheme
@@ -58,7 +63,8 @@ def main() -> None:
     ap.add_argument("--dense", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--setting", required=True)
-    ap.add_argument("--iters", type=int, default=200, help="AutoRound's tuning steps per block (0 = its RTN mode)")
+    ap.add_argument("--iters", type=int, default=200, help="AutoRound's tuning steps per block (0 = its RTN mode; "
+                    "50 = its `light` recipe, which also sets lr 5e-3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -80,7 +86,8 @@ def main() -> None:
     if kind == "autoscheme":  # AutoScheme accepts only a dataset name or a local .json file of texts:
         dataset = str(Path(args.out).with_name(Path(args.out).name + "-calib.json"))  # our samples, decoded
         Path(dataset).write_text(json.dumps([tok.decode(row) for row in calib]))
-    ar = AutoRound(model, tokenizer=tok, scheme=scheme, dataset=dataset,
+    lr = LIGHT_LR if args.iters == LIGHT_ITERS else None  # None: AutoRound's default, 1 / iters
+    ar = AutoRound(model, tokenizer=tok, scheme=scheme, dataset=dataset, lr=lr,
                    nsamples=len(calib), seqlen=calib.shape[1], iters=args.iters, device_map="cpu",
                    batch_size=min(8, len(calib)), low_gpu_mem_usage=False,
                    amp=False)  # fp32 throughout, as every other arm (on CPU its default casts the model to bf16)
@@ -100,7 +107,7 @@ def main() -> None:
     config.pop("quantization_config", None)  # the weights are dense (quantise-dequantised) floats
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "autoround.json").write_text(json.dumps({
-        "setting": args.setting, "kind": kind, "iters": args.iters, "seconds": round(seconds, 1), "layers": layers,
+        "setting": args.setting, "kind": kind, "iters": args.iters, "lr": lr, "seconds": round(seconds, 1), "layers": layers,
         "auto_round": auto_round.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
         "dtype": str(qmodel.dtype), "qdq_check": check, "calib_samples": int(calib.shape[0]), "calib_seq_len": int(calib.shape[1])}, indent=1))
     tmp.rename(out)
