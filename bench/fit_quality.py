@@ -639,16 +639,21 @@ def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+JOINED_FAMILIES = ("ours: uniform GPTQ", "ours: fit plan")
+
+
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     """The library's Pareto plot (`fit/plot.py`) of every measured row but dense (its line instead),
-    on the decoder linears' stored size, one kind per family, fit's own families joined."""
+    on the decoder linears' stored size, one kind per family; the curves our uniform GPTQ and fit's
+    plans trace over sizes are joined (a repair row stands alone: a line to the next repaired size
+    would suggest rows between them that were never measured)."""
     from qingzhou.compress.fit.plot import pareto_plot as draw
 
     pts = [{"label": r["arm"], "size_mb": r["linear_mb"], "ppl": r["ppl"], "kind": r["family"]}
            for r in rows if "ppl" in r and r["family"] != "dense"]
     dense = next((r["ppl"] for r in rows if r["arm"] == "dense" and "ppl" in r), None)
     draw(pts, path, title=title, xlabel="decoder linears as stored (MB: codes + scales + zeros)",
-         ylabel="WikiText-2 perplexity", log_y=True, joined={p["kind"] for p in pts if p["kind"].startswith("ours")},
+         ylabel="WikiText-2 perplexity", log_y=True, joined=JOINED_FAMILIES,
          reference=("dense", dense) if dense is not None else None)
 
 
