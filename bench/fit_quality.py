@@ -25,7 +25,8 @@ Arms (one row each, cached as JSON under `--results/<model>/w<windows>/`, so a r
 * `<arm>+bt<steps>` for a `gptq-*`, `fit-*` or `fit-at-*` arm: GPTQ applied with block tuning
   (`GPTQConfig.block_tune_steps`, steps of 2 calibration rows, scales only); before `+kd` when both;
 * `ar-4-g64`, `ar-3-g64`, `ar-auto-2.5|3|3.5|4` - AutoRound uniform and its AutoScheme mixed-bit search,
-  in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200).
+  in its own venv (`peers/autoround_run.py`; `--ar-iters`, default AutoRound's 200; 50 runs its
+  `light` recipe, lr 5e-3).
 
 Sizes: `file_mb` is the file each tool writes (ours: GPTQ-layout safetensors, every tensor incl. the fp32
 embedding; llama.cpp: the .gguf, whose embedding is quantised too; AutoRound: computed as our GPTQ layout
@@ -697,7 +698,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-rows", type=int, default=100000, help="at most this many calibration rows (all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound tuning steps per block (0: its RTN mode)")
+    ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound tuning steps per block (0: its RTN mode; 50: its light recipe, lr 5e-3)")
     ap.add_argument("--results", default="runs/fit_quality", help="cache and report folder (per model inside)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 windows, 8 calibration rows, AutoRound iters 0")
     ap.add_argument("--report-only", action="store_true", help="table and plot of the cached rows; run no arm")
