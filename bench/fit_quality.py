@@ -631,7 +631,7 @@ def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
         note = r.get("skipped") or r.get("error") or (
             ", ".join(f"{k}b x{v}" for k, v in r["bits_hist"].items()) if "bits_hist" in r else
             ", ".join(f"{k} x{v}" for k, v in r.get("linear_types", {}).items()))
-        if r.get("iters") is not None and r["iters"] != 200:  # an AutoRound row off its default recipe
+        if r.get("iters") is not None and r["iters"] != AR_DEFAULT_ITERS:  # an AutoRound row off its default recipe
             note = f"{r['iters']} iters; " + note
         lines.append(f"| {r['arm']} | {r['family']} | {r.get('ppl', '-')} | {r.get('linear_bpw', '-')} | "
                      f"{r.get('linear_mb', '-')} | {r.get('file_mb', '-')} | {r.get('seconds', '-')} | {note[:120]} |")
@@ -641,6 +641,7 @@ def markdown(b: Bench, rows: list[dict], checks: list[dict]) -> str:
 
 
 JOINED_FAMILIES = ("ours: uniform GPTQ", "ours: fit plan")
+AR_DEFAULT_ITERS = 200  # AutoRound's default recipe (auto_round/cli/main.py, RECIPES["default"])
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
@@ -670,7 +671,7 @@ def cached_rows(b: Bench) -> list[dict]:
 
 
 def setup(model: str, root: Path, *, windows: int = 40, calib_rows: int = 100000, threads: int = 2,
-          ar_iters: int = 200) -> Bench:
+          ar_iters: int = AR_DEFAULT_ITERS) -> Bench:
     """The bench's shared inputs: evaluation text, tokenizer and calibration samples (the c4_demo rows
     of >= 512 tokens, truncated to 512), loaded once; other bench scripts start from the same."""
     import torch
@@ -698,7 +699,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-rows", type=int, default=100000, help="at most this many calibration rows (all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ar-iters", type=int, default=200, help="AutoRound tuning steps per block (0: its RTN mode; 50: its light recipe, lr 5e-3)")
+    ap.add_argument("--ar-iters", type=int, default=AR_DEFAULT_ITERS, help="AutoRound tuning steps per block (0: its RTN mode; 50: its light recipe, lr 5e-3)")
     ap.add_argument("--results", default="runs/fit_quality", help="cache and report folder (per model inside)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 windows, 8 calibration rows, AutoRound iters 0")
     ap.add_argument("--report-only", action="store_true", help="table and plot of the cached rows; run no arm")
