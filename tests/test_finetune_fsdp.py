@@ -69,6 +69,59 @@ def _first_error(err: str, lines: int = 40) -> str:
     return "\n".join(text[start:start + lines] if start is not None else text[-lines:])
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_nodes(cmds: list[list[str]], env: dict[str, str], port: int, logs: Path, timeout: float = 300) -> list:
+    """Start node 0's launch, then (once its rendezvous store listens on `port`) the others, and
+    wait for all of them. Returns [(node, returncode, first error lines)] for the nodes that
+    failed. A node that fails stops the rest at once: its peers would otherwise wait out the
+    process group's 30-minute timeout for it. On a hang every process gets SIGABRT first, so
+    each Python process writes its stack (PYTHONFAULTHANDLER) into the report."""
+    import signal
+    import time
+
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    errs = [logs / f"node{i}.err" for i in range(len(cmds))]
+
+    def start(i: int) -> None:
+        with open(logs / f"node{i}.out", "w") as out, open(errs[i], "w") as err:
+            procs.append(subprocess.Popen(cmds[i], env=env, stdout=out, stderr=err, start_new_session=True))
+
+    def stop_all(sig: int) -> None:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, sig)
+
+    deadline = time.monotonic() + timeout
+    start(0)
+    while not _listening(port) and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for i in range(1, len(cmds)):
+        start(i)
+    hung = False
+    while None in (codes := [p.poll() for p in procs]):
+        if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+            hung = all(c in (None, 0) for c in codes)
+            stop_all(signal.SIGABRT if hung else signal.SIGTERM)
+            time.sleep(5)
+            stop_all(signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    for p in procs:
+        p.wait()
+    report = []
+    for i, p in enumerate(procs):
+        if p.returncode != 0 or hung:
+            text = errs[i].read_text(errors="replace")
+            report.append((i, p.returncode, text[-6000:] if hung else _first_error(text)))
+    return report
+
+
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
@@ -180,16 +233,13 @@ def test_two_nodes_on_localhost_train_and_save(tmp_path, tiny_llama_dir, rows_fi
     import torch
     from transformers import AutoModelForCausalLM
 
-    port = str(_free_port())
+    port = _free_port()
     args = finetune_args(rows_file, tiny_llama_dir, tmp_path / "nodes", "full", 2, steps=6, save_every=3)
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--num_machines", "2",
-         "--num_processes", "4", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-         "--fsdp_reshard_after_forward", "false", *args],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    results = [p.communicate(timeout=600) for p in procs]
-    failed = [(rank, _first_error(err)) for rank, (p, (_, err)) in enumerate(zip(procs, results)) if p.returncode]
-    assert not failed, failed  # both nodes' first error lines: the node that failed first is the cause
+    nodes = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--num_machines", "2",
+              "--num_processes", "4", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(port), "--fsdp_reshard_after_forward", "false", *args] for rank in (0, 1)]
+    failed = run_nodes(nodes, _env(PYTHONFAULTHANDLER="1"), port, tmp_path / "logs")
+    assert not failed, failed  # each failed node's first error lines (or, after a hang, every stack)
     single_args = finetune_args(rows_file, tiny_llama_dir, tmp_path / "single", "full", 8, steps=6, save_every=3)
     _ok(subprocess.run([sys.executable, *single_args], env=_env(), capture_output=True, text=True, timeout=600))
     a = json.loads((tmp_path / "nodes" / "metrics.json").read_text())
