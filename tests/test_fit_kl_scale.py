@@ -128,3 +128,45 @@ def test_replaying_unchanged_layers_gives_the_same_kl(arch):
     # the class's forward is back on every layer: a plain forward equals the reference
     ids = samples[5][None]
     assert torch.allclose(work(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("arch,overrides,chunked", [
+    ("llama", {}, True), ("llama", {"tie_word_embeddings": True}, True),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, False),  # soft-capped logits: the full-logits path
+], ids=["llama", "tied-head", "softcap"])
+def test_heldout_kl_equals_the_kl_of_the_full_logits(monkeypatch, arch, overrides, chunked):
+    """`heldout_kl` through the head in vocabulary chunks (4 chunks of 64 rows and a ragged one of
+    16 here) is the mean per-token KL of the two models' full logits, for plans written into the
+    copy; models whose logits are more than the linear head take the full-logits path."""
+    import torch.nn.functional as F
+
+    from qingzhou.compress.calibrate import LayerwiseOptions
+    from qingzhou.compress.fit import head_kl
+    from qingzhou.compress.fit.api import _shared_head, heldout_kl
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
+    from qingzhou.compress.quantize.registry import QUANTIZERS
+    from qingzhou.finetune.testing import tiny_model
+
+    monkeypatch.setattr(head_kl, "VOCAB_CHUNK", 64)
+    model = tiny_model(arch, **overrides)
+    gen = torch.Generator().manual_seed(3)
+    samples = [torch.randint(5, 272, (40,), generator=gen) for _ in range(6)]
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    two = Option(2, 32)
+    collector = SensitivityCollector([two], keep_weights=True)
+    measure_sensitivity(model, samples[:4], collector=collector,
+                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    work = copy.deepcopy(model)
+    assert (_shared_head(model, work, collector.weights) is not None) == chunked
+    plans = [{n: two for n in lin if ".0." in n}, {n: two for n in lin if n.endswith("down_proj")}]
+    got = heldout_kl(model, work, samples[4:], plans, collector.weights, QUANTIZERS.validate({"method": "rtn"}))
+    for plan, kl in zip(plans, got):
+        planned = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, o in plan.items():
+                planned.get_submodule(n).weight.copy_(collector.weights[n][o].dequantize())
+            planned, ref = planned.double(), copy.deepcopy(model).double()  # float64: the truth both paths round
+            total = sum(float(F.kl_div(F.log_softmax(planned(input_ids=s[None]).logits, -1),
+                                       F.log_softmax(ref(input_ids=s[None]).logits, -1), log_target=True,
+                                       reduction="sum")) for s in samples[4:])
+        assert kl > 1e-5 and kl == pytest.approx(total / 80, rel=1e-3), (kl, total / 80)

@@ -10,56 +10,21 @@ one chunk of logits plus gradients the size of the hidden states and of the head
 recomputed, and only labelled rows go through the head at all (the plain path projects prompt and
 padding rows too), so it is also fewer FLOPs than the plain path.
 
-The model still runs its own forward: its output layer is swapped for an identity for that call,
-so "logits" come back as the final (normed) hidden states that the head would have seen. Models
-that post-process logits (soft-capping, scaling), heads that are not a plain `nn.Linear` (LoRA on
-`lm_head`, quantised heads) and sharded engines (FSDP, DeepSpeed), whose weights only exist inside
-their own forward, take the plain path (`fused_loss_supported`).
+The model still runs its own forward with its output layer swapped for an identity
+(`llm/head.py`), so "logits" come back as the final (normed) hidden states that the head would
+have seen. Models whose logits are more than a plain linear head of those take the plain path
+(`fused_loss_supported`).
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-# config attributes that change logits after the head: a model with any of them set keeps the plain path
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+from qingzhou.llm.head import head_bypassed, plain_linear_head
+
 CHUNK_ELEMENTS = 2**24  # logits elements per chunk (64 MB in fp32)
-
-
-def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    return model
-
-
-def fused_loss_supported(model: Any) -> bool:
-    """True when the model's logits are exactly `lm_head(final hidden)` with a plain linear head."""
-    import torch
-
-    inner = _unwrap(model)
-    if any(s in type(m).__name__ for m in (model, inner) for s in ("FullyShardedDataParallel", "DeepSpeedEngine")):
-        return False
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear:
-        return False
-    config = getattr(inner, "config", None)
-    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING)
-
-
-@contextlib.contextmanager
-def head_bypassed(model: Any) -> Iterator[Any]:
-    """Inside, the model's output layer returns its input; yields that layer (its weight and bias)."""
-    head = _unwrap(model).get_output_embeddings()
-    previous = head.__dict__.get("forward")  # an instance-level forward someone else set, if any
-    head.forward = lambda hidden: hidden
-    try:
-        yield head
-    finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
+# the logits are exactly `lm_head(final hidden)` (`llm/head.py`): the condition of the fused path
+fused_loss_supported = plain_linear_head
+__all__ = ["CHUNK_ELEMENTS", "fused_loss_supported", "head_bypassed", "linear_cross_entropy"]
 
 
 def _compute_dtype(weight: Any) -> Any:

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -593,13 +594,19 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     Batches run outer, plans inner, so the reference logits are computed once per batch. With
     `replay`, a plan that changes nothing below decoder layer i starts at layer i: the layers
     below play back the reference's recorded outputs (`layer_drop.replayed`; `work` must be a copy
-    of `reference` with the same weights outside the plans). The result is the same."""
+    of `reference` with the same weights outside the plans). The result is the same.
+
+    When both models' logits are one plain linear head, the same in both (`_shared_head`), the
+    models run with the head bypassed and the KL goes through the head in vocabulary chunks
+    (`head_kl`): no [tokens, vocab] logits, the same KL to float rounding."""
     import torch
     import torch.nn.functional as F
 
     from qingzhou.compress.calibrate import batch_samples, find_decoder_layers
+    from qingzhou.compress.fit.head_kl import kl_sum, reference_terms
     from qingzhou.compress.fit.layer_drop import recorded, replayed, skipped
     from qingzhou.llm.devices import torch_device
+    from qingzhou.llm.head import head_bypassed
 
     device = torch_device(getattr(cfg, "device", None))
     starts = [0] * len(choices)
@@ -618,12 +625,15 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     work.to(device)
     reference.eval()
     work.eval()
+    head = _shared_head(reference, work, weights)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), head_bypassed(reference) if head else nullcontext(), \
+                head_bypassed(work) if head else nullcontext():
             for batch in batch_samples(held, 1):
                 ids = batch.to(device)
                 with recorded(reference, max(starts)) as outputs:
-                    ref = F.log_softmax(reference(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                    out = reference(input_ids=ids, use_cache=False).logits.float()  # hidden states when bypassed
+                    ref = reference_terms(out.flatten(0, 1), *head) if head else F.log_softmax(out, dim=-1)
                 for k, choice in enumerate(choices):
                     if choice is not None:
                         # a linear the plan does not name is original: undo what an earlier plan wrote
@@ -637,8 +647,11 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
                             modules[name].weight.copy_(w.to(modules[name].weight))
                             loaded[name] = o
                     with skipped(work, drops[k] if drops else []), replayed(work, outputs, starts[k]):
-                        logq = F.log_softmax(work(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-                    totals[k] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
+                        out = work(input_ids=ids, use_cache=False).logits.float()
+                    if head:
+                        totals[k] += kl_sum(out.flatten(0, 1), ref, *head)
+                    else:
+                        totals[k] += float(F.kl_div(F.log_softmax(out, dim=-1), ref, log_target=True, reduction="sum"))
                 tokens += ids.numel()
     finally:
         for name, w in originals.items():
@@ -647,6 +660,26 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
             if home is not None:
                 m.to(home)
     return [t / max(tokens, 1) for t in totals]
+
+
+def _shared_head(reference: nn.Module, work: nn.Module, weights: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(weight, bias) in float32 of the output layer both models share, or None: the chunked KL
+    needs logits that are exactly one plain linear head (`llm.head.plain_linear_head`) with equal
+    weights in both models, and a head that no plan writes."""
+    import torch
+
+    from qingzhou.llm.head import plain_linear_head, unwrap
+
+    if not (plain_linear_head(reference) and plain_linear_head(work)):
+        return None
+    heads = [unwrap(m).get_output_embeddings() for m in (reference, work)]
+    if any(h is m.get_submodule(n) for n in weights for h, m in zip(heads, (reference, work))):
+        return None
+    a, b = heads
+    if not torch.equal(a.weight, b.weight) or (a.bias is None) != (b.bias is None) or \
+            (a.bias is not None and not torch.equal(a.bias, b.bias)):
+        return None
+    return a.weight.detach().float(), a.bias.detach().float() if a.bias is not None else None
 
 
 def _first_changed(choice: dict[str, Any] | None, drops: list[int], prefix: str) -> int:
