@@ -52,7 +52,7 @@ def test_a_layer_that_changes_nothing_loses_nothing_when_dropped():
     assert [g.index for g in groups] == [0, 1, 2, 3] and all(len(g.linears) == 7 for g in groups)
     assert all(g.own_bytes == 2 * 2 * 64 for g in groups)  # two RMSNorm weights of 64, stored in 16 bits
     lost = drop_losses(model, _calib(2), groups)
-    assert lost[2] == pytest.approx(0.0, abs=1e-9)
+    assert lost[2] == pytest.approx(0.0, abs=1e-7)  # the chunked-head KL of equal logits: ~1e-9, rounding
     assert all(lost[i] > 1e-4 for i in (0, 1, 3))
     turn = angular_distances(model, _calib(2))  # the cheap ranking fit measures drops in
     assert turn[2] == pytest.approx(0.0, abs=1e-3) and all(turn[i] > 1e-2 for i in (0, 1, 3))

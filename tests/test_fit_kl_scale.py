@@ -142,7 +142,7 @@ def test_heldout_kl_equals_the_kl_of_the_full_logits(monkeypatch, arch, override
 
     from qingzhou.compress.calibrate import LayerwiseOptions
     from qingzhou.compress.fit import head_kl
-    from qingzhou.compress.fit.api import _shared_head, heldout_kl
+    from qingzhou.compress.fit.api import heldout_kl
     from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.quantize.registry import QUANTIZERS
     from qingzhou.finetune.testing import tiny_model
@@ -157,7 +157,7 @@ def test_heldout_kl_equals_the_kl_of_the_full_logits(monkeypatch, arch, override
     measure_sensitivity(model, samples[:4], collector=collector,
                         layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
     work = copy.deepcopy(model)
-    assert (_shared_head(model, work, collector.weights) is not None) == chunked
+    assert (head_kl.shared_head(model, work, collector.weights) is not None) == chunked
     plans = [{n: two for n in lin if ".0." in n}, {n: two for n in lin if n.endswith("down_proj")}]
     got = heldout_kl(model, work, samples[4:], plans, collector.weights, QUANTIZERS.validate({"method": "rtn"}))
     for plan, kl in zip(plans, got):
@@ -170,3 +170,36 @@ def test_heldout_kl_equals_the_kl_of_the_full_logits(monkeypatch, arch, override
                                        F.log_softmax(ref(input_ids=s[None]).logits, -1), log_target=True,
                                        reduction="sum")) for s in samples[4:])
         assert kl > 1e-5 and kl == pytest.approx(total / 80, rel=1e-3), (kl, total / 80)
+
+
+def test_reference_cache_skips_the_reference_where_no_plan_replays_it():
+    """With `reference_cache`, a second call whose plans all start at layer 0 takes the reference's
+    terms from the cache (the reference model is not run: a different one gives the same KLs), and
+    they equal the first call's; a plan that replays layers still runs the reference."""
+    from qingzhou.compress.calibrate import LayerwiseOptions
+    from qingzhou.compress.fit.api import heldout_kl
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
+    from qingzhou.compress.quantize.registry import QUANTIZERS
+    from qingzhou.finetune.testing import tiny_model
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(4)
+    samples = [torch.randint(5, 272, (32,), generator=gen) for _ in range(6)]
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    two = Option(2, 32)
+    collector = SensitivityCollector([two], keep_weights=True)
+    measure_sensitivity(model, samples[:4], collector=collector,
+                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    cfg = QUANTIZERS.validate({"method": "rtn"})
+    work, other = copy.deepcopy(model), copy.deepcopy(model)  # `other`: the same head, another layer 0
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    from_zero = [{n: two for n in lin if ".0." in n}]  # changes layer 0: nothing is replayed
+    from_one = [{n: two for n in lin if ".1." in n}]  # replays layer 0 from the reference
+    cache: dict = {}
+    first = heldout_kl(model, work, samples[4:], from_zero, collector.weights, cfg, reference_cache=cache)
+    assert sorted(cache) == [0, 1]
+    assert heldout_kl(other, work, samples[4:], from_zero, collector.weights, cfg, reference_cache=cache) == first
+    plain = heldout_kl(model, work, samples[4:], from_one, collector.weights, cfg)
+    assert heldout_kl(model, work, samples[4:], from_one, collector.weights, cfg, reference_cache=cache) == plain
+    assert heldout_kl(other, work, samples[4:], from_one, collector.weights, cfg, reference_cache=cache) != plain

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -309,6 +308,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
     sens = measure_sensitivity(model, measure, layerwise=engine, collector=collector)
     seconds["sensitivity"] = time.perf_counter() - t0
     work = copy.deepcopy(model) if check else None  # plans are written into this copy, never into `model`
+    reference_cache: dict[int, Any] = {}  # the original model's KL terms per held-out sample (`heldout_kl`)
     factor: dict[str, float] = {}
     calibration: dict[str, Any] = {}
     if kl_calibrate and work is not None:
@@ -318,7 +318,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         t0 = time.perf_counter()
         few = held[:kl_calibrate]
         factor, calibration = kl_factors(sens, collector.weights,
-                                         lambda plans, w=work: heldout_kl(model, w, few, plans, collector.weights, cfg),
+                                         lambda plans, w=work: heldout_kl(model, w, few, plans, collector.weights, cfg,
+                                                                          reference_cache=reference_cache),
                                          find_decoder_layers(model)[1])
         calibration["held_tokens"] = sum(int(h.numel()) for h in few)
         calibration["factors"] = {n: round(f, 6) for n, f in factor.items()}
@@ -416,7 +417,7 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
         # the trend) but not run end to end
         unique = [r for r in candidates if r["same_as"] is None and r["eligible"]]
         kls = heldout_kl(model, work, held, [r["_choice"] for r in unique], collector.weights, cfg,
-                         drops=[r["dropped_layers"] for r in unique])
+                         drops=[r["dropped_layers"] for r in unique], reference_cache=reference_cache)
         for r, kl in zip(unique, kls):
             r["kl"] = kl
         for r in candidates:
@@ -471,7 +472,8 @@ def fit(model: nn.Module, budget: Budget | int | str | dict[str, Any], cfg: Any 
             report.warnings = qreport.warnings
             seconds["apply"] = time.perf_counter() - t0
             if work is not None:
-                report.kl_applied = heldout_kl(work, model, held, [None], {}, cfg)[0]
+                # `work` holds the original weights again: the same reference as the check's
+                report.kl_applied = heldout_kl(work, model, held, [None], {}, cfg, reference_cache=reference_cache)[0]
         del work
         seconds["total"] = time.perf_counter() - t_start
         report.seconds = {k: round(v, 2) for k, v in seconds.items()}
@@ -585,7 +587,7 @@ def _cost_model(model: nn.Module, budget: Budget, cfg: Any, linears: dict[str, A
 
 def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], choices: list[dict[str, Option] | None],
                weights: dict[str, dict[Option, Any]], cfg: Any, drops: list[list[int]] | None = None, *,
-               replay: bool = True) -> list[float]:
+               replay: bool = True, reference_cache: dict[int, Any] | None = None) -> list[float]:
     """Mean per-token KL(reference || plan) of the final logits on `held`, for each plan in
     `choices` written into `work` from the measured `weights` (None: `work` as it is; a linear a
     plan does not name is original, whatever the plans before it wrote), with the
@@ -596,17 +598,19 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     below play back the reference's recorded outputs (`layer_drop.replayed`; `work` must be a copy
     of `reference` with the same weights outside the plans). The result is the same.
 
-    When both models' logits are one plain linear head, the same in both (`_shared_head`), the
+    When both models' logits are one plain linear head, the same in both (`head_kl.shared_head`), the
     models run with the head bypassed and the KL goes through the head in vocabulary chunks
-    (`head_kl`): no [tokens, vocab] logits, the same KL to float rounding."""
+    (`head_kl`): no [tokens, vocab] logits, the same KL to float rounding. Then `reference_cache`
+    ({index in `held`: the reference's terms}, filled here) lets calls whose reference computes the
+    same function on the same leading samples skip the reference's forward and head where no plan
+    needs its recorded layers (`fit`: the calibration, the candidate check and the applied model's
+    KL all measure against the original weights)."""
     import torch
-    import torch.nn.functional as F
 
     from qingzhou.compress.calibrate import batch_samples, find_decoder_layers
-    from qingzhou.compress.fit.head_kl import kl_sum, reference_terms
+    from qingzhou.compress.fit.head_kl import heads_bypassed, kl_to, reference_side, shared_head
     from qingzhou.compress.fit.layer_drop import recorded, replayed, skipped
     from qingzhou.llm.devices import torch_device
-    from qingzhou.llm.head import head_bypassed
 
     device = torch_device(getattr(cfg, "device", None))
     starts = [0] * len(choices)
@@ -625,15 +629,19 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
     work.to(device)
     reference.eval()
     work.eval()
-    head = _shared_head(reference, work, weights)
+    head = shared_head(reference, work, weights)
     try:
-        with torch.no_grad(), head_bypassed(reference) if head else nullcontext(), \
-                head_bypassed(work) if head else nullcontext():
-            for batch in batch_samples(held, 1):
+        with torch.no_grad(), heads_bypassed((reference, work), head):
+            for i, batch in enumerate(batch_samples(held, 1)):
                 ids = batch.to(device)
-                with recorded(reference, max(starts)) as outputs:
-                    out = reference(input_ids=ids, use_cache=False).logits.float()  # hidden states when bypassed
-                    ref = reference_terms(out.flatten(0, 1), *head) if head else F.log_softmax(out, dim=-1)
+                outputs: list[Any] = []
+                if reference_cache is not None and i in reference_cache and head is not None and max(starts) == 0:
+                    ref = reference_cache[i]
+                else:
+                    with recorded(reference, max(starts)) as outputs:
+                        ref = reference_side(reference, ids, head)
+                    if reference_cache is not None and head is not None:
+                        reference_cache[i] = ref
                 for k, choice in enumerate(choices):
                     if choice is not None:
                         # a linear the plan does not name is original: undo what an earlier plan wrote
@@ -647,11 +655,7 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
                             modules[name].weight.copy_(w.to(modules[name].weight))
                             loaded[name] = o
                     with skipped(work, drops[k] if drops else []), replayed(work, outputs, starts[k]):
-                        out = work(input_ids=ids, use_cache=False).logits.float()
-                    if head:
-                        totals[k] += kl_sum(out.flatten(0, 1), ref, *head)
-                    else:
-                        totals[k] += float(F.kl_div(F.log_softmax(out, dim=-1), ref, log_target=True, reduction="sum"))
+                        totals[k] += kl_to(work, ids, ref, head)
                 tokens += ids.numel()
     finally:
         for name, w in originals.items():
@@ -660,26 +664,6 @@ def heldout_kl(reference: nn.Module, work: nn.Module, held: list[torch.Tensor], 
             if home is not None:
                 m.to(home)
     return [t / max(tokens, 1) for t in totals]
-
-
-def _shared_head(reference: nn.Module, work: nn.Module, weights: dict[str, Any]) -> tuple[Any, Any] | None:
-    """(weight, bias) in float32 of the output layer both models share, or None: the chunked KL
-    needs logits that are exactly one plain linear head (`llm.head.plain_linear_head`) with equal
-    weights in both models, and a head that no plan writes."""
-    import torch
-
-    from qingzhou.llm.head import plain_linear_head, unwrap
-
-    if not (plain_linear_head(reference) and plain_linear_head(work)):
-        return None
-    heads = [unwrap(m).get_output_embeddings() for m in (reference, work)]
-    if any(h is m.get_submodule(n) for n in weights for h, m in zip(heads, (reference, work))):
-        return None
-    a, b = heads
-    if not torch.equal(a.weight, b.weight) or (a.bias is None) != (b.bias is None) or \
-            (a.bias is not None and not torch.equal(a.bias, b.bias)):
-        return None
-    return a.weight.detach().float(), a.bias.detach().float() if a.bias is not None else None
 
 
 def _first_changed(choice: dict[str, Any] | None, drops: list[int], prefix: str) -> int:

@@ -178,8 +178,8 @@ def drop_losses(model: nn.Module, samples: Sequence[torch.Tensor], groups: Seque
     """{layer index: PROXY_PER_KL * mean per-token KL(original || layer skipped)} on `samples`
     (1-D token tensors): one forward of the original model and one per layer, per sample."""
     import torch
-    import torch.nn.functional as F
 
+    from qingzhou.compress.fit.head_kl import heads_bypassed, kl_to, reference_side, shared_head
     from qingzhou.progress import progress_bar
 
     device = next(model.parameters()).device
@@ -187,15 +187,16 @@ def drop_losses(model: nn.Module, samples: Sequence[torch.Tensor], groups: Seque
     tokens = 0
     was_training = model.training
     model.eval()
+    head = shared_head(model, model)
     try:
-        with torch.no_grad(), progress_bar(len(samples) * len(groups), "fit: layer drops") as advance:
+        with torch.no_grad(), heads_bypassed([model], head), \
+                progress_bar(len(samples) * len(groups), "fit: layer drops") as advance:
             for s in samples:
                 ids = s.reshape(1, -1).to(device)
-                ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                ref = reference_side(model, ids, head)
                 for g in groups:
                     with skipped(model, [g.index]):
-                        logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-                    totals[g.index] += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
+                        totals[g.index] += kl_to(model, ids, ref, head)
                     advance()
                 tokens += ids.numel()
     finally:
