@@ -12,6 +12,7 @@ from qingzhou.compress.fit.kl_scale import fit_factors, kl_factors, layer_and_ki
 from qingzhou.compress.fit.storage import Option, option_space, options_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TWO = Option(2, 32)
 
 
 def test_fit_factors_recover_a_product_of_layer_and_kind_factors():
@@ -96,33 +97,41 @@ def test_fit_records_the_calibration_and_can_skip_it():
     assert plain.loss == pytest.approx(sum(plain.sensitivities[n].errors[o] for n, o in plain.choice.items()))
 
 
+def _two_bit_weights(model, seed: int, vocab: int, length: int):
+    """6 random samples, the decoder linears, and every linear's 2-bit g32 RTN weights measured on
+    the first 4 samples (`heldout_kl`'s input)."""
+    from qingzhou.compress.calibrate import LayerwiseOptions
+    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
+
+    gen = torch.Generator().manual_seed(seed)
+    samples = [torch.randint(5, vocab, (length,), generator=gen) for _ in range(6)]
+    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    collector = SensitivityCollector([TWO], keep_weights=True)
+    measure_sensitivity(model, samples[:4], collector=collector,
+                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    return samples, lin, collector.weights
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_replaying_unchanged_layers_gives_the_same_kl(arch):
     """`heldout_kl` starts a plan at the lowest layer it changes, the layers below playing back the
     reference's recorded outputs: each plan's KL must equal the full forward's, for plans starting
     at every layer, a plan touching two layers, one dropping a layer, and `work` as it is."""
-    from qingzhou.compress.calibrate import LayerwiseOptions
     from qingzhou.compress.fit.api import heldout_kl
-    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.fit.solve import DROPPED
     from qingzhou.compress.quantize.registry import QUANTIZERS
     from qingzhou.finetune.testing import tiny_model
 
     model = tiny_model(arch, num_hidden_layers=4)
-    gen = torch.Generator().manual_seed(2)
-    samples = [torch.randint(5, 200, (48,), generator=gen) for _ in range(6)]
-    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    two = Option(2, 32)
-    collector = SensitivityCollector([two], keep_weights=True)
-    measure_sensitivity(model, samples[:4], collector=collector,
-                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    samples, lin, weights = _two_bit_weights(model, seed=2, vocab=200, length=48)
+    two = TWO
     cfg = QUANTIZERS.validate({"method": "rtn"})
     work = copy.deepcopy(model)
     layer = [{n: two for n in lin if layer_and_kind(n, "model.layers")[0] == L} for L in range(4)]
     plans = [*layer, {**layer[1], **layer[3]}, {**layer[3], **{n: DROPPED for n in layer[2]}}, None]
     drops = [[], [], [], [], [], [2], []]
-    fast = heldout_kl(model, work, samples[4:], plans, collector.weights, cfg, drops=drops)
-    slow = heldout_kl(model, work, samples[4:], plans, collector.weights, cfg, drops=drops, replay=False)
+    fast = heldout_kl(model, work, samples[4:], plans, weights, cfg, drops=drops)
+    slow = heldout_kl(model, work, samples[4:], plans, weights, cfg, drops=drops, replay=False)
     assert fast == pytest.approx(slow, rel=1e-6, abs=1e-9)
     assert all(k > 0 for k in fast)  # None: `work` as the plan before left it, run from layer 0
     # the class's forward is back on every layer: a plain forward equals the reference
@@ -140,31 +149,23 @@ def test_heldout_kl_equals_the_kl_of_the_full_logits(monkeypatch, arch, override
     copy; models whose logits are more than the linear head take the full-logits path."""
     import torch.nn.functional as F
 
-    from qingzhou.compress.calibrate import LayerwiseOptions
     from qingzhou.compress.fit import head_kl
     from qingzhou.compress.fit.api import heldout_kl
-    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.quantize.registry import QUANTIZERS
     from qingzhou.finetune.testing import tiny_model
 
     monkeypatch.setattr(head_kl, "VOCAB_CHUNK", 64)
     model = tiny_model(arch, **overrides)
-    gen = torch.Generator().manual_seed(3)
-    samples = [torch.randint(5, 272, (40,), generator=gen) for _ in range(6)]
-    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    two = Option(2, 32)
-    collector = SensitivityCollector([two], keep_weights=True)
-    measure_sensitivity(model, samples[:4], collector=collector,
-                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    samples, lin, weights = _two_bit_weights(model, seed=3, vocab=272, length=40)
     work = copy.deepcopy(model)
-    assert (head_kl.shared_head(model, work, collector.weights) is not None) == chunked
-    plans = [{n: two for n in lin if ".0." in n}, {n: two for n in lin if n.endswith("down_proj")}]
-    got = heldout_kl(model, work, samples[4:], plans, collector.weights, QUANTIZERS.validate({"method": "rtn"}))
+    assert (head_kl.shared_head(model, work, weights) is not None) == chunked
+    plans = [{n: TWO for n in lin if ".0." in n}, {n: TWO for n in lin if n.endswith("down_proj")}]
+    got = heldout_kl(model, work, samples[4:], plans, weights, QUANTIZERS.validate({"method": "rtn"}))
     for plan, kl in zip(plans, got):
         planned = copy.deepcopy(model)
         with torch.no_grad():
             for n, o in plan.items():
-                planned.get_submodule(n).weight.copy_(collector.weights[n][o].dequantize())
+                planned.get_submodule(n).weight.copy_(weights[n][o].dequantize())
             planned, ref = planned.double(), copy.deepcopy(model).double()  # float64: the truth both paths round
             total = sum(float(F.kl_div(F.log_softmax(planned(input_ids=s[None]).logits, -1),
                                        F.log_softmax(ref(input_ids=s[None]).logits, -1), log_target=True,
@@ -176,20 +177,13 @@ def test_reference_cache_skips_the_reference_where_no_plan_replays_it():
     """With `reference_cache`, a second call whose plans all start at layer 0 takes the reference's
     terms from the cache (the reference model is not run: a different one gives the same KLs), and
     they equal the first call's; a plan that replays layers still runs the reference."""
-    from qingzhou.compress.calibrate import LayerwiseOptions
     from qingzhou.compress.fit.api import heldout_kl
-    from qingzhou.compress.fit.sensitivity import SensitivityCollector, measure_sensitivity
     from qingzhou.compress.quantize.registry import QUANTIZERS
     from qingzhou.finetune.testing import tiny_model
 
     model = tiny_model("llama")
-    gen = torch.Generator().manual_seed(4)
-    samples = [torch.randint(5, 272, (32,), generator=gen) for _ in range(6)]
-    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    two = Option(2, 32)
-    collector = SensitivityCollector([two], keep_weights=True)
-    measure_sensitivity(model, samples[:4], collector=collector,
-                        layerwise=LayerwiseOptions(targets=lin.__contains__, true_sequential=False))
+    samples, lin, weights = _two_bit_weights(model, seed=4, vocab=272, length=32)
+    two = TWO
     cfg = QUANTIZERS.validate({"method": "rtn"})
     work, other = copy.deepcopy(model), copy.deepcopy(model)  # `other`: the same head, another layer 0
     with torch.no_grad():
@@ -197,9 +191,9 @@ def test_reference_cache_skips_the_reference_where_no_plan_replays_it():
     from_zero = [{n: two for n in lin if ".0." in n}]  # changes layer 0: nothing is replayed
     from_one = [{n: two for n in lin if ".1." in n}]  # replays layer 0 from the reference
     cache: dict = {}
-    first = heldout_kl(model, work, samples[4:], from_zero, collector.weights, cfg, reference_cache=cache)
+    first = heldout_kl(model, work, samples[4:], from_zero, weights, cfg, reference_cache=cache)
     assert sorted(cache) == [0, 1]
-    assert heldout_kl(other, work, samples[4:], from_zero, collector.weights, cfg, reference_cache=cache) == first
-    plain = heldout_kl(model, work, samples[4:], from_one, collector.weights, cfg)
-    assert heldout_kl(model, work, samples[4:], from_one, collector.weights, cfg, reference_cache=cache) == plain
-    assert heldout_kl(other, work, samples[4:], from_one, collector.weights, cfg, reference_cache=cache) != plain
+    assert heldout_kl(other, work, samples[4:], from_zero, weights, cfg, reference_cache=cache) == first
+    plain = heldout_kl(model, work, samples[4:], from_one, weights, cfg)
+    assert heldout_kl(model, work, samples[4:], from_one, weights, cfg, reference_cache=cache) == plain
+    assert heldout_kl(other, work, samples[4:], from_one, weights, cfg, reference_cache=cache) != plain
