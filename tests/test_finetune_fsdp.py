@@ -81,6 +81,7 @@ def run_nodes(cmds: list[list[str]], env: dict[str, str], port: int, logs: Path,
     failed. A node that fails stops the rest at once: its peers would otherwise wait out the
     process group's 30-minute timeout for it. On a hang every process gets SIGABRT first, so
     each Python process writes its stack (PYTHONFAULTHANDLER) into the report."""
+    import contextlib
     import signal
     import time
 
@@ -95,7 +96,8 @@ def run_nodes(cmds: list[list[str]], env: dict[str, str], port: int, logs: Path,
     def stop_all(sig: int) -> None:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, sig)
+                with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the kill
+                    os.killpg(p.pid, sig)
 
     deadline = time.monotonic() + timeout
     start(0)
