@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from qingzhou.finetune import fused_loss, loop
-from qingzhou.finetune.fused_loss import fused_loss_supported, linear_cross_entropy
+from qingzhou.finetune.fused_loss import linear_cross_entropy
+from qingzhou.llm.head import plain_linear_head
 from qingzhou.finetune.loop import token_loss_sum
 from qingzhou.finetune.testing import tiny_model
 
@@ -45,7 +46,7 @@ def _batch(vocab: int, seed: int = 1) -> dict:
 @pytest.mark.parametrize("tied", [False, True])
 def test_token_loss_sum_fused_equals_plain_for_full_finetuning(monkeypatch, tied):
     model = tiny_model("llama", tie_word_embeddings=tied).train()
-    assert fused_loss_supported(model)
+    assert plain_linear_head(model)
     batch = _batch(model.config.vocab_size)
 
     def run() -> tuple[float, int, dict]:
@@ -55,7 +56,7 @@ def test_token_loss_sum_fused_equals_plain_for_full_finetuning(monkeypatch, tied
         return float(loss.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
     fused = run()
-    monkeypatch.setattr(loop, "fused_loss_supported", lambda m: False)
+    monkeypatch.setattr(loop, "plain_linear_head", lambda m: False)
     plain = run()
     assert fused[1] == plain[1] == int((batch["labels"][:, 1:] != -100).sum())
     assert fused[0] == pytest.approx(plain[0], rel=1e-5)
@@ -70,7 +71,7 @@ def test_token_loss_sum_fused_under_bf16_autocast_is_close_to_plain(monkeypatch)
     batch = _batch(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = token_loss_sum(model, batch)
-        monkeypatch.setattr(loop, "fused_loss_supported", lambda m: False)
+        monkeypatch.setattr(loop, "plain_linear_head", lambda m: False)
         plain, _ = token_loss_sum(model, batch)
     assert float(fused) == pytest.approx(float(plain), rel=2e-2)
 
@@ -80,11 +81,11 @@ def test_fused_loss_steps_aside_for_logit_postprocessing_and_wrapped_heads():
 
     softcapped = tiny_model("llama")
     softcapped.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits change after the head
-    assert not fused_loss_supported(softcapped)
+    assert not plain_linear_head(softcapped)
     lora_head = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
-    assert not fused_loss_supported(lora_head)
+    assert not plain_linear_head(lora_head)
     lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
-    assert fused_loss_supported(lora)
+    assert plain_linear_head(lora)
 
 
 

@@ -13,18 +13,13 @@ padding rows too), so it is also fewer FLOPs than the plain path.
 The model still runs its own forward with its output layer swapped for an identity
 (`llm/head.py`), so "logits" come back as the final (normed) hidden states that the head would
 have seen. Models whose logits are more than a plain linear head of those take the plain path
-(`fused_loss_supported`).
+(`llm.head.plain_linear_head`).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from qingzhou.llm.head import head_bypassed, plain_linear_head
-
 CHUNK_ELEMENTS = 2**24  # logits elements per chunk (64 MB in fp32)
-# the logits are exactly `lm_head(final hidden)` (`llm/head.py`): the condition of the fused path
-fused_loss_supported = plain_linear_head
-__all__ = ["CHUNK_ELEMENTS", "fused_loss_supported", "head_bypassed", "linear_cross_entropy"]
 
 
 def _compute_dtype(weight: Any) -> Any:

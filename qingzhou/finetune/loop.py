@@ -33,7 +33,7 @@ from qingzhou.errors import RecipeError
 from qingzhou.finetune.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from qingzhou.finetune.config import FinetuneConfig
 from qingzhou.finetune.export import BASE_NOTE, record_base
-from qingzhou.finetune.fused_loss import fused_loss_supported, head_bypassed, linear_cross_entropy
+from qingzhou.finetune.fused_loss import linear_cross_entropy
 from qingzhou.finetune.fused_ops import fused_training_ops
 from qingzhou.finetune.methods import METHODS, build_method, parse_finetune_config
 from qingzhou.finetune.optimizers import build_optimizer
@@ -41,6 +41,7 @@ from qingzhou.finetune.sharding import (check_fsdp_model, check_launch, count_de
                                         fsdp_plugin, is_sharded, reshard)
 from qingzhou.io import OutputError, atomic_dir, atomic_write_json, is_qingzhou_dir, write_marker
 from qingzhou.llm.devices import CAPABILITIES, capabilities, keep_bnb_4bit_layout, peak_memory_mb, reset_peak_memory, torch_device
+from qingzhou.llm.head import head_bypassed, plain_linear_head
 from qingzhou.signals import Interrupted, fault_point, graceful_stop
 
 PROMPT_METHODS = {"prompt_tuning", "prefix_tuning", "p_tuning"}
@@ -105,7 +106,7 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     count = int((targets != IGNORE_INDEX).sum())
-    if fused_loss_supported(model) and not is_sharded(model):  # a sharded head has no whole weight to multiply
+    if plain_linear_head(model) and not is_sharded(model):  # a sharded head has no whole weight to multiply
         with head_bypassed(model) as head:
             hidden = model(**inputs, use_cache=False).logits
         hidden = hidden[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens

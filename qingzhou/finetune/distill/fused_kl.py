@@ -93,8 +93,8 @@ def linear_divergence(hidden: Any, weight: Any, bias: Any, t_hidden: Any, t_weig
 
 
 def fused_divergence_supported(student: Any, teacher: Any, kind: str) -> bool:
-    """Both models' logits are a plain linear head on their final hidden states (`fused_loss_supported`)
+    """Both models' logits are a plain linear head on their final hidden states (`llm.head.plain_linear_head`)
     and the divergence has a chunked gradient here."""
-    from qingzhou.finetune.fused_loss import fused_loss_supported
+    from qingzhou.llm.head import plain_linear_head
 
-    return kind in FUSED_KINDS and fused_loss_supported(student) and fused_loss_supported(teacher)
+    return kind in FUSED_KINDS and plain_linear_head(student) and plain_linear_head(teacher)

@@ -19,7 +19,8 @@ from torch import nn
 from qingzhou.finetune.distill.fused_kl import fused_divergence_supported, linear_divergence
 from qingzhou.finetune.distill.losses import IGNORE_INDEX, DistillLoss, divergence
 from qingzhou.finetune.distill.teacher_cache import TeacherCache
-from qingzhou.finetune.fused_loss import head_bypassed, linear_cross_entropy
+from qingzhou.finetune.fused_loss import linear_cross_entropy
+from qingzhou.llm.head import head_bypassed
 
 
 class DistillObjective(nn.Module):
